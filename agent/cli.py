@@ -1,0 +1,121 @@
+"""The `exfilwatch` command."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+from agent import __version__
+from agent.config import check_file, default_config_path
+from agent.diagnostics import errors_only, format_problems
+from agent.sinks import FileSink, Router, StreamSink
+from agent.sinks.logsetup import configure
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="exfilwatch",
+        description="Insider-risk monitoring agent: watches tagged R&D directories.",
+    )
+    p.add_argument("--version", action="version", version=f"exfilwatch {__version__}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the agent in the foreground")
+    run.add_argument("--config", help=f"config file (default: {default_config_path()})")
+    run.add_argument("--duration", type=float, help="stop after this many seconds")
+
+    rec = sub.add_parser("record", help="write normalized file events as JSON lines")
+    rec.add_argument("--config", help="config file giving the watched trees")
+    rec.add_argument("--output", "-o", default="-", help="file to append to (default: stdout)")
+    rec.add_argument("--duration", type=float, help="stop after this many seconds")
+
+    cfg = sub.add_parser("config", help="work with the agent config")
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    check = cfg_sub.add_parser("check", help="validate a config file, listing every problem")
+    check.add_argument("file", nargs="?", help="config file (default: the one run would use)")
+    check.add_argument("--format", choices=["text", "json"], default="text")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    configure(args.log_level)
+    if args.command == "run":
+        return _run(args.config, args.duration, record_to=None)
+    if args.command == "record":
+        return _run(args.config, args.duration, record_to=args.output)
+    if args.command == "config" and args.config_command == "check":
+        return _config_check(args.file or default_config_path(), args.format)
+    parser.print_help(sys.stderr if args.command is None else sys.stdout)
+    return EXIT_USAGE if args.command is None else EXIT_OK
+
+
+def _config_check(path: str, fmt: str) -> int:
+    config, problems = check_file(path)
+    if problems:
+        print(format_problems(problems, fmt))
+    elif fmt == "json":
+        print("[]")
+    if config is None or errors_only(problems):
+        return EXIT_PROBLEMS
+    if fmt == "text":
+        print(f"{path}: ok ({len(config.watch)} watched trees, {len(config.sinks)} sinks)")
+    return EXIT_OK
+
+
+def _run(config_path: str | None, duration: float | None, record_to: str | None) -> int:
+    from agent.service import Agent
+
+    path = config_path or default_config_path()
+    config, problems = check_file(path)
+    for p in problems:
+        print(str(p), file=sys.stderr)
+    if config is None:
+        print(f"{path}: not started, fix the errors above", file=sys.stderr)
+        return EXIT_PROBLEMS
+    router = None
+    if record_to is not None:
+        kinds = frozenset({"event", "health"})
+        sink = StreamSink(sys.stdout) if record_to == "-" else FileSink(record_to)
+        router = Router([(sink, kinds)])
+    agent = Agent(config, router=router)
+
+    stop = threading.Event()
+    reload = threading.Event()
+
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        reload.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+
+    agent.start()
+    deadline = time.monotonic() + duration if duration else None
+    try:
+        while not stop.is_set():
+            stop.wait(0.1)
+            if reload.is_set():
+                reload.clear()
+                agent.reload()
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+    finally:
+        drained = agent.stop()
+        if router is not None:
+            router.close()
+    return EXIT_OK if drained else EXIT_PROBLEMS

@@ -1,0 +1,489 @@
+"""Agent configuration: load, validate in one pass with located problems, apply defaults."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.diagnostics import (
+    ERROR,
+    WARNING,
+    Problem,
+    ProblemsError,
+    at,
+    check_permissions,
+    compose_yaml,
+    errors_only,
+    nearest,
+    node_value,
+)
+from agent.units import parse_duration
+
+SYSTEM_CONFIG = "/etc/exfilwatch/agent.yaml"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_CONFIG = REPO_ROOT / "config" / "agent.yaml"
+
+SENSITIVITY_LEVELS = ("low", "medium", "high", "critical")
+SOURCES = ("auto", "inotify", "watchdog", "polling")
+SINK_TYPES = ("stdout", "file")
+RECORD_KINDS = ("alert", "health", "event")
+MAX_CONFIG_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSpec:
+    """One tagged directory tree to watch."""
+
+    path: str
+    tags: tuple[str, ...] = ()
+    sensitivity: str | None = None
+    recursive: bool = True
+    exclude: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SinkSpec:
+    """Where records go and which kinds of record it takes."""
+
+    type: str
+    path: str | None = None
+    records: frozenset[str] = frozenset({"alert", "health"})
+
+
+@dataclass(frozen=True, slots=True)
+class InotifySettings:
+    """Kernel settings the agent raises when it runs as root (never lowers)."""
+
+    max_queued_events: int = 1_048_576
+    max_user_watches: int = 1_048_576
+    apply_sysctl: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The validated agent configuration."""
+
+    source_file: str
+    watch: tuple[WatchSpec, ...]
+    rules: tuple[str, ...] = ()
+    sinks: tuple[SinkSpec, ...] = (SinkSpec("stdout"),)
+    state_dir: str = "/var/lib/exfilwatch"
+    source: str = "auto"
+    queue_size: int = 200_000
+    marker_name: str = ".exfilwatch.yaml"
+    heartbeat_interval: float = 60.0
+    rescan_max_entries: int = 200_000
+    root_check_interval: float = 1.0
+    inotify: InotifySettings = field(default_factory=InotifySettings)
+
+
+def default_config_path() -> str:
+    """`/etc/exfilwatch/agent.yaml` when present, else the checkout's `config/agent.yaml`."""
+    if Path(SYSTEM_CONFIG).exists():
+        return SYSTEM_CONFIG
+    return str(REPO_CONFIG)
+
+
+class _Checker:
+    """Walks a YAML node tree, collecting every problem instead of stopping at the first."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.base = Path(file).resolve().parent
+        self.problems: list[Problem] = []
+
+    def add(
+        self,
+        node: yaml.Node | None,
+        code: str,
+        message: str,
+        hint: str = "",
+        severity: str = ERROR,
+    ) -> None:
+        p = at(self.file, node, code, message, hint)
+        if severity != ERROR:
+            p = Problem(p.file, p.line, p.col, p.code, p.message, p.hint, severity)
+        self.problems.append(p)
+
+    def mapping(
+        self, node: yaml.Node, allowed: tuple[str, ...], what: str
+    ) -> dict[str, yaml.Node] | None:
+        if not isinstance(node, yaml.MappingNode):
+            self.add(node, "CFG_TYPE", f"{what} must be a mapping", f"write {what} as 'key: value'")
+            return None
+        out: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key, str):
+                self.add(key_node, "CFG_TYPE", f"keys in {what} must be strings")
+                continue
+            if key in out:
+                self.add(key_node, "CFG_DUPLICATE_KEY", f"'{key}' is given twice in {what}")
+                continue
+            if key not in allowed:
+                self.add(
+                    key_node,
+                    "CFG_UNKNOWN_KEY",
+                    f"unknown key '{key}' in {what}",
+                    nearest(key, allowed) or f"allowed: {', '.join(allowed)}",
+                )
+                continue
+            out[key] = value_node
+        return out
+
+    def scalar(self, node: yaml.Node, kind: type, what: str) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            self.add(node, "CFG_TYPE", f"{what} must be a single {kind.__name__}")
+            return None
+        value = node_value(node)
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            self.add(node, "CFG_TYPE", f"{what} must be an integer, not {value!r}")
+            return None
+        if kind is bool and not isinstance(value, bool):
+            self.add(node, "CFG_TYPE", f"{what} must be true or false, not {value!r}")
+            return None
+        if kind is str and not isinstance(value, str):
+            self.add(node, "CFG_TYPE", f"{what} must be a string", "quote it")
+            return None
+        return value
+
+    def positive_int(self, node: yaml.Node, what: str, minimum: int = 1) -> int | None:
+        value = self.scalar(node, int, what)
+        if value is not None and value < minimum:
+            self.add(node, "CFG_VALUE", f"{what} must be at least {minimum}")
+            return None
+        return value if isinstance(value, int) else None
+
+    def duration(self, node: yaml.Node, what: str) -> float | None:
+        if not isinstance(node, yaml.ScalarNode):
+            self.add(node, "CFG_TYPE", f"{what} must be a duration")
+            return None
+        try:
+            seconds = parse_duration(node_value(node))
+        except ValueError as exc:
+            self.add(node, "CFG_DURATION", f"{what}: {exc}", "e.g. 30s, 5m, 1h")
+            return None
+        if seconds <= 0:
+            self.add(node, "CFG_VALUE", f"{what} must be longer than zero")
+            return None
+        return seconds
+
+    def string_list(self, node: yaml.Node, what: str) -> tuple[str, ...] | None:
+        if isinstance(node, yaml.ScalarNode) and node_value(node) is None:
+            return ()
+        if not isinstance(node, yaml.SequenceNode):
+            self.add(node, "CFG_TYPE", f"{what} must be a list", f"write {what}: [a, b]")
+            return None
+        out = []
+        for item in node.value:
+            value = self.scalar(item, str, f"each entry of {what}")
+            if isinstance(value, str):
+                if not value:
+                    self.add(item, "CFG_VALUE", f"an entry of {what} is empty")
+                    continue
+                out.append(value)
+        return tuple(out)
+
+    def path(self, node: yaml.Node, what: str) -> str | None:
+        value = self.scalar(node, str, what)
+        if not isinstance(value, str):
+            return None
+        if not value:
+            self.add(node, "CFG_VALUE", f"{what} is empty")
+            return None
+        if "\x00" in value:
+            self.add(node, "CFG_VALUE", f"{what} contains a NUL byte")
+            return None
+        return resolve_path(value, self.base)
+
+
+def resolve_path(value: str, base: Path) -> str:
+    """`~` is the home of the user running the agent; relative paths are from the config's dir."""
+    expanded = os.path.expanduser(value)
+    if not os.path.isabs(expanded):
+        expanded = str(base / expanded)
+    return os.path.normpath(expanded)
+
+
+_TOP_KEYS = (
+    "watch",
+    "rules",
+    "sinks",
+    "state_dir",
+    "source",
+    "queue_size",
+    "marker_name",
+    "heartbeat_interval",
+    "rescan_max_entries",
+    "root_check_interval",
+    "inotify",
+)
+_WATCH_KEYS = ("path", "tags", "sensitivity", "recursive", "exclude")
+_SINK_KEYS = ("type", "path", "records")
+_INOTIFY_KEYS = ("max_queued_events", "max_user_watches", "apply_sysctl")
+
+
+def _watch_entry(c: _Checker, node: yaml.Node, index: int) -> WatchSpec | None:
+    what = f"watch[{index}]"
+    m = c.mapping(node, _WATCH_KEYS, what)
+    if m is None:
+        return None
+    if "path" not in m:
+        c.add(node, "CFG_REQUIRED", f"{what} needs a 'path'", "path: /srv/rnd/chip-design")
+        return None
+    path = c.path(m["path"], f"{what}.path")
+    tags = c.string_list(m["tags"], f"{what}.tags") if "tags" in m else ()
+    sensitivity = None
+    if "sensitivity" in m:
+        sensitivity = c.scalar(m["sensitivity"], str, f"{what}.sensitivity")
+        if isinstance(sensitivity, str) and sensitivity not in SENSITIVITY_LEVELS:
+            c.add(
+                m["sensitivity"],
+                "CFG_VALUE",
+                f"unknown sensitivity '{sensitivity}'",
+                nearest(sensitivity, SENSITIVITY_LEVELS)
+                or f"one of {', '.join(SENSITIVITY_LEVELS)}",
+            )
+            sensitivity = None
+    recursive = c.scalar(m["recursive"], bool, f"{what}.recursive") if "recursive" in m else True
+    exclude = c.string_list(m["exclude"], f"{what}.exclude") if "exclude" in m else ()
+    if exclude:
+        from agent.sources.paths import compile_excludes
+
+        for problem_text in compile_excludes(exclude).problems:
+            c.add(m["exclude"], "CFG_GLOB", f"{what}.exclude: {problem_text}")
+    if path is None or tags is None or exclude is None or not isinstance(recursive, bool):
+        return None
+    if path != "/" and not os.path.isdir(path):
+        if os.path.exists(path):
+            c.add(m["path"], "CFG_VALUE", f"{what}.path is not a directory: {path}")
+            return None
+        c.add(
+            m["path"],
+            "CFG_WATCH_PATH_MISSING",
+            f"{what}.path does not exist yet: {path}",
+            "it will be watched as soon as it appears",
+            severity=WARNING,
+        )
+    return WatchSpec(path, tags, sensitivity, recursive, exclude)
+
+
+def _sink_entry(c: _Checker, node: yaml.Node, index: int) -> SinkSpec | None:
+    what = f"sinks[{index}]"
+    m = c.mapping(node, _SINK_KEYS, what)
+    if m is None:
+        return None
+    if "type" not in m:
+        c.add(node, "CFG_REQUIRED", f"{what} needs a 'type'", f"one of {', '.join(SINK_TYPES)}")
+        return None
+    kind = c.scalar(m["type"], str, f"{what}.type")
+    if isinstance(kind, str) and kind not in SINK_TYPES:
+        c.add(
+            m["type"],
+            "CFG_UNKNOWN_SINK",
+            f"unknown sink type '{kind}'",
+            nearest(kind, SINK_TYPES) or f"one of {', '.join(SINK_TYPES)}",
+        )
+        return None
+    path = None
+    if kind == "file":
+        if "path" not in m:
+            c.add(node, "CFG_REQUIRED", f"{what} (file) needs a 'path'")
+            return None
+        path = c.path(m["path"], f"{what}.path")
+    elif "path" in m:
+        c.add(m["path"], "CFG_VALUE", f"{what}: a {kind} sink takes no path", "remove 'path'")
+    records: frozenset[str] = frozenset({"alert", "health"})
+    if "records" in m:
+        given = c.string_list(m["records"], f"{what}.records")
+        if given is not None:
+            bad = [r for r in given if r not in RECORD_KINDS]
+            for r in bad:
+                c.add(
+                    m["records"],
+                    "CFG_VALUE",
+                    f"unknown record kind '{r}' in {what}.records",
+                    nearest(r, RECORD_KINDS) or f"any of {', '.join(RECORD_KINDS)}",
+                )
+            if not given:
+                c.add(m["records"], "CFG_VALUE", f"{what}.records is empty")
+            records = frozenset(r for r in given if r in RECORD_KINDS)
+    if not isinstance(kind, str) or (kind == "file" and path is None):
+        return None
+    return SinkSpec(kind, path, records)
+
+
+def _build(c: _Checker, root: yaml.Node | None) -> Config | None:
+    if root is None:
+        c.add(None, "CFG_EMPTY", "the config file is empty", "start from config/agent.yaml")
+        return None
+    top = c.mapping(root, _TOP_KEYS, "the config")
+    if top is None:
+        return None
+    values: dict[str, Any] = {}
+
+    if "watch" not in top:
+        c.add(root, "CFG_REQUIRED", "the config needs a 'watch' list", "watch: [{path: /srv/rnd}]")
+    else:
+        wnode = top["watch"]
+        if not isinstance(wnode, yaml.SequenceNode):
+            c.add(wnode, "CFG_TYPE", "'watch' must be a list of {path, tags, ...}")
+        else:
+            specs = [_watch_entry(c, n, i) for i, n in enumerate(wnode.value)]
+            values["watch"] = tuple(s for s in specs if s is not None)
+            seen: dict[str, yaml.Node] = {}
+            for spec_node, spec in zip(wnode.value, specs, strict=True):
+                if spec is None:
+                    continue
+                if spec.path in seen:
+                    c.add(spec_node, "CFG_DUPLICATE_WATCH", f"{spec.path} is watched twice")
+                seen[spec.path] = spec_node
+
+    if "rules" in top:
+        rules = c.string_list(top["rules"], "rules")
+        if rules is not None:
+            values["rules"] = tuple(resolve_path(r, c.base) for r in rules)
+
+    if "sinks" in top:
+        snode = top["sinks"]
+        if not isinstance(snode, yaml.SequenceNode):
+            c.add(snode, "CFG_TYPE", "'sinks' must be a list", "sinks: [{type: stdout}]")
+        else:
+            sinks = [_sink_entry(c, n, i) for i, n in enumerate(snode.value)]
+            values["sinks"] = tuple(s for s in sinks if s is not None)
+            for sink_node, sink in zip(snode.value, sinks, strict=True):
+                if sink is not None and sink.path is not None:
+                    _not_in_watched(c, sink_node, sink.path, values.get("watch", ()), "a sink")
+            if not snode.value:
+                c.add(snode, "CFG_VALUE", "'sinks' is empty: records would go nowhere")
+
+    simple: dict[str, Callable[[yaml.Node], Any]] = {
+        "state_dir": lambda n: c.path(n, "state_dir"),
+        "queue_size": lambda n: c.positive_int(n, "queue_size", 1000),
+        "rescan_max_entries": lambda n: c.positive_int(n, "rescan_max_entries", 100),
+        "heartbeat_interval": lambda n: c.duration(n, "heartbeat_interval"),
+        "root_check_interval": lambda n: c.duration(n, "root_check_interval"),
+        "marker_name": lambda n: _marker_name(c, n),
+        "source": lambda n: _choice(c, n, "source", SOURCES),
+    }
+    for key, parse in simple.items():
+        if key in top:
+            value = parse(top[key])
+            if value is not None:
+                values[key] = value
+
+    if "state_dir" in values:
+        _not_in_watched(
+            c, top["state_dir"], values["state_dir"], values.get("watch", ()), "state_dir"
+        )
+
+    if "inotify" in top:
+        m = c.mapping(top["inotify"], _INOTIFY_KEYS, "inotify")
+        if m is not None:
+            kw: dict[str, Any] = {}
+            for key in ("max_queued_events", "max_user_watches"):
+                if key in m:
+                    kw[key] = c.positive_int(m[key], f"inotify.{key}", 16384)
+            if "apply_sysctl" in m:
+                kw["apply_sysctl"] = c.scalar(m["apply_sysctl"], bool, "inotify.apply_sysctl")
+            if all(v is not None for v in kw.values()):
+                values["inotify"] = InotifySettings(**kw)
+
+    if errors_only(c.problems):
+        return None
+    return Config(source_file=c.file, **values)
+
+
+def _not_in_watched(
+    c: _Checker, node: yaml.Node, path: str, watch: tuple[WatchSpec, ...], what: str
+) -> None:
+    # The agent never writes into a watched tree: its own writes would be events, in a loop.
+    for spec in watch:
+        if path == spec.path or path.startswith(spec.path.rstrip("/") + "/"):
+            c.add(
+                node,
+                "CFG_WRITES_INTO_WATCHED_TREE",
+                f"{what} ({path}) is inside the watched tree {spec.path}",
+                "put agent output under /var/log/exfilwatch or /var/lib/exfilwatch",
+            )
+
+
+def _choice(c: _Checker, node: yaml.Node, what: str, choices: tuple[str, ...]) -> str | None:
+    value = c.scalar(node, str, what)
+    if isinstance(value, str) and value not in choices:
+        c.add(
+            node,
+            "CFG_VALUE",
+            f"unknown {what} '{value}'",
+            nearest(value, choices) or f"one of {', '.join(choices)}",
+        )
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _marker_name(c: _Checker, node: yaml.Node) -> str | None:
+    value = c.scalar(node, str, "marker_name")
+    if isinstance(value, str) and (not value or "/" in value or value in (".", "..")):
+        c.add(node, "CFG_VALUE", "marker_name must be a plain file name", "e.g. .exfilwatch.yaml")
+        return None
+    return value if isinstance(value, str) else None
+
+
+def check_text(text: str, file: str) -> tuple[Config | None, list[Problem]]:
+    """Validate config text; returns the config (None on any error) and every problem."""
+    node, problems = compose_yaml(text, file, "CFG")
+    if problems:
+        return None, problems
+    c = _Checker(file)
+    config = _build(c, node)
+    return config, c.problems
+
+
+def check_file(path: str) -> tuple[Config | None, list[Problem]]:
+    """Validate a config file: permissions, size, YAML, schema. Collects every problem."""
+    problems = check_permissions(path, "CFG")
+    if any(p.code == "CFG_UNREADABLE" for p in problems):
+        return None, problems
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        return None, [Problem(path, 0, 0, "CFG_UNREADABLE", exc.strerror or str(exc))]
+    if len(data) > MAX_CONFIG_BYTES:
+        return None, [Problem(path, 0, 0, "CFG_TOO_LARGE", "config is larger than 1 MiB")]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, [Problem(path, 0, 0, "CFG_ENCODING", f"not UTF-8: {exc.reason}")]
+    config, more = check_text(text, path)
+    problems += more
+    if errors_only(problems):
+        return None, problems
+    return config, problems
+
+
+def load(path: str) -> Config:
+    """The config at `path`, or ProblemsError listing every error."""
+    config, problems = check_file(path)
+    if config is None:
+        raise ProblemsError(errors_only(problems) or problems)
+    return config
+
+
+__all__ = [
+    "SENSITIVITY_LEVELS",
+    "WARNING",
+    "Config",
+    "InotifySettings",
+    "SinkSpec",
+    "WatchSpec",
+    "check_file",
+    "check_text",
+    "default_config_path",
+    "load",
+]

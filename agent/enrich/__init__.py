@@ -1,0 +1,1 @@
+"""Enrichment: tags, locations, attribution, lineage, watchlist lookup."""

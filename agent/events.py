@@ -1,0 +1,370 @@
+"""The Event model: ECS field names, dotted-name access, lossless JSON-lines round trip."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import posixpath
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields, replace
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from agent.diagnostics import Problem
+
+# Actions a file source produces. "moved" has both ends inside watched trees; "moved_out"
+# and "moved_in" have one end outside (the other end is unknown to inotify).
+FILE_ACTIONS = (
+    "created",
+    "modified",
+    "deleted",
+    "moved",
+    "moved_in",
+    "moved_out",
+    "opened",
+    "closed_write",
+    "closed_nowrite",
+    "attributes_changed",
+    "rescanned",
+)
+
+# ECS event.type per action (allowed values of the ECS event.type field).
+_EVENT_TYPES: dict[str, tuple[str, ...]] = {
+    "created": ("creation",),
+    "modified": ("change",),
+    "deleted": ("deletion",),
+    "moved": ("change",),
+    "moved_in": ("creation",),
+    "moved_out": ("deletion",),
+    "opened": ("access",),
+    "closed_write": ("change",),
+    "closed_nowrite": ("access",),
+    "attributes_changed": ("change",),
+    "rescanned": ("info",),
+}
+
+SOURCES = ("inotify", "watchdog", "polling", "scan", "rescan", "test")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One normalized file event. Attribute names are short; `FIELDS` maps them to ECS names."""
+
+    timestamp_us: int
+    action: str
+    path: str
+    category: str = "file"
+    file_type: str | None = None
+    size: int | None = None
+    uid: str | None = None
+    gid: str | None = None
+    inode: str | None = None
+    mode: str | None = None
+    mtime_us: int | None = None
+    src_path: str | None = None
+    tags: tuple[str, ...] = ()
+    sensitivity: str | None = None
+    root: str | None = None
+    source: str = "inotify"
+    sequence: int = 0
+    hostname: str | None = None
+    user_name: str | None = None
+    user_id: str | None = None
+    process_pid: int | None = None
+    process_name: str | None = None
+    process_executable: str | None = None
+    process_command_line: str | None = None
+
+    @property
+    def time(self) -> float:
+        """Seconds since the epoch (for engines that take `now` as a float)."""
+        return self.timestamp_us / 1_000_000
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+    @property
+    def directory(self) -> str:
+        return posixpath.dirname(self.path)
+
+    @property
+    def extension(self) -> str | None:
+        name = self.name
+        dot = name.rfind(".")
+        return name[dot + 1 :].lower() if dot > 0 and dot < len(name) - 1 else None
+
+    @property
+    def event_type(self) -> tuple[str, ...]:
+        return _EVENT_TYPES.get(self.action, ("info",))
+
+    def get(self, dotted: str) -> Any:
+        """The value of an ECS dotted field name (KeyError for a name we do not know)."""
+        return FIELDS[dotted](self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def to_json(self) -> str:
+        return dumps(to_dict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Event:
+        return from_dict(data)
+
+    @classmethod
+    def from_json(cls, line: str) -> Event:
+        value = json.loads(line)
+        if not isinstance(value, dict):
+            raise ValueError("an event line must hold a JSON object")
+        return from_dict(value)
+
+    def evolve(self, **changes: Any) -> Event:
+        return replace(self, **changes)
+
+
+# dotted ECS / custom name -> getter. This table is the contract rules address.
+FIELDS: dict[str, Callable[[Event], Any]] = {
+    "@timestamp": lambda e: e.timestamp_us,
+    "event.action": lambda e: e.action,
+    "event.category": lambda e: e.category,
+    "event.type": lambda e: e.event_type,
+    "event.sequence": lambda e: e.sequence,
+    "file.path": lambda e: e.path,
+    "file.name": lambda e: e.name,
+    "file.directory": lambda e: e.directory,
+    "file.extension": lambda e: e.extension,
+    "file.type": lambda e: e.file_type,
+    "file.size": lambda e: e.size,
+    "file.uid": lambda e: e.uid,
+    "file.gid": lambda e: e.gid,
+    "file.inode": lambda e: e.inode,
+    "file.mode": lambda e: e.mode,
+    "file.mtime": lambda e: e.mtime_us,
+    "host.hostname": lambda e: e.hostname,
+    "user.name": lambda e: e.user_name,
+    "user.id": lambda e: e.user_id,
+    "process.pid": lambda e: e.process_pid,
+    "process.name": lambda e: e.process_name,
+    "process.executable": lambda e: e.process_executable,
+    "process.command_line": lambda e: e.process_command_line,
+    "exfilwatch.src_path": lambda e: e.src_path,
+    "exfilwatch.tags": lambda e: e.tags,
+    "exfilwatch.sensitivity": lambda e: e.sensitivity,
+    "exfilwatch.root": lambda e: e.root,
+    "exfilwatch.source": lambda e: e.source,
+}
+
+# Fields that hold a path: may carry bytes that are not UTF-8 (kept as surrogate escapes).
+_PATH_FIELDS = ("path", "src_path", "root")
+_PATH_NAMES = {"path": "file.path", "src_path": "exfilwatch.src_path", "root": "exfilwatch.root"}
+
+
+def format_timestamp(us: int) -> str:
+    """ISO 8601 UTC with microseconds, exact for integer microseconds."""
+    sec, frac = divmod(us, 1_000_000)
+    return datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:06d}Z"
+
+
+def parse_timestamp(text: str) -> int:
+    if not isinstance(text, str) or not text.endswith("Z"):
+        raise ValueError(f"timestamp must be ISO 8601 UTC ending in Z: {text!r}")
+    main, _, frac = text[:-1].partition(".")
+    dt = datetime.strptime(main, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    digits = (frac + "000000")[:6] if frac else "000000"
+    if not digits.isdigit():
+        raise ValueError(f"bad fractional seconds in {text!r}")
+    return int(dt.timestamp()) * 1_000_000 + int(digits)
+
+
+def _text_and_raw(value: str) -> tuple[str, str | None]:
+    """Printable UTF-8 text for SIEMs, plus base64 of the exact bytes when they differ."""
+    if value.isascii():
+        return value, None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = os.fsencode(value)
+        text = raw.decode("utf-8", "backslashreplace")
+        return text, base64.b64encode(raw).decode("ascii")
+    return value, None
+
+
+def to_dict(e: Event) -> dict[str, Any]:
+    """Nested ECS-shaped dict; absent values are left out."""
+    raw: dict[str, str] = {}
+    path_text, path_raw = _text_and_raw(e.path)
+    if path_raw is not None:
+        raw["file.path"] = path_raw
+    name = posixpath.basename(path_text)
+    file: dict[str, Any] = {
+        "path": path_text,
+        "name": name,
+        "directory": posixpath.dirname(path_text),
+    }
+    ext = e.extension
+    if ext is not None:
+        file["extension"] = _text_and_raw(ext)[0]
+    for key, value in (
+        ("type", e.file_type),
+        ("size", e.size),
+        ("uid", e.uid),
+        ("gid", e.gid),
+        ("inode", e.inode),
+        ("mode", e.mode),
+    ):
+        if value is not None:
+            file[key] = value
+    if e.mtime_us is not None:
+        file["mtime"] = format_timestamp(e.mtime_us)
+    custom: dict[str, Any] = {"source": e.source}
+    if e.tags:
+        custom["tags"] = list(e.tags)
+    if e.sensitivity is not None:
+        custom["sensitivity"] = e.sensitivity
+    for attr in ("src_path", "root"):
+        value = getattr(e, attr)
+        if value is not None:
+            text, r = _text_and_raw(value)
+            custom[attr] = text
+            if r is not None:
+                raw[_PATH_NAMES[attr]] = r
+    if raw:
+        custom["raw"] = raw
+    out: dict[str, Any] = {
+        "@timestamp": format_timestamp(e.timestamp_us),
+        "event": {
+            "kind": "event",
+            "category": [e.category],
+            "type": list(e.event_type),
+            "action": e.action,
+            "sequence": e.sequence,
+            "module": "exfilwatch",
+            "dataset": "exfilwatch.file",
+        },
+        "file": file,
+        "exfilwatch": custom,
+    }
+    if e.hostname is not None:
+        out["host"] = {"hostname": e.hostname}
+    user = {k: v for k, v in (("name", e.user_name), ("id", e.user_id)) if v is not None}
+    if user:
+        out["user"] = user
+    process = {
+        k: v
+        for k, v in (
+            ("pid", e.process_pid),
+            ("name", e.process_name),
+            ("executable", e.process_executable),
+            ("command_line", e.process_command_line),
+        )
+        if v is not None
+    }
+    if process:
+        out["process"] = process
+    return out
+
+
+def dumps(record: dict[str, Any]) -> str:
+    """One JSON line. ensure_ascii keeps every control or non-ASCII character escaped, so a
+    file name can never break or forge a line, whatever reads it (terminal, syslog, SIEM)."""
+    return json.dumps(record, ensure_ascii=True, separators=(",", ":"))
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, bool) and kind is not bool:
+        raise ValueError(f"{where} has the wrong type")
+    if not isinstance(value, kind):
+        raise ValueError(f"{where} has the wrong type")
+    return value
+
+
+def from_dict(data: dict[str, Any]) -> Event:
+    """The Event a `to_dict` produced (ValueError on anything malformed)."""
+    ev = data.get("event")
+    file = data.get("file")
+    custom = data.get("exfilwatch", {})
+    if not isinstance(ev, dict) or not isinstance(file, dict) or not isinstance(custom, dict):
+        raise ValueError("an event needs 'event' and 'file' objects")
+    raw = custom.get("raw", {})
+    if not isinstance(raw, dict):
+        raise ValueError("exfilwatch.raw must be an object")
+
+    def path_value(dotted: str, text: Any) -> str | None:
+        if dotted in raw:
+            return os.fsdecode(base64.b64decode(raw[dotted], validate=True))
+        return _expect(text, str, dotted)  # type: ignore[no-any-return]
+
+    path = path_value("file.path", file.get("path"))
+    if path is None:
+        raise ValueError("file.path is required")
+    action = _expect(ev.get("action"), str, "event.action")
+    if action is None:
+        raise ValueError("event.action is required")
+    category = ev.get("category", ["file"])
+    if not (isinstance(category, list) and len(category) == 1 and isinstance(category[0], str)):
+        raise ValueError("event.category must be a one-element list")
+    tags = custom.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise ValueError("exfilwatch.tags must be a list of strings")
+    mtime = file.get("mtime")
+    host = data.get("host", {})
+    user = data.get("user", {})
+    process = data.get("process", {})
+    if not all(isinstance(x, dict) for x in (host, user, process)):
+        raise ValueError("host, user and process must be objects")
+    return Event(
+        timestamp_us=parse_timestamp(data.get("@timestamp", "")),
+        action=action,
+        path=path,
+        category=category[0],
+        file_type=_expect(file.get("type"), str, "file.type"),
+        size=_expect(file.get("size"), int, "file.size"),
+        uid=_expect(file.get("uid"), str, "file.uid"),
+        gid=_expect(file.get("gid"), str, "file.gid"),
+        inode=_expect(file.get("inode"), str, "file.inode"),
+        mode=_expect(file.get("mode"), str, "file.mode"),
+        mtime_us=parse_timestamp(mtime) if mtime is not None else None,
+        src_path=path_value("exfilwatch.src_path", custom.get("src_path")),
+        tags=tuple(tags),
+        sensitivity=_expect(custom.get("sensitivity"), str, "exfilwatch.sensitivity"),
+        root=path_value("exfilwatch.root", custom.get("root")),
+        source=_expect(custom.get("source", "inotify"), str, "exfilwatch.source"),
+        sequence=_expect(ev.get("sequence", 0), int, "event.sequence"),
+        hostname=_expect(host.get("hostname"), str, "host.hostname"),
+        user_name=_expect(user.get("name"), str, "user.name"),
+        user_id=_expect(user.get("id"), str, "user.id"),
+        process_pid=_expect(process.get("pid"), int, "process.pid"),
+        process_name=_expect(process.get("name"), str, "process.name"),
+        process_executable=_expect(process.get("executable"), str, "process.executable"),
+        process_command_line=_expect(process.get("command_line"), str, "process.command_line"),
+    )
+
+
+def read_jsonl(stream: IO[str], file: str = "<stream>") -> Iterator[Event | Problem]:
+    """Events from a JSON-lines stream; a bad line yields a located Problem, not an exception.
+    Lines that are not events (health records, alerts) are skipped."""
+    for lineno, line in enumerate(stream, 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield Problem(file, lineno, exc.colno, "EVT_JSON", exc.msg)
+            continue
+        if not isinstance(data, dict):
+            yield Problem(file, lineno, 1, "EVT_SHAPE", "a line must hold a JSON object")
+            continue
+        kind = data.get("event", {}).get("kind") if isinstance(data.get("event"), dict) else None
+        if kind != "event":
+            continue
+        try:
+            yield from_dict(data)
+        except (ValueError, TypeError, KeyError) as exc:
+            yield Problem(file, lineno, 1, "EVT_FIELD", str(exc))
+
+
+EVENT_ATTRS = tuple(f.name for f in fields(Event))

@@ -1,0 +1,91 @@
+"""Health records: the agent's own state and every loss or limit, as ECS-shaped records."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent.events import format_timestamp
+
+# action -> (event.kind, log.level). Every action a component may report is listed here, so a
+# typo fails loudly instead of producing a record no SIEM query looks for.
+ACTIONS: dict[str, tuple[str, str]] = {
+    "agent_started": ("state", "info"),
+    "agent_stopped": ("state", "info"),
+    "heartbeat": ("metric", "info"),
+    "config_reloaded": ("state", "info"),
+    "config_reload_rejected": ("state", "error"),
+    "kernel_settings_applied": ("state", "info"),
+    "kernel_settings_low": ("state", "warning"),
+    "source_selected": ("state", "info"),
+    "event_loss": ("metric", "error"),
+    "watch_limit_reached": ("state", "error"),
+    "watch_permission_denied": ("state", "warning"),
+    "watch_path_vanished": ("state", "warning"),
+    "watch_root_missing": ("state", "warning"),
+    "watch_root_vanished": ("state", "warning"),
+    "watch_root_moved": ("state", "warning"),
+    "watch_root_restored": ("state", "info"),
+    "rescan_completed": ("state", "info"),
+    "marker_loaded": ("state", "info"),
+    "marker_rejected": ("state", "warning"),
+    "marker_removed": ("state", "info"),
+    "cap_reached": ("metric", "warning"),
+    "source_error": ("state", "error"),
+    "sink_error": ("state", "error"),
+}
+
+Reporter = Callable[[dict[str, Any]], None]
+
+_HOSTNAME = socket.gethostname()
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def record(action: str, reason: str | None = None, **data: Any) -> dict[str, Any]:
+    """A health record (`event.kind` metric or state) ready for the sinks."""
+    kind, level = ACTIONS[action]
+    event: dict[str, Any] = {
+        "kind": kind,
+        "category": ["host"],
+        "type": ["info"],
+        "action": action,
+        "module": "exfilwatch",
+        "dataset": "exfilwatch.health",
+    }
+    if reason is not None:
+        event["reason"] = reason
+    return {
+        "@timestamp": format_timestamp(now_us()),
+        "event": event,
+        "log": {"level": level},
+        "host": {"hostname": _HOSTNAME},
+        "exfilwatch": {"health": data},
+    }
+
+
+class CapReporter:
+    """Reports each named cap when it is hit, at most once per interval, with a running count."""
+
+    def __init__(self, report: Reporter, interval: float = 60.0) -> None:
+        self._report = report
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+        self.hits: dict[str, int] = {}
+
+    def hit(self, name: str, cap: int, **data: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.hits[name] = self.hits.get(name, 0) + 1
+            last = self._last.get(name)
+            if last is not None and now - last < self._interval:
+                return
+            self._last[name] = now
+            hits = self.hits[name]
+        self._report(record("cap_reached", name, cap=cap, hits=hits, **data))

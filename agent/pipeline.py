@@ -1,0 +1,288 @@
+"""Bounded queue from sources to one consumer that enriches events and routes records."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from agent.enrich.tags import TagResolver
+from agent.events import Event, dumps, to_dict
+from agent.health import record
+from agent.sinks import Router
+from agent.sources.base import RawEvent
+
+log = structlog.get_logger(__name__)
+
+_NO_STAT = frozenset({"deleted", "moved_out"})
+_MARKER_ACTIONS = frozenset({"created", "closed_write", "deleted", "moved_in", "moved_out"})
+_TREE_ACTIONS = frozenset({"deleted", "moved", "moved_out", "moved_in"})
+_HEALTH_CAP = 10_000
+_STOP = object()
+
+
+class BoundedQueue:
+    """Batches of raw events, capped by event count. A batch that does not fit is cut and the
+    rest is counted as dropped; `take_dropped` hands the count to whoever reports it."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._items: deque[Any] = deque()
+        self._size = 0
+        self._cond = threading.Condition()
+        self.dropped = 0
+        self._unreported = 0
+        self.high_water = 0
+
+    def put(self, batch: list[RawEvent]) -> int:
+        with self._cond:
+            room = self.cap - self._size
+            if room <= 0:
+                self.dropped += len(batch)
+                self._unreported += len(batch)
+                self._cond.notify()
+                return 0
+            if len(batch) > room:
+                self.dropped += len(batch) - room
+                self._unreported += len(batch) - room
+                batch = batch[:room]
+            self._items.append(batch)
+            self._size += len(batch)
+            self.high_water = max(self.high_water, self._size)
+            self._cond.notify()
+            return len(batch)
+
+    def put_control(self, item: Any) -> None:
+        """Health records and the stop sentinel: never cut by the event cap."""
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify()
+
+    def get(self, timeout: float) -> Any:
+        with self._cond:
+            if not self._items and not self._unreported:
+                self._cond.wait(timeout)
+            if not self._items:
+                return None
+            item = self._items.popleft()
+            if isinstance(item, list):
+                self._size -= len(item)
+            return item
+
+    def take_dropped(self) -> int:
+        with self._cond:
+            n, self._unreported = self._unreported, 0
+            return n
+
+    def __len__(self) -> int:
+        return self._size
+
+
+class Pipeline:
+    """Consumes raw events: stat, tags, Event; then every event hook and the event sinks."""
+
+    def __init__(
+        self,
+        router: Router,
+        resolver: TagResolver,
+        queue_size: int,
+        *,
+        source_name: str = "inotify",
+    ) -> None:
+        self.router = router
+        self.resolver = resolver
+        self.queue = BoundedQueue(queue_size)
+        self.hooks: list[Callable[[Event], None]] = []
+        self._hostname = socket.gethostname()
+        self._sequence = 0
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._source_name = source_name
+        self._health_pending = 0
+        self._health_lock = threading.Lock()
+        self.health_dropped = 0
+        self.processed = 0
+
+    # producers -------------------------------------------------------------------------
+
+    def emit(self, batch: list[RawEvent]) -> None:
+        self.queue.put(batch)
+
+    def report(self, rec: dict[str, Any]) -> None:
+        """Health records travel the same queue, so they stay in order with the events."""
+        level = rec.get("log", {}).get("level", "info")
+        log.log(
+            {"error": 40, "warning": 30}.get(level, 20),
+            "health",
+            action=rec["event"]["action"],
+            reason=rec["event"].get("reason"),
+        )
+        if self._thread is None or self._stopped.is_set():
+            self.router.write("health", [dumps(rec)])
+            return
+        with self._health_lock:
+            if self._health_pending >= _HEALTH_CAP:
+                self.health_dropped += 1  # the consumer is stuck; reported by the heartbeat
+                return
+            self._health_pending += 1
+        self.queue.put_control(rec)
+
+    # consumer --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="exfilwatch-pipeline", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 1.5) -> bool:
+        """Drain what is queued (up to `timeout`), then stop. True when all was written."""
+        if self._thread is None:
+            return True
+        self.queue.put_control(_STOP)
+        self._thread.join(timeout)
+        drained = not self._thread.is_alive()
+        self._stopped.set()
+        self._thread = None
+        return drained
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get(timeout=0.2)
+            dropped = self.queue.take_dropped()
+            if dropped:
+                self._write_health(
+                    record(
+                        "event_loss",
+                        "queue_full",
+                        dropped=dropped,
+                        dropped_total=self.queue.dropped,
+                        queue_size=self.queue.cap,
+                        hint="raise queue_size or exclude noisy trees",
+                    )
+                )
+            if item is None:
+                continue
+            if item is _STOP:
+                return
+            if isinstance(item, dict):
+                with self._health_lock:
+                    self._health_pending -= 1
+                self._write_health(item)
+                continue
+            try:
+                self._process(item)
+            except Exception as exc:
+                # One bad batch must not stop the consumer (that would lose every later event).
+                log.exception("pipeline_error")
+                self._write_health(
+                    record("source_error", type(exc).__name__, stage="pipeline", lost=len(item))
+                )
+
+    def _write_health(self, rec: dict[str, Any]) -> None:
+        self.router.write("health", [dumps(rec)])
+
+    def _process(self, batch: list[RawEvent]) -> None:
+        resolver = self.resolver
+        marker = resolver.marker_name
+        want_lines = self.router.wants("event")
+        hooks = self.hooks
+        lines: list[str] = []
+        for raw in batch:
+            ts, action, path, src_path, is_dir, source = raw
+            slash = path.rfind("/")
+            directory = path[:slash] or "/"
+            name = path[slash + 1 :]
+            if is_dir and action in _TREE_ACTIONS:
+                resolver.tree_changed(path)
+                if src_path is not None:
+                    resolver.tree_changed(src_path)
+            if not is_dir and (name == marker or (src_path and src_path.endswith("/" + marker))):
+                self._marker_event(action, directory, src_path, source)
+            resolved = resolver.resolve_dir(path if is_dir else directory)
+            file_type = "dir" if is_dir else "file"
+            size = uid = gid = inode = mode = mtime = None
+            if action not in _NO_STAT:
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    pass
+                else:
+                    fmt = stat.S_IFMT(st.st_mode)
+                    if fmt == stat.S_IFLNK:
+                        file_type = "symlink"
+                    elif fmt == stat.S_IFDIR:
+                        file_type = "dir"
+                    elif fmt != stat.S_IFREG:
+                        file_type = "other"
+                    size = st.st_size
+                    uid = str(st.st_uid)
+                    gid = str(st.st_gid)
+                    inode = str(st.st_ino)
+                    mode = f"{stat.S_IMODE(st.st_mode):04o}"
+                    mtime = st.st_mtime_ns // 1000
+            self._sequence += 1
+            event = Event(
+                ts,
+                action,
+                path,
+                "file",
+                file_type,
+                size,
+                uid,
+                gid,
+                inode,
+                mode,
+                mtime,
+                src_path,
+                resolved.tags,
+                resolved.sensitivity,
+                resolved.root,
+                source,
+                self._sequence,
+                self._hostname,
+            )
+            for hook in hooks:
+                hook(event)
+            if want_lines:
+                lines.append(dumps(to_dict(event)))
+        self.processed += len(batch)
+        if lines:
+            self.router.write("event", lines)
+
+    def _marker_event(self, action: str, directory: str, src_path: str | None, source: str) -> None:
+        reload = action in _MARKER_ACTIONS or action == "moved"
+        if action == "modified" and source != "inotify":
+            reload = True  # no close-after-write event on every platform
+        if not reload:
+            return
+        # Either end of a move may be the marker (renamed into place, or renamed away).
+        self.resolver.marker_changed(directory)
+        if src_path is not None:
+            src_dir = src_path[: src_path.rfind("/")] or "/"
+            if src_dir != directory:
+                self.resolver.marker_changed(src_dir)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "queued": len(self.queue),
+            "queue_size": self.queue.cap,
+            "queue_high_water": self.queue.high_water,
+            "dropped_total": self.queue.dropped,
+            "processed": self.processed,
+            "health_dropped": self.health_dropped,
+        }
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

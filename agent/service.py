@@ -1,0 +1,174 @@
+"""Wiring and lifecycle: start bottom-up, stop top-down, reload without losing events."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+import psutil
+import structlog
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from agent import __version__
+from agent.config import Config, check_file
+from agent.diagnostics import errors_only
+from agent.enrich.tags import TagResolver
+from agent.health import CapReporter, record
+from agent.pipeline import Pipeline
+from agent.sinks import Router
+from agent.sources import Source, make_source
+
+log = structlog.get_logger(__name__)
+
+# Keys a reload cannot change on a running agent (they shape objects made at start).
+_RESTART_KEYS = ("source", "queue_size", "inotify", "marker_name", "state_dir")
+
+
+class Agent:
+    """One running agent: sinks <- pipeline <- source, plus the scheduler beside them."""
+
+    def __init__(self, config: Config, router: Router | None = None) -> None:
+        self.config = config
+        self.router = router or Router.from_specs(config.sinks)
+        self._own_router = router is None
+        self.pipeline: Pipeline | None = None
+        self.source: Source | None = None
+        self.scheduler: BackgroundScheduler | None = None
+        self.caps: CapReporter | None = None
+        self._started = 0.0
+        self._lock = threading.Lock()
+        self._process = psutil.Process()
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        resolver_caps = CapReporter(self._report)
+        self.caps = resolver_caps
+        resolver = TagResolver(
+            self.config.watch, self.config.marker_name, self._report, resolver_caps
+        )
+        source_name = self.config.source
+        self.pipeline = Pipeline(self.router, resolver, self.config.queue_size)
+        self.pipeline.start()
+        self.source, why = make_source(self.config, self.pipeline.emit, self._report, resolver_caps)
+        self._report(record("source_selected", why, source=self.source.name))
+        self._report(
+            record(
+                "agent_started",
+                None,
+                version=__version__,
+                pid=os.getpid(),
+                config=self.config.source_file,
+                roots=[w.path for w in self.config.watch],
+                source_setting=source_name,
+            )
+        )
+        self.source.start()
+        self.scheduler = BackgroundScheduler(daemon=True)
+        self.scheduler.add_job(
+            self.heartbeat,
+            "interval",
+            seconds=self.config.heartbeat_interval,
+            id="heartbeat",
+            max_instances=1,
+            coalesce=True,
+        )
+        self.scheduler.start()
+        log.info("agent_started", source=self.source.name, roots=len(self.config.watch))
+
+    def stop(self, timeout: float = 1.8) -> bool:
+        """Stop within `timeout` seconds, writing what is queued. True when nothing was left."""
+        deadline = time.monotonic() + timeout
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+            self.scheduler = None
+        if self.source is not None:
+            self.source.stop()
+            self.source = None
+        drained = True
+        if self.pipeline is not None:
+            left = max(0.1, deadline - time.monotonic() - 0.05)
+            drained = self.pipeline.stop(timeout=left)
+            self._report(
+                record(
+                    "agent_stopped",
+                    None if drained else "drain_timeout",
+                    drained=drained,
+                    unwritten=len(self.pipeline.queue),
+                    **self.pipeline.stats(),
+                )
+            )
+        if self._own_router:
+            self.router.close()
+        log.info("agent_stopped", drained=drained)
+        return drained
+
+    def _report(self, rec: dict[str, Any]) -> None:
+        if self.pipeline is not None:
+            self.pipeline.report(rec)
+        else:
+            from agent.events import dumps
+
+            self.router.write("health", [dumps(rec)])
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"uptime_s": round(time.monotonic() - self._started, 1)}
+        if self.pipeline is not None:
+            out["pipeline"] = self.pipeline.stats()
+        if self.source is not None:
+            out["source"] = self.source.stats()
+        if self.caps is not None and self.caps.hits:
+            out["caps_hit"] = dict(self.caps.hits)
+        with self._process.oneshot():
+            cpu = self._process.cpu_times()
+            out["process"] = {
+                "rss_bytes": self._process.memory_info().rss,
+                "cpu_user_s": round(cpu.user, 3),
+                "cpu_system_s": round(cpu.system, 3),
+                "threads": self._process.num_threads(),
+            }
+        return out
+
+    def heartbeat(self) -> None:
+        self._report(record("heartbeat", None, **self.stats()))
+
+    def reload(self) -> bool:
+        """Re-read the config file. A bad file keeps the running config and says why."""
+        with self._lock:
+            path = self.config.source_file
+            new, problems = check_file(path)
+            errors = errors_only(problems)
+            if new is None or errors:
+                self._report(
+                    record(
+                        "config_reload_rejected",
+                        errors[0].code if errors else "invalid",
+                        config=path,
+                        problems=[str(p) for p in errors or problems],
+                        kept="previous configuration",
+                    )
+                )
+                return False
+            restart = [k for k in _RESTART_KEYS if getattr(new, k) != getattr(self.config, k)]
+            # What cannot change live stays as it is, and the record says so.
+            for key in restart:
+                new = replace(new, **{key: getattr(self.config, key)})
+            assert self.pipeline is not None and self.source is not None
+            if new.sinks != self.config.sinks and self._own_router:
+                self.router.replace(new.sinks)
+            self.pipeline.resolver.set_specs(new.watch)
+            self.source.update(new.watch)
+            self.config = new
+            self._report(
+                record(
+                    "config_reloaded",
+                    None,
+                    config=path,
+                    roots=[w.path for w in new.watch],
+                    needs_restart=restart,
+                    warnings=[str(p) for p in problems],
+                )
+            )
+            return True

@@ -1,0 +1,594 @@
+"""Linux source: one raw inotify reader with recursive watches; lossless on bursts, loud on loss."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from inotify_simple import INotify
+from inotify_simple import flags as F
+
+from agent.config import InotifySettings, WatchSpec
+from agent.health import CapReporter, Reporter, now_us, record
+from agent.sources.base import EmitBatch, RawEvent
+from agent.sources.paths import Excludes, compile_excludes
+
+log = structlog.get_logger(__name__)
+
+MASK = (
+    F.CREATE
+    | F.DELETE
+    | F.MODIFY
+    | F.ATTRIB
+    | F.MOVED_FROM
+    | F.MOVED_TO
+    | F.OPEN
+    | F.CLOSE_WRITE
+    | F.CLOSE_NOWRITE
+    | F.DELETE_SELF
+    | F.MOVE_SELF
+    | F.ONLYDIR
+    | F.DONT_FOLLOW
+    | F.EXCL_UNLINK
+)
+_SELF = F.DELETE_SELF | F.MOVE_SELF
+_DIR_READ = F.OPEN | F.CLOSE_NOWRITE | F.ACCESS
+_SYSCTL = "/proc/sys/fs/inotify/"
+# Paths a scan reported as created are remembered briefly so the kernel's own CREATE for the
+# same path (when it raced the scan) is not reported twice.
+_RECENT_SCAN_SECONDS = 2.0
+_RECENT_SCAN_CAP = 100_000
+_SAMPLE = 5
+
+
+@dataclass(eq=False)
+class _Root:
+    spec: WatchSpec
+    excludes: Excludes
+    state: str = "missing"  # "watching" | "missing"
+    wds: set[int] = field(default_factory=set)
+
+    @property
+    def path(self) -> str:
+        return self.spec.path
+
+    def rel(self, path: str) -> str:
+        return path[len(self.spec.path) :].lstrip("/")
+
+
+@dataclass
+class _Problems:
+    """Watch problems found while adding one tree, reported as one record per reason."""
+
+    by_reason: dict[str, list[str]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, reason: str, path: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        sample = self.by_reason.setdefault(reason, [])
+        if len(sample) < _SAMPLE:
+            sample.append(path)
+
+
+def read_sysctl(name: str) -> int | None:
+    try:
+        with open(_SYSCTL + name) as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def apply_kernel_settings(settings: InotifySettings, report: Reporter) -> dict[str, int | None]:
+    """Raise (never lower) the inotify queue and watch limits when root; report either way.
+
+    max_queued_events is read by the kernel when an inotify instance is created, so this runs
+    before the instance exists."""
+    wanted = {
+        "max_queued_events": settings.max_queued_events,
+        "max_user_watches": settings.max_user_watches,
+    }
+    current = {name: read_sysctl(name) for name in wanted}
+    changed: dict[str, Any] = {}
+    low: dict[str, Any] = {}
+    for name, want in wanted.items():
+        have = current[name]
+        if have is None or have >= want:
+            continue
+        if settings.apply_sysctl and os.geteuid() == 0:
+            try:
+                with open(_SYSCTL + name, "w") as fh:
+                    fh.write(str(want))
+                changed[name] = {"from": have, "to": want}
+                current[name] = want
+                continue
+            except OSError as exc:
+                low[name] = {"value": have, "wanted": want, "error": exc.strerror}
+                continue
+        low[name] = {"value": have, "wanted": want}
+    if changed:
+        report(record("kernel_settings_applied", None, settings=changed))
+    if low:
+        report(
+            record(
+                "kernel_settings_low",
+                "not_root" if os.geteuid() != 0 else "sysctl_failed",
+                settings=low,
+                hint="run as root or set fs.inotify.* with sysctl (see packaging/sysctl)",
+            )
+        )
+    return current
+
+
+class InotifySource:
+    """Watches every directory of each root with one inotify instance, read by one thread."""
+
+    name = "inotify"
+
+    def __init__(
+        self,
+        specs: Sequence[WatchSpec],
+        emit: EmitBatch,
+        report: Reporter,
+        *,
+        settings: InotifySettings | None = None,
+        marker_name: str = ".exfilwatch.yaml",
+        rescan_max_entries: int = 200_000,
+        root_check_interval: float = 1.0,
+        caps: CapReporter | None = None,
+    ) -> None:
+        self._emit = emit
+        self._report = report
+        self._settings = settings or InotifySettings()
+        self._marker = marker_name
+        self._rescan_max = rescan_max_entries
+        self._root_check_interval = root_check_interval
+        self._caps = caps or CapReporter(report)
+        self._roots: list[_Root] = [_Root(s, compile_excludes(s.exclude)) for s in specs]
+        self._ino: INotify | None = None
+        self._wd_path: dict[int, str] = {}
+        self._wd_root: dict[int, _Root] = {}
+        self._path_wd: dict[str, int] = {}
+        self._pending: dict[int, tuple[int, str, bool, _Root, int]] = {}
+        self._recent_scan: dict[str, float] = {}
+        self._batch = 0
+        self._last_batch_us = now_us()
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.counters = {"events_read": 0, "overflows": 0, "rescans": 0, "emitted": 0}
+        self.kernel: dict[str, int | None] = {}
+
+    # lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.kernel = apply_kernel_settings(self._settings, self._report)
+        self._ino = INotify()
+        for root in self._roots:
+            self._setup_root(root, scan=False, first=True)
+        self._thread = threading.Thread(target=self._run, name="exfilwatch-inotify", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._ino is not None:
+            self._ino.close()
+            self._ino = None
+
+    def update(self, specs: Sequence[WatchSpec]) -> None:
+        done = threading.Event()
+
+        def apply() -> None:
+            try:
+                self._apply_specs(specs)
+            finally:
+                done.set()
+
+        if self._thread is None:
+            apply()
+            return
+        self._commands.put(apply)
+        done.wait(timeout=30)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "source": self.name,
+            "watches": len(self._wd_path),
+            "roots": {r.path: r.state for r in self._roots},
+            **self.counters,
+        }
+
+    # reader thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        assert self._ino is not None
+        ino = self._ino
+        next_check = time.monotonic() + self._root_check_interval
+        while not self._stopping.is_set():
+            try:
+                events = ino.read(timeout=5 if self._pending else 100)
+                if events or self._pending:
+                    self._handle(events)
+                while True:
+                    try:
+                        command = self._commands.get_nowait()
+                    except queue.Empty:
+                        break
+                    command()
+                if time.monotonic() >= next_check:
+                    self._check_roots()
+                    next_check = time.monotonic() + self._root_check_interval
+            except Exception as exc:
+                # Unlike watchdog's dispatcher, the reader never dies on an error: it reports
+                # and goes on, so a bug costs one batch, not all events from then on.
+                log.exception("source_error")
+                self._report(record("source_error", type(exc).__name__, message=str(exc)))
+                time.sleep(0.05)
+        try:
+            for _ in range(2):  # what the kernel queued before stop, then unpaired moves
+                self._handle(ino.read(timeout=0))
+        except Exception as exc:
+            self._report(record("source_error", type(exc).__name__, message=str(exc)))
+
+    def _handle(self, events: list[Any]) -> None:
+        self._batch += 1
+        batch = self._batch
+        ts = now_us()
+        out: list[RawEvent] = []
+        append = out.append
+        wd_path = self._wd_path
+        wd_root = self._wd_root
+        marker = self._marker
+        recent = self._recent_scan
+        self.counters["events_read"] += len(events)
+        for wd, mask, cookie, name in events:
+            if mask & F.Q_OVERFLOW:
+                self._overflow(ts, out)
+                continue
+            dirpath = wd_path.get(wd)
+            if dirpath is None:
+                continue
+            root = wd_root[wd]
+            if mask & F.IGNORED:
+                self._forget(wd)
+                if dirpath == root.path and root.state == "watching":
+                    self._root_lost(root, "unmounted" if mask & F.UNMOUNT else "ignored")
+                continue
+            if mask & _SELF:
+                if dirpath == root.path:
+                    self._root_lost(root, "moved" if mask & F.MOVE_SELF else "deleted")
+                continue
+            if mask & F.UNMOUNT:
+                continue
+            isdir = bool(mask & F.ISDIR)
+            if (isdir and mask & _DIR_READ) or (name == marker and mask & _DIR_READ):
+                continue  # directory listings and the agent's own marker reads
+            path = f"{dirpath}/{name}" if dirpath != "/" else f"/{name}"
+            ex = root.excludes
+            if ex and ex.leaf_excluded(root.rel(path), name):
+                continue
+            if mask & F.MODIFY:
+                append(RawEvent(ts, "modified", path, None, isdir, "inotify"))
+            elif mask & F.OPEN:
+                append(RawEvent(ts, "opened", path, None, isdir, "inotify"))
+            elif mask & F.CLOSE_WRITE:
+                append(RawEvent(ts, "closed_write", path, None, isdir, "inotify"))
+            elif mask & F.CLOSE_NOWRITE:
+                append(RawEvent(ts, "closed_nowrite", path, None, isdir, "inotify"))
+            elif mask & F.CREATE:
+                if recent and recent.pop(path, None) is not None:
+                    continue
+                append(RawEvent(ts, "created", path, None, isdir, "inotify"))
+                if isdir and root.spec.recursive:
+                    self._add_tree(root, path, out, scan=True, ts=ts)
+            elif mask & F.DELETE:
+                append(RawEvent(ts, "deleted", path, None, isdir, "inotify"))
+            elif mask & F.MOVED_FROM:
+                self._pending[cookie] = (ts, path, isdir, root, batch)
+            elif mask & F.MOVED_TO:
+                pend = self._pending.pop(cookie, None)
+                if pend is not None:
+                    append(RawEvent(ts, "moved", path, pend[1], isdir, "inotify"))
+                    if isdir:
+                        self._dir_moved(pend[1], pend[3], path, root, out=out, ts=ts)
+                else:
+                    append(RawEvent(ts, "moved_in", path, None, isdir, "inotify"))
+                    if isdir and root.spec.recursive:
+                        self._add_tree(root, path, out, scan=True, ts=ts)
+            elif mask & F.ATTRIB:
+                append(RawEvent(ts, "attributes_changed", path, None, isdir, "inotify"))
+        if self._pending:
+            for cookie, (pts, ppath, pdir, _proot, pbatch) in list(self._pending.items()):
+                if pbatch < batch or self._stopping.is_set():
+                    del self._pending[cookie]
+                    append(RawEvent(pts, "moved_out", ppath, None, pdir, "inotify"))
+                    if pdir:
+                        self._drop_subtree(ppath)
+        if recent:
+            self._expire_recent()
+        self._last_batch_us = ts
+        if out:
+            self.counters["emitted"] += len(out)
+            self._emit(out)
+
+    # watches ---------------------------------------------------------------------------
+
+    def _register(self, wd: int, path: str, root: _Root) -> None:
+        self._wd_path[wd] = path
+        self._wd_root[wd] = root
+        self._path_wd[path] = wd
+        root.wds.add(wd)
+
+    def _forget(self, wd: int) -> None:
+        path = self._wd_path.pop(wd, None)
+        root = self._wd_root.pop(wd, None)
+        if path is not None and self._path_wd.get(path) == wd:
+            del self._path_wd[path]
+        if root is not None:
+            root.wds.discard(wd)
+
+    def _subtree(self, top: str) -> list[tuple[str, int]]:
+        prefix = top + "/"
+        return [(p, wd) for p, wd in self._path_wd.items() if p == top or p.startswith(prefix)]
+
+    def _drop_subtree(self, top: str) -> None:
+        assert self._ino is not None
+        for _, wd in self._subtree(top):
+            self._forget(wd)
+            with contextlib.suppress(OSError):  # already gone with its directory
+                self._ino.rm_watch(wd)
+
+    def _dir_moved(
+        self, src: str, src_root: _Root, dst: str, dst_root: _Root, *, out: list[RawEvent], ts: int
+    ) -> None:
+        moved = self._subtree(src)
+        if src_root is dst_root and moved:
+            for old, wd in moved:
+                new = dst + old[len(src) :]
+                self._forget(wd)
+                self._register(wd, new, dst_root)
+            return
+        # Moved between roots (their excludes and recursion may differ): re-add under the new one.
+        self._drop_subtree(src)
+        if dst_root.spec.recursive:
+            self._add_tree(dst_root, dst, out, scan=False, ts=ts)
+
+    def _add_tree(
+        self, root: _Root, top: str, out: list[RawEvent] | None, *, scan: bool, ts: int
+    ) -> int:
+        """Watch `top` and (when recursive) every directory under it; returns watches added.
+
+        With `scan`, entries already inside are reported as created (source "scan"): a tree
+        made or moved in faster than we can watch it would otherwise be invisible."""
+        assert self._ino is not None
+        ino = self._ino
+        problems = _Problems()
+        added = 0
+        limit_hit = False
+        stack = [top]
+        ex = root.excludes
+        recent = self._recent_scan
+        while stack:
+            d = stack.pop()
+            if not limit_hit:
+                try:
+                    wd = ino.add_watch(d, MASK)
+                except OSError as exc:
+                    if exc.errno == errno.ENOSPC:
+                        limit_hit = True
+                        problems.add("watch_limit", d)
+                    elif exc.errno in (errno.EACCES, errno.EPERM):
+                        problems.add("permission", d)
+                        continue
+                    else:
+                        problems.add("vanished", d)
+                        continue
+                else:
+                    known = self._wd_path.get(wd)
+                    if known is not None and known != d:
+                        continue  # same directory reached twice (bind mount): never loop
+                    self._register(wd, d, root)
+                    added += 1
+            else:
+                problems.add("watch_limit", d)
+            if d != root.path and not root.spec.recursive:
+                continue
+            if d == root.path and not root.spec.recursive and not scan:
+                continue
+            try:
+                with os.scandir(d) as it:
+                    for entry in it:
+                        name = entry.name
+                        p = f"{d}/{name}" if d != "/" else f"/{name}"
+                        if ex and ex.leaf_excluded(root.rel(p), name):
+                            continue
+                        try:
+                            is_dir = entry.is_dir(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        if scan and out is not None:
+                            out.append(RawEvent(ts, "created", p, None, is_dir, "scan"))
+                            if len(recent) < _RECENT_SCAN_CAP:
+                                recent[p] = time.monotonic()
+                            else:
+                                self._caps.hit("recent_scan", _RECENT_SCAN_CAP)
+                        if is_dir and root.spec.recursive:
+                            stack.append(p)
+            except PermissionError:
+                problems.add("permission", d)
+            except (FileNotFoundError, NotADirectoryError):
+                problems.add("vanished", d)
+            except OSError:
+                problems.add("vanished", d)
+        self._report_problems(root, problems)
+        return added
+
+    def _report_problems(self, root: _Root, problems: _Problems) -> None:
+        names = {
+            "watch_limit": "watch_limit_reached",
+            "permission": "watch_permission_denied",
+            "vanished": "watch_path_vanished",
+        }
+        for reason, sample in problems.by_reason.items():
+            data: dict[str, Any] = {
+                "root": root.path,
+                "count": problems.counts[reason],
+                "sample": sample,
+            }
+            if reason == "watch_limit":
+                data["max_user_watches"] = read_sysctl("max_user_watches")
+                data["watches"] = len(self._wd_path)
+                data["hint"] = "raise fs.inotify.max_user_watches or exclude build/cache trees"
+            self._report(record(names[reason], reason, **data))
+
+    def _setup_root(self, root: _Root, *, scan: bool, first: bool = False) -> None:
+        if not os.path.isdir(root.path):
+            root.state = "missing"
+            if first:
+                self._report(
+                    record(
+                        "watch_root_missing",
+                        "not_found",
+                        root=root.path,
+                        hint="it will be watched as soon as it appears",
+                    )
+                )
+            return
+        out: list[RawEvent] = []
+        self._add_tree(root, root.path, out, scan=scan, ts=now_us())
+        root.state = "watching" if root.path in self._path_wd else "missing"
+        if out:
+            self.counters["emitted"] += len(out)
+            self._emit(out)
+
+    def _root_lost(self, root: _Root, reason: str) -> None:
+        assert self._ino is not None
+        for wd in list(root.wds):
+            self._forget(wd)
+            with contextlib.suppress(OSError):
+                self._ino.rm_watch(wd)
+        root.state = "missing"
+        action = "watch_root_moved" if reason == "moved" else "watch_root_vanished"
+        self._report(
+            record(action, reason, root=root.path, hint="watched again when the path reappears")
+        )
+
+    def _check_roots(self) -> None:
+        for root in self._roots:
+            if root.state == "missing" and os.path.isdir(root.path):
+                self._setup_root(root, scan=True)
+                if root.state == "watching":
+                    self._report(record("watch_root_restored", None, root=root.path))
+
+    def _apply_specs(self, specs: Sequence[WatchSpec]) -> None:
+        old = {r.spec: r for r in self._roots}
+        new_roots: list[_Root] = []
+        for spec in specs:
+            if spec in old:
+                new_roots.append(old.pop(spec))
+            else:
+                new_roots.append(_Root(spec, compile_excludes(spec.exclude)))
+        for gone in old.values():
+            self._root_lost_quietly(gone)
+        self._roots = new_roots
+        for root in new_roots:
+            if root.state == "missing" and not root.wds:
+                self._setup_root(root, scan=False, first=True)
+
+    def _root_lost_quietly(self, root: _Root) -> None:
+        assert self._ino is not None
+        for wd in list(root.wds):
+            self._forget(wd)
+            with contextlib.suppress(OSError):
+                self._ino.rm_watch(wd)
+        root.state = "missing"
+
+    def _expire_recent(self) -> None:
+        recent = self._recent_scan
+        cutoff = time.monotonic() - _RECENT_SCAN_SECONDS
+        while recent:
+            key = next(iter(recent))
+            if recent[key] >= cutoff:
+                break
+            del recent[key]
+
+    # loss ------------------------------------------------------------------------------
+
+    def _overflow(self, ts: int, out: list[RawEvent]) -> None:
+        self.counters["overflows"] += 1
+        self._report(
+            record(
+                "event_loss",
+                "inotify_overflow",
+                source=self.name,
+                max_queued_events=read_sysctl("max_queued_events"),
+                since=self._last_batch_us,
+                hint="events were lost in the kernel queue; a rescan follows",
+            )
+        )
+        self._rescan(self._last_batch_us - 1_000_000, ts, out)
+
+    def _rescan(self, since_us: int, ts: int, out: list[RawEvent]) -> None:
+        """Walk the roots (bounded): watch directories we missed, report what changed since."""
+        self.counters["rescans"] += 1
+        for path, wd in list(self._path_wd.items()):
+            if not os.path.isdir(path):
+                self._forget(wd)
+        budget = self._rescan_max
+        scanned = changed = watched = 0
+        truncated = False
+        for root in self._roots:
+            if root.state != "watching":
+                continue
+            stack = [root.path]
+            ex = root.excludes
+            while stack and not truncated:
+                d = stack.pop()
+                if d not in self._path_wd:
+                    watched += self._add_tree(root, d, None, scan=False, ts=ts)
+                try:
+                    with os.scandir(d) as it:
+                        for entry in it:
+                            scanned += 1
+                            if scanned > budget:
+                                truncated = True
+                                break
+                            name = entry.name
+                            p = f"{d}/{name}" if d != "/" else f"/{name}"
+                            if ex and ex.leaf_excluded(root.rel(p), name):
+                                continue
+                            try:
+                                st = entry.stat(follow_symlinks=False)
+                                is_dir = entry.is_dir(follow_symlinks=False)
+                            except OSError:
+                                continue
+                            if st.st_ctime_ns // 1000 >= since_us:
+                                changed += 1
+                                out.append(RawEvent(ts, "rescanned", p, None, is_dir, "rescan"))
+                            if is_dir and root.spec.recursive:
+                                stack.append(p)
+                except OSError:
+                    continue
+        if truncated:
+            self._caps.hit("rescan_max_entries", self._rescan_max)
+        self._report(
+            record(
+                "rescan_completed",
+                "inotify_overflow",
+                scanned=min(scanned, budget),
+                changed=changed,
+                watches_added=watched,
+                truncated=truncated,
+                since_us=since_us,
+            )
+        )
