@@ -83,10 +83,13 @@ class Config:
 
 
 def default_config_path() -> str:
-    """`/etc/exfilwatch/agent.yaml` when present, else the checkout's `config/agent.yaml`."""
-    if Path(SYSTEM_CONFIG).exists():
-        return SYSTEM_CONFIG
-    return str(REPO_CONFIG)
+    """`/etc/exfilwatch/agent.yaml` when present, else the checkout's `config/agent.yaml`
+    (found next to the package for an editable install, or in the working directory for a
+    plain `pip install .` run from the checkout)."""
+    for candidate in (Path(SYSTEM_CONFIG), REPO_CONFIG, Path.cwd() / "config" / "agent.yaml"):
+        if candidate.exists():
+            return str(candidate)
+    return SYSTEM_CONFIG
 
 
 class _Checker:
@@ -166,7 +169,7 @@ class _Checker:
         try:
             seconds = parse_duration(node_value(node))
         except ValueError as exc:
-            self.add(node, "CFG_DURATION", f"{what}: {exc}", "e.g. 30s, 5m, 1h")
+            self.add(node, "CFG_DURATION", f"{what}: {exc}")
             return None
         if seconds <= 0:
             self.add(node, "CFG_VALUE", f"{what} must be longer than zero")
@@ -441,7 +444,7 @@ def check_text(text: str, file: str) -> tuple[Config | None, list[Problem]]:
         return None, problems
     c = _Checker(file)
     config = _build(c, node)
-    return config, c.problems
+    return config, sorted(c.problems, key=lambda p: (p.line, p.col))
 
 
 def check_file(path: str) -> tuple[Config | None, list[Problem]]:

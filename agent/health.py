@@ -21,6 +21,7 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "kernel_settings_applied": ("state", "info"),
     "kernel_settings_low": ("state", "warning"),
     "source_selected": ("state", "info"),
+    "source_ready": ("state", "info"),
     "event_loss": ("metric", "error"),
     "watch_limit_reached": ("state", "error"),
     "watch_permission_denied": ("state", "warning"),

@@ -65,7 +65,16 @@ class Agent:
                 source_setting=source_name,
             )
         )
+        began = time.monotonic()
         self.source.start()
+        self._report(
+            record(
+                "source_ready",
+                None,
+                seconds=round(time.monotonic() - began, 3),
+                **self.source.stats(),
+            )
+        )
         self.scheduler = BackgroundScheduler(daemon=True)
         self.scheduler.add_job(
             self.heartbeat,

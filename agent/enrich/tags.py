@@ -226,7 +226,7 @@ class TagResolver:
         path = os.path.join(directory, self.marker_name)
         if marker is None and previous is not None:
             self._report(record("marker_removed", None, marker=path))
-        elif marker is not None and marker != previous:
+        elif marker is not None:  # reported even when unchanged: a lazy lookup may have read it
             self._report(
                 record(
                     "marker_loaded",

@@ -1,0 +1,145 @@
+"""Shared fixtures: a record collector, an in-process agent, and a thread-leak guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import Config, SinkSpec, WatchSpec, check_text
+from agent.events import Event, from_dict
+from agent.service import Agent
+from agent.sinks import Router
+
+REPO = Path(__file__).resolve().parent.parent
+ECS_FIELDS = REPO.parent / "shared" / "ecs" / "fields.csv"
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (kernel inotify settings)")
+
+
+class Collector:
+    """A real sink that keeps the JSON lines it was given, for assertions."""
+
+    name = "collector"
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+
+    def write(self, lines: Sequence[str]) -> None:
+        with self._cond:
+            self.lines.extend(lines)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        pass
+
+    def records(self) -> list[dict[str, Any]]:
+        with self._cond:
+            return [json.loads(line) for line in self.lines]
+
+    def events(self) -> list[Event]:
+        return [from_dict(r) for r in self.records() if r["event"]["kind"] == "event"]
+
+    def health(self, action: str | None = None) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in self.records()
+            if r["event"]["kind"] != "event" and (action is None or r["event"]["action"] == action)
+        ]
+
+    def wait_for(self, predicate: Callable[[Collector], bool], timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self):
+                return True
+            time.sleep(0.02)
+        return predicate(self)
+
+    def has_event(self, action: str, path: Path | str, **fields: Any) -> bool:
+        return any(
+            e.action == action
+            and e.path == str(path)
+            and all(getattr(e, k) == v for k, v in fields.items())
+            for e in self.events()
+        )
+
+    def wait_event(
+        self, action: str, path: Path | str, timeout: float = 5.0, **fields: Any
+    ) -> None:
+        if not self.wait_for(lambda c: c.has_event(action, path, **fields), timeout):
+            seen = [(e.action, e.path) for e in self.events()]
+            raise AssertionError(f"no {action} event for {path}; saw {seen}")
+
+
+def make_config(specs: Sequence[WatchSpec], tmp: Path, **overrides: Any) -> Config:
+    base = Config(
+        source_file=str(tmp / "agent.yaml"),
+        watch=tuple(specs),
+        sinks=(SinkSpec("stdout", None, frozenset({"event", "health"})),),
+        state_dir=str(tmp / "state"),
+        heartbeat_interval=3600.0,
+        root_check_interval=0.2,
+    )
+    return replace(base, **overrides)
+
+
+class RunningAgent:
+    def __init__(self, agent: Agent, collector: Collector) -> None:
+        self.agent = agent
+        self.collector = collector
+
+
+@pytest.fixture
+def collector() -> Collector:
+    return Collector()
+
+
+@pytest.fixture
+def run_agent(collector: Collector) -> Iterator[Callable[..., Agent]]:
+    """Start an in-process agent on a config; it is stopped at the end of the test."""
+    started: list[Agent] = []
+
+    def start(config: Config) -> Agent:
+        agent = Agent(config, router=Router([(collector, frozenset({"event", "health"}))]))
+        agent.start()
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        if agent.pipeline is not None:
+            agent.stop()
+
+
+def config_from_yaml(text: str, tmp: Path) -> Config:
+    path = tmp / "agent.yaml"
+    path.write_text(text)
+    config, problems = check_text(text, str(path))
+    assert config is not None, [str(p) for p in problems]
+    return config
+
+
+@pytest.fixture(autouse=True)
+def no_thread_leaks() -> Iterator[None]:
+    """A test that leaves a thread running fails: a leaked observer would skew every later test."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 3
+    while True:
+        leaked = [
+            t
+            for t in threading.enumerate()
+            if t not in before and t.is_alive() and not t.name.startswith("asyncio")
+        ]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not leaked, f"threads leaked: {[t.name for t in leaked]}"

@@ -1,0 +1,291 @@
+"""The Linux inotify source on real directories: every operation, every way a watch can fail."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent.config import InotifySettings, WatchSpec
+from agent.service import Agent
+from agent.sources.inotify import read_sysctl
+from tests.conftest import Collector, make_config, needs_root
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux")
+
+NO_SYSCTL = InotifySettings(apply_sysctl=False)
+
+
+def start(
+    run_agent: Callable[..., Agent], tmp_path: Path, *specs: WatchSpec, **kw: object
+) -> Agent:
+    kw.setdefault("inotify", NO_SYSCTL)
+    agent = run_agent(make_config(specs, tmp_path, source="inotify", **kw))
+    return agent
+
+
+def test_create_write_read_rename_delete_are_reported_in_order(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    root = tmp_path / "rnd"
+    root.mkdir()
+    start(run_agent, tmp_path, WatchSpec(str(root), ("chip",), "high"))
+    f = root / "design.v"
+    f.write_text("module top; endmodule\n")
+    f.read_text()
+    f.rename(root / "design.bak")
+    (root / "design.bak").unlink()
+    collector.wait_event("deleted", root / "design.bak")
+    actions = [(e.action, e.path) for e in collector.events()]
+    assert actions == [
+        ("created", str(f)),
+        ("opened", str(f)),
+        ("modified", str(f)),
+        ("closed_write", str(f)),
+        ("opened", str(f)),
+        ("closed_nowrite", str(f)),
+        ("moved", str(root / "design.bak")),
+        ("deleted", str(root / "design.bak")),
+    ]
+    moved = next(e for e in collector.events() if e.action == "moved")
+    assert moved.src_path == str(f)
+    assert all(e.tags == ("chip",) and e.sensitivity == "high" for e in collector.events())
+
+
+def test_events_carry_the_cheap_facts_of_the_file(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    root = tmp_path / "rnd"
+    root.mkdir()
+    start(run_agent, tmp_path, WatchSpec(str(root), ("chip",), "high"))
+    f = root / "netlist.v"
+    f.write_text("module top; endmodule\n")
+    collector.wait_event("closed_write", f)
+    written = next(e for e in collector.events() if e.action == "closed_write")
+    st = f.stat()
+    assert written.size == st.st_size == 22
+    assert written.inode == str(st.st_ino)
+    assert written.uid == str(st.st_uid)
+    assert written.gid == str(st.st_gid)
+    assert written.mode == f"{st.st_mode & 0o7777:04o}"
+    assert written.file_type == "file"
+    assert written.root == str(root)
+    assert written.hostname
+    sequences = [e.sequence for e in collector.events()]
+    assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)
+
+
+def test_mkdir_p_then_write_deep_is_seen_at_every_level(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    root = tmp_path / "rnd"
+    root.mkdir()
+    start(run_agent, tmp_path, WatchSpec(str(root), ("rnd",)))
+    deep = root / "a" / "b" / "c" / "d"
+    # One shell process so the whole chain races the watcher, as a real `mkdir -p` does.
+    subprocess.run(["sh", "-c", f"mkdir -p '{deep}' && echo x > '{deep}/leaf.txt'"], check=True)
+    collector.wait_event("created", deep / "leaf.txt")
+    for d in (root / "a", root / "a" / "b", root / "a" / "b" / "c", deep):
+        assert collector.has_event("created", d)
+    created = [e.path for e in collector.events() if e.action == "created"]
+    assert len(created) == len(set(created)), "a path raced by the scan is reported once"
+    # The new directories are watched: a later write deep inside is reported too.
+    (deep / "later.txt").write_text("y")
+    collector.wait_event("closed_write", deep / "later.txt")
+
+
+def test_directory_moved_in_from_outside_is_watched_with_its_contents(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    root = tmp_path / "rnd"
+    root.mkdir()
+    outside = tmp_path / "outside" / "proj"
+    (outside / "src").mkdir(parents=True)
+    (outside / "src" / "main.c").write_text("int main(){}")
+    start(run_agent, tmp_path, WatchSpec(str(root), ("rnd",)))
+    (outside).rename(root / "proj")
+    collector.wait_event("moved_in", root / "proj")
+    collector.wait_event("created", root / "proj" / "src" / "main.c", source="scan")
+    (root / "proj" / "src" / "main.c").write_text("changed")
+    collector.wait_event("closed_write", root / "proj" / "src" / "main.c")
+
+
+def test_directory_renamed_inside_keeps_watching_under_the_new_name(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    root = tmp_path / "rnd"
+    (root / "old" / "sub").mkdir(parents=True)
+    start(run_agent, tmp_path, WatchSpec(str(root)))
+    (root / "old").rename(root / "new")
+    collector.wait_event("moved", root / "new", src_path=str(root / "old"))
+    (root / "new" / "sub" / "f").write_text("x")
+    collector.wait_event("closed_write", root / "new" / "sub" / "f")
+    assert not any(e.path.startswith(str(root / "old") + "/") for e in collector.events())
+
+
+def test_directory_moved_out_is_reported_and_no_longer_watched(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    root = tmp_path / "rnd"
+    (root / "proj").mkdir(parents=True)
+    start(run_agent, tmp_path, WatchSpec(str(root)))
+    elsewhere = tmp_path / "usb"
+    elsewhere.mkdir()
+    (root / "proj").rename(elsewhere / "proj")
+    collector.wait_event("moved_out", root / "proj")
+    (elsewhere / "proj" / "after.txt").write_text("x")
+    (root / "marker.txt").write_text("x")
+    collector.wait_event("closed_write", root / "marker.txt")
+    assert not any("after.txt" in e.path for e in collector.events())
+
+
+def test_excluded_globs_never_reach_the_pipeline(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    root = tmp_path / "rnd"
+    root.mkdir()
+    spec = WatchSpec(str(root), exclude=("*.tmp", "node_modules", "build/**"))
+    start(run_agent, tmp_path, spec)
+    (root / "node_modules" / "x").mkdir(parents=True)
+    (root / "node_modules" / "x" / "index.js").write_text("x")
+    (root / "build" / "obj").mkdir(parents=True)
+    (root / "build" / "obj" / "a.o").write_text("x")
+    (root / "scratch.tmp").write_text("x")
+    (root / "keep.c").write_text("x")
+    collector.wait_event("closed_write", root / "keep.c")
+    paths = {e.path for e in collector.events()}
+    assert not any("node_modules" in p or ".tmp" in p or "/build/" in p for p in paths)
+    assert str(root / "build") not in paths  # `dir/**` excludes the directory itself too
+
+
+def test_symlink_loops_are_not_followed(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    root = tmp_path / "rnd"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "loop").symlink_to(root)
+    (root / "a" / "self").symlink_to(root / "a")
+    agent = start(run_agent, tmp_path, WatchSpec(str(root)))
+    assert agent.source is not None
+    assert agent.source.stats()["watches"] == 2  # rnd and rnd/a, nothing through the links
+    (root / "a" / "loop2").symlink_to(root / "a")
+    collector.wait_event("created", root / "a" / "loop2", file_type="symlink")
+    assert agent.source.stats()["watches"] == 2
+
+
+def test_deleted_root_is_reported_and_watched_again_when_recreated(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    root = tmp_path / "rnd"
+    (root / "sub").mkdir(parents=True)
+    start(run_agent, tmp_path, WatchSpec(str(root), ("rnd",)))
+    shutil.rmtree(root)
+    assert collector.wait_for(lambda c: bool(c.health("watch_root_vanished")))
+    root.mkdir()
+    (root / "early.txt").write_text("before the watch came back")
+    assert collector.wait_for(lambda c: bool(c.health("watch_root_restored")))
+    collector.wait_event("created", root / "early.txt", source="scan")
+    (root / "late.txt").write_text("x")
+    collector.wait_event("closed_write", root / "late.txt", tags=("rnd",))
+
+
+def test_renamed_root_is_reported_and_its_new_location_is_not_watched(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    root = tmp_path / "rnd"
+    root.mkdir()
+    start(run_agent, tmp_path, WatchSpec(str(root)))
+    root.rename(tmp_path / "renamed")
+    assert collector.wait_for(lambda c: bool(c.health("watch_root_moved")))
+    (tmp_path / "renamed" / "x").write_text("x")
+    root.mkdir()
+    assert collector.wait_for(lambda c: bool(c.health("watch_root_restored")))
+    (root / "y").write_text("y")
+    collector.wait_event("closed_write", root / "y")
+    assert not any(e.path.startswith(str(tmp_path / "renamed")) for e in collector.events())
+
+
+def test_a_root_that_does_not_exist_yet_is_picked_up_when_it_appears(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    root = tmp_path / "later" / "rnd"
+    start(run_agent, tmp_path, WatchSpec(str(root), ("rnd",)))
+    assert collector.wait_for(lambda c: bool(c.health("watch_root_missing")))
+    root.mkdir(parents=True)
+    assert collector.wait_for(lambda c: bool(c.health("watch_root_restored")))
+    (root / "f").write_text("x")
+    collector.wait_event("closed_write", root / "f", tags=("rnd",))
+
+
+@needs_root
+def test_kernel_queue_overflow_is_reported_and_followed_by_a_rescan(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    root = tmp_path / "rnd"
+    root.mkdir()
+    original = read_sysctl("max_queued_events")
+    assert original is not None
+    path = "/proc/sys/fs/inotify/max_queued_events"
+    # The kernel reads the limit when the instance is created; restore it right after.
+    Path(path).write_text("16")
+    try:
+        agent = start(run_agent, tmp_path, WatchSpec(str(root)))
+    finally:
+        Path(path).write_text(str(original))
+    assert agent.source is not None
+    # Stall the reader by giving it a command that waits, then burst past the tiny queue.
+    import threading
+
+    gate = threading.Event()
+    agent.source._commands.put(lambda: gate.wait(5))  # type: ignore[attr-defined]
+    for i in range(200):
+        (root / f"f{i}").write_text("x")
+    gate.set()
+    assert collector.wait_for(lambda c: bool(c.health("event_loss")), timeout=10)
+    loss = collector.health("event_loss")[0]
+    assert loss["event"]["reason"] == "inotify_overflow"
+    assert collector.wait_for(lambda c: bool(c.health("rescan_completed")), timeout=10)
+    rescanned = {e.path for e in collector.events() if e.action == "rescanned"}
+    assert {str(root / f"f{i}") for i in range(200)} <= rescanned
+
+
+def _user_watches() -> int:
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+                with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
+                    total += sum(1 for line in fh if line.startswith("inotify wd:"))
+        except OSError:
+            continue
+    return total
+
+
+@needs_root
+def test_watch_limit_is_reported_by_name_with_what_was_left_unwatched(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    root = tmp_path / "rnd"
+    for i in range(20):
+        (root / f"d{i}").mkdir(parents=True)
+    original = read_sysctl("max_user_watches")
+    assert original is not None
+    path = "/proc/sys/fs/inotify/max_user_watches"
+    Path(path).write_text(str(_user_watches() + 5))
+    try:
+        start(run_agent, tmp_path, WatchSpec(str(root)))
+    finally:
+        Path(path).write_text(str(original))
+    records = collector.health("watch_limit_reached")
+    assert records, collector.health()
+    data = records[0]["exfilwatch"]["health"]
+    assert data["count"] >= 14
+    assert data["root"] == str(root)
+    assert data["sample"]

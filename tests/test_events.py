@@ -1,0 +1,172 @@
+"""The Event contract: ECS names, dotted access, and an exact JSON-lines round trip."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.config import WatchSpec
+from agent.diagnostics import Problem
+from agent.events import FIELDS, Event, format_timestamp, parse_timestamp, read_jsonl
+from agent.service import Agent
+from tests.conftest import ECS_FIELDS, Collector, make_config
+
+HOSTILE_NAMES = [
+    b"line\nbreak.txt",
+    b"\x1b[31mred\x1b[0m.txt",
+    b"bad-utf8-\xff\xfe.bin",
+    b'quote"and\\backslash',
+    b'\r\n{"event":{"kind":"alert"}}',
+    "unicode-\u2028-\u202e-\u00e9.txt".encode(),
+]
+
+
+def test_hostile_file_names_survive_the_round_trip_and_never_break_a_line(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    root = tmp_path / "rnd"
+    root.mkdir()
+    run_agent(make_config([WatchSpec(str(root), ("rnd",))], tmp_path))
+    broot = os.fsencode(root)
+    for name in HOSTILE_NAMES:
+        with open(broot + b"/" + name, "wb") as fh:
+            fh.write(b"x")
+    for name in HOSTILE_NAMES:
+        collector.wait_event("closed_write", os.fsdecode(broot + b"/" + name))
+    for line in collector.lines:
+        assert line.isascii() and "\n" not in line and "\r" not in line and "\x1b" not in line
+    events = collector.events()
+    seen = {os.fsencode(e.path) for e in events}
+    assert {broot + b"/" + n for n in HOSTILE_NAMES} <= seen
+    # Reading the lines back gives identical Event objects.
+    stream = io.StringIO("\n".join(collector.lines) + "\n")
+    loaded = [e for e in read_jsonl(stream) if isinstance(e, Event)]
+    assert loaded == events
+
+
+def test_a_non_utf8_path_is_readable_text_plus_exact_bytes() -> None:
+    e = Event(1_700_000_000_000_000, "created", os.fsdecode(b"/rnd/\xff.v"))
+    d = e.to_dict()
+    assert d["file"]["path"] == "/rnd/\\xff.v"
+    assert d["exfilwatch"]["raw"]["file.path"] == "L3JuZC//LnY="
+    assert Event.from_json(e.to_json()) == e
+
+
+paths = st.binary(min_size=1, max_size=60).map(
+    lambda b: "/" + os.fsdecode(b.replace(b"\x00", b"_"))
+)
+
+
+@given(
+    path=paths,
+    src=st.none() | paths,
+    ts=st.integers(min_value=0, max_value=4_000_000_000_000_000),
+    size=st.none() | st.integers(min_value=0, max_value=2**62),
+    tags=st.lists(st.text(min_size=1, max_size=10), max_size=3).map(tuple),
+    action=st.sampled_from(["created", "moved", "closed_write", "deleted"]),
+)
+def test_any_event_round_trips_exactly(
+    path: str, src: str | None, ts: int, size: int | None, tags: tuple[str, ...], action: str
+) -> None:
+    e = Event(ts, action, path, size=size, src_path=src, tags=tags, sequence=7, hostname="h")
+    line = e.to_json()
+    assert line.isascii() and "\n" not in line
+    assert Event.from_json(line) == e
+
+
+def test_timestamps_are_iso_utc_and_exact_to_the_microsecond() -> None:
+    assert format_timestamp(1_764_000_000_123_456) == "2025-11-24T16:00:00.123456Z"
+    assert parse_timestamp("2025-11-24T16:00:00.123456Z") == 1_764_000_000_123_456
+
+
+def test_fields_are_addressed_by_their_dotted_ecs_names() -> None:
+    e = Event(0, "closed_write", "/rnd/chip/top.V", size=10, tags=("chip",), uid="1000")
+    assert e.get("file.name") == "top.V"
+    assert e.get("file.extension") == "v"
+    assert e.get("file.directory") == "/rnd/chip"
+    assert e.get("event.type") == ("change",)
+    assert e.get("exfilwatch.tags") == ("chip",)
+    with pytest.raises(KeyError):
+        e.get("file.nope")
+
+
+def test_bad_lines_become_located_problems_not_exceptions() -> None:
+    good = Event(0, "created", "/a").to_json()
+    stream = io.StringIO(f'{good}\n{{"event": \nnot json\n{{"event":{{"kind":"event"}}}}\n')
+    out = list(read_jsonl(stream, "rec.jsonl"))
+    assert out[0] == Event(0, "created", "/a")
+    assert all(isinstance(p, Problem) for p in out[1:])
+    assert [(p.line, p.code) for p in out[1:] if isinstance(p, Problem)] == [
+        (2, "EVT_JSON"),
+        (3, "EVT_JSON"),
+        (4, "EVT_FIELD"),
+    ]
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+@pytest.mark.skipif(
+    not ECS_FIELDS.exists(), reason="../shared/ecs/fields.csv is not beside the repo"
+)
+def test_every_field_is_ecs_with_the_right_type_or_in_our_namespace() -> None:
+    with ECS_FIELDS.open() as fh:
+        ecs = {row["Field"]: row["Type"] for row in csv.DictReader(fh)}
+    e = Event(
+        1,
+        "moved",
+        "/r/a.txt",
+        file_type="file",
+        size=3,
+        uid="0",
+        gid="0",
+        inode="5",
+        mode="0644",
+        mtime_us=2,
+        src_path="/r/b",
+        tags=("t",),
+        sensitivity="high",
+        root="/r",
+        hostname="h",
+        user_name="u",
+        user_id="1",
+        process_pid=4,
+        process_name="cp",
+        process_executable="/bin/cp",
+        process_command_line="cp a b",
+    )
+    flat = _flatten(e.to_dict())
+    json_types = {
+        "keyword": str,
+        "wildcard": str,
+        "date": str,
+        "long": int,
+        "match_only_text": str,
+    }
+    for name, value in flat.items():
+        if name.startswith("exfilwatch."):
+            continue
+        assert name in ecs, f"{name} is not an ECS field"
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            assert isinstance(v, json_types[ecs[name]]), (name, ecs[name], v)
+    for dotted in FIELDS:
+        assert dotted.startswith("exfilwatch.") or dotted in ecs, dotted
+    assert json.loads(e.to_json())["event"]["kind"] == "event"
