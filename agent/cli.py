@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -85,6 +86,16 @@ def _run(config_path: str | None, duration: float | None, record_to: str | None)
         print(f"{path}: not started, fix the errors above", file=sys.stderr)
         return EXIT_PROBLEMS
     router = None
+    if record_to not in (None, "-"):
+        target = os.path.abspath(record_to)
+        for spec in config.watch:
+            if target.startswith(spec.path.rstrip("/") + "/"):
+                print(
+                    f"{record_to}: inside the watched tree {spec.path}; the agent would record "
+                    "its own writes (choose a path outside the watched trees)",
+                    file=sys.stderr,
+                )
+                return EXIT_PROBLEMS
     if record_to is not None:
         kinds = frozenset({"event", "health"})
         sink = StreamSink(sys.stdout) if record_to == "-" else FileSink(record_to)

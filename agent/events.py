@@ -7,9 +7,10 @@ import json
 import os
 import posixpath
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
-from typing import IO, Any
+from functools import lru_cache
+from json.encoder import encode_basestring_ascii
+from typing import IO, Any, NamedTuple
 
 from agent.diagnostics import Problem
 
@@ -47,9 +48,11 @@ _EVENT_TYPES: dict[str, tuple[str, ...]] = {
 SOURCES = ("inotify", "watchdog", "polling", "scan", "rescan", "test")
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One normalized file event. Attribute names are short; `FIELDS` maps them to ECS names."""
+class Event(NamedTuple):
+    """One normalized file event. Attribute names are short; `FIELDS` maps them to ECS names.
+
+    A NamedTuple rather than a frozen dataclass: it is just as immutable and typed, and five
+    times cheaper to build, which matters at 100,000 events a second on one core."""
 
     timestamp_us: int
     action: str
@@ -107,7 +110,7 @@ class Event:
         return to_dict(self)
 
     def to_json(self) -> str:
-        return dumps(to_dict(self))
+        return event_line(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Event:
@@ -121,7 +124,7 @@ class Event:
         return from_dict(value)
 
     def evolve(self, **changes: Any) -> Event:
-        return replace(self, **changes)
+        return self._replace(**changes)
 
 
 # dotted ECS / custom name -> getter. This table is the contract rules address.
@@ -161,10 +164,15 @@ _PATH_FIELDS = ("path", "src_path", "root")
 _PATH_NAMES = {"path": "file.path", "src_path": "exfilwatch.src_path", "root": "exfilwatch.root"}
 
 
+@lru_cache(maxsize=4096)
+def _second(sec: int) -> str:
+    return datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+
+
 def format_timestamp(us: int) -> str:
     """ISO 8601 UTC with microseconds, exact for integer microseconds."""
     sec, frac = divmod(us, 1_000_000)
-    return datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:06d}Z"
+    return f"{_second(sec)}{frac:06d}Z"
 
 
 def parse_timestamp(text: str) -> int:
@@ -197,12 +205,8 @@ def to_dict(e: Event) -> dict[str, Any]:
     path_text, path_raw = _text_and_raw(e.path)
     if path_raw is not None:
         raw["file.path"] = path_raw
-    name = posixpath.basename(path_text)
-    file: dict[str, Any] = {
-        "path": path_text,
-        "name": name,
-        "directory": posixpath.dirname(path_text),
-    }
+    directory, name = _split(path_text)
+    file: dict[str, Any] = {"path": path_text, "name": name, "directory": directory}
     ext = e.extension
     if ext is not None:
         file["extension"] = _text_and_raw(ext)[0]
@@ -264,6 +268,91 @@ def to_dict(e: Event) -> dict[str, Any]:
     if process:
         out["process"] = process
     return out
+
+
+def _split(path: str) -> tuple[str, str]:
+    """(dirname, basename) as posixpath gives them, without its cost on ordinary paths."""
+    slash = path.rfind("/")
+    if slash > 0 and path[slash - 1] != "/" and "//" not in path:
+        return path[:slash], path[slash + 1 :]
+    return posixpath.dirname(path), posixpath.basename(path)
+
+
+_q = encode_basestring_ascii  # the C string encoder json.dumps uses with ensure_ascii
+_TYPE_JSON = {a: json.dumps(list(t)).replace(" ", "") for a, t in _EVENT_TYPES.items()}
+
+
+def event_line(e: Event) -> str:
+    """`dumps(to_dict(e))`, built directly: the event hot path (a test keeps them identical)."""
+    raw: list[str] = []
+    path = e.path
+    path_text, path_raw = _text_and_raw(path)
+    if path_raw is not None:
+        raw.append(f'"file.path":"{path_raw}"')
+    directory, name = _split(path_text)
+    parts = [
+        '{"@timestamp":"',
+        format_timestamp(e.timestamp_us),
+        '","event":{"kind":"event","category":[',
+        _q(e.category),
+        '],"type":',
+        _TYPE_JSON.get(e.action, '["info"]'),
+        ',"action":',
+        _q(e.action),
+        ',"sequence":',
+        str(e.sequence),
+        ',"module":"exfilwatch","dataset":"exfilwatch.file"},"file":{"path":',
+        _q(path_text),
+        ',"name":',
+        _q(name),
+        ',"directory":',
+        _q(directory),
+    ]
+    dot = name.rfind(".")
+    if 0 < dot < len(name) - 1:
+        parts += (',"extension":', _q(name[dot + 1 :].lower()))
+    if e.file_type is not None:
+        parts += (',"type":', _q(e.file_type))
+    if e.size is not None:
+        parts += (',"size":', str(e.size))
+    if e.uid is not None:
+        parts += (',"uid":', _q(e.uid))
+    if e.gid is not None:
+        parts += (',"gid":', _q(e.gid))
+    if e.inode is not None:
+        parts += (',"inode":', _q(e.inode))
+    if e.mode is not None:
+        parts += (',"mode":', _q(e.mode))
+    if e.mtime_us is not None:
+        parts += (',"mtime":"', format_timestamp(e.mtime_us), '"')
+    parts += ('},"exfilwatch":{"source":', _q(e.source))
+    if e.tags:
+        parts += (',"tags":[', ",".join(map(_q, e.tags)), "]")
+    if e.sensitivity is not None:
+        parts += (',"sensitivity":', _q(e.sensitivity))
+    if e.src_path is not None:
+        text, r = _text_and_raw(e.src_path)
+        parts += (',"src_path":', _q(text))
+        if r is not None:
+            raw.append(f'"exfilwatch.src_path":"{r}"')
+    if e.root is not None:
+        text, r = _text_and_raw(e.root)
+        parts += (',"root":', _q(text))
+        if r is not None:
+            raw.append(f'"exfilwatch.root":"{r}"')
+    if raw:
+        parts += (',"raw":{', ",".join(raw), "}")
+    parts.append("}")
+    if e.hostname is not None:
+        parts += (',"host":{"hostname":', _q(e.hostname), "}")
+    if e.user_name is not None or e.user_id is not None:
+        return dumps(to_dict(e))  # rare until attribution lands: the general path
+    if e.process_pid is not None or e.process_name is not None:
+        return dumps(to_dict(e))
+    if e.process_executable is not None or e.process_command_line is not None:
+        return dumps(to_dict(e))
+    parts.append("}")
+    return "".join(parts)
 
 
 def dumps(record: dict[str, Any]) -> str:
@@ -367,4 +456,4 @@ def read_jsonl(stream: IO[str], file: str = "<stream>") -> Iterator[Event | Prob
             yield Problem(file, lineno, 1, "EVT_FIELD", str(exc))
 
 
-EVENT_ATTRS = tuple(f.name for f in fields(Event))
+EVENT_ATTRS = Event._fields

@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 
 from agent.enrich.tags import TagResolver
-from agent.events import Event, dumps, to_dict
+from agent.events import Event, dumps, event_line
 from agent.health import record
 from agent.sinks import Router
 from agent.sources.base import RawEvent
@@ -250,7 +250,7 @@ class Pipeline:
             for hook in hooks:
                 hook(event)
             if want_lines:
-                lines.append(dumps(to_dict(event)))
+                lines.append(event_line(event))
         self.processed += len(batch)
         if lines:
             self.router.write("event", lines)

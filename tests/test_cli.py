@@ -37,3 +37,13 @@ def test_run_refuses_to_start_on_a_bad_config_and_says_where(tmp_path: Path) -> 
     assert res.returncode == 1
     assert f"{cfg}:2:5 CFG_UNKNOWN_KEY unknown key 'pth' in watch[0]" in res.stderr
     assert "not started" in res.stderr
+
+
+def test_record_refuses_an_output_inside_a_watched_tree(tmp_path: Path) -> None:
+    (tmp_path / "rnd").mkdir()
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("watch: [{path: rnd}]\n")
+    res = run("record", "--config", str(cfg), "-o", str(tmp_path / "rnd" / "events.jsonl"))
+    assert res.returncode == 1
+    assert "inside the watched tree" in res.stderr
+    assert not (tmp_path / "rnd" / "events.jsonl").exists()

@@ -16,7 +16,17 @@ from hypothesis import strategies as st
 
 from agent.config import WatchSpec
 from agent.diagnostics import Problem
-from agent.events import FIELDS, Event, format_timestamp, parse_timestamp, read_jsonl
+from agent.events import (
+    FIELDS,
+    FILE_ACTIONS,
+    Event,
+    dumps,
+    event_line,
+    format_timestamp,
+    parse_timestamp,
+    read_jsonl,
+    to_dict,
+)
 from agent.service import Agent
 from tests.conftest import ECS_FIELDS, Collector, make_config
 
@@ -170,3 +180,53 @@ def test_every_field_is_ecs_with_the_right_type_or_in_our_namespace() -> None:
     for dotted in FIELDS:
         assert dotted.startswith("exfilwatch.") or dotted in ecs, dotted
     assert json.loads(e.to_json())["event"]["kind"] == "event"
+
+
+@given(
+    path=paths,
+    src=st.none() | paths,
+    root=st.none() | paths,
+    ts=st.integers(min_value=0, max_value=4_000_000_000_000_000),
+    mtime=st.none() | st.integers(min_value=0, max_value=4_000_000_000_000_000),
+    size=st.none() | st.integers(min_value=0, max_value=2**62),
+    text=st.none() | st.text(max_size=8),
+    tags=st.lists(st.text(min_size=1, max_size=10), max_size=3).map(tuple),
+    action=st.sampled_from([*FILE_ACTIONS, "unknown"]),
+    pid=st.none() | st.integers(min_value=1, max_value=2**22),
+)
+def test_the_fast_serializer_writes_exactly_what_the_general_one_does(
+    path: str,
+    src: str | None,
+    root: str | None,
+    ts: int,
+    mtime: int | None,
+    size: int | None,
+    text: str | None,
+    tags: tuple[str, ...],
+    action: str,
+    pid: int | None,
+) -> None:
+    e = Event(
+        ts,
+        action,
+        path,
+        "file",
+        text,
+        size,
+        text,
+        text,
+        text,
+        text,
+        mtime,
+        src,
+        tags,
+        text,
+        root,
+        "inotify",
+        3,
+        text,
+        text,
+        None,
+        pid,
+    )
+    assert event_line(e) == dumps(to_dict(e))

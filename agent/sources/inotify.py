@@ -121,7 +121,7 @@ def apply_kernel_settings(settings: InotifySettings, report: Reporter) -> dict[s
                 "kernel_settings_low",
                 "not_root" if os.geteuid() != 0 else "sysctl_failed",
                 settings=low,
-                hint="run as root or set fs.inotify.* with sysctl (see packaging/sysctl)",
+                hint="run as root, or install packaging/sysctl.d/60-exfilwatch.conf",
             )
         )
     return current
@@ -581,6 +581,10 @@ class InotifySource:
                     continue
         if truncated:
             self._caps.hit("rescan_max_entries", self._rescan_max)
+        if out:  # the events first, so the record that closes the rescan comes after them
+            self.counters["emitted"] += len(out)
+            self._emit(out[:])
+            out.clear()
         self._report(
             record(
                 "rescan_completed",

@@ -250,8 +250,10 @@ def test_kernel_queue_overflow_is_reported_and_followed_by_a_rescan(
     loss = collector.health("event_loss")[0]
     assert loss["event"]["reason"] == "inotify_overflow"
     assert collector.wait_for(lambda c: bool(c.health("rescan_completed")), timeout=10)
-    rescanned = {e.path for e in collector.events() if e.action == "rescanned"}
-    assert {str(root / f"f{i}") for i in range(200)} <= rescanned
+    # Every file is accounted for: by its own events before the overflow, or by the rescan.
+    wanted = {str(root / f"f{i}") for i in range(200)}
+    assert collector.wait_for(lambda c: wanted <= {e.path for e in c.events()}, timeout=10)
+    assert any(e.action == "rescanned" and e.source == "rescan" for e in collector.events())
 
 
 def _user_watches() -> int:
@@ -273,7 +275,8 @@ def test_watch_limit_is_reported_by_name_with_what_was_left_unwatched(
     tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
 ) -> None:
     root = tmp_path / "rnd"
-    for i in range(20):
+    # Many more directories than the headroom: other processes' watches may come and go.
+    for i in range(300):
         (root / f"d{i}").mkdir(parents=True)
     original = read_sysctl("max_user_watches")
     assert original is not None
@@ -286,6 +289,6 @@ def test_watch_limit_is_reported_by_name_with_what_was_left_unwatched(
     records = collector.health("watch_limit_reached")
     assert records, collector.health()
     data = records[0]["exfilwatch"]["health"]
-    assert data["count"] >= 14
+    assert data["count"] >= 200
     assert data["root"] == str(root)
     assert data["sample"]
