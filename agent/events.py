@@ -78,6 +78,15 @@ class Event(NamedTuple):
     process_name: str | None = None
     process_executable: str | None = None
     process_command_line: str | None = None
+    process_parent_name: str | None = None
+    # Filled by enrichment (destinations, lineage, watchlist); rules address them already.
+    location: str | None = None
+    location_provider: str | None = None
+    watchlist: str | None = None
+    lineage_origin: str | None = None
+    lineage_tags: tuple[str, ...] = ()
+    archive_tagged: int | None = None
+    disguise: tuple[str, ...] = ()
 
     @property
     def time(self) -> float:
@@ -152,11 +161,19 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "process.name": lambda e: e.process_name,
     "process.executable": lambda e: e.process_executable,
     "process.command_line": lambda e: e.process_command_line,
+    "process.parent.name": lambda e: e.process_parent_name,
     "exfilwatch.src_path": lambda e: e.src_path,
     "exfilwatch.tags": lambda e: e.tags,
     "exfilwatch.sensitivity": lambda e: e.sensitivity,
     "exfilwatch.root": lambda e: e.root,
     "exfilwatch.source": lambda e: e.source,
+    "exfilwatch.location.class": lambda e: e.location,
+    "exfilwatch.location.provider": lambda e: e.location_provider,
+    "exfilwatch.watchlist.status": lambda e: e.watchlist,
+    "exfilwatch.lineage.origin_path": lambda e: e.lineage_origin,
+    "exfilwatch.lineage.origin_tags": lambda e: e.lineage_tags,
+    "exfilwatch.archive.tagged_members": lambda e: e.archive_tagged,
+    "exfilwatch.disguise": lambda e: e.disguise,
 }
 
 # Fields that hold a path: may carry bytes that are not UTF-8 (kept as surrogate escapes).
@@ -234,6 +251,27 @@ def to_dict(e: Event) -> dict[str, Any]:
             custom[attr] = text
             if r is not None:
                 raw[_PATH_NAMES[attr]] = r
+    location = {
+        k: v for k, v in (("class", e.location), ("provider", e.location_provider)) if v is not None
+    }
+    if location:
+        custom["location"] = location
+    if e.watchlist is not None:
+        custom["watchlist"] = {"status": e.watchlist}
+    lineage: dict[str, Any] = {}
+    if e.lineage_origin is not None:
+        text, r = _text_and_raw(e.lineage_origin)
+        lineage["origin_path"] = text
+        if r is not None:
+            raw["exfilwatch.lineage.origin_path"] = r
+    if e.lineage_tags:
+        lineage["origin_tags"] = list(e.lineage_tags)
+    if lineage:
+        custom["lineage"] = lineage
+    if e.archive_tagged is not None:
+        custom["archive"] = {"tagged_members": e.archive_tagged}
+    if e.disguise:
+        custom["disguise"] = list(e.disguise)
     if raw:
         custom["raw"] = raw
     out: dict[str, Any] = {
@@ -255,7 +293,7 @@ def to_dict(e: Event) -> dict[str, Any]:
     user = {k: v for k, v in (("name", e.user_name), ("id", e.user_id)) if v is not None}
     if user:
         out["user"] = user
-    process = {
+    process: dict[str, Any] = {
         k: v
         for k, v in (
             ("pid", e.process_pid),
@@ -265,6 +303,8 @@ def to_dict(e: Event) -> dict[str, Any]:
         )
         if v is not None
     }
+    if e.process_parent_name is not None:
+        process["parent"] = {"name": e.process_parent_name}
     if process:
         out["process"] = process
     return out
@@ -351,6 +391,8 @@ def event_line(e: Event) -> str:
         return dumps(to_dict(e))
     if e.process_executable is not None or e.process_command_line is not None:
         return dumps(to_dict(e))
+    if e[_ENRICHED:] != _NOT_ENRICHED:
+        return dumps(to_dict(e))
     parts.append("}")
     return "".join(parts)
 
@@ -369,6 +411,19 @@ def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
     if not isinstance(value, kind):
         raise ValueError(f"{where} has the wrong type")
     return value
+
+
+def _obj(parent: dict[str, Any], key: str) -> dict[str, Any]:
+    value = parent.get(key, {})
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be an object")
+    return value
+
+
+def _str_tuple(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where} must be a list of strings")
+    return tuple(value)
 
 
 def from_dict(data: dict[str, Any]) -> Event:
@@ -430,6 +485,24 @@ def from_dict(data: dict[str, Any]) -> Event:
         process_name=_expect(process.get("name"), str, "process.name"),
         process_executable=_expect(process.get("executable"), str, "process.executable"),
         process_command_line=_expect(process.get("command_line"), str, "process.command_line"),
+        process_parent_name=_expect(
+            _obj(process, "parent").get("name"), str, "process.parent.name"
+        ),
+        location=_expect(_obj(custom, "location").get("class"), str, "exfilwatch.location.class"),
+        location_provider=_expect(
+            _obj(custom, "location").get("provider"), str, "exfilwatch.location.provider"
+        ),
+        watchlist=_expect(
+            _obj(custom, "watchlist").get("status"), str, "exfilwatch.watchlist.status"
+        ),
+        lineage_origin=path_value(
+            "exfilwatch.lineage.origin_path", _obj(custom, "lineage").get("origin_path")
+        ),
+        lineage_tags=_str_tuple(_obj(custom, "lineage").get("origin_tags", []), "origin_tags"),
+        archive_tagged=_expect(
+            _obj(custom, "archive").get("tagged_members"), int, "exfilwatch.archive.tagged_members"
+        ),
+        disguise=_str_tuple(custom.get("disguise", []), "exfilwatch.disguise"),
     )
 
 
@@ -457,3 +530,5 @@ def read_jsonl(stream: IO[str], file: str = "<stream>") -> Iterator[Event | Prob
 
 
 EVENT_ATTRS = Event._fields
+_ENRICHED = EVENT_ATTRS.index("process_parent_name")
+_NOT_ENRICHED = Event(0, "", "")[_ENRICHED:]
