@@ -45,6 +45,28 @@ def _parser() -> argparse.ArgumentParser:
     check = cfg_sub.add_parser("check", help="validate a config file, listing every problem")
     check.add_argument("file", nargs="?", help="config file (default: the one run would use)")
     check.add_argument("--format", choices=["text", "json"], default="text")
+    rules = sub.add_parser("rules", help="validate and test rule files")
+    rules_sub = rules.add_subparsers(dest="rules_command", metavar="SUBCOMMAND")
+    validate = rules_sub.add_parser("validate", help="check rule files, listing every problem")
+    validate.add_argument("paths", nargs="*", help="files or directories (default: config rules)")
+    validate.add_argument("--config", help="config whose 'rules' to use when no paths are given")
+    validate.add_argument("--format", choices=["text", "json"], default="text")
+    validate.add_argument(
+        "--show", metavar="RULE_ID", help="print the effective rule (overrides applied)"
+    )
+    rtest = rules_sub.add_parser("test", help="run the tests embedded in rules")
+    rtest.add_argument("paths", nargs="*", help="files or directories (default: config rules)")
+    rtest.add_argument("--config", help="config whose 'rules' to use when no paths are given")
+    rtest.add_argument(
+        "--require-tests",
+        action="store_true",
+        help="fail when a rule lacks a positive or a negative test",
+    )
+
+    replay = sub.add_parser("replay", help="evaluate recorded events, print alerts as JSON lines")
+    replay.add_argument("events", help="a JSON-lines file from `exfilwatch record` (- for stdin)")
+    replay.add_argument("--rules", nargs="+", help="rule files or directories (default: config)")
+    replay.add_argument("--config", help="config whose 'rules' to use")
     return p
 
 
@@ -58,6 +80,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args.config, args.duration, record_to=args.output)
     if args.command == "config" and args.config_command == "check":
         return _config_check(args.file or default_config_path(), args.format)
+    if args.command == "rules" and args.rules_command in ("validate", "test"):
+        from agent import rules_cli
+
+        paths = args.paths or rules_cli.config_rule_paths(args.config)
+        if paths is None:
+            return EXIT_PROBLEMS
+        if args.rules_command == "validate":
+            return rules_cli.validate(paths, args.format, args.show)
+        return rules_cli.test(paths, args.require_tests)
+    if args.command == "replay":
+        from agent import rules_cli
+
+        paths = args.rules or rules_cli.config_rule_paths(args.config)
+        if paths is None:
+            return EXIT_PROBLEMS
+        return rules_cli.replay(args.events, paths)
     parser.print_help(sys.stderr if args.command is None else sys.stdout)
     return EXIT_USAGE if args.command is None else EXIT_OK
 

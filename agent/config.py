@@ -79,6 +79,7 @@ class Config:
     heartbeat_interval: float = 60.0
     rescan_max_entries: int = 200_000
     root_check_interval: float = 1.0
+    rules_check_interval: float = 1.0
     inotify: InotifySettings = field(default_factory=InotifySettings)
 
 
@@ -224,6 +225,7 @@ _TOP_KEYS = (
     "heartbeat_interval",
     "rescan_max_entries",
     "root_check_interval",
+    "rules_check_interval",
     "inotify",
 )
 _WATCH_KEYS = ("path", "tags", "sensitivity", "recursive", "exclude")
@@ -371,6 +373,7 @@ def _build(c: _Checker, root: yaml.Node | None) -> Config | None:
         "rescan_max_entries": lambda n: c.positive_int(n, "rescan_max_entries", 100),
         "heartbeat_interval": lambda n: c.duration(n, "heartbeat_interval"),
         "root_check_interval": lambda n: c.duration(n, "root_check_interval"),
+        "rules_check_interval": lambda n: c.duration(n, "rules_check_interval"),
         "marker_name": lambda n: _marker_name(c, n),
         "source": lambda n: _choice(c, n, "source", SOURCES),
     }

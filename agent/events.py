@@ -532,3 +532,73 @@ def read_jsonl(stream: IO[str], file: str = "<stream>") -> Iterator[Event | Prob
 EVENT_ATTRS = Event._fields
 _ENRICHED = EVENT_ATTRS.index("process_parent_name")
 _NOT_ENRICHED = Event(0, "", "")[_ENRICHED:]
+
+# Dotted names a test or a replay may set directly (derived ones: file.name, file.directory,
+# file.extension and event.type follow from file.path and event.action).
+SETTABLE: dict[str, str] = {
+    "@timestamp": "timestamp_us",
+    "event.action": "action",
+    "event.category": "category",
+    "event.sequence": "sequence",
+    "file.path": "path",
+    "file.type": "file_type",
+    "file.size": "size",
+    "file.uid": "uid",
+    "file.gid": "gid",
+    "file.inode": "inode",
+    "file.mode": "mode",
+    "file.mtime": "mtime_us",
+    "host.hostname": "hostname",
+    "user.name": "user_name",
+    "user.id": "user_id",
+    "process.pid": "process_pid",
+    "process.name": "process_name",
+    "process.executable": "process_executable",
+    "process.command_line": "process_command_line",
+    "process.parent.name": "process_parent_name",
+    "exfilwatch.src_path": "src_path",
+    "exfilwatch.tags": "tags",
+    "exfilwatch.sensitivity": "sensitivity",
+    "exfilwatch.root": "root",
+    "exfilwatch.source": "source",
+    "exfilwatch.location.class": "location",
+    "exfilwatch.location.provider": "location_provider",
+    "exfilwatch.watchlist.status": "watchlist",
+    "exfilwatch.lineage.origin_path": "lineage_origin",
+    "exfilwatch.lineage.origin_tags": "lineage_tags",
+    "exfilwatch.archive.tagged_members": "archive_tagged",
+    "exfilwatch.disguise": "disguise",
+}
+_TUPLE_ATTRS = frozenset({"tags", "lineage_tags", "disguise"})
+_INT_ATTRS = frozenset(
+    {"timestamp_us", "sequence", "size", "mtime_us", "process_pid", "archive_tagged"}
+)
+
+
+def event_from_fields(values: dict[str, Any], timestamp_us: int = 0) -> Event:
+    """An Event from flat dotted names (`{"event.action": "created", "file.path": "/x"}`).
+    ValueError names the first unknown or mistyped field."""
+    kwargs: dict[str, Any] = {"timestamp_us": timestamp_us, "action": "created", "path": "/"}
+    for dotted, given in values.items():
+        value = given
+        attr = SETTABLE.get(dotted)
+        if attr is None:
+            if dotted in FIELDS:
+                raise ValueError(f"{dotted} is derived from other fields and cannot be set")
+            raise ValueError(f"unknown field {dotted}")
+        if attr in _TUPLE_ATTRS:
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{dotted} must be a list of strings")
+            value = tuple(value)
+        elif attr in _INT_ATTRS:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{dotted} must be an integer")
+        elif value is not None and not isinstance(value, str):
+            if attr in ("uid", "gid", "inode", "user_id") and isinstance(value, int):
+                value = str(value)
+            else:
+                raise ValueError(f"{dotted} must be a string")
+        kwargs[attr] = value
+    return Event(**kwargs)

@@ -16,6 +16,7 @@ import structlog
 from agent.enrich.tags import TagResolver
 from agent.events import Event, dumps, event_line
 from agent.health import record
+from agent.rules.engine import Engine
 from agent.sinks import Router
 from agent.sources.base import RawEvent
 
@@ -99,7 +100,8 @@ class Pipeline:
         self.router = router
         self.resolver = resolver
         self.queue = BoundedQueue(queue_size)
-        self.hooks: list[Callable[[Event], None]] = []
+        self.engine: Engine | None = None
+        self._next_engine: Engine | None = None
         self._hostname = socket.gethostname()
         self._sequence = 0
         self._thread: threading.Thread | None = None
@@ -167,6 +169,8 @@ class Pipeline:
                     )
                 )
             if item is None:
+                if self._next_engine is not None:
+                    self._install_engine()
                 continue
             if item is _STOP:
                 return
@@ -190,9 +194,12 @@ class Pipeline:
     def _process(self, batch: list[RawEvent]) -> None:
         resolver = self.resolver
         marker = resolver.marker_name
+        if self._next_engine is not None:
+            self._install_engine()
         want_lines = self.router.wants("event")
-        hooks = self.hooks
+        engine = self.engine
         lines: list[str] = []
+        alerts: list[str] = []
         for raw in batch:
             ts, action, path, src_path, is_dir, source = raw
             slash = path.rfind("/")
@@ -247,13 +254,34 @@ class Pipeline:
                 self._sequence,
                 self._hostname,
             )
-            for hook in hooks:
-                hook(event)
             if want_lines:
                 lines.append(event_line(event))
+            if engine is not None:
+                for alert in engine.process(event):
+                    alerts.append(dumps(alert))
         self.processed += len(batch)
         if lines:
             self.router.write("event", lines)
+        if alerts:
+            self.router.write("alert", alerts)
+
+    def set_engine(self, engine: Engine) -> None:
+        """Swap rule sets between two batches: intake never pauses, state of unchanged rules
+        carries over (the consumer thread does the swap, so no batch sees half of each)."""
+        if self._thread is None:
+            if self.engine is not None:
+                engine.adopt(self.engine)
+            self.engine = engine
+        else:
+            self._next_engine = engine
+
+    def _install_engine(self) -> None:
+        new, self._next_engine = self._next_engine, None
+        if new is None:
+            return
+        if self.engine is not None:
+            new.adopt(self.engine)
+        self.engine = new
 
     def _marker_event(self, action: str, directory: str, src_path: str | None, source: str) -> None:
         reload = action in _MARKER_ACTIONS or action == "moved"

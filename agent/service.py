@@ -14,10 +14,12 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent import __version__
 from agent.config import Config, check_file
-from agent.diagnostics import errors_only
+from agent.diagnostics import Problem, errors_only
 from agent.enrich.tags import TagResolver
-from agent.health import CapReporter, record
+from agent.health import CapReporter, now_us, record
 from agent.pipeline import Pipeline
+from agent.rules.compiler import RuleSet, load_rules
+from agent.rules.engine import Engine
 from agent.sinks import Router
 from agent.sources import Source, make_source
 
@@ -41,9 +43,80 @@ class Agent:
         self._started = 0.0
         self._lock = threading.Lock()
         self._process = psutil.Process()
+        self._loaded_rules: RuleSet | None = None
+        self._rule_problems: list[Problem] = []
+        self._rule_signature: tuple[Any, ...] = ()
+        self._pending_signature: tuple[Any, ...] | None = None
+        self._stopped = False
+
+    def load_rules(self) -> bool:
+        """Read and compile the configured rules before start; False (and problems) when bad."""
+        self._rule_signature = rule_signature(self.config.rules)
+        ruleset, problems = load_rules(self.config.rules, now_us())
+        self._loaded_rules = ruleset
+        self._rule_problems = problems
+        return ruleset is not None
+
+    def install_rules(
+        self, ruleset: RuleSet | None, problems: list[Problem], *, initial: bool = False
+    ) -> bool:
+        assert self.pipeline is not None
+        if ruleset is None:
+            self._report(
+                record(
+                    "rules_reload_rejected",
+                    errors_only(problems)[0].code if errors_only(problems) else "invalid",
+                    problems=[str(p) for p in errors_only(problems)][:50],
+                    errors=len(errors_only(problems)),
+                    kept="previous rule set",
+                )
+            )
+            return False
+        engine = Engine(ruleset, on_cap=self._engine_cap)
+        self.pipeline.set_engine(engine)
+        self._report(
+            record(
+                "rules_loaded" if initial else "rules_reloaded",
+                None,
+                rules=len(ruleset.rules),
+                correlations=len(ruleset.correlations),
+                disabled=len(ruleset.disabled),
+                files=len(ruleset.files),
+                sha256=ruleset.sha256,
+                warnings=[str(p) for p in problems][:50],
+            )
+        )
+        return True
+
+    def _engine_cap(self, name: str, cap: int, data: dict[str, Any]) -> None:
+        if self.caps is not None:
+            self.caps.hit(name, cap, **data)
+
+    def check_rules(self, force: bool = False) -> None:
+        """Reload rules when their files changed and then stayed unchanged for one interval
+        (an editor's save, a rename into place, or a config-management run touching many)."""
+        with self._lock:
+            signature = rule_signature(self.config.rules)
+            if not force:
+                if signature == self._rule_signature:
+                    self._pending_signature = None
+                    return
+                if signature != self._pending_signature:
+                    self._pending_signature = signature  # still changing: wait one more tick
+                    return
+            self._pending_signature = None
+            self._rule_signature = signature
+            ruleset, problems = load_rules(self.config.rules, now_us())
+            self.install_rules(ruleset, problems)
+
+    def expire_windows(self) -> None:
+        if self.pipeline is not None and self.pipeline.engine is not None:
+            self.pipeline.engine.expire(now_us())
 
     def start(self) -> None:
         self._started = time.monotonic()
+        if self.config.rules and self._loaded_rules is None and not self._rule_problems:
+            self.load_rules()
         resolver_caps = CapReporter(self._report)
         self.caps = resolver_caps
         resolver = TagResolver(
@@ -75,6 +148,8 @@ class Agent:
                 **self.source.stats(),
             )
         )
+        if self.config.rules:
+            self.install_rules(self._loaded_rules, self._rule_problems, initial=True)
         self.scheduler = BackgroundScheduler(daemon=True)
         self.scheduler.add_job(
             self.heartbeat,
@@ -84,11 +159,26 @@ class Agent:
             max_instances=1,
             coalesce=True,
         )
+        if self.config.rules:
+            self.scheduler.add_job(
+                self.check_rules,
+                "interval",
+                seconds=self.config.rules_check_interval,
+                id="rules_check",
+                max_instances=1,
+                coalesce=True,
+            )
+            self.scheduler.add_job(
+                self.expire_windows, "interval", seconds=60, id="window_expiry", max_instances=1
+            )
         self.scheduler.start()
         log.info("agent_started", source=self.source.name, roots=len(self.config.watch))
 
     def stop(self, timeout: float = 1.8) -> bool:
         """Stop within `timeout` seconds, writing what is queued. True when nothing was left."""
+        if self._stopped:
+            return True
+        self._stopped = True
         deadline = time.monotonic() + timeout
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
@@ -128,6 +218,8 @@ class Agent:
             out["pipeline"] = self.pipeline.stats()
         if self.source is not None:
             out["source"] = self.source.stats()
+        if self.pipeline is not None and self.pipeline.engine is not None:
+            out["engine"] = self.pipeline.engine.stats()
         if self.caps is not None and self.caps.hits:
             out["caps_hit"] = dict(self.caps.hits)
         with self._process.oneshot():
@@ -170,6 +262,10 @@ class Agent:
             self.pipeline.resolver.set_specs(new.watch)
             self.source.update(new.watch)
             self.config = new
+            if new.rules:
+                ruleset, rule_problems = load_rules(new.rules, now_us())
+                self._rule_signature = rule_signature(new.rules)
+                self.install_rules(ruleset, rule_problems)
             self._report(
                 record(
                     "config_reloaded",
@@ -181,3 +277,18 @@ class Agent:
                 )
             )
             return True
+
+
+def rule_signature(paths: tuple[str, ...] | list[str]) -> tuple[Any, ...]:
+    """What the rule files look like on disk (names, sizes, mtimes, inodes)."""
+    from agent.rules.loader import rule_files
+
+    files, _ = rule_files(paths)
+    out = []
+    for f in files:
+        try:
+            st = os.stat(f)
+        except OSError:
+            continue
+        out.append((f, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)

@@ -115,8 +115,7 @@ def run_agent(collector: Collector) -> Iterator[Callable[..., Agent]]:
 
     yield start
     for agent in started:
-        if agent.pipeline is not None:
-            agent.stop()
+        agent.stop()
 
 
 def config_from_yaml(text: str, tmp: Path) -> Config:

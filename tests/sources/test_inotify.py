@@ -281,12 +281,17 @@ def test_watch_limit_is_reported_by_name_with_what_was_left_unwatched(
     original = read_sysctl("max_user_watches")
     assert original is not None
     path = "/proc/sys/fs/inotify/max_user_watches"
-    Path(path).write_text(str(_user_watches() + 5))
-    try:
-        start(run_agent, tmp_path, WatchSpec(str(root)))
-    finally:
-        Path(path).write_text(str(original))
-    records = collector.health("watch_limit_reached")
+    records: list[dict[str, object]] = []
+    for _ in range(3):  # another process freeing watches meanwhile can leave room: try again
+        Path(path).write_text(str(_user_watches() + 5))
+        try:
+            agent = start(run_agent, tmp_path, WatchSpec(str(root)))
+        finally:
+            Path(path).write_text(str(original))
+        records = collector.health("watch_limit_reached")
+        agent.stop()
+        if records:
+            break
     assert records, collector.health()
     data = records[0]["exfilwatch"]["health"]
     assert data["count"] >= 200

@@ -1,0 +1,1 @@
+"""Rules: model, loader, compiler, engine."""

@@ -1,0 +1,319 @@
+"""The rule engine: pure (no I/O, no threads, no wall clock: an event's time is `now`)."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from agent.alerts import build_alert
+from agent.events import Event, format_timestamp
+from agent.rules.compiler import CompiledRule, RuleSet
+
+CapHit = Callable[[str, int, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Bounds on engine memory; hitting one is reported through `on_cap`, never silent."""
+
+    max_groups: int = 100_000  # per correlation rule
+    max_events: int = 10_000  # kept per group of a counting correlation
+    max_suppress_keys: int = 100_000  # per rule
+    sample_paths: int = 10
+
+
+class _Window:
+    """Matches of one group inside a counting correlation's time span."""
+
+    __slots__ = ("items", "total", "values")
+
+    def __init__(self) -> None:
+        self.items: deque[tuple[int, str, int, Any]] = deque()
+        self.values: dict[Any, int] = {}
+        self.total = 0.0
+
+    def evict_before(self, cutoff: int) -> None:
+        items = self.items
+        while items and items[0][0] < cutoff:
+            self._drop()
+
+    def _drop(self) -> None:
+        _, _, _, value = self.items.popleft()
+        if value is not None:
+            n = self.values[value] - 1
+            if n:
+                self.values[value] = n
+            else:
+                del self.values[value]
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self.total -= value
+
+
+class _Sequence:
+    __slots__ = ("first", "samples", "step")
+
+    def __init__(self, first: int) -> None:
+        self.first = first
+        self.step = 0
+        self.samples: list[tuple[int, str]] = []
+
+
+class Engine:
+    """Evaluates events against a compiled rule set; returns alert records."""
+
+    def __init__(self, ruleset: RuleSet, caps: Caps | None = None, on_cap: CapHit | None = None):
+        self.ruleset = ruleset
+        self.caps = caps or Caps()
+        self._on_cap = on_cap
+        specific: dict[str, list[CompiledRule]] = {}
+        anywhere: list[CompiledRule] = []
+        for r in ruleset.rules.values():
+            if r.actions is None:
+                anywhere.append(r)
+            else:
+                for action in r.actions:
+                    specific.setdefault(action, []).append(r)
+        self._any = tuple(anywhere)
+        self._by_action = {a: tuple(rs) + self._any for a, rs in specific.items()}
+        self._windows: dict[str, dict[tuple[Any, ...], Any]] = {
+            cid: {} for cid in ruleset.correlations
+        }
+        self._suppress: dict[str, dict[tuple[Any, ...], list[int]]] = {}
+        self.matched = 0
+        self.alerts = 0
+
+    # evaluation ------------------------------------------------------------------------
+
+    def process(self, e: Event) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for r in self._by_action.get(e.action, self._any):
+            if not r.match(e):
+                continue
+            if r.scope and e.watchlist not in r.scope:
+                continue
+            if r.exceptions and self._excepted(r, e):
+                continue
+            self.matched += 1
+            if r.generate:
+                alert = self._suppressed(r, e, partial(_single, r, e))
+                if alert is not None:
+                    out.append(alert)
+            for cid in self.ruleset.consumers.get(r.id, ()):
+                alert = self._feed(self.ruleset.correlations[cid], r.id, e)
+                if alert is not None:
+                    out.append(alert)
+        self.alerts += len(out)
+        return out
+
+    @staticmethod
+    def _excepted(r: CompiledRule, e: Event) -> bool:
+        for match, expires, _ in r.exceptions:
+            if (expires is None or e.timestamp_us < expires) and match(e):
+                return True
+        return False
+
+    def _suppressed(
+        self, r: CompiledRule, e: Event, make: Callable[[int], dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        sup = r.rule.suppress
+        if sup is None:
+            return make(0)
+        keys = self._suppress.setdefault(r.id, {})
+        key = tuple(e.get(f) for f in sup.by)
+        now = e.timestamp_us
+        state = keys.get(key)
+        if state is not None and now < state[0]:
+            state[1] += 1
+            return None
+        suppressed = state[1] if state is not None else 0
+        if state is None and len(keys) >= self.caps.max_suppress_keys:
+            del keys[next(iter(keys))]
+            self._cap("suppress_keys", self.caps.max_suppress_keys, rule=r.id)
+        keys[key] = [now + int(sup.seconds * 1_000_000), 0]
+        return make(suppressed)
+
+    def _feed(self, corr: CompiledRule, base_id: str, e: Event) -> dict[str, Any] | None:
+        c = corr.rule.correlation
+        assert c is not None
+        if corr.scope and e.watchlist not in corr.scope:
+            return None
+        if corr.exceptions and self._excepted(corr, e):
+            return None
+        groups = self._windows[corr.id]
+        key = tuple(e.get(f) for f in c.group_by)
+        now = e.timestamp_us
+        span = int(c.timespan * 1_000_000)
+        state = groups.get(key)
+        if state is None:
+            if len(groups) >= self.caps.max_groups:
+                del groups[next(iter(groups))]  # the oldest group goes first
+                self._cap("correlation_groups", self.caps.max_groups, rule=corr.id)
+            state = _Sequence(now) if c.type == "temporal_ordered" else _Window()
+            groups[key] = state
+        if isinstance(state, _Sequence):
+            return self._step(corr, base_id, e, key, state, span=span)
+        win = state
+        win.evict_before(now - span)
+        if len(win.items) >= self.caps.max_events:
+            win._drop()
+            self._cap("correlation_events", self.caps.max_events, rule=corr.id)
+        value = e.get(c.field) if c.field else None
+        if isinstance(value, tuple):
+            value = value or None
+        win.items.append((now, e.path, e.size or 0, value))
+        if value is not None:
+            win.values[value] = win.values.get(value, 0) + 1
+            if c.type == "value_sum" and isinstance(value, int | float):
+                win.total += value
+        if c.type == "event_count":
+            metric: float = len(win.items)
+        elif c.type == "value_count":
+            metric = len(win.values)
+        else:
+            metric = win.total
+        assert c.gte is not None
+        if metric < c.gte:
+            return None
+        details = self._details(corr, key, [(t, p, s) for t, p, s, _ in win.items], metric)
+        del groups[key]
+        return self._suppressed(
+            corr,
+            e,
+            lambda s: build_alert(
+                corr.rule,
+                e,
+                correlation=details,
+                suppressed=s,
+                identity=(e.hostname, key, win.items[0][0] if win.items else now, now),
+            ),
+        )
+
+    def _step(
+        self,
+        corr: CompiledRule,
+        base_id: str,
+        e: Event,
+        key: tuple[Any, ...],
+        seq: _Sequence,
+        *,
+        span: int,
+    ) -> dict[str, Any] | None:
+        c = corr.rule.correlation
+        assert c is not None
+        now = e.timestamp_us
+        if seq.step and now - seq.first > span:
+            seq.first, seq.step, seq.samples = now, 0, []
+        if c.rules[seq.step] != base_id:
+            return None
+        if seq.step == 0:
+            seq.first = now
+        seq.step += 1
+        if len(seq.samples) < self.caps.sample_paths:
+            seq.samples.append((now, e.path))
+        if seq.step < len(c.rules):
+            return None
+        groups = self._windows[corr.id]
+        del groups[key]
+        items = [(t, p, 0) for t, p in seq.samples]
+        details = self._details(corr, key, items, float(len(c.rules)))
+        details["steps"] = list(c.rules)
+        return self._suppressed(
+            corr,
+            e,
+            lambda s: build_alert(
+                corr.rule,
+                e,
+                correlation=details,
+                suppressed=s,
+                identity=(e.hostname, key, seq.first, now),
+            ),
+        )
+
+    def _details(
+        self,
+        corr: CompiledRule,
+        key: tuple[Any, ...],
+        items: list[tuple[int, str, int]],
+        metric: float,
+    ) -> dict[str, Any]:
+        c = corr.rule.correlation
+        assert c is not None
+        paths: dict[str, None] = {}
+        for _, p, _ in items:
+            paths.setdefault(p)
+        sample = list(paths)[: self.caps.sample_paths]
+        group = {
+            f: (list(v) if isinstance(v, tuple) else v)
+            for f, v in zip(c.group_by, key, strict=True)
+        }
+        return {
+            "type": c.type,
+            "value": metric,
+            "threshold": c.gte,
+            "timespan_s": c.timespan,
+            "count": len(items),
+            "distinct_files": len(paths),
+            "bytes": sum(s for _, _, s in items),
+            "first": format_timestamp(items[0][0]) if items else None,
+            "last": format_timestamp(items[-1][0]) if items else None,
+            "sample_paths": sample,
+            "group": group,
+        }
+
+    # upkeep ----------------------------------------------------------------------------
+
+    def expire(self, now_us: int) -> int:
+        """Drop groups with nothing left inside their time span (a scheduled job calls this)."""
+        dropped = 0
+        for cid, groups in self._windows.items():
+            c = self.ruleset.correlations[cid].rule.correlation
+            assert c is not None
+            cutoff = now_us - int(c.timespan * 1_000_000)
+            for key in [k for k, s in groups.items() if _last(s) < cutoff]:
+                del groups[key]
+                dropped += 1
+        for keys in self._suppress.values():
+            for key in [k for k, (until, count) in keys.items() if until < now_us and not count]:
+                del keys[key]
+        return dropped
+
+    def adopt(self, old: Engine) -> int:
+        """Carry correlation and suppression state over from `old` for unchanged rules."""
+        kept = 0
+        old_all = {**old.ruleset.rules, **old.ruleset.correlations}
+        for cid in self._windows:
+            prev = old.ruleset.correlations.get(cid)
+            if prev is not None and prev.fingerprint == self.ruleset.correlations[cid].fingerprint:
+                self._windows[cid] = old._windows.get(cid, {})
+                kept += 1
+        mine = {**self.ruleset.rules, **self.ruleset.correlations}
+        for rid, keys in old._suppress.items():
+            if rid in mine and rid in old_all and mine[rid].fingerprint == old_all[rid].fingerprint:
+                self._suppress[rid] = keys
+        return kept
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "rules": len(self.ruleset.rules),
+            "correlations": len(self.ruleset.correlations),
+            "groups": sum(len(g) for g in self._windows.values()),
+            "matched": self.matched,
+            "alerts": self.alerts,
+        }
+
+    def _cap(self, name: str, cap: int, **data: Any) -> None:
+        if self._on_cap is not None:
+            self._on_cap(name, cap, data)
+
+
+def _single(r: CompiledRule, e: Event, suppressed: int) -> dict[str, Any]:
+    return build_alert(r.rule, e, suppressed=suppressed)
+
+
+def _last(state: Any) -> int:
+    if isinstance(state, _Sequence):
+        return state.first
+    return int(state.items[-1][0]) if state.items else 0

@@ -1,0 +1,140 @@
+"""Rule model: what a rule file says, after validation, before compilation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+LEVELS = ("informational", "low", "medium", "high", "critical")
+# ECS event.severity / risk score per level (the scale Elastic's detection rules use).
+SEVERITY = {"informational": 1, "low": 21, "medium": 47, "high": 73, "critical": 99}
+STATUSES = ("stable", "test", "experimental", "deprecated", "unsupported")
+CORRELATION_TYPES = ("event_count", "value_count", "value_sum", "temporal_ordered")
+ATTACK_TACTICS = (
+    "reconnaissance",
+    "resource_development",
+    "initial_access",
+    "execution",
+    "persistence",
+    "privilege_escalation",
+    "defense_evasion",
+    "credential_access",
+    "discovery",
+    "lateral_movement",
+    "collection",
+    "command_and_control",
+    "exfiltration",
+    "impact",
+)
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a definition came from, for errors and for the SIEM (`rule.ruleset`)."""
+
+    file: str
+    line: int
+    col: int = 1
+
+
+@dataclass(frozen=True)
+class RuleException:
+    """A structured allow-list entry: a selection that, when it matches, silences the rule."""
+
+    match: Any  # the selection's YAML node
+    reason: str
+    owner: str
+    expires_us: int | None
+    where: Where
+
+
+@dataclass(frozen=True)
+class Suppress:
+    by: tuple[str, ...]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Correlation:
+    type: str
+    rules: tuple[str, ...]
+    group_by: tuple[str, ...]
+    timespan: float
+    gte: float | None = None  # threshold (`condition: {gte: N}`); None for temporal_ordered
+    field: str | None = None  # value_count / value_sum
+
+
+@dataclass(frozen=True)
+class RuleTest:
+    name: str
+    events: tuple[tuple[float, dict[str, Any]], ...]  # (seconds from start, flat fields)
+    expect_alerts: int
+    expect_fields: dict[str, Any]
+    where: Where
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule as written (plus local overrides applied). `detection` is None for a
+    correlation rule, `correlation` None for a single-event rule."""
+
+    id: str
+    title: str
+    description: str
+    level: str
+    where: Where
+    tags: tuple[str, ...] = ()
+    status: str = "stable"
+    enabled: bool = True
+    author: str = ""
+    references: tuple[str, ...] = ()
+    detection: dict[str, Any] | None = None  # selection name -> YAML node (marks for errors)
+    condition: str | None = None
+    condition_node: Any = field(default=None, compare=False, repr=False)
+    correlation: Correlation | None = None
+    generate: bool | None = None  # None: default (base rules of a correlation do not alert)
+    scope: tuple[str, ...] = ()  # watchlist statuses the rule is limited to
+    exceptions: tuple[RuleException, ...] = ()
+    suppress: Suppress | None = None
+    tests: tuple[RuleTest, ...] = ()
+    overridden_by: tuple[str, ...] = ()
+
+    @property
+    def techniques(self) -> tuple[str, ...]:
+        return tuple(
+            t.split(".", 1)[1].upper()
+            for t in self.tags
+            if t.startswith("attack.t") and t[8:9].isdigit()
+        )
+
+    @property
+    def tactics(self) -> tuple[str, ...]:
+        return tuple(t.split(".", 1)[1] for t in self.tags if t[7:] in ATTACK_TACTICS)
+
+
+@dataclass(frozen=True)
+class Override:
+    """Local tuning of shipped rules, applied after every file is read."""
+
+    target: str  # a rule id, or "tag:<tag>"
+    where: Where
+    enabled: bool | None = None
+    level: str | None = None
+    exceptions: tuple[RuleException, ...] = ()
+    timespan: float | None = None
+    gte: float | None = None
+    suppress: Suppress | None = None
+
+
+@dataclass
+class Definitions:
+    """Everything read from a set of rule files, before overrides and compilation."""
+
+    rules: dict[str, Rule] = field(default_factory=dict)
+    lists: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    macros: dict[str, tuple[Any, Where]] = field(default_factory=dict)
+    overrides: list[Override] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    # Rules whose metadata had errors: their detection is still compiled, so one pass
+    # reports every problem, but they never run.
+    check_only: list[Rule] = field(default_factory=list)
