@@ -139,6 +139,11 @@ def _run(config_path: str | None, duration: float | None, record_to: str | None)
         sink = StreamSink(sys.stdout) if record_to == "-" else FileSink(record_to)
         router = Router([(sink, kinds)])
     agent = Agent(config, router=router)
+    if config.rules and not agent.load_rules():
+        for p in agent.rule_problems:
+            print(str(p), file=sys.stderr)
+        print(f"{path}: not started, fix the rule errors above", file=sys.stderr)
+        return EXIT_PROBLEMS
 
     stop = threading.Event()
     reload = threading.Event()

@@ -57,6 +57,10 @@ class Agent:
         self._rule_problems = problems
         return ruleset is not None
 
+    @property
+    def rule_problems(self) -> list[Problem]:
+        return list(self._rule_problems)
+
     def install_rules(
         self, ruleset: RuleSet | None, problems: list[Problem], *, initial: bool = False
     ) -> bool:
