@@ -138,7 +138,8 @@ def _run(config_path: str | None, duration: float | None, record_to: str | None)
         kinds = frozenset({"event", "health"})
         sink = StreamSink(sys.stdout) if record_to == "-" else FileSink(record_to)
         router = Router([(sink, kinds)])
-    agent = Agent(config, router=router)
+    own = [os.path.abspath(record_to)] if record_to not in (None, "-") else []
+    agent = Agent(config, router=router, own_paths=own)
     if config.rules and not agent.load_rules():
         for p in agent.rule_problems:
             print(str(p), file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,13 +38,18 @@ MAX_CONFIG_BYTES = 1 << 20
 
 @dataclass(frozen=True, slots=True)
 class WatchSpec:
-    """One tagged directory tree to watch."""
+    """One directory tree to watch: a tagged tree from the config, or a destination the agent
+    found itself (removable media, cloud-sync folder, staging area)."""
 
     path: str
     tags: tuple[str, ...] = ()
     sensitivity: str | None = None
     recursive: bool = True
     exclude: tuple[str, ...] = ()
+    location: str = "tagged"  # tagged | removable | cloud_sync | staging | network_share | home
+    provider: str | None = None  # sync client or medium label
+    max_depth: int | None = None  # directories deeper than this below the path are not watched
+    max_dirs: int | None = None  # watch budget for this tree; reaching it is reported
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +71,32 @@ class InotifySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LocationSettings:
+    """Destinations the agent finds and watches by itself (see README, "Destinations")."""
+
+    enabled: bool = True
+    removable_patterns: tuple[str, ...] = (
+        "/media/*",
+        "/media/*/*",
+        "/run/media/*/*",
+        "/mnt/*",
+        "/Volumes/*",
+    )
+    cloud_sync: bool = True
+    staging_dirs: tuple[str, ...] = ("/tmp", "/var/tmp", "/dev/shm")  # noqa: S108
+    home_roots: tuple[str, ...] = ("/home", "/Users", "/root")
+    mount_check_interval: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class LineageSettings:
+    enabled: bool = True
+    max_files: int = 200_000
+    hash_max_bytes: int = 16 * 1024 * 1024
+    io_budget_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The validated agent configuration."""
 
@@ -81,6 +113,8 @@ class Config:
     root_check_interval: float = 1.0
     rules_check_interval: float = 1.0
     inotify: InotifySettings = field(default_factory=InotifySettings)
+    locations: LocationSettings = field(default_factory=LocationSettings)
+    lineage: LineageSettings = field(default_factory=LineageSettings)
 
 
 def default_config_path() -> str:
@@ -169,8 +203,11 @@ class _Checker:
             return None
         try:
             seconds = parse_duration(node_value(node))
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:  # OverflowError: an int past float range
             self.add(node, "CFG_DURATION", f"{what}: {exc}")
+            return None
+        if not math.isfinite(seconds):
+            self.add(node, "CFG_DURATION", f"{what} must be a finite duration")
             return None
         if seconds <= 0:
             self.add(node, "CFG_VALUE", f"{what} must be longer than zero")
@@ -227,7 +264,18 @@ _TOP_KEYS = (
     "root_check_interval",
     "rules_check_interval",
     "inotify",
+    "locations",
+    "lineage",
 )
+_LOCATION_KEYS = (
+    "enabled",
+    "removable_patterns",
+    "cloud_sync",
+    "staging_dirs",
+    "home_roots",
+    "mount_check_interval",
+)
+_LINEAGE_KEYS = ("enabled", "max_files", "hash_max_bytes", "io_budget_bytes")
 _WATCH_KEYS = ("path", "tags", "sensitivity", "recursive", "exclude")
 _SINK_KEYS = ("type", "path", "records")
 _INOTIFY_KEYS = ("max_queued_events", "max_user_watches", "apply_sysctl")
@@ -399,6 +447,53 @@ def _build(c: _Checker, root: yaml.Node | None) -> Config | None:
                 kw["apply_sysctl"] = c.scalar(m["apply_sysctl"], bool, "inotify.apply_sysctl")
             if all(v is not None for v in kw.values()):
                 values["inotify"] = InotifySettings(**kw)
+
+    if "locations" in top:
+        m = c.mapping(top["locations"], _LOCATION_KEYS, "locations")
+        if m is not None:
+            kw = {}
+            for key in ("enabled", "cloud_sync"):
+                if key in m:
+                    kw[key] = c.scalar(m[key], bool, f"locations.{key}")
+            if "removable_patterns" in m:
+                kw["removable_patterns"] = c.string_list(
+                    m["removable_patterns"], "locations.removable_patterns"
+                )
+            for key in ("staging_dirs", "home_roots"):
+                if key in m:
+                    given = c.string_list(m[key], f"locations.{key}")
+                    kw[key] = (
+                        tuple(resolve_path(v, c.base) for v in given) if given is not None else None
+                    )
+            if "mount_check_interval" in m:
+                kw["mount_check_interval"] = c.duration(
+                    m["mount_check_interval"], "locations.mount_check_interval"
+                )
+            if all(v is not None for v in kw.values()):
+                values["locations"] = LocationSettings(**kw)
+    if "lineage" in top:
+        m = c.mapping(top["lineage"], _LINEAGE_KEYS, "lineage")
+        if m is not None:
+            kw = {}
+            if "enabled" in m:
+                kw["enabled"] = c.scalar(m["enabled"], bool, "lineage.enabled")
+            for key, low in (
+                ("max_files", 100),
+                ("hash_max_bytes", 4096),
+                ("io_budget_bytes", 1 << 20),
+            ):
+                if key in m:
+                    kw[key] = c.positive_int(m[key], f"lineage.{key}", low)
+            if all(v is not None for v in kw.values()):
+                settings = LineageSettings(**kw)
+                if settings.hash_max_bytes > settings.io_budget_bytes:
+                    c.add(
+                        m.get("hash_max_bytes", top["lineage"]),
+                        "CFG_VALUE",
+                        "lineage.hash_max_bytes is larger than lineage.io_budget_bytes: such "
+                        "files could never be hashed",
+                    )
+                values["lineage"] = settings
 
     if errors_only(c.problems):
         return None

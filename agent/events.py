@@ -380,6 +380,15 @@ def event_line(e: Event) -> str:
         parts += (',"root":', _q(text))
         if r is not None:
             raw.append(f'"exfilwatch.root":"{r}"')
+    if e.location is not None or e.location_provider is not None:
+        parts.append(',"location":{')
+        if e.location is not None:
+            parts += ('"class":', _q(e.location))
+            if e.location_provider is not None:
+                parts.append(",")
+        if e.location_provider is not None:
+            parts += ('"provider":', _q(e.location_provider))
+        parts.append("}")
     if raw:
         parts += (',"raw":{', ",".join(raw), "}")
     parts.append("}")
@@ -391,8 +400,8 @@ def event_line(e: Event) -> str:
         return dumps(to_dict(e))
     if e.process_executable is not None or e.process_command_line is not None:
         return dumps(to_dict(e))
-    if e[_ENRICHED:] != _NOT_ENRICHED:
-        return dumps(to_dict(e))
+    if e.process_parent_name is not None or e[_ENRICHED:] != _NOT_ENRICHED:
+        return dumps(to_dict(e))  # lineage, archive, disguise, watchlist: the general path
     parts.append("}")
     return "".join(parts)
 
@@ -520,9 +529,11 @@ def read_jsonl(stream: IO[str], file: str = "<stream>") -> Iterator[Event | Prob
         if not isinstance(data, dict):
             yield Problem(file, lineno, 1, "EVT_SHAPE", "a line must hold a JSON object")
             continue
-        kind = data.get("event", {}).get("kind") if isinstance(data.get("event"), dict) else None
-        if kind != "event":
+        ev = data.get("event")
+        if not isinstance(ev, dict) or ev.get("kind") != "event":
             continue
+        if ev.get("dataset", "exfilwatch.file") != "exfilwatch.file":
+            continue  # host events (media mounted) and others are not file events
         try:
             yield from_dict(data)
         except (ValueError, TypeError, KeyError) as exc:
@@ -530,7 +541,7 @@ def read_jsonl(stream: IO[str], file: str = "<stream>") -> Iterator[Event | Prob
 
 
 EVENT_ATTRS = Event._fields
-_ENRICHED = EVENT_ATTRS.index("process_parent_name")
+_ENRICHED = EVENT_ATTRS.index("watchlist")
 _NOT_ENRICHED = Event(0, "", "")[_ENRICHED:]
 
 # Dotted names a test or a replay may set directly (derived ones: file.name, file.directory,

@@ -38,6 +38,10 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "marker_rejected": ("state", "warning"),
     "marker_removed": ("state", "info"),
     "cap_reached": ("metric", "warning"),
+    "media_mounted": ("event", "info"),
+    "media_unmounted": ("event", "info"),
+    "destinations_watched": ("state", "info"),
+    "lineage_index_built": ("state", "info"),
     "source_error": ("state", "error"),
     "sink_error": ("state", "error"),
 }
@@ -60,7 +64,8 @@ def record(action: str, reason: str | None = None, **data: Any) -> dict[str, Any
         "type": ["info"],
         "action": action,
         "module": "exfilwatch",
-        "dataset": "exfilwatch.health",
+        # Host events (media mounted) are events about the machine, not about the agent.
+        "dataset": "exfilwatch.host" if kind == "event" else "exfilwatch.health",
     }
     if reason is not None:
         event["reason"] = reason

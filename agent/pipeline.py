@@ -101,6 +101,7 @@ class Pipeline:
         self.resolver = resolver
         self.queue = BoundedQueue(queue_size)
         self.engine: Engine | None = None
+        self.destinations: Callable[[Event], Event] | None = None
         self._next_engine: Engine | None = None
         self._hostname = socket.gethostname()
         self._sequence = 0
@@ -198,6 +199,7 @@ class Pipeline:
             self._install_engine()
         want_lines = self.router.wants("event")
         engine = self.engine
+        destinations = self.destinations
         lines: list[str] = []
         alerts: list[str] = []
         for raw in batch:
@@ -253,7 +255,11 @@ class Pipeline:
                 source,
                 self._sequence,
                 self._hostname,
+                location=resolved.location,
+                location_provider=resolved.provider,
             )
+            if destinations is not None:
+                event = destinations(event)
             if want_lines:
                 lines.append(event_line(event))
             if engine is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -13,7 +14,7 @@ import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent import __version__
-from agent.config import Config, check_file
+from agent.config import Config, WatchSpec, check_file
 from agent.diagnostics import Problem, errors_only
 from agent.enrich.tags import TagResolver
 from agent.health import CapReporter, now_us, record
@@ -32,7 +33,9 @@ _RESTART_KEYS = ("source", "queue_size", "inotify", "marker_name", "state_dir")
 class Agent:
     """One running agent: sinks <- pipeline <- source, plus the scheduler beside them."""
 
-    def __init__(self, config: Config, router: Router | None = None) -> None:
+    def __init__(
+        self, config: Config, router: Router | None = None, own_paths: Sequence[str] = ()
+    ) -> None:
         self.config = config
         self.router = router or Router.from_specs(config.sinks)
         self._own_router = router is None
@@ -48,6 +51,16 @@ class Agent:
         self._rule_signature: tuple[Any, ...] = ()
         self._pending_signature: tuple[Any, ...] | None = None
         self._stopped = False
+        # Files the agent writes: never watched, or it would record its own writes forever.
+        self._own_paths = [
+            *own_paths,
+            config.state_dir,
+            *(s.path for s in config.sinks if s.path is not None),
+        ]
+        self._derived: list[WatchSpec] = []
+        self._mount_specs: dict[str, WatchSpec] = {}
+        self.mounts: Any = None
+        self.lineage: Any = None
 
     def load_rules(self) -> bool:
         """Read and compile the configured rules before start; False (and problems) when bad."""
@@ -123,13 +136,17 @@ class Agent:
             self.load_rules()
         resolver_caps = CapReporter(self._report)
         self.caps = resolver_caps
+        self._discover_destinations()
         resolver = TagResolver(
-            self.config.watch, self.config.marker_name, self._report, resolver_caps
+            self.all_specs(), self.config.marker_name, self._report, resolver_caps
         )
         source_name = self.config.source
         self.pipeline = Pipeline(self.router, resolver, self.config.queue_size)
+        self.pipeline.destinations = self._make_destinations()
         self.pipeline.start()
-        self.source, why = make_source(self.config, self.pipeline.emit, self._report, resolver_caps)
+        self.source, why = make_source(
+            self.config, self.pipeline.emit, self._report, resolver_caps, self.all_specs()
+        )
         self._report(record("source_selected", why, source=self.source.name))
         self._report(
             record(
@@ -154,7 +171,20 @@ class Agent:
         )
         if self.config.rules:
             self.install_rules(self._loaded_rules, self._rule_problems, initial=True)
+        if self.lineage is not None:
+            threading.Thread(
+                target=self._build_lineage, name="exfilwatch-lineage", daemon=True
+            ).start()
         self.scheduler = BackgroundScheduler(daemon=True)
+        if self.mounts is not None:
+            self.scheduler.add_job(
+                self.check_mounts,
+                "interval",
+                seconds=self.config.locations.mount_check_interval,
+                id="mounts",
+                max_instances=1,
+                coalesce=True,
+            )
         self.scheduler.add_job(
             self.heartbeat,
             "interval",
@@ -178,6 +208,122 @@ class Agent:
         self.scheduler.start()
         log.info("agent_started", source=self.source.name, roots=len(self.config.watch))
 
+    # destinations ----------------------------------------------------------------------
+
+    def all_specs(self) -> list[WatchSpec]:
+        """The configured tagged trees plus the destinations found on this host."""
+        return [*self.config.watch, *self._derived, *self._mount_specs.values()]
+
+    def _discover_destinations(self) -> None:
+        loc = self.config.locations
+        self._derived = []
+        if not loc.enabled:
+            self.mounts = None
+            return
+        from agent.enrich.locations import cloud_sync_places, find_homes, staging_places
+        from agent.sources.mounts import MountWatcher
+
+        homes = find_homes(loc.home_roots)
+        cloud = cloud_sync_places(homes) if loc.cloud_sync else []
+        avoid = [w.path for w in self.config.watch] + [c.path for c in cloud] + self._own_paths
+        self._derived = [*cloud, *staging_places(homes, loc.staging_dirs, avoid=avoid)]
+        if self.mounts is None:
+            self.mounts = MountWatcher(removable_patterns=loc.removable_patterns)
+            added, _ = self.mounts.poll()
+            for info in added:
+                self._mount_specs[info.mount.mountpoint] = self._mount_spec(info)
+        self._report(
+            record(
+                "destinations_watched",
+                None,
+                cloud_sync=[{"path": c.path, "provider": c.provider} for c in cloud],
+                staging=[s.path for s in self._derived if s.location != "cloud_sync"],
+                mounts=[
+                    {"path": s.path, "class": s.location, "label": s.provider}
+                    for s in self._mount_specs.values()
+                ],
+            )
+        )
+
+    def _mount_spec(self, info: Any) -> WatchSpec:
+        return WatchSpec(
+            info.mount.mountpoint,
+            location=info.kind,
+            provider=info.label,
+            # Network shares can be huge: watch their top levels only.
+            max_depth=None if info.kind == "removable" else 2,
+            max_dirs=50_000 if info.kind == "removable" else 2_000,
+        )
+
+    def check_mounts(self) -> None:
+        """Mounts and unmounts since the last check: record them, watch removable media and
+        shares at once, drop watches of what went away."""
+        if self.mounts is None:
+            return
+        try:
+            added, removed = self.mounts.poll()
+            if not added and not removed:
+                return
+            with self._lock:
+                for info in added:
+                    self._mount_specs[info.mount.mountpoint] = self._mount_spec(info)
+                    self._report(record("media_mounted", info.kind, **_mount_data(info)))
+                for info in removed:
+                    self._mount_specs.pop(info.mount.mountpoint, None)
+                    self._report(record("media_unmounted", info.kind, **_mount_data(info)))
+                self._apply_specs()
+        except Exception as exc:
+            # A scheduled job must not fail silently inside the scheduler's own log.
+            log.exception("mount_check_failed")
+            self._report(record("source_error", type(exc).__name__, stage="mounts"))
+
+    def _apply_specs(self) -> None:
+        specs = self.all_specs()
+        if self.pipeline is not None:
+            self.pipeline.resolver.set_specs(specs)
+        if self.source is not None:
+            self.source.update(specs)
+
+    def _make_destinations(self) -> Any:
+        settings = self.config.lineage
+        if not settings.enabled:
+            self.lineage = None
+        else:
+            from agent.enrich.lineage import LineageIndex
+
+            self.lineage = LineageIndex(
+                max_files=settings.max_files,
+                hash_max_bytes=settings.hash_max_bytes,
+                io_budget=settings.io_budget_bytes,
+                on_cap=self._engine_cap,
+            )
+        if self.lineage is None and not self.config.locations.enabled:
+            return None
+        from agent.enrich.destinations import Destinations, DestinationSettings
+
+        return Destinations(self.lineage, DestinationSettings())
+
+    def _build_lineage(self) -> None:
+        assert self.lineage is not None and self.pipeline is not None
+        from agent.sources.paths import compile_excludes
+
+        began = time.monotonic()
+        resolver = self.pipeline.resolver
+        roots = [
+            (w.path, compile_excludes(w.exclude), lambda d: resolver.resolve_dir(d).tags)
+            for w in self.config.watch
+        ]
+        files = self.lineage.build(roots)
+        self._report(
+            record(
+                "lineage_index_built",
+                None,
+                files=files,
+                indexed=len(self.lineage),
+                seconds=round(time.monotonic() - began, 3),
+            )
+        )
+
     def stop(self, timeout: float = 1.8) -> bool:
         """Stop within `timeout` seconds, writing what is queued. True when nothing was left."""
         if self._stopped:
@@ -190,6 +336,8 @@ class Agent:
         if self.source is not None:
             self.source.stop()
             self.source = None
+        if self.mounts is not None:
+            self.mounts.close()
         drained = True
         if self.pipeline is not None:
             left = max(0.1, deadline - time.monotonic() - 0.05)
@@ -263,9 +411,9 @@ class Agent:
             assert self.pipeline is not None and self.source is not None
             if new.sinks != self.config.sinks and self._own_router:
                 self.router.replace(new.sinks)
-            self.pipeline.resolver.set_specs(new.watch)
-            self.source.update(new.watch)
             self.config = new
+            self._discover_destinations()
+            self._apply_specs()
             if new.rules:
                 ruleset, rule_problems = load_rules(new.rules, now_us())
                 self._rule_signature = rule_signature(new.rules)
@@ -281,6 +429,12 @@ class Agent:
                 )
             )
             return True
+
+
+def _mount_data(info: Any) -> dict[str, Any]:
+    data: dict[str, Any] = info.to_dict()
+    data["classified_by"] = data.pop("reason", None)
+    return data
 
 
 def rule_signature(paths: tuple[str, ...] | list[str]) -> tuple[Any, ...]:

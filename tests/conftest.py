@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -13,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from agent.config import Config, SinkSpec, WatchSpec, check_text
+from agent.config import Config, LocationSettings, SinkSpec, WatchSpec, check_text
 from agent.events import Event, from_dict
 from agent.service import Agent
 from agent.sinks import Router
@@ -46,13 +48,18 @@ class Collector:
             return [json.loads(line) for line in self.lines]
 
     def events(self) -> list[Event]:
-        return [from_dict(r) for r in self.records() if r["event"]["kind"] == "event"]
+        return [
+            from_dict(r)
+            for r in self.records()
+            if r["event"]["kind"] == "event" and r["event"]["dataset"] == "exfilwatch.file"
+        ]
 
     def health(self, action: str | None = None) -> list[dict[str, Any]]:
         return [
             r
             for r in self.records()
-            if r["event"]["kind"] != "event" and (action is None or r["event"]["action"] == action)
+            if r["event"]["dataset"] != "exfilwatch.file"
+            and (action is None or r["event"]["action"] == action)
         ]
 
     def wait_for(self, predicate: Callable[[Collector], bool], timeout: float = 5.0) -> bool:
@@ -87,6 +94,8 @@ def make_config(specs: Sequence[WatchSpec], tmp: Path, **overrides: Any) -> Conf
         state_dir=str(tmp / "state"),
         heartbeat_interval=3600.0,
         root_check_interval=0.2,
+        # Tests watch only their own trees: no discovery of /tmp, homes or mounts.
+        locations=LocationSettings(enabled=False),
     )
     return replace(base, **overrides)
 
@@ -107,8 +116,8 @@ def run_agent(collector: Collector) -> Iterator[Callable[..., Agent]]:
     """Start an in-process agent on a config; it is stopped at the end of the test."""
     started: list[Agent] = []
 
-    def start(config: Config) -> Agent:
-        agent = Agent(config, router=Router([(collector, frozenset({"event", "health"}))]))
+    def start(config: Config, kinds: frozenset[str] = frozenset({"event", "health"})) -> Agent:
+        agent = Agent(config, router=Router([(collector, kinds)]))
         agent.start()
         started.append(agent)
         return agent
@@ -142,3 +151,51 @@ def no_thread_leaks() -> Iterator[None]:
             break
         time.sleep(0.05)
     assert not leaked, f"threads leaked: {[t.name for t in leaked]}"
+
+
+needs_mount = pytest.mark.skipif(
+    os.geteuid() != 0 or not all(shutil.which(t) for t in ("mkfs.ext4", "mount", "umount")),
+    reason="needs root and mkfs.ext4/mount/umount to mount a loop image",
+)
+
+
+def losetup_for(img: Path) -> str:
+    if shutil.which("losetup") is None:
+        return ""
+    out = subprocess.run(["losetup", "-j", str(img)], capture_output=True, text=True, check=False)
+    return out.stdout.strip()
+
+
+@pytest.fixture
+def loop_mount(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
+    """Mounts a fresh 16 MiB ext4 image (label EXFILTEST) on a directory; always cleans up."""
+    img = tmp_path / "img"
+    mounted: list[Path] = []
+    created: list[Path] = []
+
+    def mount(target: Path) -> Path:
+        with open(img, "wb") as fh:
+            fh.truncate(16 * 1024 * 1024)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "EXFILTEST", str(img)], check=True)
+        for d in reversed([target, *target.parents]):
+            if not d.exists():
+                d.mkdir()
+                created.append(d)
+        subprocess.run(["mount", "-o", "loop", str(img), str(target)], check=True)
+        mounted.append(target)
+        return target
+
+    try:
+        yield mount
+    finally:
+        for target in mounted:
+            if not os.path.ismount(target):
+                continue
+            if subprocess.run(["umount", str(target)], check=False).returncode != 0:
+                subprocess.run(["umount", "-l", str(target)], check=False)
+        for d in reversed(created):
+            d.rmdir()
+        leftover = losetup_for(img)
+        if leftover:
+            subprocess.run(["losetup", "-d", leftover.split(":", 1)[0]], check=False)
+        assert not leftover, f"loop device left attached: {leftover}"

@@ -33,6 +33,8 @@ class Resolved:
     tags: tuple[str, ...]
     sensitivity: str | None
     root: str | None
+    location: str = "other"
+    provider: str | None = None
 
 
 def higher(a: str | None, b: str | None) -> str | None:
@@ -171,23 +173,31 @@ class TagResolver:
     def _compute(self, directory: str) -> Resolved:
         tags: dict[str, None] = {}
         sensitivity: str | None = None
-        root: str | None = None
-        top: str | None = None
+        deepest = None
+        tagged_top: str | None = None
         for spec in self._specs:  # shortest first: the deepest entry is the root
             p = spec.path
             if directory == p or directory.startswith(p.rstrip("/") + "/"):
                 tags.update(dict.fromkeys(spec.tags))
                 sensitivity = higher(sensitivity, spec.sensitivity)
-                root = p
-                top = top or p
-        if top is None:
+                deepest = spec
+                if spec.location == "tagged" and tagged_top is None:
+                    tagged_top = p
+        if deepest is None:
             return Resolved((), None, None)
-        for d in _dirs_from(top, directory):
-            marker = self._marker(d)
-            if marker is not None:
-                tags.update(dict.fromkeys(marker.tags))
-                sensitivity = higher(sensitivity, marker.sensitivity)
-        return Resolved(tuple(tags), sensitivity, root)
+        if tagged_top is not None:
+            # Markers tag tagged trees only: one carried onto a USB stick does not make the
+            # stick a tagged tree (lineage says where its files came from).
+            for d in _dirs_from(tagged_top, directory):
+                marker = self._marker(d)
+                if marker is not None:
+                    tags.update(dict.fromkeys(marker.tags))
+                    sensitivity = higher(sensitivity, marker.sensitivity)
+        location = deepest.location
+        if location == "home":
+            rel = directory[len(deepest.path) :].lstrip("/")
+            location = "staging" if rel.startswith(".") else "other"
+        return Resolved(tuple(tags), sensitivity, deepest.path, location, deepest.provider)
 
     def _marker(self, directory: str) -> Marker | None:
         if directory in self._markers:

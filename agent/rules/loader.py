@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -11,7 +12,17 @@ from typing import Any
 
 import yaml
 
-from agent.diagnostics import ERROR, WARNING, Problem, at, check_permissions, nearest, node_value
+from agent.diagnostics import (
+    ERROR,
+    WARNING,
+    Problem,
+    at,
+    check_permissions,
+    compose_all,
+    nearest,
+    node_value,
+    unreadable,
+)
 from agent.rules.model import (
     ATTACK_TACTICS,
     CORRELATION_TYPES,
@@ -64,6 +75,8 @@ _TEST_KEYS = ("name", "event", "events", "expect")
 _EXPECT_KEYS = ("match", "alerts", "alert")
 _STEP_KEYS = ("at", "event", "repeat", "every")
 MAX_TEST_REPEAT = 10_000
+# Test events are stamped from a fixed instant; a later one could not be written as a date.
+MAX_TEST_SECONDS = 10 * 366 * 86400
 _OVERRIDE_KEYS = ("override", "enabled", "level", "exceptions", "correlation", "suppress")
 _LIST_KEYS = ("list", "items", "description")
 _MACRO_KEYS = ("macro", "detection", "description")
@@ -92,6 +105,17 @@ def rule_files(paths: Iterable[str]) -> tuple[list[str], list[Problem]]:
 
 def _number(fields: dict[str, Any], i: int) -> dict[str, Any]:
     return {k: v.replace("{i}", str(i)) if isinstance(v, str) else v for k, v in fields.items()}
+
+
+def _positive(value: object) -> float | None:
+    """A finite number above zero as a float (a YAML int may be too large for one), or None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) and number > 0 else None
 
 
 def _is_schema(path: str) -> bool:
@@ -176,8 +200,11 @@ class _Reader:
         value = node_value(node) if isinstance(node, yaml.ScalarNode) else None
         try:
             seconds = parse_duration(value)
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:  # OverflowError: an int past float range
             self.add(node, "RULE_DURATION", f"{what}: {exc}")
+            return None
+        if not math.isfinite(seconds):
+            self.add(node, "RULE_DURATION", f"{what} must be a finite duration")
             return None
         if seconds <= 0:
             self.add(node, "RULE_DURATION", f"{what} must be longer than zero")
@@ -199,6 +226,10 @@ class _Reader:
     # documents ---------------------------------------------------------------------------
 
     def document(self, node: yaml.Node) -> None:
+        unconstructable = unreadable(node, self.file, "RULE")
+        if unconstructable:
+            self.problems.extend(unconstructable)
+            return
         if not isinstance(node, yaml.MappingNode):
             self.add(node, "RULE_TYPE", "a rule document must be a mapping")
             return
@@ -348,11 +379,10 @@ class _Reader:
             if "gte" not in cond:
                 self.add(m["condition"][1], "RULE_REQUIRED", "condition needs gte: N")
                 return None
-            value = node_value(cond["gte"][1])
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            gte = _positive(node_value(cond["gte"][1]))
+            if gte is None:
                 self.add(cond["gte"][1], "RULE_TYPE", "gte must be a positive number")
                 return None
-            gte = float(value)
             if kind != "event_count":
                 if "field" not in cond:
                     self.add(m["condition"][1], "RULE_REQUIRED", f"a {kind} needs field:")
@@ -438,6 +468,9 @@ class _Reader:
                 continue
             if "expect" not in m:
                 self.add(item, "RULE_REQUIRED", "a test needs 'expect' (match or no_match)")
+                continue
+            if steps and max(t for t, _ in steps) > MAX_TEST_SECONDS:
+                self.add(item, "RULE_TEST", "a test's events span more than ten years")
                 continue
             expect = self.expect(m["expect"][1])
             if expect is None:
@@ -535,12 +568,12 @@ class _Reader:
                     if cond is None or "gte" not in cond:
                         ok = False
                     else:
-                        v = node_value(cond["gte"][1])
-                        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+                        gte = _positive(node_value(cond["gte"][1]))
+                        if gte is None:
                             self.add(cond["gte"][1], "RULE_TYPE", "gte must be a positive number")
                             ok = False
                         else:
-                            kw["gte"] = float(v)
+                            kw["gte"] = gte
         if any(v is None for v in kw.values()) or not ok or target is None:
             return
         if len(m) == 1:
@@ -703,7 +736,7 @@ def read_file(path: str, defs: Definitions, problems: list[Problem]) -> None:
     defs.files.append(path)
     reader = _Reader(defs, problems, path)
     try:
-        for doc in yaml.compose_all(text, Loader=yaml.SafeLoader):
+        for doc in compose_all(text):
             if doc is None:
                 continue
             reader.document(doc)
@@ -734,7 +767,7 @@ def read_text(text: str, file: str = "<rules>") -> tuple[Definitions, list[Probl
     problems: list[Problem] = []
     reader = _Reader(defs, problems, file)
     try:
-        for doc in yaml.compose_all(text, Loader=yaml.SafeLoader):
+        for doc in compose_all(text):
             if doc is not None:
                 reader.document(doc)
     except yaml.MarkedYAMLError as exc:

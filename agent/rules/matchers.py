@@ -344,7 +344,8 @@ _plain = _strings(False, False)
 
 
 def _check_finite(v: float, spec: _Spec) -> None:
-    if not math.isfinite(v):
+    # An int is always finite (and math.isfinite overflows on one too large for a float).
+    if isinstance(v, float) and not math.isfinite(v):
         raise _bad_value(spec, f"{v} is not a finite number", "use a finite number")
 
 

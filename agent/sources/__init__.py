@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
-from agent.config import Config
+from agent.config import Config, WatchSpec
 from agent.health import CapReporter, Reporter
 from agent.sources.base import EmitBatch, RawEvent, Source
 
@@ -25,7 +26,11 @@ def choose_source(wanted: str) -> tuple[str, str]:
 
 
 def make_source(
-    config: Config, emit: EmitBatch, report: Reporter, caps: CapReporter
+    config: Config,
+    emit: EmitBatch,
+    report: Reporter,
+    caps: CapReporter,
+    specs: Sequence[WatchSpec] | None = None,
 ) -> tuple[Source, str]:
     name, why = choose_source(config.source)
     if name == "inotify":
@@ -33,7 +38,7 @@ def make_source(
 
         return (
             InotifySource(
-                config.watch,
+                specs if specs is not None else config.watch,
                 emit,
                 report,
                 settings=config.inotify,
@@ -48,7 +53,7 @@ def make_source(
 
     return (
         WatchdogSource(
-            config.watch,
+            specs if specs is not None else config.watch,
             emit,
             report,
             polling=name == "polling",

@@ -378,8 +378,19 @@ class InotifySource:
         stack = [top]
         ex = root.excludes
         recent = self._recent_scan
+        max_depth = root.spec.max_depth
+        max_dirs = root.spec.max_dirs
+        budget_hit = False
         while stack:
             d = stack.pop()
+            depth = root.rel(d).count("/") + 1 if d != root.path else 0
+            if max_depth is not None and depth > max_depth:
+                continue
+            if max_dirs is not None and len(root.wds) >= max_dirs:
+                if not budget_hit:
+                    budget_hit = True
+                    self._caps.hit("watch_budget", max_dirs, root=root.path)
+                continue
             if not limit_hit:
                 try:
                     wd = ino.add_watch(d, MASK)
@@ -422,7 +433,11 @@ class InotifySource:
                                 recent[p] = time.monotonic()
                             else:
                                 self._caps.hit("recent_scan", _RECENT_SCAN_CAP)
-                        if is_dir and root.spec.recursive:
+                        if (
+                            is_dir
+                            and root.spec.recursive
+                            and (max_depth is None or depth < max_depth)
+                        ):
                             stack.append(p)
             except PermissionError:
                 problems.add("permission", d)

@@ -26,6 +26,7 @@ sinks:
     path: {out}
     records: [alert, health, event]
 heartbeat_interval: 1h
+locations: {{enabled: false}}
 rules_check_interval: 0.2s
 """
 

@@ -1,0 +1,259 @@
+"""Content lineage: is a file written outside the tagged trees a copy of a tagged file?"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.sources.paths import Excludes
+
+# Below this size the whole file is hashed; above it, a sample (head, middle, tail) plus the
+# size: copies of large files (model weights, disk images) are still told apart from files
+# that merely share a size, at a cost that does not grow with the file.
+DEFAULT_HASH_MAX_BYTES = 16 * 1024 * 1024
+SAMPLE_BYTES = 64 * 1024
+DEFAULT_IO_BUDGET = 64 * 1024 * 1024  # bytes hashed per second, all files together
+DEFAULT_MAX_FILES = 200_000
+
+CapHit = Callable[[str, int, dict[str, Any]], None]
+
+
+class _Entry:
+    """One tagged file. Slots keep 100,000 of them in a few tens of MB."""
+
+    __slots__ = ("digest", "mtime_ns", "path", "size", "tags")
+
+    def __init__(self, path: str, size: int, mtime_ns: int, tags: tuple[str, ...]) -> None:
+        self.path = path
+        self.size = size
+        self.mtime_ns = mtime_ns
+        self.tags = tags
+        self.digest: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    path: str
+    tags: tuple[str, ...]
+    method: str  # "content" (hash) | "name" (an encrypted/encoded wrapper of a tagged name)
+
+
+class _Budget:
+    """A token bucket of bytes per second for hashing."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.tokens = float(rate)
+        self.last = time.monotonic()
+
+    def take(self, n: int) -> bool:
+        now = time.monotonic()
+        self.tokens = min(float(self.rate), self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if n > self.tokens:
+            return False
+        self.tokens -= n
+        return True
+
+
+def content_digest(path: str, size: int, hash_max_bytes: int) -> bytes | None:
+    """blake2b of the file (or of its sample when larger than `hash_max_bytes`); None when the
+    file is not a regular file any more or changed size while we read it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            return None
+        h = hashlib.blake2b(digest_size=20)
+        h.update(size.to_bytes(8, "little"))
+        if size <= hash_max_bytes:
+            while True:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    break
+                h.update(chunk)
+        else:
+            for offset in (0, size // 2, max(0, size - SAMPLE_BYTES)):
+                h.update(os.pread(fd, SAMPLE_BYTES, offset))
+        return h.digest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def hashed_bytes(size: int, hash_max_bytes: int) -> int:
+    return size if size <= hash_max_bytes else 3 * SAMPLE_BYTES
+
+
+class LineageIndex:
+    """Tagged files by size and by name; content hashes computed lazily and throttled.
+
+    Built by walking the tagged trees once (in the background) and kept current from the
+    tagged trees' own events. Bounded by `max_files`; reaching it is reported."""
+
+    def __init__(
+        self,
+        *,
+        max_files: int = DEFAULT_MAX_FILES,
+        hash_max_bytes: int = DEFAULT_HASH_MAX_BYTES,
+        io_budget: int = DEFAULT_IO_BUDGET,
+        on_cap: CapHit | None = None,
+    ) -> None:
+        self.max_files = max_files
+        self.hash_max_bytes = hash_max_bytes
+        self._budget = _Budget(io_budget)
+        self._on_cap = on_cap
+        self._by_path: dict[str, _Entry] = {}
+        self._by_size: dict[int, list[_Entry]] = {}
+        self._by_name: dict[str, list[_Entry]] = {}
+        self._tags: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self._lock = threading.Lock()
+        self.stats = {"hashes": 0, "hashed_bytes": 0, "budget_denied": 0, "full": 0}
+
+    def __len__(self) -> int:
+        return len(self._by_path)
+
+    # maintenance -----------------------------------------------------------------------
+
+    def add(self, path: str, size: int, mtime_ns: int, tags: tuple[str, ...]) -> None:
+        if size <= 0:
+            return  # empty files say nothing about where content came from
+        with self._lock:
+            old = self._by_path.get(path)
+            if old is not None:
+                if old.size == size and old.mtime_ns == mtime_ns:
+                    return
+                self._remove(old)
+            elif len(self._by_path) >= self.max_files:
+                self.stats["full"] += 1
+                if self._on_cap is not None:
+                    self._on_cap("lineage_index", self.max_files, {"path_dropped": True})
+                return
+            entry = _Entry(path, size, mtime_ns, self._tags.setdefault(tags, tags))
+            self._by_path[path] = entry
+            self._by_size.setdefault(size, []).append(entry)
+            self._by_name.setdefault(os.path.basename(path), []).append(entry)
+
+    def remove(self, path: str) -> None:
+        with self._lock:
+            entry = self._by_path.get(path)
+            if entry is not None:
+                self._remove(entry)
+
+    def remove_tree(self, top: str) -> None:
+        prefix = top.rstrip("/") + "/"
+        with self._lock:
+            for entry in [e for p, e in self._by_path.items() if p.startswith(prefix)]:
+                self._remove(entry)
+
+    def _remove(self, entry: _Entry) -> None:
+        del self._by_path[entry.path]
+        sized = self._by_size.get(entry.size)
+        if sized is not None:
+            sized.remove(entry)
+            if not sized:
+                del self._by_size[entry.size]
+        name = os.path.basename(entry.path)
+        named = self._by_name.get(name)
+        if named is not None:
+            named.remove(entry)
+            if not named:
+                del self._by_name[name]
+
+    def build(self, roots: Iterable[tuple[str, Excludes, Callable[[str], tuple[str, ...]]]]) -> int:
+        """Walk tagged trees (no symlinks followed); `tags_of(dir)` gives a directory's tags."""
+        added = 0
+        for top, excludes, tags_of in roots:
+            stack = [top]
+            while stack:
+                d = stack.pop()
+                tags = tags_of(d)
+                try:
+                    with os.scandir(d) as it:
+                        for entry in it:
+                            p = f"{d}/{entry.name}"
+                            rel = p[len(top) :].lstrip("/")
+                            if excludes and excludes.leaf_excluded(rel, entry.name):
+                                continue
+                            try:
+                                if entry.is_dir(follow_symlinks=False):
+                                    stack.append(p)
+                                elif entry.is_file(follow_symlinks=False):
+                                    st = entry.stat(follow_symlinks=False)
+                                    self.add(p, st.st_size, st.st_mtime_ns, tags)
+                                    added += 1
+                            except OSError:
+                                continue
+                except OSError:
+                    continue
+        return added
+
+    # questions -------------------------------------------------------------------------
+
+    def find_copy(self, path: str, size: int) -> Origin | None:
+        """The tagged file `path` is a copy of, by size then content hash; None if none."""
+        with self._lock:
+            candidates = list(self._by_size.get(size, ()))
+        if not candidates:
+            return None
+        digest = self._digest(path, size)
+        if digest is None:
+            return None
+        name = os.path.basename(path)
+        # Same-name candidates first: the likeliest origin gets hashed first.
+        candidates.sort(key=lambda e: os.path.basename(e.path) != name)
+        for entry in candidates:
+            if entry.path == path:
+                continue
+            if entry.digest is None:
+                entry.digest = self._digest(entry.path, entry.size)
+                if entry.digest is None:
+                    continue
+            if entry.digest == digest:
+                return Origin(entry.path, entry.tags, "content")
+        return None
+
+    def lookup(self, path: str) -> Origin | None:
+        """The indexed tagged file at `path`, if any."""
+        with self._lock:
+            entry = self._by_path.get(path)
+        return Origin(entry.path, entry.tags, "move") if entry is not None else None
+
+    def find_by_name(self, name: str) -> Origin | None:
+        """A tagged file with this base name (for encrypted or encoded wrappers)."""
+        with self._lock:
+            bucket = self._by_name.get(name)
+            entry = bucket[0] if bucket else None
+        return Origin(entry.path, entry.tags, "name") if entry is not None else None
+
+    def match_member(self, name: str, size: int) -> _Entry | None:
+        """A tagged file an archive member looks like: same base name and size."""
+        base = name.rstrip("/").rsplit("/", 1)[-1]
+        with self._lock:
+            for entry in self._by_name.get(base, ()):
+                if entry.size == size:
+                    return entry
+        return None
+
+    def _digest(self, path: str, size: int) -> bytes | None:
+        cost = hashed_bytes(size, self.hash_max_bytes)
+        if not self._budget.take(cost):
+            self.stats["budget_denied"] += 1
+            if self._on_cap is not None:
+                self._on_cap("lineage_io_budget", self._budget.rate, {"bytes": cost})
+            return None
+        digest = content_digest(path, size, self.hash_max_bytes)
+        if digest is not None:
+            self.stats["hashes"] += 1
+            self.stats["hashed_bytes"] += cost
+        return digest

@@ -1,0 +1,111 @@
+"""Lineage: a copy of a tagged file is recognised by size and content, renamed or not."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from agent.enrich.lineage import LineageIndex, content_digest
+from agent.sources.paths import compile_excludes
+
+
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "rnd"
+    (root / "chip").mkdir(parents=True)
+    (root / "chip" / "top.v").write_text("module top; endmodule\n" * 50)
+    (root / "chip" / "alu.v").write_text("module alu; endmodule\n" * 50)
+    (root / "node_modules").mkdir()
+    (root / "node_modules" / "x.js").write_text("x" * 100)
+    return root
+
+
+def build(index: LineageIndex, root: Path) -> int:
+    return index.build([(str(root), compile_excludes(["node_modules"]), lambda d: ("chip",))])
+
+
+def test_a_renamed_copy_is_traced_to_its_tagged_origin(tmp_path: Path) -> None:
+    root = tree(tmp_path)
+    index = LineageIndex()
+    assert build(index, root) == 2
+    usb = tmp_path / "usb"
+    usb.mkdir()
+    shutil.copy(root / "chip" / "top.v", usb / "holiday-notes.txt")
+    origin = index.find_copy(
+        str(usb / "holiday-notes.txt"), (usb / "holiday-notes.txt").stat().st_size
+    )
+    assert origin is not None
+    assert origin.path == str(root / "chip" / "top.v")
+    assert origin.tags == ("chip",)
+    assert origin.method == "content"
+
+
+def test_a_file_of_the_same_size_but_other_content_is_not_a_copy(tmp_path: Path) -> None:
+    root = tree(tmp_path)
+    index = LineageIndex()
+    build(index, root)
+    other = tmp_path / "other.v"
+    other.write_text("module xyz; endmodule\n" * 50)  # same length, different bytes
+    assert other.stat().st_size == (root / "chip" / "top.v").stat().st_size
+    assert index.find_copy(str(other), other.stat().st_size) is None
+
+
+def test_large_files_are_compared_by_a_sampled_hash(tmp_path: Path) -> None:
+    big = tmp_path / "weights.bin"
+    big.write_bytes(os.urandom(3 * 1024 * 1024))
+    index = LineageIndex(hash_max_bytes=1024 * 1024)
+    index.add(str(big), big.stat().st_size, big.stat().st_mtime_ns, ("models",))
+    copy = tmp_path / "w2.bin"
+    shutil.copy(big, copy)
+    assert index.find_copy(str(copy), copy.stat().st_size) is not None
+    changed = bytearray(copy.read_bytes())
+    changed[-1] ^= 0xFF  # the tail is sampled
+    copy.write_bytes(bytes(changed))
+    assert index.find_copy(str(copy), copy.stat().st_size) is None
+    assert content_digest(str(big), big.stat().st_size, 1024 * 1024) != content_digest(
+        str(copy), copy.stat().st_size, 1024 * 1024
+    )
+
+
+def test_the_io_budget_and_the_index_cap_are_enforced_and_reported(tmp_path: Path) -> None:
+    hits: list[tuple[str, int, dict[str, Any]]] = []
+    index = LineageIndex(
+        max_files=2,
+        io_budget=4096,
+        hash_max_bytes=4096,
+        on_cap=lambda n, c, d: hits.append((n, c, d)),
+    )
+    for i in range(3):
+        f = tmp_path / f"f{i}"
+        f.write_bytes(bytes([i]) * 3000)
+        index.add(str(f), 3000, f.stat().st_mtime_ns, ("t",))
+    assert len(index) == 2
+    assert hits[0][0] == "lineage_index"
+    copy = tmp_path / "c"
+    copy.write_bytes(bytes([0]) * 3000)
+    # 3,000 bytes for the copy fit the 4 KiB budget, the origin's 3,000 more do not.
+    assert index.find_copy(str(copy), 3000) is None
+    assert any(h[0] == "lineage_io_budget" for h in hits)
+
+
+def test_moves_and_deletes_keep_the_index_current(tmp_path: Path) -> None:
+    root = tree(tmp_path)
+    index = LineageIndex()
+    build(index, root)
+    top = root / "chip" / "top.v"
+    assert index.lookup(str(top)) is not None
+    index.remove(str(top))
+    assert index.lookup(str(top)) is None
+    index.remove_tree(str(root))
+    assert len(index) == 0
+
+
+def test_archive_members_match_by_name_and_size(tmp_path: Path) -> None:
+    root = tree(tmp_path)
+    index = LineageIndex()
+    build(index, root)
+    size = (root / "chip" / "alu.v").stat().st_size
+    assert index.match_member("backup/rnd/chip/alu.v", size) is not None
+    assert index.match_member("backup/rnd/chip/alu.v", size + 1) is None
+    assert index.find_by_name("alu.v") is not None
