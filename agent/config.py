@@ -97,6 +97,16 @@ class LineageSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ProcessSettings:
+    """Process-started events and attribution of file events (see README, "Who did it")."""
+
+    enabled: bool = True
+    interval: float = 0.5
+    attribution: bool = True
+    fanotify: str = "auto"  # auto | on | off: exact pids from fanotify when running as root
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The validated agent configuration."""
 
@@ -115,6 +125,7 @@ class Config:
     inotify: InotifySettings = field(default_factory=InotifySettings)
     locations: LocationSettings = field(default_factory=LocationSettings)
     lineage: LineageSettings = field(default_factory=LineageSettings)
+    processes: ProcessSettings = field(default_factory=ProcessSettings)
 
 
 def default_config_path() -> str:
@@ -266,7 +277,9 @@ _TOP_KEYS = (
     "inotify",
     "locations",
     "lineage",
+    "processes",
 )
+_PROCESS_KEYS = ("enabled", "interval", "attribution", "fanotify")
 _LOCATION_KEYS = (
     "enabled",
     "removable_patterns",
@@ -494,6 +507,25 @@ def _build(c: _Checker, root: yaml.Node | None) -> Config | None:
                         "files could never be hashed",
                     )
                 values["lineage"] = settings
+
+    if "processes" in top:
+        m = c.mapping(top["processes"], _PROCESS_KEYS, "processes")
+        if m is not None:
+            kw = {}
+            for key in ("enabled", "attribution"):
+                if key in m:
+                    kw[key] = c.scalar(m[key], bool, f"processes.{key}")
+            if "interval" in m:
+                kw["interval"] = c.duration(m["interval"], "processes.interval")
+            if "fanotify" in m:
+                node = m["fanotify"]
+                raw = node_value(node) if isinstance(node, yaml.ScalarNode) else None
+                if isinstance(raw, bool):  # YAML 1.1 reads unquoted on/off as booleans
+                    kw["fanotify"] = "on" if raw else "off"
+                else:
+                    kw["fanotify"] = _choice(c, node, "processes.fanotify", ("auto", "on", "off"))
+            if all(v is not None for v in kw.values()):
+                values["processes"] = ProcessSettings(**kw)
 
     if errors_only(c.problems):
         return None

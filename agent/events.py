@@ -45,7 +45,8 @@ _EVENT_TYPES: dict[str, tuple[str, ...]] = {
     "rescanned": ("info",),
 }
 
-SOURCES = ("inotify", "watchdog", "polling", "scan", "rescan", "test")
+EVENT_DATASETS = frozenset({"exfilwatch.file", "exfilwatch.process"})
+SOURCES = ("inotify", "watchdog", "polling", "scan", "rescan", "process_poll", "test")
 
 
 class Event(NamedTuple):
@@ -87,6 +88,14 @@ class Event(NamedTuple):
     lineage_tags: tuple[str, ...] = ()
     archive_tagged: int | None = None
     disguise: tuple[str, ...] = ()
+    # Who did it (attribution): see agent/enrich/attribution.py.
+    process_parent_pid: int | None = None
+    process_working_directory: str | None = None
+    user_login_name: str | None = None
+    user_login_id: str | None = None
+    attribution: str | None = None  # exact | inferred | none
+    attribution_method: str | None = None
+    masquerade: str | None = None
 
     @property
     def time(self) -> float:
@@ -162,6 +171,13 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "process.executable": lambda e: e.process_executable,
     "process.command_line": lambda e: e.process_command_line,
     "process.parent.name": lambda e: e.process_parent_name,
+    "process.parent.pid": lambda e: e.process_parent_pid,
+    "process.working_directory": lambda e: e.process_working_directory,
+    "exfilwatch.attribution.confidence": lambda e: e.attribution,
+    "exfilwatch.attribution.method": lambda e: e.attribution_method,
+    "exfilwatch.attribution.login_user": lambda e: e.user_login_name,
+    "exfilwatch.attribution.login_uid": lambda e: e.user_login_id,
+    "exfilwatch.attribution.masquerade": lambda e: e.masquerade,
     "exfilwatch.src_path": lambda e: e.src_path,
     "exfilwatch.tags": lambda e: e.tags,
     "exfilwatch.sensitivity": lambda e: e.sensitivity,
@@ -216,6 +232,46 @@ def _text_and_raw(value: str) -> tuple[str, str | None]:
     return value, None
 
 
+def _user(e: Event) -> dict[str, Any]:
+    return {k: v for k, v in (("name", e.user_name), ("id", e.user_id)) if v is not None}
+
+
+def _process(e: Event) -> dict[str, Any]:
+    process: dict[str, Any] = {
+        k: v
+        for k, v in (
+            ("pid", e.process_pid),
+            ("name", e.process_name),
+            ("executable", e.process_executable),
+            ("command_line", e.process_command_line),
+            ("working_directory", e.process_working_directory),
+        )
+        if v is not None
+    }
+    parent = {
+        k: v
+        for k, v in (("pid", e.process_parent_pid), ("name", e.process_parent_name))
+        if v is not None
+    }
+    if parent:
+        process["parent"] = parent
+    return process
+
+
+def _attribution(e: Event) -> dict[str, Any]:
+    return {
+        k: v
+        for k, v in (
+            ("confidence", e.attribution),
+            ("method", e.attribution_method),
+            ("login_user", e.user_login_name),
+            ("login_uid", e.user_login_id),
+            ("masquerade", e.masquerade),
+        )
+        if v is not None
+    }
+
+
 def to_dict(e: Event) -> dict[str, Any]:
     """Nested ECS-shaped dict; absent values are left out."""
     raw: dict[str, str] = {}
@@ -256,6 +312,9 @@ def to_dict(e: Event) -> dict[str, Any]:
     }
     if location:
         custom["location"] = location
+    attribution = _attribution(e)
+    if attribution:
+        custom["attribution"] = attribution
     if e.watchlist is not None:
         custom["watchlist"] = {"status": e.watchlist}
     lineage: dict[str, Any] = {}
@@ -283,28 +342,17 @@ def to_dict(e: Event) -> dict[str, Any]:
             "action": e.action,
             "sequence": e.sequence,
             "module": "exfilwatch",
-            "dataset": "exfilwatch.file",
+            "dataset": f"exfilwatch.{e.category}",
         },
         "file": file,
         "exfilwatch": custom,
     }
     if e.hostname is not None:
         out["host"] = {"hostname": e.hostname}
-    user = {k: v for k, v in (("name", e.user_name), ("id", e.user_id)) if v is not None}
+    user = _user(e)
     if user:
         out["user"] = user
-    process: dict[str, Any] = {
-        k: v
-        for k, v in (
-            ("pid", e.process_pid),
-            ("name", e.process_name),
-            ("executable", e.process_executable),
-            ("command_line", e.process_command_line),
-        )
-        if v is not None
-    }
-    if e.process_parent_name is not None:
-        process["parent"] = {"name": e.process_parent_name}
+    process = _process(e)
     if process:
         out["process"] = process
     return out
@@ -324,6 +372,14 @@ _TYPE_JSON = {a: json.dumps(list(t)).replace(" ", "") for a, t in _EVENT_TYPES.i
 
 def event_line(e: Event) -> str:
     """`dumps(to_dict(e))`, built directly: the event hot path (a test keeps them identical)."""
+    if (
+        e.watchlist is not None
+        or e.lineage_origin is not None
+        or e.lineage_tags
+        or e.archive_tagged is not None
+        or e.disguise
+    ):
+        return dumps(to_dict(e))  # lineage, archive, disguise, watchlist: rare, general path
     raw: list[str] = []
     path = e.path
     path_text, path_raw = _text_and_raw(path)
@@ -341,7 +397,9 @@ def event_line(e: Event) -> str:
         _q(e.action),
         ',"sequence":',
         str(e.sequence),
-        ',"module":"exfilwatch","dataset":"exfilwatch.file"},"file":{"path":',
+        ',"module":"exfilwatch","dataset":"exfilwatch.',
+        e.category,
+        '"},"file":{"path":',
         _q(path_text),
         ',"name":',
         _q(name),
@@ -389,19 +447,18 @@ def event_line(e: Event) -> str:
         if e.location_provider is not None:
             parts += ('"provider":', _q(e.location_provider))
         parts.append("}")
+    if e.attribution is not None or e.user_login_name is not None or e.masquerade is not None:
+        parts += (',"attribution":', dumps(_attribution(e)))
     if raw:
         parts += (',"raw":{', ",".join(raw), "}")
     parts.append("}")
     if e.hostname is not None:
         parts += (',"host":{"hostname":', _q(e.hostname), "}")
     if e.user_name is not None or e.user_id is not None:
-        return dumps(to_dict(e))  # rare until attribution lands: the general path
-    if e.process_pid is not None or e.process_name is not None:
-        return dumps(to_dict(e))
-    if e.process_executable is not None or e.process_command_line is not None:
-        return dumps(to_dict(e))
-    if e.process_parent_name is not None or e[_ENRICHED:] != _NOT_ENRICHED:
-        return dumps(to_dict(e))  # lineage, archive, disguise, watchlist: the general path
+        parts += (',"user":', dumps(_user(e)))
+    process = _process(e)
+    if process:
+        parts += (',"process":', dumps(process))
     parts.append("}")
     return "".join(parts)
 
@@ -512,6 +569,15 @@ def from_dict(data: dict[str, Any]) -> Event:
             _obj(custom, "archive").get("tagged_members"), int, "exfilwatch.archive.tagged_members"
         ),
         disguise=_str_tuple(custom.get("disguise", []), "exfilwatch.disguise"),
+        process_parent_pid=_expect(_obj(process, "parent").get("pid"), int, "process.parent.pid"),
+        process_working_directory=_expect(
+            process.get("working_directory"), str, "process.working_directory"
+        ),
+        user_login_name=_expect(_obj(custom, "attribution").get("login_user"), str, "login_user"),
+        user_login_id=_expect(_obj(custom, "attribution").get("login_uid"), str, "login_uid"),
+        attribution=_expect(_obj(custom, "attribution").get("confidence"), str, "confidence"),
+        attribution_method=_expect(_obj(custom, "attribution").get("method"), str, "method"),
+        masquerade=_expect(_obj(custom, "attribution").get("masquerade"), str, "masquerade"),
     )
 
 
@@ -532,8 +598,8 @@ def read_jsonl(stream: IO[str], file: str = "<stream>") -> Iterator[Event | Prob
         ev = data.get("event")
         if not isinstance(ev, dict) or ev.get("kind") != "event":
             continue
-        if ev.get("dataset", "exfilwatch.file") != "exfilwatch.file":
-            continue  # host events (media mounted) and others are not file events
+        if ev.get("dataset", "exfilwatch.file") not in EVENT_DATASETS:
+            continue  # host events (media mounted) are not file or process events
         try:
             yield from_dict(data)
         except (ValueError, TypeError, KeyError) as exc:
@@ -541,8 +607,7 @@ def read_jsonl(stream: IO[str], file: str = "<stream>") -> Iterator[Event | Prob
 
 
 EVENT_ATTRS = Event._fields
-_ENRICHED = EVENT_ATTRS.index("watchlist")
-_NOT_ENRICHED = Event(0, "", "")[_ENRICHED:]
+
 
 # Dotted names a test or a replay may set directly (derived ones: file.name, file.directory,
 # file.extension and event.type follow from file.path and event.action).
@@ -579,10 +644,25 @@ SETTABLE: dict[str, str] = {
     "exfilwatch.lineage.origin_tags": "lineage_tags",
     "exfilwatch.archive.tagged_members": "archive_tagged",
     "exfilwatch.disguise": "disguise",
+    "process.parent.pid": "process_parent_pid",
+    "process.working_directory": "process_working_directory",
+    "exfilwatch.attribution.confidence": "attribution",
+    "exfilwatch.attribution.method": "attribution_method",
+    "exfilwatch.attribution.login_user": "user_login_name",
+    "exfilwatch.attribution.login_uid": "user_login_id",
+    "exfilwatch.attribution.masquerade": "masquerade",
 }
 _TUPLE_ATTRS = frozenset({"tags", "lineage_tags", "disguise"})
 _INT_ATTRS = frozenset(
-    {"timestamp_us", "sequence", "size", "mtime_us", "process_pid", "archive_tagged"}
+    {
+        "timestamp_us",
+        "sequence",
+        "size",
+        "mtime_us",
+        "process_pid",
+        "archive_tagged",
+        "process_parent_pid",
+    }
 )
 
 
@@ -607,7 +687,9 @@ def event_from_fields(values: dict[str, Any], timestamp_us: int = 0) -> Event:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{dotted} must be an integer")
         elif value is not None and not isinstance(value, str):
-            if attr in ("uid", "gid", "inode", "user_id") and isinstance(value, int):
+            if attr in ("uid", "gid", "inode", "user_id", "user_login_id") and isinstance(
+                value, int
+            ):
                 value = str(value)
             else:
                 raise ValueError(f"{dotted} must be a string")

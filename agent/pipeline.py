@@ -29,6 +29,15 @@ _HEALTH_CAP = 10_000
 _STOP = object()
 
 
+class _Ready:
+    """A ready-made Event travelling the raw-event queue (it counts against the same cap)."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+
+
 class BoundedQueue:
     """Batches of raw events, capped by event count. A batch that does not fit is cut and the
     rest is counted as dropped; `take_dropped` hands the count to whoever reports it."""
@@ -102,6 +111,7 @@ class Pipeline:
         self.queue = BoundedQueue(queue_size)
         self.engine: Engine | None = None
         self.destinations: Callable[[Event], Event] | None = None
+        self.attributor: Callable[[Event], Event] | None = None
         self._next_engine: Engine | None = None
         self._hostname = socket.gethostname()
         self._sequence = 0
@@ -117,6 +127,11 @@ class Pipeline:
 
     def emit(self, batch: list[RawEvent]) -> None:
         self.queue.put(batch)
+
+    def emit_events(self, events: list[Event]) -> None:
+        """Events built elsewhere (process starts): tags, location and rules still apply."""
+        if events:
+            self.queue.put([_Ready(e) for e in events])  # type: ignore[misc]
 
     def report(self, rec: dict[str, Any]) -> None:
         """Health records travel the same queue, so they stay in order with the events."""
@@ -200,9 +215,17 @@ class Pipeline:
         want_lines = self.router.wants("event")
         engine = self.engine
         destinations = self.destinations
+        attributor = self.attributor
         lines: list[str] = []
         alerts: list[str] = []
         for raw in batch:
+            if isinstance(raw, _Ready):
+                event = self._ready(raw.event)
+                if want_lines:
+                    lines.append(event_line(event))
+                if engine is not None:
+                    alerts.extend(dumps(a) for a in engine.process(event))
+                continue
             ts, action, path, src_path, is_dir, source = raw
             slash = path.rfind("/")
             directory = path[:slash] or "/"
@@ -260,6 +283,8 @@ class Pipeline:
             )
             if destinations is not None:
                 event = destinations(event)
+            if attributor is not None:
+                event = attributor(event)
             if want_lines:
                 lines.append(event_line(event))
             if engine is not None:
@@ -270,6 +295,19 @@ class Pipeline:
             self.router.write("event", lines)
         if alerts:
             self.router.write("alert", alerts)
+
+    def _ready(self, e: Event) -> Event:
+        slash = e.path.rfind("/")
+        resolved = self.resolver.resolve_dir(e.path[:slash] or "/")
+        self._sequence += 1
+        return e._replace(
+            tags=resolved.tags,
+            sensitivity=resolved.sensitivity,
+            root=resolved.root,
+            location=resolved.location if resolved.root is not None else None,
+            sequence=self._sequence,
+            hostname=self._hostname,
+        )
 
     def set_engine(self, engine: Engine) -> None:
         """Swap rule sets between two batches: intake never pauses, state of unchanged rules

@@ -61,6 +61,8 @@ class Agent:
         self._mount_specs: dict[str, WatchSpec] = {}
         self.mounts: Any = None
         self.lineage: Any = None
+        self.processes: Any = None
+        self.fanotify: Any = None
 
     def load_rules(self) -> bool:
         """Read and compile the configured rules before start; False (and problems) when bad."""
@@ -143,6 +145,7 @@ class Agent:
         source_name = self.config.source
         self.pipeline = Pipeline(self.router, resolver, self.config.queue_size)
         self.pipeline.destinations = self._make_destinations()
+        self._make_attribution()
         self.pipeline.start()
         self.source, why = make_source(
             self.config, self.pipeline.emit, self._report, resolver_caps, self.all_specs()
@@ -176,6 +179,15 @@ class Agent:
                 target=self._build_lineage, name="exfilwatch-lineage", daemon=True
             ).start()
         self.scheduler = BackgroundScheduler(daemon=True)
+        if self.processes is not None:
+            self.scheduler.add_job(
+                self.check_processes,
+                "interval",
+                seconds=self.config.processes.interval,
+                id="processes",
+                max_instances=1,
+                coalesce=True,
+            )
         if self.mounts is not None:
             self.scheduler.add_job(
                 self.check_mounts,
@@ -303,6 +315,87 @@ class Agent:
 
         return Destinations(self.lineage, DestinationSettings())
 
+    def _make_attribution(self) -> None:
+        settings = self.config.processes
+        if not settings.enabled:
+            return
+        from agent.enrich.attribution import Attributor, ProcessTable
+
+        tools = (
+            "tar",
+            "zip",
+            "7z",
+            "gpg",
+            "openssl",
+            "curl",
+            "wget",
+            "scp",
+            "rsync",
+            "rclone",
+            "nc",
+            "ncat",
+            "socat",
+            "sftp",
+            "shred",
+            "base64",
+        )
+        self.processes = ProcessTable(tools=tools)
+        self.processes.poll()  # what runs already is known, not reported as started
+        exact = None
+        if settings.fanotify != "off":
+            exact = self._start_fanotify(settings.fanotify == "on")
+        if settings.attribution and self.pipeline is not None:
+            self.pipeline.attributor = Attributor(self.processes, exact=exact)
+
+    def _start_fanotify(self, required: bool) -> Any:
+        try:
+            from agent.sources.fanotify import FanotifyWatcher, available
+        except ImportError:
+            return None
+        ok, why = available()
+        if not ok:
+            if required:  # `fanotify: on` asked for exact attribution: its absence is an error
+                self._report(record("source_error", why, source="fanotify", required=True))
+            else:
+                self._report(record("source_selected", why, source="fanotify", active=False))
+            return None
+        try:
+            self.fanotify = FanotifyWatcher([w.path for w in self.config.watch])
+            self.fanotify.start()
+        except OSError as exc:
+            self._report(record("source_error", type(exc).__name__, source="fanotify"))
+            self.fanotify = None
+            return None
+        self._report(record("source_selected", "exact pids for file events", source="fanotify"))
+        watcher = self.fanotify
+
+        def exact(path: str) -> int | None:
+            access = watcher.lookup(path)
+            return access.pid if access is not None else None
+
+        return exact
+
+    def check_processes(self) -> None:
+        """New processes since the last poll become process-started events."""
+        if self.processes is None or self.pipeline is None:
+            return
+        try:
+            new = self.processes.poll()
+            if not new:
+                return
+            from agent.enrich.attribution import process_event
+
+            roots = [w.path.rstrip("/") + "/" for w in self.config.watch]
+
+            def tagged(path: str) -> bool:
+                return any((path + "/").startswith(r) for r in roots)
+
+            ts = now_us()
+            self.pipeline.emit_events([process_event(p, ts, tagged) for p in new])
+        except Exception as exc:
+            log.exception("process_check_failed")
+            self._report(record("source_error", type(exc).__name__, stage="processes"))
+
     def _build_lineage(self) -> None:
         assert self.lineage is not None and self.pipeline is not None
         from agent.sources.paths import compile_excludes
@@ -338,6 +431,8 @@ class Agent:
             self.source = None
         if self.mounts is not None:
             self.mounts.close()
+        if self.fanotify is not None:
+            self.fanotify.stop()
         drained = True
         if self.pipeline is not None:
             left = max(0.1, deadline - time.monotonic() - 0.05)

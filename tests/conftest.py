@@ -15,8 +15,15 @@ from typing import Any
 
 import pytest
 
-from agent.config import Config, LocationSettings, SinkSpec, WatchSpec, check_text
-from agent.events import Event, from_dict
+from agent.config import (
+    Config,
+    LocationSettings,
+    ProcessSettings,
+    SinkSpec,
+    WatchSpec,
+    check_text,
+)
+from agent.events import EVENT_DATASETS, Event, from_dict
 from agent.service import Agent
 from agent.sinks import Router
 
@@ -51,14 +58,14 @@ class Collector:
         return [
             from_dict(r)
             for r in self.records()
-            if r["event"]["kind"] == "event" and r["event"]["dataset"] == "exfilwatch.file"
+            if r["event"]["kind"] == "event" and r["event"]["dataset"] in EVENT_DATASETS
         ]
 
     def health(self, action: str | None = None) -> list[dict[str, Any]]:
         return [
             r
             for r in self.records()
-            if r["event"]["dataset"] != "exfilwatch.file"
+            if r["event"]["dataset"] not in (*EVENT_DATASETS, "exfilwatch.alert")
             and (action is None or r["event"]["action"] == action)
         ]
 
@@ -96,6 +103,7 @@ def make_config(specs: Sequence[WatchSpec], tmp: Path, **overrides: Any) -> Conf
         root_check_interval=0.2,
         # Tests watch only their own trees: no discovery of /tmp, homes or mounts.
         locations=LocationSettings(enabled=False),
+        processes=ProcessSettings(enabled=False),
     )
     return replace(base, **overrides)
 

@@ -28,6 +28,7 @@ sinks:
     records: [alert, health, event]
 heartbeat_interval: 1h
 locations: {{enabled: false}}
+processes: {{enabled: false}}
 root_check_interval: 0.2s
 """
 
@@ -165,7 +166,7 @@ def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(agent_run: Run, tmp_p
     agent_run.wait(lambda: agent_run.health("config_reload_rejected"), "reload rejected")
     rejected = agent_run.health("config_reload_rejected")[0]
     assert rejected["event"]["reason"] == "CFG_UNKNOWN_KEY"
-    assert rejected["exfilwatch"]["health"]["problems"][0].startswith(f"{agent_run.config}:12:1 ")
+    assert rejected["exfilwatch"]["health"]["problems"][0].startswith(f"{agent_run.config}:13:1 ")
     (agent_run.root / "still.txt").write_text("x")
     agent_run.wait_event("closed_write", agent_run.root / "still.txt")
 
@@ -186,7 +187,9 @@ def test_record_writes_events_that_load_back(tmp_path: Path) -> None:
     root = tmp_path / "rnd"
     root.mkdir()
     cfg = tmp_path / "agent.yaml"
-    cfg.write_text(f"watch: [{{path: {root}}}]\nlocations: {{enabled: false}}\n")
+    cfg.write_text(
+        f"watch: [{{path: {root}}}]\nlocations: {{enabled: false}}\nprocesses: {{enabled: false}}\n"
+    )
     out = tmp_path / "events.jsonl"
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent", "record", "--config", str(cfg), "-o", str(out)],

@@ -230,3 +230,36 @@ def test_the_fast_serializer_writes_exactly_what_the_general_one_does(
         pid,
     )
     assert event_line(e) == dumps(to_dict(e))
+    assert Event.from_json(event_line(e)) == e
+    enriched = e.evolve(
+        location=text,
+        watchlist=text,
+        lineage_origin=src,
+        lineage_tags=tags,
+        archive_tagged=size,
+        disguise=tags,
+        process_parent_name=text,
+        location_provider=text,
+    )
+    assert event_line(enriched) == dumps(to_dict(enriched))
+    assert Event.from_json(event_line(enriched)) == enriched
+    attributed = e.evolve(
+        user_name=text,
+        user_id=text,
+        process_pid=pid,
+        process_name=text,
+        process_executable=text,
+        process_command_line=text,
+        process_working_directory=text,
+        process_parent_pid=pid,
+        process_parent_name=text,
+        attribution=text,
+        attribution_method=text,
+        user_login_name=text,
+        user_login_id=text,
+        masquerade=text,
+        location=text,
+        location_provider=text,
+    )
+    assert event_line(attributed) == dumps(to_dict(attributed))
+    assert Event.from_json(event_line(attributed)) == attributed

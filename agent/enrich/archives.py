@@ -154,8 +154,9 @@ def _kind_by_content(head: bytes) -> str | None:
         return "tar"
     for magic, kind, probe in _COMPRESSED:
         if head.startswith(magic):
-            # Only a tar inside makes it an archive; a lone .gz has no members. Undecidable
-            # (a bzip2 block longer than the head) leaves it to the name.
+            # Only a tar inside makes it an archive: a lone .gz has no members. Otherwise, and
+            # when the head cannot tell (a bzip2 block longer than it), the name decides, so
+            # a .tgz holding no tar is listed as corrupt rather than ignored.
             block = probe(head)
             return kind if block is not None and _is_tar_header(block) else None
     return None

@@ -54,8 +54,8 @@ _CONTROLS = bytes([*range(0x01, 0x09), *range(0x0E, 0x1B), *range(0x1C, 0x20), 0
 _BASE64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _BASE64_STD = _BASE64 + b"+/="
 _BASE64_URL = _BASE64 + b"-_="
-_BASE64_STD_RUN = re.compile(rb"[A-Za-z0-9+/=]*")
-_BASE64_URL_RUN = re.compile(rb"[A-Za-z0-9_=-]*")
+_BASE64_ANY = _BASE64 + b"+/-_="
+_BASE64_RUN = re.compile(rb"[A-Za-z0-9+/=]*")
 _HEX = b"0123456789abcdefABCDEF"
 _UUENCODE = re.compile(rb"\s*begin(?:-base64)? [0-7]{3,4} [^\r\n]+\r?\n")
 # xxd, hexdump -C, od -A x -t x1: an offset, then at least four groups of hex digits.
@@ -300,7 +300,9 @@ def type_mismatch(extension: str | None, head: bytes) -> bool:
 
 
 def encoding(head: bytes) -> str | None:
-    """ "encrypted", "encoded" (base64, uuencode, hex dump) or None, from `head` alone."""
+    """Whether `head` is encrypted ("encrypted": gpg, openssl enc, age, a zip entry or 7z
+    header with encryption) or encoded ("encoded": base64, uuencode, hex dump), else None.
+    Looks at `head` only, so it stays cheap; a 7z's header counts only if it is in `head`."""
     kind = sniff(head)
     if _encrypted(head, kind):
         return "encrypted"
@@ -359,24 +361,32 @@ def _lines(body: bytes) -> list[bytes]:
     return lines
 
 
-def _consistent(lines: list[bytes]) -> bool:
-    """Every line but the last has one length; the last is not longer (wrapped output)."""
-    if len(lines) <= 1:
-        return True
-    width = len(lines[0])
-    return all(len(line) == width for line in lines[:-1]) and 0 < len(lines[-1]) <= width
+def _consistent(body: bytes) -> bool:
+    """Wrapped output: every line but the last has one width and the last is not longer.
+    Checked on newline positions in C rather than line by line."""
+    body = body.rstrip(b"\r\n") + b"\n"
+    width = body.find(b"\n")
+    sampled = body[width :: width + 1]  # where each newline must be if all lines are full
+    return sampled == b"\n" * len(sampled) and body.count(b"\n") - len(sampled) in (0, 1)
+
+
+def _first_line(head: bytes) -> bytes:
+    """Up to 256 bytes of the first line: enough to rule most text out cheaply."""
+    return head[:256].split(b"\n", 1)[0].rstrip(b"\r")
 
 
 def _is_hex(head: bytes) -> bool:
+    first = _first_line(head)
+    plain = not first.translate(None, _HEX)
+    if not plain and not _HEX_DUMP_LINE.match(first):
+        return False
     body = _body(head)
     data = body.translate(None, b"\r\n")
     if len(data) < _MIN_ENCODED:
         return False
-    if not data.translate(None, _HEX):  # xxd -p, plain hex strings; not a long decimal number
-        return bool(data.translate(None, b"0123456789")) and _consistent(_lines(body))
-    newline = body.find(b"\n")
-    if not _HEX_DUMP_LINE.match(body[:newline] if newline >= 0 else body):
-        return False  # the first line decides cheaply before every line is looked at
+    if plain:  # xxd -p, hex strings; not a long decimal number
+        hex_only = not data.translate(None, _HEX)
+        return hex_only and bool(data.translate(None, b"0123456789")) and _consistent(body)
     lines = _lines(body)
     dumped = sum(1 for line in lines if _HEX_DUMP_LINE.match(line))
     return len(lines) >= 8 and dumped * 10 >= len(lines) * 9
@@ -385,6 +395,8 @@ def _is_hex(head: bytes) -> bool:
 def _base64_prefix(head: bytes) -> bytes | None:
     """The decoded start of `head` if it looks like base64: >= 95% alphabet over at least
     256 bytes, wrapped at one width, varied (not hex, not bit strings) and decodable."""
+    if len(_first_line(head).translate(None, _BASE64_ANY)) * 20 > len(_first_line(head)):
+        return None  # prose and code stop here, on their first line
     body = _body(head)
     data = body.translate(None, b"\r\n")
     if len(data) < _MIN_ENCODED:
@@ -393,14 +405,19 @@ def _base64_prefix(head: bytes) -> bytes | None:
     alphabet = _BASE64_URL if url else _BASE64_STD
     if len(data.translate(None, alphabet)) * 20 > len(data):  # prose and code stop here
         return None
-    if len(set(data[:1024])) < 24 or not _consistent(_lines(body)):
-        return None
-    run = (_BASE64_URL_RUN if url else _BASE64_STD_RUN).match(data)
-    cut = (run.end() if run else 0) // 4 * 4
-    if cut < _MIN_ENCODED:
+    if len(set(data[:256])) < 24 or not _consistent(body):
         return None
     if url:
         data = data.replace(b"-", b"+").replace(b"_", b"/")
+    whole = len(data) // 4 * 4
+    try:  # usually all of it decodes; else the longest clean prefix must
+        return binascii.a2b_base64(data[:whole], strict_mode=True)
+    except binascii.Error:
+        pass
+    run = _BASE64_RUN.match(data)
+    cut = (run.end() if run else 0) // 4 * 4
+    if cut < _MIN_ENCODED:
+        return None
     try:
         return binascii.a2b_base64(data[:cut], strict_mode=True)
     except binascii.Error:

@@ -128,6 +128,25 @@ def test_a_zip_after_a_self_extractor_stub_is_still_listed(tmp_path: Path) -> No
     assert info is not None and info.members == (("a.txt", 3),) and info.error is None
 
 
+def test_a_zip64_archive_is_counted_through_its_zip64_end_record(tmp_path: Path) -> None:
+    path = tmp_path / "many.zip"
+    with zipfile.ZipFile(path, "w") as zf:  # over 65,535 entries: zipfile writes zip64 records
+        for i in range(70_000):
+            zf.writestr(str(i), b"")
+    assert b"PK\x06\x06" in path.read_bytes()[-200:]
+    info = inspect_archive(str(path), max_members=10, max_seconds=60)
+    assert info is not None
+    assert (info.total_members, len(info.members), info.error) == (70_000, 10, None)
+
+
+@pytest.mark.skipif(shutil.which("zip") is None, reason="needs the zip CLI")
+def test_utf8_names_from_the_zip_cli_read_as_utf8_not_cp437(tmp_path: Path) -> None:
+    (tmp_path / "überblick.txt").write_text("x")
+    run("zip", "-q", "out.zip", "überblick.txt", cwd=tmp_path)
+    info = inspect_archive(str(tmp_path / "out.zip"))
+    assert info is not None and info.members == (("überblick.txt", 1),)
+
+
 @pytest.mark.skipif(shutil.which("zip") is None, reason="needs the zip CLI")
 def test_a_password_protected_zip_made_by_zip_cli_is_encrypted(tmp_path: Path) -> None:
     (tmp_path / "top.v").write_text("module top; endmodule\n")

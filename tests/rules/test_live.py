@@ -27,6 +27,7 @@ sinks:
     records: [alert, health, event]
 heartbeat_interval: 1h
 locations: {{enabled: false}}
+processes: {{enabled: false}}
 rules_check_interval: 0.2s
 """
 

@@ -50,6 +50,7 @@ CONFIG_OBJECTS = {
     "_INOTIFY_KEYS": "/$defs/inotify",
     "_LOCATION_KEYS": "/$defs/locations",
     "_LINEAGE_KEYS": "/$defs/lineage",
+    "_PROCESS_KEYS": "/$defs/processes",
 }
 # Maps the loader checks with a literal key tuple inside a method (nothing to import).
 RULE_INLINE_OBJECTS = (

@@ -1,0 +1,436 @@
+"""Who did it: a process-table cache, process-started records, and attribution of file events."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import pwd
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+from agent.events import Event
+
+# Interpreters run scripts: their comm is the script's name, which is not masquerading.
+INTERPRETERS = (
+    "python",
+    "perl",
+    "ruby",
+    "node",
+    "bash",
+    "sh",
+    "dash",
+    "zsh",
+    "java",
+    "php",
+    "lua",
+    "env",
+)
+MAX_PROCS = 65_536
+RECENTLY_EXITED = 4_096
+CONSOLE_TTL = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Proc:
+    pid: int
+    ppid: int
+    name: str
+    exe: str | None
+    cmdline: tuple[str, ...]
+    uid: int | None
+    user: str | None
+    login_uid: int | None
+    login_user: str | None
+    cwd: str | None
+    start: float
+    parent_name: str | None
+    masquerade: str | None
+
+    @property
+    def command_line(self) -> str:
+        return " ".join(self.cmdline)
+
+    def paths(self) -> list[str]:
+        """Absolute paths among the arguments (relative ones resolved against the cwd)."""
+        out = []
+        for given in self.cmdline[1:]:
+            arg = given.split("=", 1)[1] if given.startswith("-") and "=" in given else given
+            if not arg or arg.startswith("-") or ("/" not in arg and arg not in (".", "..")):
+                continue
+            if not arg.startswith("/"):
+                if self.cwd is None:
+                    continue
+                arg = posixpath.join(self.cwd, arg)
+            out.append(posixpath.normpath(arg))
+        return out
+
+
+def masquerade_of(name: str, exe: str | None, cmdline: tuple[str, ...]) -> str | None:
+    """Why a process looks like something it is not, or None.
+
+    - `kernel_thread_name`: a user process (it has an executable) whose argv[0] is written like
+      a kernel thread, `[kworker/0:1]`;
+    - `deleted_executable`: the executable was deleted after start (a dropper cleaning up);
+    - `name_mismatch`: the process name (comm, set by prctl) is not the executable's name;
+    - `argv0_mismatch`: argv[0] names another program (`exec -a crond tar ...`).
+    Scripts under an interpreter are exempt (their name is the script's)."""
+    if exe is None:
+        return None
+    if cmdline and cmdline[0].startswith("[") and cmdline[0].endswith("]"):
+        return "kernel_thread_name"
+    if exe.endswith(" (deleted)"):
+        return "deleted_executable"
+    base = posixpath.basename(exe)
+    if base.startswith(INTERPRETERS):
+        return None
+
+    def same(a: str, b: str) -> bool:  # the kernel keeps 15 characters of a name
+        return bool(a) and bool(b) and (a.startswith(b[:15]) or b.startswith(a[:15]))
+
+    if name and not same(name, base):
+        return "name_mismatch"
+    argv0 = posixpath.basename(cmdline[0]).lstrip("-") if cmdline else ""
+    if argv0 and not same(argv0, base):
+        return "argv0_mismatch"
+    return None
+
+
+class KnownTools:
+    """Sizes and digests of well-known tools, to recognise a renamed copy (`tar` copied to
+    `/tmp/crond`): a new executable outside the system directories with a tool's size is
+    hashed once and compared."""
+
+    SYSTEM_DIRS = ("/usr/bin/", "/bin/", "/usr/sbin/", "/sbin/", "/usr/local/bin/", "/usr/lib/")
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self._by_size: dict[int, list[tuple[str, str]]] = {}
+        self._digests: dict[str, bytes | None] = {}
+        for name in names:
+            for d in ("/usr/bin", "/bin", "/usr/sbin", "/sbin", "/usr/local/bin"):
+                path = os.path.join(d, name)
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                self._by_size.setdefault(st.st_size, []).append((name, os.path.realpath(path)))
+                break
+
+    def identify(self, exe: str) -> str | None:
+        if exe.startswith(self.SYSTEM_DIRS):
+            return None
+        try:
+            size = os.stat(exe).st_size
+        except OSError:
+            return None
+        candidates = self._by_size.get(size)
+        if not candidates:
+            return None
+        digest = _file_digest(exe)
+        for name, path in candidates:
+            if path not in self._digests:
+                self._digests[path] = _file_digest(path)
+            if digest is not None and digest == self._digests[path]:
+                return name
+        return None
+
+
+def _file_digest(path: str) -> bytes | None:
+    import hashlib
+
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "blake2b").digest()
+    except OSError:
+        return None
+
+
+def _login_uid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/loginuid") as fh:
+            value = int(fh.read().strip())
+    except (OSError, ValueError):
+        return None
+    return None if value == 4294967295 else value  # unset: a daemon, not a login session
+
+
+def _username(uid: int | None, cache: dict[int, str | None]) -> str | None:
+    if uid is None:
+        return None
+    if uid not in cache:
+        try:
+            cache[uid] = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            cache[uid] = None
+    return cache[uid]
+
+
+class ProcessTable:
+    """The process table, cached. A poll lists pids and reads only new processes, so its cost
+    follows process churn, not process count. Processes that exited recently stay known for
+    a while: a short `cp` is gone before its file events are processed."""
+
+    def __init__(self, *, max_procs: int = MAX_PROCS, tools: Iterable[str] = ()) -> None:
+        self.max_procs = max_procs
+        self._tools = KnownTools(tools)
+        self._procs: dict[int, Proc] = {}
+        self._exited: OrderedDict[int, Proc] = OrderedDict()
+        self._by_path: dict[str, list[int]] = {}
+        self._users: dict[int, str | None] = {}
+        self._lock = threading.Lock()
+        self._own = os.getpid()
+        self.polls = 0
+        self.over_cap = 0
+
+    def __len__(self) -> int:
+        return len(self._procs)
+
+    def poll(self) -> list[Proc]:
+        """Read new processes; forget exited ones. Returns the new processes."""
+        self.polls += 1
+        pids = set(psutil.pids())
+        with self._lock:
+            known = set(self._procs)
+        new: list[Proc] = []
+        for pid in pids - known:
+            if len(self._procs) + len(new) >= self.max_procs:
+                self.over_cap += 1
+                break
+            proc = self.read(pid)
+            if proc is not None:
+                new.append(proc)
+        with self._lock:
+            for pid in known - pids:
+                gone = self._procs.pop(pid)
+                self._unindex(gone)
+                self._exited[pid] = gone
+                if len(self._exited) > RECENTLY_EXITED:
+                    old = self._exited.popitem(last=False)[1]
+                    self._unindex(old)
+            for proc in new:
+                self._procs[proc.pid] = proc
+                self._index(proc)
+        return new
+
+    def read(self, pid: int) -> Proc | None:
+        """One process, read now (None if it is gone or unreadable)."""
+        try:
+            p = psutil.Process(pid)
+            with p.oneshot():
+                name = p.name()
+                ppid = p.ppid()
+                start = p.create_time()
+                try:
+                    uid: int | None = p.uids().real
+                except psutil.Error:
+                    uid = None
+                try:
+                    exe: str | None = p.exe() or None
+                except psutil.Error:
+                    exe = None
+                try:
+                    cmdline = tuple(p.cmdline())
+                except psutil.Error:
+                    cmdline = ()
+                try:
+                    cwd: str | None = p.cwd() or None
+                except psutil.Error:
+                    cwd = None
+        except psutil.Error:
+            return None
+        login = _login_uid(pid)
+        parent = self._procs.get(ppid)
+        parent_name = parent.name if parent is not None else _name_of(ppid)
+        masquerade = masquerade_of(name, exe, cmdline)
+        if masquerade is None and exe is not None:
+            tool = self._tools.identify(exe)
+            if tool is not None and tool != posixpath.basename(exe):
+                masquerade = f"renamed_binary:{tool}"
+        return Proc(
+            pid,
+            ppid,
+            name,
+            exe,
+            cmdline,
+            uid,
+            _username(uid, self._users),
+            login,
+            _username(login, self._users),
+            cwd,
+            start,
+            parent_name,
+            masquerade,
+        )
+
+    def get(self, pid: int) -> Proc | None:
+        with self._lock:
+            proc = self._procs.get(pid) or self._exited.get(pid)
+        if proc is None:
+            proc = self.read(pid)
+        return proc
+
+    def _index(self, proc: Proc) -> None:
+        if proc.pid == self._own:
+            return
+        for path in {*proc.paths(), *([proc.cwd] if proc.cwd and proc.cwd != "/" else [])}:
+            self._by_path.setdefault(path, []).append(proc.pid)
+
+    def _unindex(self, proc: Proc) -> None:
+        for path in {*proc.paths(), *([proc.cwd] if proc.cwd else [])}:
+            pids = self._by_path.get(path)
+            if pids is not None and proc.pid in pids:
+                pids.remove(proc.pid)
+                if not pids:
+                    del self._by_path[path]
+
+    def by_path(self, path: str) -> tuple[Proc, str] | None:
+        """The newest process whose arguments (or working directory) name `path` or one of its
+        parent directories; the nearest match wins. Returns (process, "cmdline" | "cwd")."""
+        with self._lock:
+            cur = path
+            while cur and cur != "/":
+                pids = self._by_path.get(cur)
+                if pids:
+                    candidates = [self._procs.get(p) or self._exited.get(p) for p in pids]
+                    live = [c for c in candidates if c is not None]
+                    if live:
+                        # The newest wins; on a tie (runuser and the shell it starts share
+                        # the argument), the child, whose pid is higher.
+                        best = max(live, key=lambda c: (c.start, c.pid))
+                        method = "cmdline" if cur in best.paths() else "cwd"
+                        return best, method
+                cur = posixpath.dirname(cur)
+        return None
+
+
+def _name_of(pid: int) -> str | None:
+    try:
+        return psutil.Process(pid).name()
+    except psutil.Error:
+        return None
+
+
+class Attributor:
+    """Fills process.* and user.* on file events, saying how sure it is.
+
+    In order: a fanotify record of this path (exact: the kernel named the pid); a process
+    whose arguments or working directory name the path or a parent directory (inferred);
+    the file's owner for a creation (inferred, user only); the console user (inferred, user
+    only); else confidence none."""
+
+    def __init__(
+        self,
+        table: ProcessTable,
+        exact: Callable[[str], int | None] | None = None,
+        console: Callable[[], str | None] | None = None,
+    ) -> None:
+        self.table = table
+        self._exact = exact
+        self._console = console or console_user
+        self._users: dict[int, str | None] = {}
+        self.counters = {"exact": 0, "cmdline": 0, "cwd": 0, "owner": 0, "console": 0, "none": 0}
+
+    def __call__(self, e: Event) -> Event:
+        if e.process_pid is not None:
+            return e
+        proc: Proc | None = None
+        method = ""
+        if self._exact is not None:
+            pid = self._exact(e.path)
+            if pid is not None:
+                proc = self.table.get(pid)
+                method = "fanotify"
+        if proc is None:
+            found = self.table.by_path(e.path)
+            if found is not None:
+                proc, method = found
+        if proc is not None:
+            self.counters["exact" if method == "fanotify" else method] += 1
+            return e._replace(
+                process_pid=proc.pid,
+                process_name=proc.name,
+                process_executable=proc.exe,
+                process_command_line=proc.command_line or None,
+                process_working_directory=proc.cwd,
+                process_parent_pid=proc.ppid,
+                process_parent_name=proc.parent_name,
+                user_name=proc.user,
+                user_id=str(proc.uid) if proc.uid is not None else None,
+                user_login_name=proc.login_user,
+                user_login_id=str(proc.login_uid) if proc.login_uid is not None else None,
+                attribution="exact" if method == "fanotify" else "inferred",
+                attribution_method=method,
+                masquerade=proc.masquerade,
+            )
+        if e.action in ("created", "closed_write", "moved_in") and e.uid is not None:
+            self.counters["owner"] += 1
+            uid = int(e.uid)
+            return e._replace(
+                user_name=_username(uid, self._users),
+                user_id=e.uid,
+                attribution="inferred",
+                attribution_method="owner",
+            )
+        user = self._console()
+        if user is not None:
+            self.counters["console"] += 1
+            return e._replace(user_name=user, attribution="inferred", attribution_method="console")
+        self.counters["none"] += 1
+        return e._replace(attribution="none")
+
+
+_console_cache: tuple[float, str | None] = (0.0, None)
+
+
+def console_user() -> str | None:
+    """The user logged in on the console or a terminal (the most recent session); cached."""
+    global _console_cache
+    now = time.monotonic()
+    if now - _console_cache[0] < CONSOLE_TTL:
+        return _console_cache[1]
+    try:
+        users = sorted(psutil.users(), key=lambda u: u.started)
+    except (OSError, RuntimeError):
+        users = []
+    name = users[-1].name if users else None
+    _console_cache = (now, name)
+    return name
+
+
+def process_event(proc: Proc, timestamp_us: int, tagged: Callable[[str], bool]) -> Event:
+    """A process-started event. `file.path` is what the process works on when that is inside
+    a tagged tree (an argument, else the working directory), else its executable."""
+    path = next((p for p in proc.paths() if tagged(p)), None)
+    if path is None and proc.cwd is not None and tagged(proc.cwd):
+        path = proc.cwd
+    return Event(
+        timestamp_us,
+        "process_started",
+        path or proc.exe or "/",
+        category="process",
+        file_type=None,
+        source="process_poll",
+        process_pid=proc.pid,
+        process_name=proc.name,
+        process_executable=proc.exe,
+        process_command_line=proc.command_line or None,
+        process_working_directory=proc.cwd,
+        process_parent_pid=proc.ppid,
+        process_parent_name=proc.parent_name,
+        user_name=proc.user,
+        user_id=str(proc.uid) if proc.uid is not None else None,
+        user_login_name=proc.login_user,
+        user_login_id=str(proc.login_uid) if proc.login_uid is not None else None,
+        attribution="exact",
+        attribution_method="process_table",
+        masquerade=proc.masquerade,
+    )
+
+
+def summarize(procs: Iterable[Proc]) -> dict[str, Any]:
+    return {"count": sum(1 for _ in procs)}
