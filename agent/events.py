@@ -219,7 +219,7 @@ def parse_timestamp(text: str) -> int:
     return int(dt.timestamp()) * 1_000_000 + int(digits)
 
 
-def _text_and_raw(value: str) -> tuple[str, str | None]:
+def text_and_raw(value: str) -> tuple[str, str | None]:
     """Printable UTF-8 text for SIEMs, plus base64 of the exact bytes when they differ."""
     if value.isascii():
         return value, None
@@ -275,14 +275,14 @@ def _attribution(e: Event) -> dict[str, Any]:
 def to_dict(e: Event) -> dict[str, Any]:
     """Nested ECS-shaped dict; absent values are left out."""
     raw: dict[str, str] = {}
-    path_text, path_raw = _text_and_raw(e.path)
+    path_text, path_raw = text_and_raw(e.path)
     if path_raw is not None:
         raw["file.path"] = path_raw
     directory, name = _split(path_text)
     file: dict[str, Any] = {"path": path_text, "name": name, "directory": directory}
     ext = e.extension
     if ext is not None:
-        file["extension"] = _text_and_raw(ext)[0]
+        file["extension"] = text_and_raw(ext)[0]
     for key, value in (
         ("type", e.file_type),
         ("size", e.size),
@@ -303,7 +303,7 @@ def to_dict(e: Event) -> dict[str, Any]:
     for attr in ("src_path", "root"):
         value = getattr(e, attr)
         if value is not None:
-            text, r = _text_and_raw(value)
+            text, r = text_and_raw(value)
             custom[attr] = text
             if r is not None:
                 raw[_PATH_NAMES[attr]] = r
@@ -319,7 +319,7 @@ def to_dict(e: Event) -> dict[str, Any]:
         custom["watchlist"] = {"status": e.watchlist}
     lineage: dict[str, Any] = {}
     if e.lineage_origin is not None:
-        text, r = _text_and_raw(e.lineage_origin)
+        text, r = text_and_raw(e.lineage_origin)
         lineage["origin_path"] = text
         if r is not None:
             raw["exfilwatch.lineage.origin_path"] = r
@@ -382,7 +382,7 @@ def event_line(e: Event) -> str:
         return dumps(to_dict(e))  # lineage, archive, disguise, watchlist: rare, general path
     raw: list[str] = []
     path = e.path
-    path_text, path_raw = _text_and_raw(path)
+    path_text, path_raw = text_and_raw(path)
     if path_raw is not None:
         raw.append(f'"file.path":"{path_raw}"')
     directory, name = _split(path_text)
@@ -429,12 +429,12 @@ def event_line(e: Event) -> str:
     if e.sensitivity is not None:
         parts += (',"sensitivity":', _q(e.sensitivity))
     if e.src_path is not None:
-        text, r = _text_and_raw(e.src_path)
+        text, r = text_and_raw(e.src_path)
         parts += (',"src_path":', _q(text))
         if r is not None:
             raw.append(f'"exfilwatch.src_path":"{r}"')
     if e.root is not None:
-        text, r = _text_and_raw(e.root)
+        text, r = text_and_raw(e.root)
         parts += (',"root":', _q(text))
         if r is not None:
             raw.append(f'"exfilwatch.root":"{r}"')

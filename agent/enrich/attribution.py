@@ -352,20 +352,9 @@ class Attributor:
         if proc is not None:
             self.counters["exact" if method == "fanotify" else method] += 1
             return e._replace(
-                process_pid=proc.pid,
-                process_name=proc.name,
-                process_executable=proc.exe,
-                process_command_line=proc.command_line or None,
-                process_working_directory=proc.cwd,
-                process_parent_pid=proc.ppid,
-                process_parent_name=proc.parent_name,
-                user_name=proc.user,
-                user_id=str(proc.uid) if proc.uid is not None else None,
-                user_login_name=proc.login_user,
-                user_login_id=str(proc.login_uid) if proc.login_uid is not None else None,
+                **proc_fields(proc),
                 attribution="exact" if method == "fanotify" else "inferred",
                 attribution_method=method,
-                masquerade=proc.masquerade,
             )
         if e.action in ("created", "closed_write", "moved_in") and e.uid is not None:
             self.counters["owner"] += 1
@@ -402,6 +391,24 @@ def console_user() -> str | None:
     return name
 
 
+def proc_fields(proc: Proc) -> dict[str, Any]:
+    """The Event fields that describe a process and its user."""
+    return {
+        "process_pid": proc.pid,
+        "process_name": proc.name,
+        "process_executable": proc.exe,
+        "process_command_line": proc.command_line or None,
+        "process_working_directory": proc.cwd,
+        "process_parent_pid": proc.ppid,
+        "process_parent_name": proc.parent_name,
+        "user_name": proc.user,
+        "user_id": str(proc.uid) if proc.uid is not None else None,
+        "user_login_name": proc.login_user,
+        "user_login_id": str(proc.login_uid) if proc.login_uid is not None else None,
+        "masquerade": proc.masquerade,
+    }
+
+
 def process_event(proc: Proc, timestamp_us: int, tagged: Callable[[str], bool]) -> Event:
     """A process-started event. `file.path` is what the process works on when that is inside
     a tagged tree (an argument, else the working directory), else its executable."""
@@ -413,24 +420,8 @@ def process_event(proc: Proc, timestamp_us: int, tagged: Callable[[str], bool]) 
         "process_started",
         path or proc.exe or "/",
         category="process",
-        file_type=None,
         source="process_poll",
-        process_pid=proc.pid,
-        process_name=proc.name,
-        process_executable=proc.exe,
-        process_command_line=proc.command_line or None,
-        process_working_directory=proc.cwd,
-        process_parent_pid=proc.ppid,
-        process_parent_name=proc.parent_name,
-        user_name=proc.user,
-        user_id=str(proc.uid) if proc.uid is not None else None,
-        user_login_name=proc.login_user,
-        user_login_id=str(proc.login_uid) if proc.login_uid is not None else None,
         attribution="exact",
         attribution_method="process_table",
-        masquerade=proc.masquerade,
+        **proc_fields(proc),
     )
-
-
-def summarize(procs: Iterable[Proc]) -> dict[str, Any]:
-    return {"count": sum(1 for _ in procs)}

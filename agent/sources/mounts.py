@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
 import fnmatch
@@ -15,6 +14,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
+
+from agent.events import text_and_raw as _text_and_raw
 
 log = structlog.get_logger(__name__)
 
@@ -208,18 +209,6 @@ class MountInfo:
         if self.ignorable:
             out["ignorable"] = True
         return out
-
-
-def _text_and_raw(value: str) -> tuple[str, str | None]:
-    """Printable UTF-8 text, plus base64 of the exact bytes when not UTF-8 (as events do)."""
-    if value.isascii():
-        return value, None
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        data = os.fsencode(value)
-        return data.decode("utf-8", "backslashreplace"), base64.b64encode(data).decode("ascii")
-    return value, None
 
 
 # --- the mount table ---------------------------------------------------------------------------
