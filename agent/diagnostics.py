@@ -114,11 +114,12 @@ def compose_all(text: str) -> Iterator[yaml.Node]:
 
 def _guarded(loader: yaml.SafeLoader, step: Callable[[], T]) -> T:
     """One step of PyYAML's composer. What it lets slip becomes a located ScannerError: a
-    ValueError (chr() of a \\U escape past U+10FFFF, int() of a %YAML version too long to
-    convert) or a RecursionError (the composer recurses once per level of nesting)."""
+    ValueError or OverflowError (chr() of a \\U escape past U+10FFFF, int() of a %YAML
+    version too long to convert) or a RecursionError (the composer recurses once per level
+    of nesting)."""
     try:
         return step()
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         problem = f"cannot read this: {exc}"
     except RecursionError:
         problem = "nesting too deep"

@@ -367,13 +367,9 @@ class Agent:
             self.fanotify = None
             return None
         self._report(record("source_selected", "exact pids for file events", source="fanotify"))
-        watcher = self.fanotify
+        from agent.enrich.attribution import kernel_lookup
 
-        def exact(path: str) -> int | None:
-            access = watcher.lookup(path)
-            return access.pid if access is not None else None
-
-        return exact
+        return kernel_lookup(self.fanotify, self.processes)
 
     def check_processes(self) -> None:
         """New processes since the last poll become process-started events."""
@@ -509,6 +505,8 @@ class Agent:
             self.config = new
             self._discover_destinations()
             self._apply_specs()
+            if self.fanotify is not None:
+                self.fanotify.update([w.path for w in new.watch])
             if new.rules:
                 ruleset, rule_problems = load_rules(new.rules, now_us())
                 self._rule_signature = rule_signature(new.rules)

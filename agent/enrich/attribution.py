@@ -10,7 +10,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -326,7 +326,7 @@ class Attributor:
     def __init__(
         self,
         table: ProcessTable,
-        exact: Callable[[str], int | None] | None = None,
+        exact: Callable[[str, str], Proc | None] | None = None,
         console: Callable[[], str | None] | None = None,
     ) -> None:
         self.table = table
@@ -341,9 +341,8 @@ class Attributor:
         proc: Proc | None = None
         method = ""
         if self._exact is not None:
-            pid = self._exact(e.path)
-            if pid is not None:
-                proc = self.table.get(pid)
+            proc = self._exact(e.path, e.action)
+            if proc is not None:
                 method = "fanotify"
         if proc is None:
             found = self.table.by_path(e.path)
@@ -389,6 +388,52 @@ def console_user() -> str | None:
     name = users[-1].name if users else None
     _console_cache = (now, name)
     return name
+
+
+_READS = frozenset({"opened", "closed_nowrite"})
+_WRITES = frozenset({"closed_write", "modified", "opened"})
+
+
+class Watcher(Protocol):
+    def lookup(self, path: str, since_us: int | None = None, *, actions: Any = None) -> Any: ...
+
+    def process_info(self, pid: int) -> tuple[str, int | None, int] | None: ...
+
+
+def kernel_lookup(watcher: Watcher, table: ProcessTable) -> Callable[[str, str], Proc | None]:
+    """Exact attribution from fanotify records: the pid the kernel reported for this path and
+    kind of access; the process from the table, or from the snapshot fanotify took when the
+    process had already exited."""
+    users: dict[int, str | None] = {}
+
+    def exact(path: str, action: str) -> Proc | None:
+        # A reader right after a writer must not take the write: match the kind of access.
+        kinds = _READS if action in ("opened", "closed_nowrite") else _WRITES
+        access = watcher.lookup(path, actions=kinds)
+        if access is None:
+            return None
+        proc = table.get(access.pid)
+        if proc is not None:
+            return proc
+        name, uid, ppid = watcher.process_info(access.pid) or ("", None, 0)
+        login = None
+        return Proc(
+            access.pid,
+            ppid,
+            name,
+            None,
+            (),
+            uid,
+            _username(uid, users),
+            login,
+            None,
+            None,
+            0.0,
+            _name_of(ppid) if ppid else None,
+            None,
+        )
+
+    return exact
 
 
 def proc_fields(proc: Proc) -> dict[str, Any]:

@@ -129,7 +129,10 @@ class Destinations:
             ):
                 lineage.add(e.path, e.size, (e.mtime_us or 0) * 1000, e.tags)
             if e.action == "moved" and e.src_path is not None:
-                lineage.remove(e.src_path)
+                if e.file_type == "dir":
+                    lineage.move_tree(e.src_path, e.path)
+                else:
+                    lineage.remove(e.src_path)
         if (
             self.settings.disguise
             and e.action == "moved"

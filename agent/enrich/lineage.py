@@ -117,6 +117,7 @@ class LineageIndex:
         self._by_size: dict[int, list[_Entry]] = {}
         self._by_name: dict[str, list[_Entry]] = {}
         self._tags: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self._dirs: dict[str, set[str]] = {}
         self._lock = threading.Lock()
         self.stats = {"hashes": 0, "hashed_bytes": 0, "budget_denied": 0, "full": 0}
 
@@ -128,6 +129,9 @@ class LineageIndex:
     def add(self, path: str, size: int, mtime_ns: int, tags: tuple[str, ...]) -> None:
         if size <= 0:
             return  # empty files say nothing about where content came from
+        # Events carry microseconds, a walk nanoseconds: compare at the coarser one, or every
+        # event would look like a change and drop the cached digest.
+        mtime_ns -= mtime_ns % 1000
         with self._lock:
             old = self._by_path.get(path)
             if old is not None:
@@ -143,6 +147,7 @@ class LineageIndex:
             self._by_path[path] = entry
             self._by_size.setdefault(size, []).append(entry)
             self._by_name.setdefault(os.path.basename(path), []).append(entry)
+            self._dirs.setdefault(os.path.dirname(path), set()).add(path)
 
     def remove(self, path: str) -> None:
         with self._lock:
@@ -150,14 +155,41 @@ class LineageIndex:
             if entry is not None:
                 self._remove(entry)
 
-    def remove_tree(self, top: str) -> None:
+    def _under(self, top: str) -> list[_Entry]:
+        """Entries below `top`: a scan of directories, not of files (a tree removed file by
+        file, as `rm -rf` does, leaves nothing here by the time its directory goes)."""
         prefix = top.rstrip("/") + "/"
+        out: list[_Entry] = []
+        for d in [d for d in self._dirs if d == top or d.startswith(prefix)]:
+            out.extend(self._by_path[p] for p in self._dirs[d])
+        return out
+
+    def remove_tree(self, top: str) -> None:
         with self._lock:
-            for entry in [e for p, e in self._by_path.items() if p.startswith(prefix)]:
+            for entry in self._under(top):
                 self._remove(entry)
+
+    def move_tree(self, src: str, dst: str) -> None:
+        """A directory renamed inside the tagged trees: its files keep their digests."""
+        with self._lock:
+            moved = self._under(src)
+            for entry in moved:
+                self._remove(entry)
+            for entry in moved:
+                entry.path = dst + entry.path[len(src) :]
+                self._by_path[entry.path] = entry
+                self._by_size.setdefault(entry.size, []).append(entry)
+                self._by_name.setdefault(os.path.basename(entry.path), []).append(entry)
+                self._dirs.setdefault(os.path.dirname(entry.path), set()).add(entry.path)
 
     def _remove(self, entry: _Entry) -> None:
         del self._by_path[entry.path]
+        d = os.path.dirname(entry.path)
+        paths = self._dirs.get(d)
+        if paths is not None:
+            paths.discard(entry.path)
+            if not paths:
+                del self._dirs[d]
         sized = self._by_size.get(entry.size)
         if sized is not None:
             sized.remove(entry)

@@ -38,9 +38,8 @@ FANOTIFY_METADATA_VERSION: Final = 3
 MASK: Final = FAN_OPEN | FAN_MODIFY | FAN_CLOSE_WRITE | FAN_CLOSE_NOWRITE
 
 _INIT_FLAGS: Final = FAN_CLASS_NOTIF | FAN_CLOEXEC | FAN_NONBLOCK
-# No O_NOATIME: we never read through the event fd, so it would save nothing, and it needs
-# CAP_FOWNER over each file; where that check fails the kernel fails the read() and the event
-# is lost. O_LARGEFILE matters on 32-bit only (the kernel forces it on 64-bit).
+# No O_NOATIME: we never read through the event fd and an open alone does not touch atime, so
+# it would change nothing. O_LARGEFILE matters on 32-bit only (the kernel forces it on 64-bit).
 _EVENT_F_FLAGS: Final = os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC
 
 # struct fanotify_event_metadata: event_len u32, vers u8, reserved u8, metadata_len u16,
@@ -49,26 +48,32 @@ _META: Final = struct.Struct("=IBBHQii")
 
 # Every event in one read() arrives with an fd already open in this process, so a read of N
 # events holds N fds until we close them. 4 KiB is 170 events: far under any RLIMIT_NOFILE and,
-# measured, as fast as bigger buffers because the per-event readlink and close dominate.
+# measured, as fast as 16 or 64 KiB: the per-event work (readlink, close, Python) dominates.
 _READ_SIZE: Final = 4096
 
-# The last bit in the mask is the latest thing that happened when the kernel merged events on
-# one file (open, modify, close arrive as one record when the reader lags): report the close.
+# The kernel merges queued events of one pid on one file, so a lagging reader gets open, modify
+# and close as one record. Each set bit is cached as its own action, in the order they happen,
+# so lookup() by action still finds the open and the latest of them all is the close.
 _ACTIONS: Final = (
-    (FAN_CLOSE_WRITE, "closed_write"),
-    (FAN_CLOSE_NOWRITE, "closed_nowrite"),
-    (FAN_MODIFY, "modified"),
     (FAN_OPEN, "opened"),
+    (FAN_MODIFY, "modified"),
+    (FAN_CLOSE_NOWRITE, "closed_nowrite"),
+    (FAN_CLOSE_WRITE, "closed_write"),
 )
 ACTIONS: Final = frozenset(name for _, name in _ACTIONS)
 _DELETED: Final = " (deleted)"
 _STOP_WAIT_S: Final = 0.5
 
 
+_PROC_CACHE = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class Access:
-    pid: int
-    path: str
+    """One process's access to one file, as the kernel reported it."""
+
+    pid: int  # the process (thread group) id, not the thread
+    path: str  # resolved: readlink of the event fd, symlinks followed
     action: str  # "opened" | "closed_write" | "closed_nowrite" | "modified"
     timestamp_us: int  # when the reader saw it (wall clock): the kernel gives no event time
 
@@ -82,8 +87,13 @@ class _Libc:
         self.init.argtypes = [ctypes.c_uint, ctypes.c_uint]
         self.init.restype = ctypes.c_int
         self.mark = lib.fanotify_mark
-        self.mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int]
-        self.mark.argtypes.append(ctypes.c_char_p)
+        self.mark.argtypes = [
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint64,
+            ctypes.c_int,
+            ctypes.c_char_p,
+        ]
         self.mark.restype = ctypes.c_int
 
 
@@ -163,6 +173,27 @@ def _mnt_id(fd: int) -> int:
     raise OSError(errno.ENOTSUP, "no mnt_id in /proc/self/fdinfo (kernel older than 3.15)")
 
 
+def _marked_mounts(fan_fd: int) -> set[int]:
+    """The mount ids this group has marks on, as the kernel lists them in fdinfo."""
+    marked = set()
+    with open(f"/proc/self/fdinfo/{fan_fd}") as fh:
+        for line in fh:
+            if line.startswith("fanotify mnt_id:"):
+                marked.add(int(line.split()[1].split(":", 1)[1], 16))
+    return marked
+
+
+def _mount_points(mnt: int) -> list[str]:
+    """Where mount `mnt` is mounted, from /proc/self/mountinfo (octal escapes undone)."""
+    prefix = f"{mnt} "
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            if line.startswith(prefix):
+                raw = line.split()[4]
+                return [raw.encode().decode("unicode_escape").encode("latin-1").decode()]
+    return []
+
+
 class FanotifyWatcher:
     """Reports which pid opened, modified or closed files on the mounts holding the watched trees.
 
@@ -189,6 +220,7 @@ class FanotifyWatcher:
         self._set_roots(paths)
         self._cache: OrderedDict[str, dict[str, Access]] = OrderedDict()
         self._lock = threading.Lock()
+        self._procs: OrderedDict[int, tuple[str, int | None, int] | None] = OrderedDict()
         self._mark_lock = threading.Lock()
         self._marks: dict[int, str] = {}  # mnt_id -> directory we marked it through
         self._mark_errors: dict[str, str] = {}
@@ -238,8 +270,8 @@ class FanotifyWatcher:
             thread.join(_STOP_WAIT_S)
             self._thread = None
         # Closing the group fd drops all its marks and queued events (and their fds) in the kernel.
-        self._close_fds()
         with self._mark_lock:
+            self._close_fds()
             self._marks.clear()
 
     def _close_fds(self) -> None:
@@ -268,6 +300,9 @@ class FanotifyWatcher:
 
     def _sync_marks(self) -> None:
         with self._mark_lock:
+            # The kernel's list, not ours: a mount that was unmounted took its mark with it, and
+            # its id may since have been reused by a new mount that is not marked.
+            present = _marked_mounts(self._fan_fd)
             wanted: dict[int, str] = {}
             errors: dict[str, str] = {}
             for root in self._given:
@@ -279,36 +314,37 @@ class FanotifyWatcher:
                     continue
                 try:
                     mnt = _mnt_id(fd)
-                    if mnt not in self._marks and mnt not in wanted:
+                    if mnt not in present and mnt not in wanted:
                         _fanotify_mark(self._fan_fd, FAN_MARK_ADD | FAN_MARK_MOUNT, fd)
                     wanted.setdefault(mnt, directory)
                 except OSError as exc:
                     errors[root] = f"mark {directory}: {exc.strerror or exc}"
                 finally:
                     os.close(fd)
-            for mnt, directory in self._marks.items():
-                if mnt not in wanted:
-                    self._unmark(mnt, directory)
-            for mnt, directory in wanted.items():
-                self._marks[mnt] = self._marks.get(mnt, directory)
-            for mnt in [m for m in self._marks if m not in wanted]:
-                del self._marks[mnt]
+            for mnt in present - wanted.keys():
+                self._unmark(mnt, [self._marks.get(mnt, ""), *_mount_points(mnt)])
+            self._marks = wanted
             self._mark_errors = errors
 
-    def _unmark(self, mnt: int, directory: str) -> None:
-        # Only through a path that still leads to that mount: an unmounted mount took its mark
-        # with it, and a path now on another mount must not lose that mount's mark.
-        try:
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            return
-        try:
-            if _mnt_id(fd) == mnt:
-                _fanotify_mark(self._fan_fd, FAN_MARK_REMOVE | FAN_MARK_MOUNT, fd)
-        except OSError as exc:
-            self._note_error(f"unmark {directory}: {exc}")
-        finally:
-            os.close(fd)
+    def _unmark(self, mnt: int, candidates: list[str]) -> None:
+        # Only through a path that still leads to that very mount: a path now on another mount
+        # must not lose that mount's mark. A mount no path reaches (overmounted) keeps its mark
+        # until it is unmounted; events from it are still filtered by path.
+        for directory in candidates:
+            if not directory:
+                continue
+            try:
+                fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                if _mnt_id(fd) == mnt:
+                    _fanotify_mark(self._fan_fd, FAN_MARK_REMOVE | FAN_MARK_MOUNT, fd)
+                    return
+            except OSError as exc:
+                self._note_error(f"unmark {directory}: {exc}")
+            finally:
+                os.close(fd)
 
     # -- reader thread -----------------------------------------------------------------------
 
@@ -386,12 +422,39 @@ class FanotifyWatcher:
             if not (everything or _inside(path, roots)):
                 self._outside += 1
                 continue
+            if pid not in self._procs:
+                self._snapshot(pid)
             for bit, action in _ACTIONS:
                 if mask & bit:
                     found.append(Access(pid, path, action, now))
-                    break
         if found:
             self._store(found, now)
+
+    def _snapshot(self, pid: int) -> None:
+        """Name, uid and parent of a pid, read when its first event arrives: a short-lived
+        writer is usually gone by the time its events are attributed."""
+        info: tuple[str, int | None, int] | None = None
+        try:
+            with open(f"/proc/{pid}/status", "rb") as fh:
+                fields = dict(
+                    line.split(b":", 1) for line in fh.read(2048).splitlines() if b":" in line
+                )
+            name = fields.get(b"Name", b"").strip().decode("utf-8", "replace")
+            uid_field = fields.get(b"Uid", b"").split()
+            uid = int(uid_field[0]) if uid_field else None
+            ppid = int(fields.get(b"PPid", b"0").strip() or 0)
+            info = (name, uid, ppid)
+        except (OSError, ValueError):
+            info = None
+        with self._lock:
+            self._procs[pid] = info
+            while len(self._procs) > _PROC_CACHE:
+                self._procs.popitem(last=False)
+
+    def process_info(self, pid: int) -> tuple[str, int | None, int] | None:
+        """(name, uid, parent pid) of a pid as seen at its first access, if known."""
+        with self._lock:
+            return self._procs.get(pid)
 
     def _close_rest(self, buf: bytes, offset: int) -> None:
         while offset + _META.size <= len(buf):
@@ -478,8 +541,11 @@ class FanotifyWatcher:
         with self._lock:
             size = len(self._cache)
         with self._mark_lock:
-            mounts = len(self._marks)
             mark_errors = dict(self._mark_errors)
+            try:  # the kernel's count, so a mark we could not remove still shows
+                mounts = len(_marked_mounts(self._fan_fd)) if self._fan_fd >= 0 else 0
+            except OSError:
+                mounts = 0
         return {
             "running": self._thread is not None and self._thread.is_alive(),
             "events_read": self._events,

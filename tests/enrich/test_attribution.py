@@ -221,3 +221,42 @@ def test_process_settings_disable_everything(
     agent = run_agent(replace(config, processes=ProcessSettings(enabled=False)))
     assert agent.processes is None and agent.pipeline is not None
     assert agent.pipeline.attributor is None
+
+
+def _fanotify_ok() -> bool:
+    from agent.sources.fanotify import available
+
+    return available()[0]
+
+
+@needs_root
+def test_with_fanotify_a_short_lived_writer_is_attributed_exactly(
+    tree: Path,
+    tmp_path: Path,
+    run_agent: Callable[..., Agent],
+    collector: Collector,
+    test_user: str,
+) -> None:
+    if not _fanotify_ok():
+        pytest.skip("fanotify is not available on this kernel or in this sandbox")
+    config = make_config(
+        [WatchSpec(str(tree), ("rnd",))],
+        tmp_path,
+        processes=ProcessSettings(enabled=True, interval=0.5, fanotify="on"),
+    )
+    run_agent(config)
+    target = tree / "chip" / "fast.v"
+    # No argument names the file: only the kernel can say who wrote it.
+    script = 'cd "$(dirname "$1")" && exec 3>fast.v && sleep 0.2 && echo x >&3'
+    child = subprocess.Popen(
+        ["runuser", "-u", test_user, "--", "sh", "-c", script, "sh", str(target)]
+    )
+    child.wait()
+    collector.wait_event("closed_write", target, timeout=10)
+    event = next(
+        e for e in collector.events() if e.path == str(target) and e.action == "closed_write"
+    )
+    assert event.attribution == "exact"
+    assert event.attribution_method == "fanotify"
+    assert event.user_name == test_user
+    assert event.process_name == "sh"

@@ -109,3 +109,30 @@ def test_archive_members_match_by_name_and_size(tmp_path: Path) -> None:
     assert index.match_member("backup/rnd/chip/alu.v", size) is not None
     assert index.match_member("backup/rnd/chip/alu.v", size + 1) is None
     assert index.find_by_name("alu.v") is not None
+
+
+def test_a_directory_renamed_inside_the_tree_keeps_its_files_traceable(tmp_path: Path) -> None:
+    root = tree(tmp_path)
+    index = LineageIndex()
+    build(index, root)
+    (root / "chip").rename(root / "chip-v2")
+    index.move_tree(str(root / "chip"), str(root / "chip-v2"))
+    assert index.lookup(str(root / "chip" / "top.v")) is None
+    moved = root / "chip-v2" / "top.v"
+    assert index.lookup(str(moved)) is not None
+    copy = tmp_path / "copy.v"
+    shutil.copy(moved, copy)
+    origin = index.find_copy(str(copy), copy.stat().st_size)
+    assert origin is not None and origin.path == str(moved)
+
+
+def test_an_event_with_microsecond_mtime_does_not_churn_the_entry(tmp_path: Path) -> None:
+    root = tree(tmp_path)
+    index = LineageIndex()
+    build(index, root)
+    top = root / "chip" / "top.v"
+    st = top.stat()
+    entry = index._by_path[str(top)]
+    entry.digest = b"cached"
+    index.add(str(top), st.st_size, (st.st_mtime_ns // 1000) * 1000, ("chip",))
+    assert index._by_path[str(top)] is entry and entry.digest == b"cached"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sources.fanotify import Access, FanotifyWatcher, available
+from agent.sources.fanotify import Access, FanotifyWatcher, _mnt_id, _mount_points, available
 
 USABLE, WHY_NOT = available()
 pytestmark = [
@@ -154,8 +154,9 @@ def test_a_writer_that_keeps_the_file_open_is_seen_modifying_it(
         assert child.stdout is not None
         pid = int(child.stdout.readline())
         assert child.stdout.readline().strip() == "wrote"
-        seen = wait_for(watcher, log)
-        assert seen is not None and (seen.pid, seen.action) == (pid, "modified")
+        seen = wait_for(watcher, log, actions={"modified"})
+        assert seen is not None and seen.pid == pid
+        assert watcher.lookup(str(log)) == seen  # the latest thing that happened to it
     finally:
         child.communicate("", timeout=5)
     closed = wait_for(watcher, log, actions={"closed_write"})
@@ -193,8 +194,8 @@ def test_the_agents_own_reads_and_writes_from_any_thread_are_skipped(
     seen = wait_for(watcher, theirs)
     assert seen is not None and seen.pid == pid
     assert watcher.lookup(str(mine)) is None
-    # open + modify + close of the write, open + close of the read (the kernel may merge some).
-    assert watcher.stats()["own_events_skipped"] >= 2
+    # At least one record: the kernel merges this pid's queued events on one file into one.
+    assert watcher.stats()["own_events_skipped"] >= 1
 
 
 def test_stop_within_half_a_second_leaves_no_thread_and_no_fanotify_fd(
@@ -317,6 +318,38 @@ def test_update_marks_a_new_mount_and_unmarks_one_no_longer_watched(
     pid = run_child(write, str(tmpfs / "still"))
     seen = wait_for(watcher, tmpfs / "still")
     assert seen is not None and seen.pid == pid
+
+
+def test_a_mount_replaced_under_a_watched_tree_is_marked_again_on_update(
+    tmp_path: Path, watch: Callable[..., FanotifyWatcher]
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    target = tmp_path / "usb stick"  # a space, which mountinfo writes as an octal escape
+    target.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=4m", "fanotest", str(target)]
+    subprocess.run(mount, check=True)
+    try:
+        watcher = watch(target)
+        subprocess.run(["umount", str(target)], check=True)
+        # The old mount's mark went with it; the new mount may even reuse its id.
+        subprocess.run(mount, check=True)
+        watcher.update([str(target)])
+        assert watcher.stats()["mounts_marked"] == 1
+        pid = run_child("open(sys.argv[1], 'w').write('x')\n", str(target / "f"))
+        seen = wait_for(watcher, target / "f")
+        assert seen is not None and seen.pid == pid
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            assert _mount_points(_mnt_id(fd)) == [str(target)]
+        finally:
+            os.close(fd)
+        watcher.update([str(tmp_path / "elsewhere")])
+        stats = watcher.stats()
+        # The tmpfs is unmarked; only the disk's mount, where "elsewhere" will be, is left.
+        assert (stats["mounts_marked"], stats["mark_errors"], stats["errors"]) == (1, {}, 0)
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
 
 
 def test_a_tree_that_does_not_exist_yet_is_watched_through_its_mount(
