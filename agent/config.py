@@ -116,7 +116,7 @@ class Config:
     sinks: tuple[SinkSpec, ...] = (SinkSpec("stdout"),)
     state_dir: str = "/var/lib/exfilwatch"
     source: str = "auto"
-    queue_size: int = 200_000
+    queue_size: int = 50_000
     marker_name: str = ".exfilwatch.yaml"
     heartbeat_interval: float = 60.0
     rescan_max_entries: int = 200_000

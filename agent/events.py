@@ -7,7 +7,7 @@ import json
 import os
 import posixpath
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from json.encoder import encode_basestring_ascii
 from typing import IO, Any, NamedTuple
@@ -197,14 +197,23 @@ _PATH_FIELDS = ("path", "src_path", "root")
 _PATH_NAMES = {"path": "file.path", "src_path": "exfilwatch.src_path", "root": "exfilwatch.root"}
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 @lru_cache(maxsize=4096)
 def _second(sec: int) -> str:
-    return datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+    d = _EPOCH + timedelta(seconds=sec)
+    return f"{d.year:04d}-{d.month:02d}-{d.day:02d}T{d.hour:02d}:{d.minute:02d}:{d.second:02d}."
+
+
+_MIN_US = -62_135_596_800_000_000  # 0001-01-01T00:00:00Z
+_MAX_US = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
 
 
 def format_timestamp(us: int) -> str:
-    """ISO 8601 UTC with microseconds, exact for integer microseconds."""
-    sec, frac = divmod(us, 1_000_000)
+    """ISO 8601 UTC with microseconds, exact for integer microseconds. A time outside the
+    years 1-9999 (a forged mtime) is clamped: it must never stop an event from being written."""
+    sec, frac = divmod(min(max(us, _MIN_US), _MAX_US), 1_000_000)
     return f"{_second(sec)}{frac:06d}Z"
 
 

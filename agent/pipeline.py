@@ -50,9 +50,21 @@ class BoundedQueue:
         self.dropped = 0
         self._unreported = 0
         self.high_water = 0
+        self.waits = 0
 
-    def put(self, batch: list[RawEvent]) -> int:
+    def put(self, batch: list[RawEvent], wait: float = 0.0) -> int:
+        """Queue a batch. With `wait`, a full queue makes the producer wait (up to `wait`
+        seconds) for room instead of dropping: the inotify reader then leaves events in the
+        kernel queue, which the agent sized for bursts, and nothing is lost."""
         with self._cond:
+            if wait > 0 and self.cap - self._size < len(batch):
+                deadline = time.monotonic() + wait
+                while self.cap - self._size < len(batch):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.waits += 1
+                    self._cond.wait(min(left, 0.05))
             room = self.cap - self._size
             if room <= 0:
                 self.dropped += len(batch)
@@ -84,6 +96,7 @@ class BoundedQueue:
             item = self._items.popleft()
             if isinstance(item, list):
                 self._size -= len(item)
+                self._cond.notify_all()  # a producer may be waiting for room
             return item
 
     def take_dropped(self) -> int:
@@ -109,6 +122,8 @@ class Pipeline:
         self.router = router
         self.resolver = resolver
         self.queue = BoundedQueue(queue_size)
+        # How long a source waits for room before its batch is cut (then counted and reported).
+        self.backpressure = 2.0
         self.engine: Engine | None = None
         self.destinations: Callable[[Event], Event] | None = None
         self.attributor: Callable[[Event], Event] | None = None
@@ -126,7 +141,7 @@ class Pipeline:
     # producers -------------------------------------------------------------------------
 
     def emit(self, batch: list[RawEvent]) -> None:
-        self.queue.put(batch)
+        self.queue.put(batch, wait=self.backpressure)
 
     def emit_events(self, events: list[Event]) -> None:
         """Events built elsewhere (process starts): tags, location and rules still apply."""
@@ -218,6 +233,7 @@ class Pipeline:
         attributor = self.attributor
         lines: list[str] = []
         alerts: list[str] = []
+        stats: dict[str, os.stat_result | None] = {}
         for raw in batch:
             if isinstance(raw, _Ready):
                 event = self._ready(raw.event)
@@ -240,11 +256,17 @@ class Pipeline:
             file_type = "dir" if is_dir else "file"
             size = uid = gid = inode = mode = mtime = None
             if action not in _NO_STAT:
-                try:
-                    st = os.lstat(path)
-                except OSError:
-                    pass
+                # One lstat per path per batch: a write is opened, modified and closed_write
+                # events for the same file, read together, all answered by the same stat.
+                if path in stats:
+                    st = stats[path]
                 else:
+                    try:
+                        st = os.lstat(path)
+                    except OSError:
+                        st = None
+                    stats[path] = st
+                if st is not None:
                     fmt = stat.S_IFMT(st.st_mode)
                     if fmt == stat.S_IFLNK:
                         file_type = "symlink"
@@ -345,6 +367,7 @@ class Pipeline:
             "queued": len(self.queue),
             "queue_size": self.queue.cap,
             "queue_high_water": self.queue.high_water,
+            "queue_waits": self.queue.waits,
             "dropped_total": self.queue.dropped,
             "processed": self.processed,
             "health_dropped": self.health_dropped,

@@ -433,6 +433,18 @@ class Agent:
         if self.pipeline is not None:
             left = max(0.1, deadline - time.monotonic() - 0.05)
             drained = self.pipeline.stop(timeout=left)
+            unwritten = len(self.pipeline.queue)
+            if unwritten:
+                # Said as a loss, not only in the stop record: a SIEM alerts on event_loss.
+                self._report(
+                    record(
+                        "event_loss",
+                        "stopped_with_backlog",
+                        unwritten=unwritten,
+                        hint="the agent was stopped during a burst; events still queued were "
+                        "not written",
+                    )
+                )
             self._report(
                 record(
                     "agent_stopped",

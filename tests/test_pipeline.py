@@ -56,3 +56,17 @@ def test_stop_writes_everything_queued_before_returning() -> None:
         pipeline.emit([raw(i) for i in range(start, start + 1000)])
     assert pipeline.stop(timeout=10)
     assert len(collector.lines) == 50_000
+
+
+def test_a_waiting_producer_gets_room_instead_of_losing_events() -> None:
+    import threading
+
+    q = BoundedQueue(1000)
+    q.put([raw(i) for i in range(1000)])
+    taker = threading.Timer(0.2, lambda: q.get(timeout=1))
+    taker.start()
+    try:
+        assert q.put([raw(i) for i in range(500)], wait=5) == 500
+    finally:
+        taker.join()
+    assert q.dropped == 0 and q.waits > 0

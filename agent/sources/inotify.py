@@ -39,8 +39,26 @@ MASK = (
     | F.DONT_FOLLOW
     | F.EXCL_UNLINK
 )
-_SELF = F.DELETE_SELF | F.MOVE_SELF
-_DIR_READ = F.OPEN | F.CLOSE_NOWRITE | F.ACCESS
+# Plain ints for the hot loop: an IntEnum attribute costs several times a global int.
+_SELF = int(F.DELETE_SELF | F.MOVE_SELF)
+_DIR_READ = int(F.OPEN | F.CLOSE_NOWRITE | F.ACCESS)
+_Q_OVERFLOW, _IGNORED, _UNMOUNT, _ISDIR = (
+    int(F.Q_OVERFLOW),
+    int(F.IGNORED),
+    int(F.UNMOUNT),
+    int(F.ISDIR),
+)
+_MOVE_SELF, _MODIFY, _OPEN, _CLOSE_WRITE = (
+    int(F.MOVE_SELF),
+    int(F.MODIFY),
+    int(F.OPEN),
+    int(F.CLOSE_WRITE),
+)
+_CLOSE_NOWRITE, _CREATE, _DELETE = int(F.CLOSE_NOWRITE), int(F.CREATE), int(F.DELETE)
+_MOVED_FROM, _MOVED_TO, _ATTRIB = int(F.MOVED_FROM), int(F.MOVED_TO), int(F.ATTRIB)
+# A batch handed to the pipeline at most this big: lines reach the sinks while a burst is
+# still being read, and memory follows the batch, not the burst.
+BATCH = 4096
 _SYSCTL = "/proc/sys/fs/inotify/"
 # Paths a scan reported as created are remembered briefly so the kernel's own CREATE for the
 # same path (when it raced the scan) is not reported twice.
@@ -252,50 +270,55 @@ class InotifySource:
         recent = self._recent_scan
         self.counters["events_read"] += len(events)
         for wd, mask, cookie, name in events:
-            if mask & F.Q_OVERFLOW:
+            if len(out) >= BATCH:
+                self.counters["emitted"] += len(out)
+                self._emit(out)
+                out = []
+                append = out.append
+            if mask & _Q_OVERFLOW:
                 self._overflow(ts, out)
                 continue
             dirpath = wd_path.get(wd)
             if dirpath is None:
                 continue
             root = wd_root[wd]
-            if mask & F.IGNORED:
+            if mask & _IGNORED:
                 self._forget(wd)
                 if dirpath == root.path and root.state == "watching":
-                    self._root_lost(root, "unmounted" if mask & F.UNMOUNT else "ignored")
+                    self._root_lost(root, "unmounted" if mask & _UNMOUNT else "ignored")
                 continue
             if mask & _SELF:
                 if dirpath == root.path:
-                    self._root_lost(root, "moved" if mask & F.MOVE_SELF else "deleted")
+                    self._root_lost(root, "moved" if mask & _MOVE_SELF else "deleted")
                 continue
-            if mask & F.UNMOUNT:
+            if mask & _UNMOUNT:
                 continue
-            isdir = bool(mask & F.ISDIR)
+            isdir = bool(mask & _ISDIR)
             if (isdir and mask & _DIR_READ) or (name == marker and mask & _DIR_READ):
                 continue  # directory listings and the agent's own marker reads
             path = f"{dirpath}/{name}" if dirpath != "/" else f"/{name}"
             ex = root.excludes
             if ex and ex.leaf_excluded(root.rel(path), name):
                 continue
-            if mask & F.MODIFY:
+            if mask & _MODIFY:
                 append(RawEvent(ts, "modified", path, None, isdir, "inotify"))
-            elif mask & F.OPEN:
+            elif mask & _OPEN:
                 append(RawEvent(ts, "opened", path, None, isdir, "inotify"))
-            elif mask & F.CLOSE_WRITE:
+            elif mask & _CLOSE_WRITE:
                 append(RawEvent(ts, "closed_write", path, None, isdir, "inotify"))
-            elif mask & F.CLOSE_NOWRITE:
+            elif mask & _CLOSE_NOWRITE:
                 append(RawEvent(ts, "closed_nowrite", path, None, isdir, "inotify"))
-            elif mask & F.CREATE:
+            elif mask & _CREATE:
                 if recent and recent.pop(path, None) is not None:
                     continue
                 append(RawEvent(ts, "created", path, None, isdir, "inotify"))
                 if isdir and root.spec.recursive:
                     self._add_tree(root, path, out, scan=True, ts=ts)
-            elif mask & F.DELETE:
+            elif mask & _DELETE:
                 append(RawEvent(ts, "deleted", path, None, isdir, "inotify"))
-            elif mask & F.MOVED_FROM:
+            elif mask & _MOVED_FROM:
                 self._pending[cookie] = (ts, path, isdir, root, batch)
-            elif mask & F.MOVED_TO:
+            elif mask & _MOVED_TO:
                 pend = self._pending.pop(cookie, None)
                 if pend is not None:
                     append(RawEvent(ts, "moved", path, pend[1], isdir, "inotify"))
@@ -305,7 +328,7 @@ class InotifySource:
                     append(RawEvent(ts, "moved_in", path, None, isdir, "inotify"))
                     if isdir and root.spec.recursive:
                         self._add_tree(root, path, out, scan=True, ts=ts)
-            elif mask & F.ATTRIB:
+            elif mask & _ATTRIB:
                 append(RawEvent(ts, "attributes_changed", path, None, isdir, "inotify"))
         if self._pending:
             for cookie, (pts, ppath, pdir, _proot, pbatch) in list(self._pending.items()):
@@ -546,7 +569,8 @@ class InotifySource:
                 "event_loss",
                 "inotify_overflow",
                 source=self.name,
-                max_queued_events=read_sysctl("max_queued_events"),
+                # The limit this instance got when it was created, not today's sysctl.
+                max_queued_events=self.kernel.get("max_queued_events"),
                 since=self._last_batch_us,
                 hint="events were lost in the kernel queue; a rescan follows",
             )
