@@ -566,6 +566,8 @@ class _Reader:
                 if "condition" in cm:
                     cond = self.mapping(cm["condition"][1], ("gte",), "condition")
                     if cond is None or "gte" not in cond:
+                        if cond is not None:
+                            self.add(cm["condition"][1], "RULE_REQUIRED", "condition needs gte: N")
                         ok = False
                     else:
                         gte = _positive(node_value(cond["gte"][1]))
