@@ -124,6 +124,7 @@ class Pipeline:
         self.queue = BoundedQueue(queue_size)
         # How long a source waits for room before its batch is cut (then counted and reported).
         self.backpressure = 2.0
+        self._expire_at: int | None = None
         self.engine: Engine | None = None
         self.destinations: Callable[[Event], Event] | None = None
         self.attributor: Callable[[Event], Event] | None = None
@@ -199,6 +200,11 @@ class Pipeline:
                         hint="raise queue_size or exclude noisy trees",
                     )
                 )
+            if self._expire_at is not None and self.engine is not None:
+                # Engine state is touched by this thread only: expiry runs here, not in the
+                # scheduler's thread (a dict changing size mid-iteration would be the result).
+                expire_at, self._expire_at = self._expire_at, None
+                self.engine.expire(expire_at)
             if item is None:
                 if self._next_engine is not None:
                     self._install_engine()
@@ -330,6 +336,10 @@ class Pipeline:
             sequence=self._sequence,
             hostname=self._hostname,
         )
+
+    def request_expiry(self, now_us: int) -> None:
+        """Ask the consumer to drop stale correlation groups at its next turn."""
+        self._expire_at = now_us
 
     def set_engine(self, engine: Engine) -> None:
         """Swap rule sets between two batches: intake never pauses, state of unchanged rules

@@ -129,8 +129,8 @@ class Agent:
             self.install_rules(ruleset, problems)
 
     def expire_windows(self) -> None:
-        if self.pipeline is not None and self.pipeline.engine is not None:
-            self.pipeline.engine.expire(now_us())
+        if self.pipeline is not None:
+            self.pipeline.request_expiry(now_us())
 
     def start(self) -> None:
         self._started = time.monotonic()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -22,6 +22,7 @@ class Caps:
     max_groups: int = 100_000  # per correlation rule
     max_events: int = 10_000  # kept per group of a counting correlation
     max_suppress_keys: int = 100_000  # per rule
+    max_total_events: int = 1_000_000  # matches held in all counting windows (~120 MB)
     sample_paths: int = 10
 
 
@@ -78,10 +79,13 @@ class Engine:
                     specific.setdefault(action, []).append(r)
         self._any = tuple(anywhere)
         self._by_action = {a: tuple(rs) + self._any for a, rs in specific.items()}
-        self._windows: dict[str, dict[tuple[Any, ...], Any]] = {
-            cid: {} for cid in ruleset.correlations
+        # OrderedDicts: evicting the oldest entry at a cap is O(1) (a plain dict's first key
+        # gets slower to find as deleted slots pile up at its front).
+        self._windows: dict[str, OrderedDict[tuple[Any, ...], Any]] = {
+            cid: OrderedDict() for cid in ruleset.correlations
         }
-        self._suppress: dict[str, dict[tuple[Any, ...], list[int]]] = {}
+        self._suppress: dict[str, OrderedDict[tuple[Any, ...], list[int]]] = {}
+        self._items = 0  # matches held in all counting windows, against caps.max_total_events
         self.matched = 0
         self.alerts = 0
 
@@ -90,9 +94,10 @@ class Engine:
     def process(self, e: Event) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for r in self._by_action.get(e.action, self._any):
-            if not r.match(e):
-                continue
+            # Scope first: it is one comparison, and most users are on no watchlist.
             if r.scope and e.watchlist not in r.scope:
+                continue
+            if not r.match(e):
                 continue
             if r.exceptions and self._excepted(r, e):
                 continue
@@ -121,7 +126,7 @@ class Engine:
         sup = r.rule.suppress
         if sup is None:
             return make(0)
-        keys = self._suppress.setdefault(r.id, {})
+        keys = self._suppress.setdefault(r.id, OrderedDict())
         key = tuple(e.get(f) for f in sup.by)
         now = e.timestamp_us
         state = keys.get(key)
@@ -130,7 +135,7 @@ class Engine:
             return None
         suppressed = state[1] if state is not None else 0
         if state is None and len(keys) >= self.caps.max_suppress_keys:
-            del keys[next(iter(keys))]
+            keys.popitem(last=False)
             self._cap("suppress_keys", self.caps.max_suppress_keys, rule=r.id)
         keys[key] = [now + int(sup.seconds * 1_000_000), 0]
         return make(suppressed)
@@ -148,18 +153,30 @@ class Engine:
         span = int(c.timespan * 1_000_000)
         state = groups.get(key)
         if state is None:
+            if c.type == "temporal_ordered" and base_id != c.rules[0]:
+                return None  # a later step with no first step: nothing to remember
             if len(groups) >= self.caps.max_groups:
-                del groups[next(iter(groups))]  # the oldest group goes first
+                self._forget(groups.popitem(last=False)[1])  # the oldest group goes first
                 self._cap("correlation_groups", self.caps.max_groups, rule=corr.id)
             state = _Sequence(now) if c.type == "temporal_ordered" else _Window()
             groups[key] = state
         if isinstance(state, _Sequence):
             return self._step(corr, base_id, e, key, state, span=span)
         win = state
+        before = len(win.items)
         win.evict_before(now - span)
         if len(win.items) >= self.caps.max_events:
             win._drop()
             self._cap("correlation_events", self.caps.max_events, rule=corr.id)
+        self._items += len(win.items) - before + 1
+        while self._items > self.caps.max_total_events and len(groups) > 1:
+            # A bound in memory, not only in counts: the oldest group of this rule goes.
+            oldest_key = next(iter(groups))
+            if oldest_key == key:
+                groups.move_to_end(key)
+                continue
+            self._forget(groups.pop(oldest_key))
+            self._cap("correlation_memory", self.caps.max_total_events, rule=corr.id)
         value = e.get(c.field) if c.field else None
         if isinstance(value, tuple):
             value = value or None
@@ -178,7 +195,7 @@ class Engine:
         if metric < c.gte:
             return None
         details = self._details(corr, key, [(t, p, s) for t, p, s, _ in win.items], metric)
-        del groups[key]
+        self._forget(groups.pop(key))
         return self._suppressed(
             corr,
             e,
@@ -190,6 +207,10 @@ class Engine:
                 identity=(e.hostname, key, win.items[0][0] if win.items else now, now),
             ),
         )
+
+    def _forget(self, state: Any) -> None:
+        if isinstance(state, _Window):
+            self._items -= len(state.items)
 
     def _step(
         self,
@@ -205,6 +226,10 @@ class Engine:
         assert c is not None
         now = e.timestamp_us
         if seq.step and now - seq.first > span:
+            seq.first, seq.step, seq.samples = now, 0, []
+        if seq.step == 1 and base_id == c.rules[0]:
+            # The first step again before the second: the sequence starts over from the newer
+            # one, or a read at 0 and 29 min then a copy at 31 min would be missed.
             seq.first, seq.step, seq.samples = now, 0, []
         if c.rules[seq.step] != base_id:
             return None
@@ -273,7 +298,7 @@ class Engine:
             assert c is not None
             cutoff = now_us - int(c.timespan * 1_000_000)
             for key in [k for k, s in groups.items() if _last(s) < cutoff]:
-                del groups[key]
+                self._forget(groups.pop(key))
                 dropped += 1
         for keys in self._suppress.values():
             for key in [k for k, (until, count) in keys.items() if until < now_us and not count]:
@@ -287,7 +312,10 @@ class Engine:
         for cid in self._windows:
             prev = old.ruleset.correlations.get(cid)
             if prev is not None and prev.fingerprint == self.ruleset.correlations[cid].fingerprint:
-                self._windows[cid] = old._windows.get(cid, {})
+                self._windows[cid] = old._windows.get(cid, OrderedDict())
+                self._items += sum(
+                    len(w.items) for w in self._windows[cid].values() if isinstance(w, _Window)
+                )
                 kept += 1
         mine = {**self.ruleset.rules, **self.ruleset.correlations}
         for rid, keys in old._suppress.items():

@@ -293,3 +293,62 @@ def test_alert_fields_are_ecs_or_in_our_namespace() -> None:
     for alert in alerts:
         for name in flatten(alert):
             assert name.startswith("exfilwatch.") or name in ecs, name
+
+
+def test_a_repeated_first_step_restarts_the_sequence_from_the_newer_one() -> None:
+    text = (
+        DELETE
+        + """\
+---
+id: rd
+title: tagged read
+level: low
+tags: [attack.collection]
+detection:
+  selection: {event.action: closed_nowrite, exfilwatch.tags|exists: true}
+  condition: selection
+---
+id: read-then-delete
+title: read then delete
+level: high
+tags: [attack.impact]
+correlation:
+  type: temporal_ordered
+  rules: [rd, del]
+  group-by: [user.name]
+  timespan: 30m
+"""
+    )
+    read = {"event__action": "closed_nowrite", "file__path": "/r/a", "exfilwatch__tags": ["t"]}
+    delete = {**read, "event__action": "deleted"}
+    engine = Engine(ruleset(text))
+    engine.process(ev(0, **read))
+    engine.process(ev(29 * 60, **read))
+    alerts = engine.process(ev(31 * 60, **delete))
+    assert [a["rule"]["id"] for a in alerts] == ["read-then-delete"]
+    # A later step alone leaves nothing behind.
+    lone = Engine(ruleset(text))
+    lone.process(ev(0, **delete))
+    assert lone.stats()["groups"] == 0
+
+
+def test_memory_held_by_all_windows_is_bounded_and_reported() -> None:
+    hits: list[str] = []
+    text = MASS.replace("{gte: 3}", "{gte: 100000}")
+    engine = Engine(
+        ruleset(text), Caps(max_total_events=500), on_cap=lambda n, c, d: hits.append(n)
+    )
+    for i in range(2000):
+        engine.process(
+            ev(
+                i / 100,
+                event__action="deleted",
+                file__path=f"/r/{i}",
+                exfilwatch__tags=["t"],
+                user__name=f"u{i % 50}",
+            )
+        )
+    assert engine._items <= 500
+    held = sum(len(w.items) for w in engine._windows["mass"].values())
+    assert held == engine._items
+    assert "correlation_memory" in hits

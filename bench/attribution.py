@@ -1,0 +1,1628 @@
+"""Attribution benchmark: what process polling and attribution cost, which short-lived processes
+the default poll catches, and how often file events are attributed to the right process/user.
+
+Usage (as root: the accuracy part creates a system user and runs commands with runuser, and
+fanotify needs CAP_SYS_ADMIN)::
+
+    /work/venv/bin/python bench/attribution.py --quick           # about 5 minutes
+    /work/venv/bin/python bench/attribution.py                   # about 15 minutes
+    /work/venv/bin/python bench/attribution.py --json            # JSON on stdout, no tables
+    /work/venv/bin/python bench/attribution.py --json r.json     # tables, and JSON in r.json
+    /work/venv/bin/python bench/attribution.py --parts cost,catch   # a subset of the parts
+
+Progress goes to stderr; the result tables (or ``--json``) go to stdout.
+
+Goals (from the issue): with 500 processes on the machine, process polling plus attribution at
+the defaults costs <= 1% of one core (CPU seconds over wall seconds); a burst of 10,000 file
+events is attributed without stalling the pipeline; the shortest-lived process the default
+interval catches is measured; an accuracy benchmark reports the fraction of file events
+attributed exactly, inferred, and wrongly.
+
+Machine set-up (parts cost and catch)
+    ``sleep 600`` children are started until ``psutil.pids()`` counts ``--procs`` (500)
+    processes; churn is a separate child process (its own process group, so its CPU is not
+    ours) that starts ``sleep U(0.02, 2.0)`` at ``--churn`` (4) per second, Poisson arrivals.
+
+cost
+    pids()              ``psutil.pids()`` alone, median microseconds
+    fresh poll          ``ProcessTable(tools=<the service's list>).poll()`` on an empty table
+                        reads every process: wall/CPU per process read
+    poll loop           ``ProcessTable.poll()`` plus ``process_event`` for each new process
+                        every 0.5 s for ``--duration`` seconds in this process (a plain timer
+                        thread instead of APScheduler): CPU seconds / wall seconds, and per-poll
+                        cost for polls that found no new process and per new process read
+    agent idle          the real ``Agent`` (inotify source on an empty tree, no rules,
+                        lineage/locations off, heartbeat off) for ``--duration`` seconds with
+                        processes disabled, enabled with fanotify off, and enabled with
+                        fanotify auto: this process's CPU over wall; the difference from
+                        "disabled" is what polling (and fanotify) cost at the defaults
+    fanotify load       a child opens and closes files under /usr (same mount as /tmp, so on
+                        the marked mount, outside the watched tree) at ``--fan-rate`` per
+                        second: this process's CPU per kernel record read and filtered away
+
+burst
+    10,000 files (half in 10 directories named by long-lived ``sh -c 'sleep 600; :' sh DIR``
+    processes, half in 10 directories nobody names) written by a child process while a
+    FanotifyWatcher (window raised to 300 s so cached accesses cannot expire mid-bench)
+    watches the tree. 10,000 Events (created/closed_write/modified/opened/closed_nowrite, uid
+    from lstat) go through ``Attributor`` (best of 3):
+        inferred            exact=None (fanotify off): cmdline/cwd, else owner/console/none
+        exact hit           exact=watcher.lookup, the writer known to the table
+        exact miss          exact=lookup of a watcher with an empty cache
+        exact, pid gone     exact hit, but the writer exited before any poll saw it (a short
+                            cp): ``table.get`` tries to read the dead pid for every event
+    and through ``Pipeline._process`` (RawEvent batches of 256, lstat, tags, JSON line; no
+    rules) bare, with a hook that only sets fixed process fields (what the wider JSON line
+    costs), with the inferred Attributor and with the exact one.
+
+catch
+    ``sleep L`` for L in 1..1000 ms, ``--catch-n`` (50) of each, shuffled, started at random
+    times (so at random phases of the poll), while a thread polls a ProcessTable every 0.5 s
+    (and, in a second round, every 0.1 s). A process counts as caught when a poll returned its
+    pid, and "as sleep" when the record has the ``sleep`` command line (a pid read between
+    fork and exec records python's). Lifetime is measured from before Popen to the reap.
+    The expectation for a process of lifetime T is about min(1, T / interval).
+
+accuracy
+    A system user ``exfilwatch-bench`` (created when missing, never removed) runs a mix of
+    commands in a tree under /tmp (0777), two at a time, in random order, with cwd = the tree
+    (a user working in the project), each as
+    ``runuser -u exfilwatch-bench -- sh -c 'echo $$; exec "$@"' sh CMD...`` so the pid of
+    the user's process is known (runuser is its root parent, whose pid Popen gives):
+        cp, cp_r, tar       cp / cp -r / tar cf of the command's own source files
+        sh_echo             sh -c 'echo data > dst/...'
+        py_script, sh_script  a python / sh script given the path: sleeps 0.8 s, then writes
+        mv, rm, cat         rename / remove a file root made at set-up; read two files
+        rm_fresh            root writes a file (``sh -c 'echo > f'``), 0-1 s later the user
+                            removes it; root's write events are the row root_prewrite
+        cp_scanned          cp while a root "scanner" (cwd /, path from the environment, as an
+                            antivirus or indexer) re-reads the destination every ms; reads of
+                            that file (inotify cannot say whose) are left out as ambiguous
+    A root background ``sh`` loop writes and reads files under other/ (given as an argument)
+    ten times a second, starting ``sleep 0.1`` each time; its cwd is the tree in one pair of
+    rounds (a root job in the project: its children are the newest processes whose cwd is
+    the tree) and / in the other. The real agent runs in-process (inotify source, processes
+    enabled at the default 0.5 s, locations/lineage off, no rules), with fanotify off and
+    auto. Each file event is mapped to the command that made it by its path (every command
+    has its own files) and judged:
+        right   the process named is the command's (runuser or the user's process) or a
+                child of it; or only a user is named (owner/console) and it is the right one
+        wrong   another process, or another user
+        none    attribution "none"
+    The table gives, per command and overall, % of events: exact-right, exact-wrong,
+    inferred-right, inferred-wrong, none; "seen" = the share of commands whose user process
+    appeared in a process_started event; "fan late" = events not attributed by fanotify
+    although the watcher had a matching record when the sink looked again (as the line was
+    written, and one second later): the fanotify reader was behind the inotify reader and
+    the pipeline; "exact no-user" = exact attributions with no user or name (the fanotify
+    reader's /proc snapshot of the pid came after the process was gone). Rows "user
+    commands" (all but root's) and "overall".
+
+Standard library and psutil only (and the agent itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import pwd
+import queue
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import psutil
+
+from agent.config import (
+    Config,
+    InotifySettings,
+    LineageSettings,
+    LocationSettings,
+    ProcessSettings,
+    SinkSpec,
+    WatchSpec,
+)
+from agent.enrich.attribution import (
+    Attributor,
+    Proc,
+    ProcessTable,
+    kernel_lookup,
+    proc_fields,
+    process_event,
+)
+from agent.enrich.tags import TagResolver
+from agent.events import Event, from_dict
+from agent.health import CapReporter
+from agent.pipeline import Pipeline
+from agent.service import Agent
+from agent.sinks import Router
+from agent.sinks.logsetup import configure
+from agent.sources.base import RawEvent
+from agent.sources.fanotify import FanotifyWatcher, available
+
+# What agent/service.py `_make_attribution` gives ProcessTable (renamed-copy detection).
+TOOLS = (
+    "tar",
+    "zip",
+    "7z",
+    "gpg",
+    "openssl",
+    "curl",
+    "wget",
+    "scp",
+    "rsync",
+    "rclone",
+    "nc",
+    "ncat",
+    "socat",
+    "sftp",
+    "shred",
+    "base64",
+)
+BENCH_USER = "exfilwatch-bench"
+USER_PYTHON = "/usr/bin/python3"  # the venv's interpreter lives under /root: not for the user
+LIFETIMES_MS = (1, 5, 10, 25, 50, 100, 250, 500, 1000)
+OP_KINDS = (
+    "cp",
+    "cp_r",
+    "tar",
+    "sh_echo",
+    "py_script",
+    "sh_script",
+    "mv",
+    "rm",
+    "cat",
+    "rm_fresh",
+    "cp_scanned",
+)
+BG = "root_bg"
+PRE = "root_prewrite"  # root's write of the file an rm_fresh command then removes
+
+CHURN = r"""
+import random, subprocess, sys, time
+rate, rng, live = float(sys.argv[1]), random.Random(int(sys.argv[2])), []
+while True:
+    time.sleep(rng.expovariate(rate))
+    live.append(subprocess.Popen(["sleep", f"{rng.uniform(0.02, 2.0):.3f}"]))
+    live = [p for p in live if p.poll() is None]
+"""
+
+FILE_LOAD = r"""
+import os, sys, time
+rate = float(sys.argv[1])
+files = []
+for d in ("/usr/bin", "/usr/lib/x86_64-linux-gnu", "/usr/share/doc"):
+    try:
+        files += [os.path.join(d, n) for n in sorted(os.listdir(d))]
+    except OSError:
+        pass
+files = [f for f in files if os.path.isfile(f)][:2000]
+step, i, t = 0.01, 0, time.monotonic()
+per = max(1, round(rate * step))
+while True:
+    for _ in range(per):
+        try:
+            os.close(os.open(files[i % len(files)], os.O_RDONLY))
+        except OSError:
+            pass
+        i += 1
+    t += step
+    time.sleep(max(0.0, t - time.monotonic()))
+"""
+
+WRITER = r"""
+import os, sys
+root, n = os.environ["BENCH_ROOT"], int(sys.argv[1])
+for i in range(n):
+    d = os.path.join(root, "named" if i % 2 == 0 else "anon", f"d{(i // 2) % 10}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"f{i:05d}.txt"), "w") as fh:
+        fh.write("x" * 100)
+print("done", flush=True)
+sys.stdin.read()
+"""
+
+PY_SCRIPT = "import sys, time\ntime.sleep(0.8)\nopen(sys.argv[1], 'w').write('written\\n')\n"
+SH_SCRIPT = 'sleep 0.8; echo written > "$1"'
+# A root reader of fresh files (an antivirus or indexer): the path comes in the environment and
+# the cwd is /, so only fanotify can name it.
+SCANNER = r"""
+import os, time
+path = os.environ["SCAN_PATH"]
+while True:
+    try:
+        with open(path, "rb") as fh:
+            fh.read()
+    except OSError:
+        pass
+    time.sleep(0.001)
+"""
+BG_SCRIPT = """i=0
+while :; do
+  i=$((i + 1))
+  echo "$i" > "$1/bg-$((i % 20)).log"
+  read line < "$1/bg-$(((i + 7) % 20)).log"
+  sleep 0.1
+done"""
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# cleanup ---------------------------------------------------------------------------------
+
+
+class Cleanup:
+    """Every child process, agent, watcher and temporary tree this run makes, undone at exit."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.groups: list[subprocess.Popen[bytes]] = []  # leaders of process groups we made
+        self.trees: list[str] = []
+        self.agents: list[Agent] = []
+        self.watchers: list[FanotifyWatcher] = []
+        self._lock = threading.Lock()
+
+    def spawn(
+        self, argv: Sequence[str], *, group: bool = False, **kw: Any
+    ) -> subprocess.Popen[bytes]:
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        kw.setdefault("stdout", subprocess.DEVNULL)
+        kw.setdefault("stderr", subprocess.DEVNULL)
+        p: subprocess.Popen[bytes] = subprocess.Popen(list(argv), start_new_session=group, **kw)
+        with self._lock:
+            (self.groups if group else self.procs).append(p)
+        return p
+
+    def forget(self, p: subprocess.Popen[bytes]) -> None:
+        """A child that was reaped: nothing left to clean."""
+        with self._lock, contextlib.suppress(ValueError):
+            self.procs.remove(p)
+
+    def mkdtemp(self, prefix: str) -> str:
+        path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+        self.trees.append(path)
+        return path
+
+    def kill_group(self, p: subprocess.Popen[bytes]) -> None:
+        # The leader is not reaped before this, so its pid (the group id) cannot be reused.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        with self._lock, contextlib.suppress(ValueError):
+            self.groups.remove(p)
+
+    def kill(self, p: subprocess.Popen[bytes]) -> None:
+        if p.poll() is None:
+            p.terminate()  # runuser passes SIGTERM on to the user's process
+            try:
+                p.wait(2)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.forget(p)
+
+    def close(self) -> None:
+        for agent in self.agents:
+            with contextlib.suppress(Exception):
+                agent.stop()
+        self.agents.clear()
+        for watcher in self.watchers:
+            with contextlib.suppress(Exception):
+                watcher.stop()
+        self.watchers.clear()
+        for p in list(self.groups):
+            self.kill_group(p)
+        for p in list(self.procs):
+            if p.poll() is None:
+                p.kill()
+        for p in list(self.procs):
+            p.wait()
+        self.procs.clear()
+        for tree in self.trees:
+            shutil.rmtree(tree, ignore_errors=True)
+        self.trees.clear()
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# small helpers ---------------------------------------------------------------------------
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def mean(xs: Sequence[float]) -> float:
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def pct(n: float, d: float) -> float:
+    return 100.0 * n / d if d else float("nan")
+
+
+_READS = frozenset({"opened", "closed_nowrite"})  # as agent/enrich/attribution.py kernel_lookup
+_WRITES = frozenset({"closed_write", "modified", "opened"})
+_FAN_ACTIONS = frozenset({"created", "opened", "modified", "closed_write", "closed_nowrite"})
+
+
+class LineSink:
+    """A sink that keeps (or just counts) the JSON lines it is given.
+
+    After `probe(watcher)`, each file event that did not get a fanotify attribution is looked
+    up in the watcher again: when its line is written (right after the pipeline made it) and
+    one second later. A hit means the kernel's record reached the cache only after the event
+    was attributed (the fanotify reader lagged behind the inotify reader and the pipeline)."""
+
+    name = "bench"
+
+    def __init__(self, keep: bool) -> None:
+        self.keep = keep
+        self.lines: list[str] = []
+        self.count = 0
+        self.watcher: FanotifyWatcher | None = None
+        self.late_now: dict[int, int] = {}  # event sequence -> pid fanotify had at write time
+        self.late_1s: dict[int, int] = {}  # ... one second later
+        self._pending: deque[tuple[float, int, str, frozenset[str]]] = deque()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def probe(self, watcher: FanotifyWatcher | None) -> None:
+        if watcher is None:
+            return
+        self.watcher = watcher
+        self._thread = threading.Thread(target=self._run, name="bench-probe", daemon=True)
+        self._thread.start()
+
+    def stop_probe(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._check(float("inf"))
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self._check(time.monotonic())
+
+    def _check(self, now: float) -> None:
+        watcher = self.watcher
+        while watcher is not None:
+            with self._lock:
+                if not self._pending or self._pending[0][0] > now:
+                    return
+                _, seq, path, kinds = self._pending.popleft()
+            acc = watcher.lookup(path, actions=kinds)
+            if acc is not None:
+                self.late_1s[seq] = acc.pid
+
+    def write(self, lines: Sequence[str]) -> None:
+        watcher = self.watcher
+        if watcher is not None:
+            due = time.monotonic() + 1.0
+            for line in lines:
+                rec = json.loads(line)
+                if rec.get("event", {}).get("kind") != "event":
+                    continue
+                e = from_dict(rec)
+                if e.attribution_method == "fanotify" or e.action not in _FAN_ACTIONS:
+                    continue
+                kinds = _READS if e.action in _READS else _WRITES
+                acc = watcher.lookup(e.path, actions=kinds)
+                if acc is not None:
+                    self.late_now[e.sequence] = acc.pid
+                with self._lock:
+                    self._pending.append((due, e.sequence, e.path, kinds))
+        with self._lock:
+            self.count += len(lines)
+            if self.keep:
+                self.lines.extend(lines)
+
+    def close(self) -> None:
+        pass
+
+    def records(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [json.loads(line) for line in self.lines]
+
+
+def agent_config(root: str, state: str, processes: ProcessSettings) -> Config:
+    return Config(
+        source_file=os.path.join(state, "agent.yaml"),
+        watch=(WatchSpec(root, ("bench",)),),
+        sinks=(SinkSpec("stdout", None, frozenset({"event"})),),
+        state_dir=state,
+        heartbeat_interval=3600.0,
+        inotify=InotifySettings(apply_sysctl=False),  # leave the machine's sysctls alone
+        locations=LocationSettings(enabled=False),
+        lineage=LineageSettings(enabled=False),  # its hashing reads would be events too
+        processes=processes,
+    )
+
+
+def fanotify_check(cleanup: Cleanup) -> dict[str, Any]:
+    """available() and whether lookup() names a child's pid for a file it wrote."""
+    ok, why = available()
+    out: dict[str, Any] = {"available": ok, "why": why, "lookup_works": False}
+    if not ok:
+        return out
+    tree = cleanup.mkdtemp("exfilwatch-bench-fan-")
+    watcher = FanotifyWatcher([tree])
+    try:
+        watcher.start()
+    except OSError as exc:
+        out["why"] = f"start: {exc}"
+        return out
+    cleanup.watchers.append(watcher)
+    target = os.path.join(tree, "probe.txt")
+    child = cleanup.spawn(["sh", "-c", 'echo x > "$1"; sleep 0.5', "sh", target], group=True)
+    deadline = time.monotonic() + 3
+    pid = None
+    while time.monotonic() < deadline:
+        acc = watcher.lookup(target)
+        if acc is not None:
+            pid = acc.pid
+            break
+        time.sleep(0.02)
+    cleanup.kill_group(child)
+    watcher.stop()
+    cleanup.watchers.remove(watcher)
+    out["lookup_works"] = pid == child.pid
+    if pid != child.pid:
+        out["why"] = f"lookup gave pid {pid}, the writer was {child.pid}"
+    return out
+
+
+# machine population ----------------------------------------------------------------------
+
+
+def populate(target: int, cleanup: Cleanup) -> list[subprocess.Popen[bytes]]:
+    """Idle `sleep 600` children until the machine has `target` processes."""
+    idle: list[subprocess.Popen[bytes]] = []
+    for _ in range(max(0, target - len(psutil.pids()))):
+        idle.append(cleanup.spawn(["sleep", "600"]))
+    return idle
+
+
+def start_churn(rate: float, seed: int, cleanup: Cleanup) -> subprocess.Popen[bytes] | None:
+    if rate <= 0:
+        return None
+    return cleanup.spawn([sys.executable, "-c", CHURN, str(rate), str(seed)], group=True)
+
+
+# part 1: cost ----------------------------------------------------------------------------
+
+
+def time_pids(n: int) -> float:
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        psutil.pids()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    return median(samples)
+
+
+def fresh_poll(reps: int) -> dict[str, Any]:
+    rows = []
+    for _ in range(reps):
+        table = ProcessTable(tools=TOOLS)
+        w0, c0 = time.perf_counter(), time.thread_time()
+        new = table.poll()
+        wall, cpu = time.perf_counter() - w0, time.thread_time() - c0
+        rows.append((len(new), wall, cpu))
+        gc.collect()
+    n = median([r[0] for r in rows])
+    return {
+        "processes_read": int(n),
+        "wall_ms": median([r[1] for r in rows]) * 1e3,
+        "cpu_ms": median([r[2] for r in rows]) * 1e3,
+        "us_per_process_wall": median([r[1] / max(1, r[0]) for r in rows]) * 1e6,
+        "us_per_process_cpu": median([r[2] / max(1, r[0]) for r in rows]) * 1e6,
+    }
+
+
+def poll_loop(interval: float, duration: float, tagged_root: str) -> dict[str, Any]:
+    """ProcessTable.poll() + process_event() on a fixed 0.5 s schedule, as check_processes."""
+    table = ProcessTable(tools=TOOLS)
+    table.poll()  # what runs already is known, as at agent start
+    prefix = tagged_root.rstrip("/") + "/"
+
+    def tagged(path: str) -> bool:
+        return (path + "/").startswith(prefix)
+
+    samples: list[tuple[int, float, float]] = []
+    built = 0
+    gc.collect()
+    w_start, c_start = time.perf_counter(), time.process_time()
+    next_t = w_start
+    end = w_start + duration
+    while True:
+        next_t += interval
+        if next_t > end:
+            time.sleep(max(0.0, end - time.perf_counter()))
+            break
+        time.sleep(max(0.0, next_t - time.perf_counter()))
+        w0, c0 = time.perf_counter(), time.thread_time()
+        new = table.poll()
+        ts = time.time_ns() // 1000
+        built += len([process_event(p, ts, tagged) for p in new])
+        samples.append(
+            (len(new), (time.perf_counter() - w0) * 1e6, (time.thread_time() - c0) * 1e6)
+        )
+    wall = time.perf_counter() - w_start
+    cpu = time.process_time() - c_start
+    idle = [s for s in samples if s[0] == 0]
+    busy = [s for s in samples if s[0] > 0]
+    base_cpu = median([s[2] for s in idle]) if idle else 0.0
+    base_wall = median([s[1] for s in idle]) if idle else 0.0
+    per_new_cpu = [(s[2] - base_cpu) / s[0] for s in busy]
+    per_new_wall = [(s[1] - base_wall) / s[0] for s in busy]
+    return {
+        "interval_s": interval,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "core_pct": pct(cpu, wall),
+        "polls": len(samples),
+        "new_processes": sum(s[0] for s in samples),
+        "process_events": built,
+        "table_size_end": len(table),
+        "idle_polls": len(idle),
+        "idle_poll_us_wall": base_wall,
+        "idle_poll_us_cpu": base_cpu,
+        "idle_poll_us_cpu_p90": (
+            statistics.quantiles([s[2] for s in idle], n=10)[-1] if len(idle) >= 10 else None
+        ),
+        "per_new_process_us_cpu": median(per_new_cpu),
+        "per_new_process_us_wall": median(per_new_wall),
+        "mean_poll_us_cpu": mean([s[2] for s in samples]),
+    }
+
+
+def agent_idle(
+    mode: str | None, duration: float, cleanup: Cleanup, settle: float = 1.5
+) -> dict[str, Any]:
+    """This process's CPU over wall while an idle agent runs (mode None: processes off)."""
+    base = cleanup.mkdtemp("exfilwatch-bench-cost-")
+    root = os.path.join(base, "tree")
+    state = os.path.join(base, "state")
+    os.makedirs(root)
+    os.makedirs(state)
+    settings = (
+        ProcessSettings(enabled=False)
+        if mode is None
+        else ProcessSettings(enabled=True, interval=0.5, fanotify=mode)
+    )
+    sink = LineSink(keep=False)
+    agent = Agent(
+        agent_config(root, state, settings), router=Router([(sink, frozenset({"event"}))])
+    )
+    cleanup.agents.append(agent)
+    agent.start()
+    time.sleep(settle)  # the start-up poll of every process and the first source work are done
+    fan0 = agent.fanotify.stats() if agent.fanotify is not None else None
+    polls0 = agent.processes.polls if agent.processes is not None else 0
+    gc.collect()
+    w0, c0 = time.perf_counter(), time.process_time()
+    time.sleep(duration)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    out: dict[str, Any] = {
+        "mode": "processes disabled" if mode is None else f"processes, fanotify {mode}",
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "core_pct": pct(cpu, wall),
+        "polls": (agent.processes.polls - polls0) if agent.processes is not None else 0,
+        "process_events": sink.count,
+        "fanotify": agent.fanotify is not None,
+    }
+    if agent.fanotify is not None and fan0 is not None:
+        fan1 = agent.fanotify.stats()
+        out["fanotify_records"] = fan1["events_read"] - fan0["events_read"]
+        out["fanotify_outside"] = fan1["outside_skipped"] - fan0["outside_skipped"]
+        out["fanotify_records_per_s"] = out["fanotify_records"] / wall
+    agent.stop()
+    cleanup.agents.remove(agent)
+    return out
+
+
+def fanotify_load(rate: float, duration: float, cleanup: Cleanup) -> dict[str, Any]:
+    """CPU per fanotify record for file activity elsewhere on the marked mount."""
+    tree = cleanup.mkdtemp("exfilwatch-bench-fanload-")
+    load = cleanup.spawn([sys.executable, "-c", FILE_LOAD, str(rate)], group=True)
+    time.sleep(1.0)
+    w0, c0 = time.perf_counter(), time.process_time()
+    time.sleep(duration)
+    base_cpu, base_wall = time.process_time() - c0, time.perf_counter() - w0
+    watcher = FanotifyWatcher([tree])
+    watcher.start()
+    cleanup.watchers.append(watcher)
+    time.sleep(0.5)
+    s0 = watcher.stats()
+    w0, c0 = time.perf_counter(), time.process_time()
+    time.sleep(duration)
+    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+    s1 = watcher.stats()
+    watcher.stop()
+    cleanup.watchers.remove(watcher)
+    cleanup.kill_group(load)
+    records = s1["events_read"] - s0["events_read"]
+    return {
+        "opens_per_s": rate,
+        "wall_s": wall,
+        "records": records,
+        "records_per_s": records / wall,
+        "outside_skipped": s1["outside_skipped"] - s0["outside_skipped"],
+        "cpu_s": cpu,
+        "baseline_cpu_s": base_cpu * wall / base_wall,
+        "core_pct": pct(cpu, wall),
+        "us_per_record": (cpu - base_cpu * wall / base_wall) / max(1, records) * 1e6,
+        "errors": s1["errors"],
+    }
+
+
+def part_cost(args: argparse.Namespace, cleanup: Cleanup, fan_ok: bool) -> dict[str, Any]:
+    churn = start_churn(args.churn, args.seed, cleanup)
+    time.sleep(1.0)
+    out: dict[str, Any] = {"processes": len(psutil.pids()), "churn_per_s": args.churn}
+    progress(f"cost: {out['processes']} processes, churn {args.churn}/s")
+    out["pids_us"] = time_pids(200)
+    out["fresh_poll"] = fresh_poll(3)
+    progress(f"cost: poll loop, {args.duration:.0f} s")
+    tree = cleanup.mkdtemp("exfilwatch-bench-loop-")
+    out["poll_loop"] = poll_loop(0.5, args.duration, tree)
+    out["processes_end"] = len(psutil.pids())
+    runs = []
+    modes: list[str | None] = [None, "off"] + (["auto"] if fan_ok else [])
+    for mode in modes:
+        progress(f"cost: idle agent, {mode or 'processes disabled'}, {args.duration:.0f} s")
+        runs.append(agent_idle(mode, args.duration, cleanup))
+    out["agent"] = runs
+    if churn is not None:
+        cleanup.kill_group(churn)
+    if fan_ok:
+        progress(f"cost: fanotify under {args.fan_rate:.0f} opens/s outside the tree")
+        out["fanotify_load"] = fanotify_load(args.fan_rate, min(args.duration, 15.0), cleanup)
+    return out
+
+
+# part 1b: burst --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Timed:
+    wall: float
+    cpu: float
+    counters: dict[str, int]
+
+
+def attribute_all(attr: Attributor, events: Sequence[Event]) -> tuple[float, float]:
+    gc.collect()
+    w0, c0 = time.perf_counter(), time.thread_time()
+    for e in events:
+        attr(e)
+    return time.perf_counter() - w0, time.thread_time() - c0
+
+
+def best_of(
+    make: Callable[[], Attributor], events: Sequence[Event], reps: int = 3
+) -> dict[str, Any]:
+    runs: list[Timed] = []
+    for _ in range(reps):
+        attr = make()
+        wall, cpu = attribute_all(attr, events)
+        runs.append(Timed(wall, cpu, dict(attr.counters)))
+    best = min(runs, key=lambda r: r.wall)
+    n = len(events)
+    return {
+        "wall_ms": best.wall * 1e3,
+        "cpu_ms": best.cpu * 1e3,
+        "us_per_event": best.wall / n * 1e6,
+        "events_per_s": n / best.wall,
+        "counters": best.counters,
+    }
+
+
+def pipeline_pass(pipeline: Pipeline, batches: list[list[RawEvent]]) -> float:
+    gc.collect()
+    w0 = time.perf_counter()
+    for batch in batches:
+        pipeline._process(batch)
+    return time.perf_counter() - w0
+
+
+def part_burst(args: argparse.Namespace, cleanup: Cleanup, fan_ok: bool) -> dict[str, Any]:
+    n = args.events
+    base = cleanup.mkdtemp("exfilwatch-bench-burst-")
+    for group in ("named", "anon"):
+        for k in range(10):
+            os.makedirs(os.path.join(base, group, f"d{k}"))
+    namers = [
+        cleanup.spawn(
+            ["sh", "-c", "sleep 600; :", "sh", os.path.join(base, "named", f"d{k}")], group=True
+        )
+        for k in range(10)
+    ]
+    time.sleep(0.2)
+    before = ProcessTable(tools=TOOLS)
+    before.poll()  # knows the namers, not the writer: as when a short cp is never polled
+    watcher: FanotifyWatcher | None = None
+    if fan_ok:
+        watcher = FanotifyWatcher([base], window_s=300.0)
+        watcher.start()
+        cleanup.watchers.append(watcher)
+    # The root comes in the environment: an argument naming the tree would make the writer
+    # the cmdline match of every file, the anon half included.
+    writer = cleanup.spawn(
+        [sys.executable, "-c", WRITER, str(n)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "BENCH_ROOT": base},
+    )
+    assert writer.stdout is not None and writer.stdin is not None
+    writer.stdout.readline()
+    time.sleep(0.3)  # the fanotify reader drains the writer's records
+    table = ProcessTable(tools=TOOLS)
+    table.poll()  # knows the namers and the (live) writer
+    rng = random.Random(args.seed)
+    actions = ("created", "closed_write", "modified", "opened", "closed_nowrite")
+    weights = (2, 2, 2, 2, 2)
+    paths = [
+        os.path.join(base, "named" if i % 2 == 0 else "anon", f"d{(i // 2) % 10}", f"f{i:05d}.txt")
+        for i in range(n)
+    ]
+    rng.shuffle(paths)
+    ts = time.time_ns() // 1000
+    events = []
+    raws = []
+    for p in paths:
+        action = rng.choices(actions, weights)[0]
+        events.append(Event(ts, action, p, file_type="file", uid=str(os.lstat(p).st_uid)))
+        raws.append(RawEvent(ts, action, p, None, False, "inotify"))
+    out: dict[str, Any] = {"events": n, "processes": len(psutil.pids()), "fanotify": fan_ok}
+    variants: dict[str, dict[str, Any]] = {}
+    progress("burst: Attributor variants")
+    variants["inferred (fanotify off)"] = best_of(lambda: Attributor(table), events)
+    if watcher is not None:
+        # as agent/service.py _start_fanotify wires it
+        exact = kernel_lookup(watcher, table)
+        miss = kernel_lookup(FanotifyWatcher([base]), table)  # never started: an empty cache
+        variants["exact hit"] = best_of(lambda: Attributor(table, exact=exact), events)
+        variants["exact miss"] = best_of(lambda: Attributor(table, exact=miss), events)
+    # pipeline: bare, inferred, exact
+    records: list[dict[str, Any]] = []
+    resolver = TagResolver(
+        [WatchSpec(base, ("bench",))],
+        ".exfilwatch.yaml",
+        records.append,
+        CapReporter(records.append),
+    )
+    sink = LineSink(keep=False)
+    pipeline = Pipeline(Router([(sink, frozenset({"event"}))]), resolver, queue_size=1_000_000)
+    batches = [raws[i : i + 256] for i in range(0, len(raws), 256)]
+    pipeline_pass(pipeline, batches)  # warm the resolver's cache
+    pipe: dict[str, list[float]] = {"bare": [], "fields only": [], "inferred": [], "exact": []}
+    writer_proc = table.get(writer.pid)
+    assert writer_proc is not None
+    fixed = proc_fields(writer_proc)
+
+    def fields_only(e: Event) -> Event:  # no lookup: what the extra fields cost downstream
+        return e._replace(**fixed, attribution="exact", attribution_method="fanotify")
+
+    progress("burst: pipeline passes")
+    for _ in range(3):
+        pipeline.attributor = None
+        pipe["bare"].append(pipeline_pass(pipeline, batches))
+        pipeline.attributor = fields_only
+        pipe["fields only"].append(pipeline_pass(pipeline, batches))
+        pipeline.attributor = Attributor(table)
+        pipe["inferred"].append(pipeline_pass(pipeline, batches))
+        if watcher is not None:
+            pipeline.attributor = Attributor(table, exact=exact)
+            pipe["exact"].append(pipeline_pass(pipeline, batches))
+    out["pipeline"] = {
+        k: {"ms": min(v) * 1e3, "events_per_s": n / min(v), "us_per_event": min(v) / n * 1e6}
+        for k, v in pipe.items()
+        if v
+    }
+    # the writer exits; a table that never saw it is asked for its pid on every event
+    writer.stdin.close()
+    writer.wait()
+    cleanup.forget(writer)
+    if watcher is not None:
+        gone = kernel_lookup(watcher, before)
+        variants["exact, pid gone and never polled"] = best_of(
+            lambda: Attributor(before, exact=gone), events
+        )
+        out["fanotify_stats"] = {
+            k: v for k, v in watcher.stats().items() if k in ("events_read", "cache_size", "errors")
+        }
+        watcher.stop()
+        cleanup.watchers.remove(watcher)
+    out["variants"] = variants
+    for namer in namers:
+        cleanup.kill_group(namer)
+    return out
+
+
+# part 2: catch ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Spawned:
+    lifetime_ms: int
+    pid: int
+    arg: str
+    t0: float
+    t_end: float = 0.0
+
+
+def catch_round(interval: float, n: int, rng: random.Random, cleanup: Cleanup) -> dict[str, Any]:
+    table = ProcessTable(tools=TOOLS)
+    table.poll()
+    seen: dict[int, Proc] = {}
+    stop = threading.Event()
+    poll_us: list[float] = []
+
+    def poller() -> None:
+        nxt = time.perf_counter()
+        while not stop.is_set():
+            nxt += interval
+            time.sleep(max(0.0, nxt - time.perf_counter()))
+            t0 = time.perf_counter()
+            for p in table.poll():
+                seen.setdefault(p.pid, p)
+            poll_us.append((time.perf_counter() - t0) * 1e6)
+
+    thread = threading.Thread(target=poller, name="bench-poller", daemon=True)
+    thread.start()
+    plan = [ms for ms in LIFETIMES_MS for _ in range(n)]
+    rng.shuffle(plan)
+    spawned: list[Spawned] = []
+    waiters: list[threading.Thread] = []
+    mean_gap = 0.04
+    for ms in plan:
+        time.sleep(rng.uniform(0.0, 2 * mean_gap))  # uniform gaps: a random phase each time
+        arg = f"{ms / 1000:.3f}"
+        t0 = time.perf_counter()
+        p = cleanup.spawn(["sleep", arg])
+        rec = Spawned(ms, p.pid, arg, t0)
+        spawned.append(rec)
+
+        def wait(p: subprocess.Popen[bytes] = p, rec: Spawned = rec) -> None:
+            p.wait()
+            rec.t_end = time.perf_counter()
+            cleanup.forget(p)
+
+        th = threading.Thread(target=wait, daemon=True)
+        th.start()
+        waiters.append(th)
+    for th in waiters:
+        th.join()
+    time.sleep(interval * 2)
+    stop.set()
+    thread.join()
+    rows = []
+    for ms in LIFETIMES_MS:
+        recs = [r for r in spawned if r.lifetime_ms == ms]
+        caught = [r for r in recs if r.pid in seen]
+        as_sleep = [r for r in caught if seen[r.pid].cmdline == ("sleep", r.arg)]
+        life = median([(r.t_end - r.t0) * 1e3 for r in recs])
+        rows.append(
+            {
+                "lifetime_ms": ms,
+                "n": len(recs),
+                "measured_lifetime_ms": life,
+                "caught": len(caught) / len(recs),
+                "caught_as_sleep": len(as_sleep) / len(recs),
+                "caught_other": [
+                    {"name": seen[r.pid].name, "cmdline": list(seen[r.pid].cmdline)[:3]}
+                    for r in caught
+                    if r not in as_sleep
+                ][:3],
+                "expected": min(1.0, life / 1e3 / interval),
+            }
+        )
+    return {"interval_s": interval, "rows": rows, "poll_us_median": median(poll_us)}
+
+
+def part_catch(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
+    rng = random.Random(args.seed + 2)
+    out: dict[str, Any] = {"processes": len(psutil.pids()), "n": args.catch_n, "rounds": []}
+    for interval in (0.5, 0.1):
+        progress(f"catch: {args.catch_n} x {len(LIFETIMES_MS)} processes, poll {interval} s")
+        out["rounds"].append(catch_round(interval, args.catch_n, rng, cleanup))
+    return out
+
+
+# part 3: accuracy ------------------------------------------------------------------------
+
+
+def ensure_user() -> dict[str, Any]:
+    with contextlib.suppress(KeyError):
+        return {"name": BENCH_USER, "uid": pwd.getpwnam(BENCH_USER).pw_uid, "created": False}
+    subprocess.run(
+        [
+            "useradd",
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            BENCH_USER,
+        ],
+        check=True,
+    )
+    return {"name": BENCH_USER, "uid": pwd.getpwnam(BENCH_USER).pw_uid, "created": True}
+
+
+@dataclass(slots=True)
+class Op:
+    index: int
+    kind: str
+    argv: list[str]
+    runuser_pid: int = 0
+    child_pid: int = 0
+    t0: float = 0.0
+    t1: float = 0.0
+    rc: int | None = None
+    err: str = ""
+    pre_pid: int = 0  # rm_fresh: the root process that wrote the file just before
+
+
+def op_argv(kind: str, i: int) -> list[str]:
+    src = f"src/op{i:04d}"
+    dst = f"dst/op{i:04d}"
+    return {
+        "cp": ["cp", f"{src}/f0.txt", f"{dst}-cp.txt"],
+        "cp_r": ["cp", "-r", src, f"{dst}-tree"],
+        "tar": ["tar", "cf", f"{dst}.tar", src],
+        "sh_echo": ["sh", "-c", f"echo data > {dst}-echo.txt"],
+        "py_script": [USER_PYTHON, "-c", PY_SCRIPT, f"{dst}-py.txt"],
+        "sh_script": ["sh", "-c", SH_SCRIPT, "sh", f"{dst}-sh.txt"],
+        "mv": ["mv", f"{dst}-mv-a.txt", f"{dst}-mv-b.txt"],
+        "rm": ["rm", "-f", f"{dst}-rm.txt"],
+        "cat": ["cat", f"{src}/f0.txt", f"{src}/f1.txt"],
+        "rm_fresh": ["rm", "-f", f"{dst}-fresh.txt"],
+        "cp_scanned": ["cp", f"{src}/f0.txt", f"{dst}-scan.txt"],
+    }[kind]
+
+
+def setup_tree(root: str, ops: Sequence[Op]) -> None:
+    os.makedirs(os.path.join(root, "src"))
+    os.makedirs(os.path.join(root, "dst"))
+    os.makedirs(os.path.join(root, "other"))
+    os.chmod(root, 0o777)  # noqa: S103 - the test user writes here
+    os.chmod(os.path.join(root, "dst"), 0o777)  # noqa: S103
+    for op in ops:
+        if op.kind in ("cp", "cp_r", "tar", "cat", "cp_scanned"):
+            d = os.path.join(root, "src", f"op{op.index:04d}")
+            os.makedirs(d)
+            for k in range(3):
+                with open(os.path.join(d, f"f{k}.txt"), "w") as fh:
+                    fh.write(f"op {op.index} file {k}\n" * 200)
+        elif op.kind in ("mv", "rm"):
+            name = "mv-a" if op.kind == "mv" else "rm"
+            with open(os.path.join(root, "dst", f"op{op.index:04d}-{name}.txt"), "w") as fh:
+                fh.write("to be moved or removed\n")
+
+
+def run_op(op: Op, root: str, cleanup: Cleanup, rng: random.Random) -> None:
+    if op.kind == "rm_fresh":
+        # root writes the file a moment before the user removes it (fanotify's window is 5 s)
+        pre = cleanup.spawn(
+            ["sh", "-c", 'echo fresh > "$1"', "sh", f"dst/op{op.index:04d}-fresh.txt"], cwd=root
+        )
+        op.pre_pid = pre.pid
+        pre.wait()
+        cleanup.forget(pre)
+        time.sleep(rng.uniform(0.0, 1.0))
+    scanner = None
+    if op.kind == "cp_scanned":
+        scanner = cleanup.spawn(
+            [USER_PYTHON, "-c", SCANNER],
+            cwd="/",
+            group=True,
+            env={**os.environ, "SCAN_PATH": os.path.join(root, f"dst/op{op.index:04d}-scan.txt")},
+        )
+        op.pre_pid = scanner.pid
+        time.sleep(0.2)
+    argv = ["runuser", "-u", BENCH_USER, "--", "sh", "-c", 'echo $$; exec "$@" >/dev/null', "sh"]
+    op.t0 = time.time()
+    p = cleanup.spawn([*argv, *op.argv], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    op.runuser_pid = p.pid
+    try:
+        out, err = p.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        cleanup.kill(p)
+        out, err = b"", b"timeout"
+    cleanup.forget(p)
+    if scanner is not None:
+        time.sleep(0.3)
+        cleanup.kill_group(scanner)
+    op.t1 = time.time()
+    op.rc = p.returncode
+    op.err = err.decode(errors="replace").strip()[:200]
+    first = out.decode(errors="replace").split("\n", 1)[0].strip()
+    op.child_pid = int(first) if first.isdigit() else 0
+
+
+_PATH_OP = re.compile(r"^(?:src|dst)/op(\d{4})")
+
+
+def classify(e: Event, truth: set[int], user: str) -> tuple[str, str]:
+    """(exact_right | exact_wrong | inferred_right | inferred_wrong | none, detail)."""
+    if e.attribution not in ("exact", "inferred"):
+        return "none", ""
+    if e.process_pid is not None:
+        ok = e.process_pid in truth or e.process_parent_pid in truth
+        if ok:
+            detail = "" if e.user_name == user else "right process, user " + str(e.user_name)
+        else:
+            detail = "same user, other process" if e.user_name == user else "other user"
+    else:
+        ok = e.user_name == user
+        detail = "" if ok else "other user"
+    return f"{e.attribution}_{'right' if ok else 'wrong'}", detail
+
+
+def accuracy_round(
+    mode: str, bg_in_tree: bool, n_per_kind: int, seed: int, cleanup: Cleanup
+) -> dict[str, Any]:
+    rng = random.Random(seed)
+    kinds = [k for k in OP_KINDS for _ in range(n_per_kind)]
+    rng.shuffle(kinds)
+    ops = [Op(i, k, op_argv(k, i)) for i, k in enumerate(kinds)]
+    base = cleanup.mkdtemp("exfilwatch-bench-acc-")
+    os.chmod(base, 0o755)  # noqa: S103 - mkdtemp's 0700 keeps the test user out
+    root = os.path.join(base, "project")
+    state = os.path.join(base, "state")
+    os.makedirs(state)
+    setup_tree(root, ops)
+    bg = cleanup.spawn(
+        ["sh", "-c", BG_SCRIPT, "exfilwatch-bench-bg", os.path.join(root, "other")],
+        cwd=root if bg_in_tree else "/",
+        group=True,
+    )
+    time.sleep(0.3)
+    sink = LineSink(keep=True)
+    settings = ProcessSettings(enabled=True, interval=0.5, fanotify=mode)
+    agent = Agent(
+        agent_config(root, state, settings), router=Router([(sink, frozenset({"event"}))])
+    )
+    cleanup.agents.append(agent)
+    agent.start()
+    fan_active = agent.fanotify is not None
+    sink.probe(agent.fanotify)
+    time.sleep(1.0)
+    work: queue.Queue[Op] = queue.Queue()
+    for op in ops:
+        work.put(op)
+
+    def worker(wrng: random.Random) -> None:
+        while True:
+            try:
+                op = work.get_nowait()
+            except queue.Empty:
+                return
+            time.sleep(wrng.uniform(0.0, 0.3))
+            run_op(op, root, cleanup, wrng)
+
+    threads = [
+        threading.Thread(target=worker, args=(random.Random(seed * 10 + k),), daemon=True)
+        for k in range(2)
+    ]
+    t_ops = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ops_s = time.monotonic() - t_ops
+    time.sleep(2.0)  # the pipeline writes what is queued
+    fan_stats = agent.fanotify.stats() if agent.fanotify is not None else None
+    cleanup.kill_group(bg)
+    time.sleep(1.2)  # the probe's last one-second checks
+    sink.stop_probe()
+    agent.stop()
+    cleanup.agents.remove(agent)
+    records = sink.records()
+    events = [from_dict(r) for r in records]
+    by_index = {op.index: op for op in ops}
+    bench_user = BENCH_USER
+    started_pids = {e.process_pid for e in events if e.action == "process_started"}
+    stats: dict[str, Counter[str]] = {k: Counter() for k in (*OP_KINDS, BG, PRE)}
+    details: Counter[tuple[str, str, str, str, str]] = Counter()
+    methods: dict[str, Counter[str]] = {}
+    by_action: dict[str, Counter[str]] = {}
+    unmapped = ambiguous = 0
+    for e in events:
+        if e.category != "file":
+            continue
+        rel = os.path.relpath(e.path, root)
+        m = _PATH_OP.match(rel)
+        if m is not None:
+            op = by_index[int(m.group(1))]
+            kind = op.kind
+            truth = {op.runuser_pid, op.child_pid} - {0}
+            user = bench_user
+            if kind == "rm_fresh" and e.action != "deleted":
+                kind, truth, user = PRE, {op.pre_pid}, "root"
+            elif kind == "cp_scanned" and rel.endswith("-scan.txt") and e.action in _READS:
+                ambiguous += 1  # the user's cp or the root scanner opened it: inotify can't say
+                continue
+        elif rel.startswith("other/"):
+            kind = BG
+            truth = {bg.pid}
+            user = "root"
+        else:
+            unmapped += 1
+            continue
+        verdict, detail = classify(e, truth, user)
+        stats[kind][verdict] += 1
+        stats[kind]["events"] += 1
+        if e.attribution == "exact" and e.user_name is None:
+            stats[kind]["exact_no_user"] += 1
+        late = sink.late_1s.get(e.sequence, sink.late_now.get(e.sequence))
+        if late is not None:
+            stats[kind]["fanotify_late"] += 1
+            stats[kind]["fanotify_late_right"] += late in truth
+            stats[kind]["fanotify_late_at_write"] += e.sequence in sink.late_now
+        if detail:
+            stats[kind][detail] += 1
+        method = e.attribution_method or "none"
+        methods.setdefault(method, Counter())[verdict.split("_")[-1]] += 1
+        by_action.setdefault(e.action, Counter())[verdict] += 1
+        if verdict.endswith("wrong") or detail:
+            details[(kind, e.action, method, str(e.process_name), detail)] += 1
+    failed = [
+        {"kind": op.kind, "rc": op.rc, "err": op.err}
+        for op in ops
+        if op.rc != 0 or not op.child_pid
+    ]
+    seen = Counter(op.kind for op in ops if op.child_pid in started_pids)
+    seen_runuser = Counter(op.kind for op in ops if op.runuser_pid in started_pids)
+    return {
+        "mode": mode,
+        "bg_in_tree": bg_in_tree,
+        "fanotify_active": fan_active,
+        "ops": len(ops),
+        "ops_seconds": ops_s,
+        "failed_ops": failed[:10],
+        "failed_count": len(failed),
+        "unmapped_events": unmapped,
+        "ambiguous_events": ambiguous,
+        "per_kind": {k: dict(v) for k, v in stats.items()},
+        "ops_per_kind": dict(Counter(op.kind for op in ops)),
+        "seen_per_kind": dict(seen),
+        "runuser_seen_per_kind": dict(seen_runuser),
+        "methods": {k: dict(v) for k, v in methods.items()},
+        "by_action": {k: dict(v) for k, v in by_action.items()},
+        "wrong_patterns": [
+            {
+                "kind": k[0],
+                "action": k[1],
+                "method": k[2],
+                "process": k[3],
+                "detail": k[4],
+                "events": c,
+            }
+            for k, c in details.most_common(15)
+        ],
+        "fanotify_stats": (
+            {k: v for k, v in fan_stats.items() if k != "mark_errors"} if fan_stats else None
+        ),
+    }
+
+
+def part_accuracy(args: argparse.Namespace, cleanup: Cleanup, fan_ok: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"user": ensure_user(), "rounds": []}
+    for bg_in_tree in (True, False):
+        for mode in ["off"] + (["auto"] if fan_ok else []):
+            progress(
+                f"accuracy: fanotify {mode}, root job cwd {'in' if bg_in_tree else 'outside'} "
+                f"the tree, {args.ops_per_kind} of each of {len(OP_KINDS)} commands"
+            )
+            out["rounds"].append(
+                accuracy_round(mode, bg_in_tree, args.ops_per_kind, args.seed + 3, cleanup)
+            )
+    return out
+
+
+# report ----------------------------------------------------------------------------------
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for j, r in enumerate(cells):
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def f1(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def f2(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def report_cost(c: dict[str, Any]) -> list[str]:
+    out = ["", f"Cost ({c['processes']} processes at start, churn {c['churn_per_s']}/s)"]
+    fp = c["fresh_poll"]
+    loop = c["poll_loop"]
+    out.append(
+        f"  psutil.pids(): {c['pids_us']:.0f} us; fresh poll of {fp['processes_read']} "
+        f"processes: {fp['wall_ms']:.1f} ms wall, {fp['us_per_process_cpu']:.0f} us CPU per "
+        "process read"
+    )
+    out.append(
+        f"  poll loop (poll + process_event every {loop['interval_s']} s, "
+        f"{loop['wall_s']:.0f} s): {loop['core_pct']:.3f}% of one core; {loop['polls']} polls, "
+        f"{loop['new_processes']} new processes"
+    )
+    p90 = loop["idle_poll_us_cpu_p90"]
+    out.append(
+        f"    poll with no new process: {loop['idle_poll_us_cpu']:.0f} us CPU "
+        f"({loop['idle_poll_us_wall']:.0f} us wall, p90 CPU "
+        f"{p90:.0f} us); per new process read: {loop['per_new_process_us_cpu']:.0f} us CPU "
+        f"({loop['per_new_process_us_wall']:.0f} us wall)"
+        if p90 is not None
+        else f"    poll with no new process: {loop['idle_poll_us_cpu']:.0f} us CPU"
+    )
+    rows = []
+    base = c["agent"][0]["core_pct"] if c["agent"] else 0.0
+    for r in c["agent"]:
+        rows.append(
+            [
+                r["mode"],
+                f1(r["wall_s"]),
+                f"{r['cpu_s']:.3f}",
+                f"{r['core_pct']:.3f}",
+                f"{r['core_pct'] - base:+.3f}",
+                r["polls"],
+                r["process_events"],
+                f"{r.get('fanotify_records_per_s', 0.0):.0f}" if r["fanotify"] else "-",
+            ]
+        )
+    out.append("")
+    out.append("  Idle agent, this process's CPU (goal: polling + attribution <= 1% of a core)")
+    out.append(
+        "\n".join(
+            "  " + line
+            for line in table(
+                [
+                    "agent",
+                    "wall s",
+                    "CPU s",
+                    "% core",
+                    "vs disabled",
+                    "polls",
+                    "proc events",
+                    "fan rec/s",
+                ],
+                rows,
+            ).splitlines()
+        )
+    )
+    fl = c.get("fanotify_load")
+    if fl:
+        out.append(
+            f"  fanotify, {fl['opens_per_s']:.0f} opens/s elsewhere on the marked mount: "
+            f"{fl['records_per_s']:.0f} records/s read, {fl['core_pct']:.2f}% of a core, "
+            f"{fl['us_per_record']:.1f} us CPU per record (all filtered out: "
+            f"{fl['outside_skipped']} of {fl['records']})"
+        )
+    return out
+
+
+def report_burst(b: dict[str, Any]) -> list[str]:
+    out = ["", f"Burst of {b['events']:,} file events ({b['processes']} processes on the machine)"]
+    rows = []
+    for name, v in b["variants"].items():
+        counters = ", ".join(f"{k} {n}" for k, n in v["counters"].items() if n)
+        rows.append(
+            [name, f1(v["wall_ms"]), f2(v["us_per_event"]), f"{v['events_per_s']:,.0f}", counters]
+        )
+    out.append(
+        "\n".join(
+            "  " + line
+            for line in table(
+                ["Attributor", "ms", "us/event", "events/s", "methods"], rows
+            ).splitlines()
+        )
+    )
+    rows = []
+    bare = b["pipeline"].get("bare")
+    for name, v in b["pipeline"].items():
+        rows.append(
+            [
+                name,
+                f1(v["ms"]),
+                f2(v["us_per_event"]),
+                f"{v['events_per_s']:,.0f}",
+                f2(bare["ms"] / v["ms"]) if bare else "-",
+            ]
+        )
+    out.append("")
+    out.append(
+        "\n".join(
+            "  " + line
+            for line in table(
+                ["Pipeline._process", "ms", "us/event", "events/s", "vs bare"], rows
+            ).splitlines()
+        )
+    )
+    return out
+
+
+def report_catch(c: dict[str, Any]) -> list[str]:
+    out = ["", f"Shortest-lived process caught ({c['processes']} processes, n={c['n']} each)"]
+    rounds = c["rounds"]
+    headers = ["sleep ms", "lifetime ms"]
+    for r in rounds:
+        iv = r["interval_s"]
+        headers += [f"caught@{iv}s", f"as sleep@{iv}s", f"expect@{iv}s"]
+    rows = []
+    for i, ms in enumerate(LIFETIMES_MS):
+        row: list[Any] = [ms, f1(rounds[0]["rows"][i]["measured_lifetime_ms"])]
+        for r in rounds:
+            x = r["rows"][i]
+            row += [
+                f"{100 * x['caught']:.0f}%",
+                f"{100 * x['caught_as_sleep']:.0f}%",
+                f"{100 * x['expected']:.0f}%",
+            ]
+        rows.append(row)
+    out.append("\n".join("  " + line for line in table(headers, rows).splitlines()))
+    out.append(
+        "  median poll: "
+        + ", ".join(f"{r['poll_us_median'] / 1e3:.1f} ms @ {r['interval_s']} s" for r in rounds)
+    )
+    for r in rounds:
+        for x in r["rows"]:
+            if x["caught_other"]:
+                out.append(
+                    f"  @{r['interval_s']} s, sleep {x['lifetime_ms']} ms caught as something "
+                    f"else: {x['caught_other']}"
+                )
+    return out
+
+
+def report_accuracy(a: dict[str, Any]) -> list[str]:
+    u = a["user"]
+    out = [
+        "",
+        f"Accuracy (user {u['name']} uid {u['uid']}, {'created' if u['created'] else 'existed'})",
+    ]
+    cols = ("exact_right", "exact_wrong", "inferred_right", "inferred_wrong", "none")
+    for r in a["rounds"]:
+        out.append("")
+        out.append(
+            f"  fanotify {r['mode']} (active: {r['fanotify_active']}), root job's cwd "
+            f"{'= the tree' if r['bg_in_tree'] else '= /'}: {r['ops']} commands in "
+            f"{r['ops_seconds']:.0f} s, {r['failed_count']} failed, "
+            f"{r['unmapped_events']} unmapped events, {r['ambiguous_events']} ambiguous (reads of "
+            "cp_scanned targets, left out)"
+        )
+        rows = []
+        fan = r["fanotify_active"]
+        total: Counter[str] = Counter()
+        users: Counter[str] = Counter()
+        for kind in (*OP_KINDS, BG, PRE):
+            s = Counter(r["per_kind"].get(kind, {}))
+            total.update(s)
+            if kind in OP_KINDS:
+                users.update(s)
+            n = s["events"]
+            ops_n = r["ops_per_kind"].get(kind, 0)
+            seen = f"{pct(r['seen_per_kind'].get(kind, 0), ops_n):.0f}%" if ops_n else "-"
+            late = f1(pct(s["fanotify_late"], n)) if fan else "-"
+            nouser = f1(pct(s["exact_no_user"], n)) if fan else "-"
+            rows.append([kind, n, *(f1(pct(s[c], n)) for c in cols), seen, late, nouser])
+        for name, counts in (("user commands", users), ("overall", total)):
+            n = counts["events"]
+            late = f1(pct(counts["fanotify_late"], n)) if fan else "-"
+            nouser = f1(pct(counts["exact_no_user"], n)) if fan else "-"
+            seen = (
+                f"{pct(sum(r['seen_per_kind'].values()), r['ops']):.0f}%"
+                if name == "user commands"
+                else ""
+            )
+            rows.append([name, n, *(f1(pct(counts[c], n)) for c in cols), seen, late, nouser])
+        out.append(
+            "\n".join(
+                "    " + line
+                for line in table(
+                    [
+                        "command",
+                        "events",
+                        "exact ok%",
+                        "exact WRONG%",
+                        "infer ok%",
+                        "infer WRONG%",
+                        "none%",
+                        "seen",
+                        "fan late%",
+                        "exact no-user%",
+                    ],
+                    rows,
+                ).splitlines()
+            )
+        )
+        mrows = [
+            [
+                m,
+                v.get("right", 0) + v.get("wrong", 0) + v.get("none", 0),
+                v.get("right", 0),
+                v.get("wrong", 0),
+            ]
+            for m, v in sorted(r["methods"].items())
+        ]
+        out.append("    by method:")
+        out.append(
+            "\n".join(
+                "      " + line
+                for line in table(["method", "events", "right", "wrong"], mrows).splitlines()
+            )
+        )
+        if r["wrong_patterns"]:
+            out.append("    most common wrong (or right-process-wrong-user) attributions:")
+            prow = [
+                [p["kind"], p["action"], p["method"], p["process"], p["detail"], p["events"]]
+                for p in r["wrong_patterns"][:10]
+            ]
+            out.append(
+                "\n".join(
+                    "      " + line
+                    for line in table(
+                        ["command", "action", "method", "named", "detail", "events"], prow
+                    ).splitlines()
+                )
+            )
+        if r["failed_ops"]:
+            out.append(f"    failed commands (first): {r['failed_ops'][:3]}")
+    return out
+
+
+def report(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    fan = meta["fanotify"]
+    out = [
+        f"exfilwatch attribution benchmark: {meta['cpus']} CPUs, load1 {meta['load1']:.2f}, "
+        f"Python {meta['python']}, fanotify "
+        + (
+            "available and lookup works"
+            if fan["available"] and fan["lookup_works"]
+            else f"unavailable ({fan['why']})"
+        )
+    ]
+    if "cost" in result:
+        out += report_cost(result["cost"])
+    if "burst" in result:
+        out += report_burst(result["burst"])
+    if "catch" in result:
+        out += report_catch(result["catch"])
+    if "accuracy" in result:
+        out += report_accuracy(result["accuracy"])
+    return "\n".join(out)
+
+
+# main ------------------------------------------------------------------------------------
+
+PARTS = ("cost", "burst", "catch", "accuracy")
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="fewer samples, shorter runs")
+    ap.add_argument("--json", nargs="?", const="-", default=None, help="JSON to stdout, or to FILE")
+    ap.add_argument(
+        "--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS)
+    )
+    ap.add_argument("--procs", type=int, default=500, help="processes on the machine")
+    ap.add_argument("--churn", type=float, default=4.0, help="short processes started per second")
+    ap.add_argument("--duration", type=float, default=None, help="seconds per cost run (60)")
+    ap.add_argument("--events", type=int, default=10_000, help="burst size")
+    ap.add_argument("--catch-n", type=int, default=None, help="processes per lifetime (50)")
+    ap.add_argument("--ops-per-kind", type=int, default=None, help="commands of each kind (20)")
+    ap.add_argument("--fan-rate", type=float, default=1000.0, help="opens/s outside the tree")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args(argv)
+    if args.duration is None:
+        args.duration = 12.0 if args.quick else 60.0
+    if args.catch_n is None:
+        args.catch_n = 10 if args.quick else 50
+    if args.ops_per_kind is None:
+        args.ops_per_kind = 5 if args.quick else 20
+    args.parts = [p for p in args.parts.split(",") if p]
+    unknown = set(args.parts) - set(PARTS)
+    if unknown:
+        ap.error(f"unknown parts: {sorted(unknown)}")
+    return args
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse(argv)
+    if os.geteuid() != 0:
+        print("run as root (runuser, useradd, fanotify)", file=sys.stderr)
+        return 2
+    configure("warning")  # the agent's operational logs on stderr, info records silenced
+    cleanup = Cleanup()
+    result: dict[str, Any] = {}
+    with interruptible():
+        try:
+            fan = fanotify_check(cleanup)
+            fan_ok = bool(fan["available"] and fan["lookup_works"])
+            result["meta"] = {
+                "cpus": os.cpu_count(),
+                "load1": os.getloadavg()[0],
+                "python": sys.version.split()[0],
+                "fanotify": fan,
+                "quick": args.quick,
+                "args": {k: v for k, v in vars(args).items() if k != "json"},
+            }
+            progress(f"fanotify: {fan}")
+            if {"cost", "burst", "catch"} & set(args.parts):
+                idle = populate(args.procs, cleanup)
+                time.sleep(0.5)
+                progress(f"{len(idle)} idle sleep children, {len(psutil.pids())} processes")
+            if "cost" in args.parts:
+                result["cost"] = part_cost(args, cleanup, fan_ok)
+            if "burst" in args.parts:
+                result["burst"] = part_burst(args, cleanup, fan_ok)
+            if "catch" in args.parts:
+                result["catch"] = part_catch(args, cleanup)
+            for p in list(cleanup.procs):  # the idle population goes before the accuracy part
+                cleanup.kill(p)
+            if "accuracy" in args.parts:
+                result["accuracy"] = part_accuracy(args, cleanup, fan_ok)
+            result["meta"]["load1_end"] = os.getloadavg()[0]
+        finally:
+            cleanup.close()
+    if args.json == "-":
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(report(result))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
