@@ -275,13 +275,16 @@ class ProcessTable:
         return proc
 
     def _index(self, proc: Proc) -> None:
+        # Arguments only. The working directory was measured to blame the wrong process every
+        # time (bench/attribution.py: 0 of 1,026 right): shells, editors and idle jobs sit in
+        # the trees that other processes write to.
         if proc.pid == self._own:
             return
-        for path in {*proc.paths(), *([proc.cwd] if proc.cwd and proc.cwd != "/" else [])}:
+        for path in set(proc.paths()):
             self._by_path.setdefault(path, []).append(proc.pid)
 
     def _unindex(self, proc: Proc) -> None:
-        for path in {*proc.paths(), *([proc.cwd] if proc.cwd else [])}:
+        for path in set(proc.paths()):
             pids = self._by_path.get(path)
             if pids is not None and proc.pid in pids:
                 pids.remove(proc.pid)
@@ -290,7 +293,7 @@ class ProcessTable:
 
     def by_path(self, path: str) -> tuple[Proc, str] | None:
         """The newest process whose arguments (or working directory) name `path` or one of its
-        parent directories; the nearest match wins. Returns (process, "cmdline" | "cwd")."""
+        parent directories; the nearest match wins. Returns (process, "cmdline")."""
         with self._lock:
             cur = path
             while cur and cur != "/":
@@ -302,8 +305,7 @@ class ProcessTable:
                         # The newest wins; on a tie (runuser and the shell it starts share
                         # the argument), the child, whose pid is higher.
                         best = max(live, key=lambda c: (c.start, c.pid))
-                        method = "cmdline" if cur in best.paths() else "cwd"
-                        return best, method
+                        return best, "cmdline"
                 cur = posixpath.dirname(cur)
         return None
 
@@ -319,7 +321,7 @@ class Attributor:
     """Fills process.* and user.* on file events, saying how sure it is.
 
     In order: a fanotify record of this path (exact: the kernel named the pid); a process
-    whose arguments or working directory name the path or a parent directory (inferred);
+    whose arguments name the path or a parent directory (inferred);
     the file's owner for a creation (inferred, user only); the console user (inferred, user
     only); else confidence none."""
 
@@ -333,14 +335,14 @@ class Attributor:
         self._exact = exact
         self._console = console or console_user
         self._users: dict[int, str | None] = {}
-        self.counters = {"exact": 0, "cmdline": 0, "cwd": 0, "owner": 0, "console": 0, "none": 0}
+        self.counters = {"exact": 0, "cmdline": 0, "owner": 0, "console": 0, "none": 0}
 
     def __call__(self, e: Event) -> Event:
         if e.process_pid is not None:
             return e
         proc: Proc | None = None
         method = ""
-        if self._exact is not None:
+        if self._exact is not None and e.action in _KERNEL_SEES:
             proc = self._exact(e.path, e.action)
             if proc is not None:
                 method = "fanotify"
@@ -350,8 +352,13 @@ class Attributor:
                 proc, method = found
         if proc is not None:
             self.counters["exact" if method == "fanotify" else method] += 1
+            fields = proc_fields(proc)
+            if fields["user_id"] is None and e.uid is not None and e.action in _WRITES_SEEN:
+                # The process was gone before its user could be read: its file's owner is.
+                fields["user_id"] = e.uid
+                fields["user_name"] = _username(int(e.uid), self._users)
             return e._replace(
-                **proc_fields(proc),
+                **fields,
                 attribution="exact" if method == "fanotify" else "inferred",
                 attribution_method=method,
             )
@@ -391,6 +398,10 @@ def console_user() -> str | None:
 
 
 _READS = frozenset({"opened", "closed_nowrite"})
+# fanotify (without FID reporting) sees opens, writes and closes; a deletion or rename is
+# not one of them, so the last writer of a path must not be blamed for its removal.
+_KERNEL_SEES = frozenset({"opened", "modified", "closed_write", "closed_nowrite", "created"})
+_WRITES_SEEN = frozenset({"created", "closed_write"})
 _WRITES = frozenset({"closed_write", "modified", "opened"})
 
 
