@@ -72,7 +72,7 @@ class Agent:
             if r["event"]["kind"] == "alert" and (rule_id is None or r["rule"]["id"] == rule_id)
         ]
 
-    def wait(self, predicate: Callable[[], Any], what: str, timeout: float = 15) -> None:
+    def wait(self, predicate: Callable[[], Any], what: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if predicate():
