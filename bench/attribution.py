@@ -1617,16 +1617,20 @@ def main(argv: Sequence[str]) -> int:
                 "args": {k: v for k, v in vars(args).items() if k != "json"},
             }
             progress(f"fanotify: {fan}")
-            if {"cost", "burst", "catch"} & set(args.parts):
-                idle = populate(args.procs, cleanup)
+            parts: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+                ("cost", lambda: part_cost(args, cleanup, fan_ok)),
+                ("burst", lambda: part_burst(args, cleanup, fan_ok)),
+                ("catch", lambda: part_catch(args, cleanup)),
+            ]
+            idle = 0
+            for name, run in parts:
+                if name not in args.parts:
+                    continue
+                # Topped up before each part: other work on the machine comes and goes.
+                idle += len(populate(args.procs, cleanup))
                 time.sleep(0.5)
-                progress(f"{len(idle)} idle sleep children, {len(psutil.pids())} processes")
-            if "cost" in args.parts:
-                result["cost"] = part_cost(args, cleanup, fan_ok)
-            if "burst" in args.parts:
-                result["burst"] = part_burst(args, cleanup, fan_ok)
-            if "catch" in args.parts:
-                result["catch"] = part_catch(args, cleanup)
+                progress(f"{idle} idle sleep children, {len(psutil.pids())} processes")
+                result[name] = run()
             for p in list(cleanup.procs):  # the idle population goes before the accuracy part
                 cleanup.kill(p)
             if "accuracy" in args.parts:

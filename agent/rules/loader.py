@@ -211,17 +211,21 @@ class _Reader:
             return None
         return seconds
 
-    def level(self, node: yaml.Node) -> str | None:
-        value = self.text(node, "level")
-        if value is not None and value not in LEVELS:
+    def choice(self, node: yaml.Node, what: str, allowed: tuple[str, ...], code: str) -> str | None:
+        """One of `allowed`, or a located problem with the nearest one as the hint."""
+        value = self.text(node, what)
+        if value is not None and value not in allowed:
             self.add(
                 node,
-                "RULE_LEVEL",
-                f"unknown level '{value}'",
-                nearest(value, LEVELS) or f"one of {', '.join(LEVELS)}",
+                code,
+                f"unknown {what} '{value}'",
+                nearest(value, allowed) or f"one of {', '.join(allowed)}",
             )
             return None
         return value
+
+    def level(self, node: yaml.Node) -> str | None:
+        return self.choice(node, "level", LEVELS, "RULE_LEVEL")
 
     # documents ---------------------------------------------------------------------------
 
@@ -355,15 +359,9 @@ class _Reader:
         if missing:
             self.add(node, "RULE_REQUIRED", f"correlation needs {', '.join(missing)}")
             return None
-        kind = self.text(m["type"][1], "correlation.type")
-        if kind is not None and kind not in CORRELATION_TYPES:
-            self.add(
-                m["type"][1],
-                "RULE_CORRELATION_TYPE",
-                f"unknown correlation type '{kind}'",
-                nearest(kind, CORRELATION_TYPES) or f"one of {', '.join(CORRELATION_TYPES)}",
-            )
-            kind = None
+        kind = self.choice(
+            m["type"][1], "correlation type", CORRELATION_TYPES, "RULE_CORRELATION_TYPE"
+        )
         rules = self.strings(m["rules"][1], "correlation.rules")
         group_by = self.strings(m["group-by"][1], "group-by") if "group-by" in m else ()
         timespan = self.duration(m["timespan"][1], "correlation.timespan")
@@ -627,16 +625,10 @@ class _Reader:
         if "description" in m:
             kw["description"] = self.text(m["description"][1], "description") or ""
         if "status" in m:
-            status = self.text(m["status"][1], "status")
-            if status is not None and status not in STATUSES:
-                self.add(
-                    m["status"][1],
-                    "RULE_STATUS",
-                    f"unknown status '{status}'",
-                    nearest(status, STATUSES) or f"one of {', '.join(STATUSES)}",
-                )
+            status = self.choice(m["status"][1], "status", STATUSES, "RULE_STATUS")
+            if status is None:
                 ok = False
-            elif status is not None:
+            else:
                 kw["status"] = status
         for key, parse in (
             ("enabled", lambda n: self.boolean(n, "enabled")),
