@@ -163,7 +163,7 @@ def _run(config_path: str | None, duration: float | None, record_to: str | None)
     deadline = time.monotonic() + duration if duration else None
     try:
         while not stop.is_set():
-            stop.wait(0.1)
+            stop.wait(0.5)  # a signal sets the event and ends the wait at once
             if reload.is_set():
                 reload.clear()
                 agent.reload()

@@ -187,7 +187,7 @@ class Pipeline:
 
     def _run(self) -> None:
         while True:
-            item = self.queue.get(timeout=0.2)
+            item = self.queue.get(timeout=0.5)
             dropped = self.queue.take_dropped()
             if dropped:
                 self._write_health(

@@ -65,7 +65,9 @@ catch
 
 accuracy
     A system user ``exfilwatch-bench`` (created when missing, never removed) runs a mix of
-    commands in a tree under /tmp (0777), two at a time, in random order, with cwd = the tree
+    commands in a tree under /tmp (0777; five levels down, out of reach of the default /tmp
+    staging watch of any other agent running on the machine, whose lineage hashing would read
+    our files), two at a time, in random order, with cwd = the tree
     (a user working in the project), each as
     ``runuser -u exfilwatch-bench -- sh -c 'echo $$; exec "$@"' sh CMD...`` so the pid of
     the user's process is known (runuser is its root parent, whose pid Popen gives):
@@ -301,6 +303,16 @@ class Cleanup:
         self.trees.append(path)
         return path
 
+    def isolated(self, prefix: str) -> str:
+        """A fresh directory five levels under a new /tmp tree: deeper than the default /tmp
+        staging watch (STAGING_MAX_DEPTH 4) of any other agent running on this machine, whose
+        lineage hashing would open our files and own their accesses."""
+        base = self.mkdtemp(prefix)
+        os.chmod(base, 0o755)  # noqa: S103 - mkdtemp's 0700 keeps the test user out
+        path = os.path.join(base, "isolated", "from", "staging", "watches", "tree")
+        os.makedirs(path)
+        return path
+
     def kill_group(self, p: subprocess.Popen[bytes]) -> None:
         # The leader is not reaped before this, so its pid (the group id) cannot be reused.
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -474,7 +486,7 @@ def fanotify_check(cleanup: Cleanup) -> dict[str, Any]:
     out: dict[str, Any] = {"available": ok, "why": why, "lookup_works": False}
     if not ok:
         return out
-    tree = cleanup.mkdtemp("exfilwatch-bench-fan-")
+    tree = cleanup.isolated("exfilwatch-bench-fan-")
     watcher = FanotifyWatcher([tree])
     try:
         watcher.start()
@@ -487,7 +499,7 @@ def fanotify_check(cleanup: Cleanup) -> dict[str, Any]:
     deadline = time.monotonic() + 3
     pid = None
     while time.monotonic() < deadline:
-        acc = watcher.lookup(target)
+        acc = watcher.lookup(target, actions={"closed_write"})
         if acc is not None:
             pid = acc.pid
             break
@@ -759,7 +771,7 @@ def pipeline_pass(pipeline: Pipeline, batches: list[list[RawEvent]]) -> float:
 
 def part_burst(args: argparse.Namespace, cleanup: Cleanup, fan_ok: bool) -> dict[str, Any]:
     n = args.events
-    base = cleanup.mkdtemp("exfilwatch-bench-burst-")
+    base = cleanup.isolated("exfilwatch-bench-burst-")
     for group in ("named", "anon"):
         for k in range(10):
             os.makedirs(os.path.join(base, group, f"d{k}"))
@@ -1098,8 +1110,7 @@ def accuracy_round(
     kinds = [k for k in OP_KINDS for _ in range(n_per_kind)]
     rng.shuffle(kinds)
     ops = [Op(i, k, op_argv(k, i)) for i, k in enumerate(kinds)]
-    base = cleanup.mkdtemp("exfilwatch-bench-acc-")
-    os.chmod(base, 0o755)  # noqa: S103 - mkdtemp's 0700 keeps the test user out
+    base = cleanup.isolated("exfilwatch-bench-acc-")
     root = os.path.join(base, "project")
     state = os.path.join(base, "state")
     os.makedirs(state)
@@ -1231,7 +1242,7 @@ def accuracy_round(
                 "detail": k[4],
                 "events": c,
             }
-            for k, c in details.most_common(15)
+            for k, c in details.most_common()
         ],
         "fanotify_stats": (
             {k: v for k, v in fan_stats.items() if k != "mark_errors"} if fan_stats else None
