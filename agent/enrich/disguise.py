@@ -9,6 +9,7 @@ import re
 import stat
 import struct
 import zlib
+from functools import lru_cache
 
 HEAD_BYTES = 8192
 
@@ -187,6 +188,7 @@ def read_head(path: str, size: int = HEAD_BYTES) -> bytes | None:
         os.close(fd)
 
 
+@lru_cache(maxsize=8)  # type_mismatch and encoding ask about the same head in a row
 def sniff(head: bytes) -> str | None:
     """Content type from magic bytes (see the module constants); "text" for valid UTF-8
     without NULs and with few control characters; None when nothing is recognised."""
