@@ -180,6 +180,7 @@ class ProcessTable:
         self._tools = KnownTools(tools)
         self._procs: dict[int, Proc] = {}
         self._exited: OrderedDict[int, Proc] = OrderedDict()
+        self._missing: OrderedDict[int, None] = OrderedDict()
         self._by_path: dict[str, list[int]] = {}
         self._users: dict[int, str | None] = {}
         self._lock = threading.Lock()
@@ -214,6 +215,7 @@ class ProcessTable:
                     self._unindex(old)
             for proc in new:
                 self._procs[proc.pid] = proc
+                self._missing.pop(proc.pid, None)
                 self._index(proc)
         return new
 
@@ -270,8 +272,15 @@ class ProcessTable:
     def get(self, pid: int) -> Proc | None:
         with self._lock:
             proc = self._procs.get(pid) or self._exited.get(pid)
+            if proc is None and pid in self._missing:
+                return None  # gone before it could be read: do not try again per event
         if proc is None:
             proc = self.read(pid)
+            if proc is None:
+                with self._lock:
+                    self._missing[pid] = None
+                    if len(self._missing) > RECENTLY_EXITED:
+                        self._missing.popitem(last=False)
         return proc
 
     def _index(self, proc: Proc) -> None:
@@ -402,7 +411,11 @@ _READS = frozenset({"opened", "closed_nowrite"})
 # not one of them, so the last writer of a path must not be blamed for its removal.
 _KERNEL_SEES = frozenset({"opened", "modified", "closed_write", "closed_nowrite", "created"})
 _WRITES_SEEN = frozenset({"created", "closed_write"})
-_WRITES = frozenset({"closed_write", "modified", "opened"})
+# fanotify cannot tell a read-open from a write-open: a scanner opening a file after its
+# writer closed it must not become the writer, so writes match writes only; a creation is
+# the open that made the file.
+_WRITES = frozenset({"closed_write", "modified"})
+_CREATES = frozenset({"opened", "modified", "closed_write"})
 
 
 class Watcher(Protocol):
@@ -419,7 +432,10 @@ def kernel_lookup(watcher: Watcher, table: ProcessTable) -> Callable[[str, str],
 
     def exact(path: str, action: str) -> Proc | None:
         # A reader right after a writer must not take the write: match the kind of access.
-        kinds = _READS if action in ("opened", "closed_nowrite") else _WRITES
+        if action in ("opened", "closed_nowrite"):
+            kinds = _READS
+        else:
+            kinds = _CREATES if action == "created" else _WRITES
         access = watcher.lookup(path, actions=kinds)
         if access is None:
             return None

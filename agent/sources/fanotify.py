@@ -66,6 +66,7 @@ _STOP_WAIT_S: Final = 0.5
 
 
 _PROC_CACHE = 4096
+_SNAPSHOT_TTL_US = 2_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +221,9 @@ class FanotifyWatcher:
         self._set_roots(paths)
         self._cache: OrderedDict[str, dict[str, Access]] = OrderedDict()
         self._lock = threading.Lock()
-        self._procs: OrderedDict[int, tuple[str, int | None, int] | None] = OrderedDict()
+        self._procs: OrderedDict[int, tuple[tuple[str, int | None, int] | None, int]] = (
+            OrderedDict()
+        )
         self._mark_lock = threading.Lock()
         self._marks: dict[int, str] = {}  # mnt_id -> directory we marked it through
         self._mark_errors: dict[str, str] = {}
@@ -422,15 +425,18 @@ class FanotifyWatcher:
             if not (everything or _inside(path, roots)):
                 self._outside += 1
                 continue
-            if pid not in self._procs:
-                self._snapshot(pid)
+            seen = self._procs.get(pid)
+            if seen is None or now - seen[1] > _SNAPSHOT_TTL_US:
+                # Re-read after a while: pids are reused, and a stale name or uid would
+                # attribute a new process's access to an old one's user.
+                self._snapshot(pid, now)
             for bit, action in _ACTIONS:
                 if mask & bit:
                     found.append(Access(pid, path, action, now))
         if found:
             self._store(found, now)
 
-    def _snapshot(self, pid: int) -> None:
+    def _snapshot(self, pid: int, now: int) -> None:
         """Name, uid and parent of a pid, read when its first event arrives: a short-lived
         writer is usually gone by the time its events are attributed."""
         info: tuple[str, int | None, int] | None = None
@@ -447,14 +453,16 @@ class FanotifyWatcher:
         except (OSError, ValueError):
             info = None
         with self._lock:
-            self._procs[pid] = info
+            self._procs[pid] = (info, now)
+            self._procs.move_to_end(pid)
             while len(self._procs) > _PROC_CACHE:
                 self._procs.popitem(last=False)
 
     def process_info(self, pid: int) -> tuple[str, int | None, int] | None:
         """(name, uid, parent pid) of a pid as seen at its first access, if known."""
         with self._lock:
-            return self._procs.get(pid)
+            entry = self._procs.get(pid)
+        return entry[0] if entry is not None else None
 
     def _close_rest(self, buf: bytes, offset: int) -> None:
         while offset + _META.size <= len(buf):
