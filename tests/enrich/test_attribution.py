@@ -247,7 +247,9 @@ def test_with_fanotify_a_short_lived_writer_is_attributed_exactly(
     run_agent(config)
     target = tree / "chip" / "fast.v"
     # No argument names the file: only the kernel can say who wrote it.
-    script = 'cd "$(dirname "$1")" && exec 3>fast.v && sleep 0.2 && echo x >&3'
+    # The write comes well before the close, so the kernel's record of it is in before the
+    # close is attributed (the fanotify reader can lag the inotify one by a few ms).
+    script = 'cd "$(dirname "$1")" && exec 3>fast.v && echo x >&3 && sleep 0.3'
     child = subprocess.Popen(
         ["runuser", "-u", test_user, "--", "sh", "-c", script, "sh", str(target)]
     )
