@@ -319,27 +319,9 @@ class Agent:
         settings = self.config.processes
         if not settings.enabled:
             return
-        from agent.enrich.attribution import Attributor, ProcessTable
+        from agent.enrich.attribution import KNOWN_TOOLS, Attributor, ProcessTable
 
-        tools = (
-            "tar",
-            "zip",
-            "7z",
-            "gpg",
-            "openssl",
-            "curl",
-            "wget",
-            "scp",
-            "rsync",
-            "rclone",
-            "nc",
-            "ncat",
-            "socat",
-            "sftp",
-            "shred",
-            "base64",
-        )
-        self.processes = ProcessTable(tools=tools)
+        self.processes = ProcessTable(tools=KNOWN_TOOLS)
         self.processes.poll()  # what runs already is known, not reported as started
         exact = None
         if settings.fanotify != "off":

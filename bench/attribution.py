@@ -141,6 +141,7 @@ from agent.config import (
     WatchSpec,
 )
 from agent.enrich.attribution import (
+    KNOWN_TOOLS,
     Attributor,
     Proc,
     ProcessTable,
@@ -158,25 +159,7 @@ from agent.sinks.logsetup import configure
 from agent.sources.base import RawEvent
 from agent.sources.fanotify import FanotifyWatcher, available
 
-# What agent/service.py `_make_attribution` gives ProcessTable (renamed-copy detection).
-TOOLS = (
-    "tar",
-    "zip",
-    "7z",
-    "gpg",
-    "openssl",
-    "curl",
-    "wget",
-    "scp",
-    "rsync",
-    "rclone",
-    "nc",
-    "ncat",
-    "socat",
-    "sftp",
-    "shred",
-    "base64",
-)
+TOOLS = KNOWN_TOOLS  # what the agent gives ProcessTable (renamed-copy detection)
 BENCH_USER = "exfilwatch-bench"
 USER_PYTHON = "/usr/bin/python3"  # the venv's interpreter lives under /root: not for the user
 LIFETIMES_MS = (1, 5, 10, 25, 50, 100, 250, 500, 1000)

@@ -31,6 +31,25 @@ INTERPRETERS = (
     "lua",
     "env",
 )
+# Tools whose renamed copies are recognised (a `tar` running as `crond`).
+KNOWN_TOOLS = (
+    "tar",
+    "zip",
+    "7z",
+    "gpg",
+    "openssl",
+    "curl",
+    "wget",
+    "scp",
+    "rsync",
+    "rclone",
+    "nc",
+    "ncat",
+    "socat",
+    "sftp",
+    "shred",
+    "base64",
+)
 MAX_PROCS = 65_536
 RECENTLY_EXITED = 4_096
 CONSOLE_TTL = 10.0

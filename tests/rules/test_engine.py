@@ -224,8 +224,9 @@ def test_a_scoped_rule_only_sees_users_on_the_watchlist() -> None:
     assert len(alerts) == 1
 
 
-def test_temporal_ordered_needs_the_steps_in_order_within_the_span() -> None:
-    text = (
+def read_then_delete(span: str) -> str:
+    """A tagged read, then a tagged delete, by one user within `span`."""
+    return (
         DELETE
         + """\
 ---
@@ -245,9 +246,13 @@ correlation:
   type: temporal_ordered
   rules: [rd, del]
   group-by: [user.name]
-  timespan: 5m
-"""
+  timespan: SPAN
+""".replace("SPAN", span)
     )
+
+
+def test_temporal_ordered_needs_the_steps_in_order_within_the_span() -> None:
+    text = read_then_delete("5m")
     read = {"event__action": "closed_nowrite", "file__path": "/r/a", "exfilwatch__tags": ["t"]}
     delete = {**read, "event__action": "deleted"}
     engine = Engine(ruleset(text))
@@ -296,29 +301,7 @@ def test_alert_fields_are_ecs_or_in_our_namespace() -> None:
 
 
 def test_a_repeated_first_step_restarts_the_sequence_from_the_newer_one() -> None:
-    text = (
-        DELETE
-        + """\
----
-id: rd
-title: tagged read
-level: low
-tags: [attack.collection]
-detection:
-  selection: {event.action: closed_nowrite, exfilwatch.tags|exists: true}
-  condition: selection
----
-id: read-then-delete
-title: read then delete
-level: high
-tags: [attack.impact]
-correlation:
-  type: temporal_ordered
-  rules: [rd, del]
-  group-by: [user.name]
-  timespan: 30m
-"""
-    )
+    text = read_then_delete("30m")
     read = {"event__action": "closed_nowrite", "file__path": "/r/a", "exfilwatch__tags": ["t"]}
     delete = {**read, "event__action": "deleted"}
     engine = Engine(ruleset(text))
