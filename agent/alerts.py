@@ -6,6 +6,7 @@ import hashlib
 from typing import Any
 
 from agent.events import Event, format_timestamp, to_dict
+from agent.health import now_us
 from agent.rules.model import SEVERITY, Rule
 
 
@@ -63,7 +64,17 @@ def build_alert(
         "rule_tags": list(rule.tags),
         "trigger": {"sequence": event.sequence, "action": event.action},
     }
-    for key in ("tags", "sensitivity", "location", "watchlist", "lineage", "root", "src_path"):
+    for key in (
+        "tags",
+        "sensitivity",
+        "location",
+        "watchlist",
+        "lineage",
+        "root",
+        "src_path",
+        "attribution",
+        "enrichment",
+    ):
         if key in source["exfilwatch"]:
             custom[key] = source["exfilwatch"][key]
     if "raw" in source["exfilwatch"]:
@@ -94,3 +105,10 @@ def build_alert(
         if key in source:
             out[key] = source[key]
     return out
+
+
+def stamp_created(alert: dict[str, Any], now: int | None = None) -> dict[str, Any]:
+    """Set `event.created`, when the alert was made, beside `@timestamp` (the trigger's
+    time). Done where alerts leave the engine, which stays free of the wall clock."""
+    alert["event"]["created"] = format_timestamp(now_us() if now is None else now)
+    return alert

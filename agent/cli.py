@@ -166,6 +166,9 @@ def _run(config_path: str | None, duration: float | None, record_to: str | None)
             stop.wait(0.5)  # a signal sets the event and ends the wait at once
             if reload.is_set():
                 reload.clear()
+                # Reopen first: the reload's own record then lands in the new file (logrotate
+                # renamed the old one before sending the signal).
+                agent.router.reopen()
                 agent.reload()
             if deadline is not None and time.monotonic() >= deadline:
                 break

@@ -34,6 +34,26 @@ SOURCES = ("auto", "inotify", "watchdog", "polling")
 SINK_TYPES = ("stdout", "file")
 RECORD_KINDS = ("alert", "health", "event")
 MAX_CONFIG_BYTES = 1 << 20
+HOME_DEPTH_MAX = 16
+# Hidden trees in a home that browsers, editors and toolchains rewrite all day: watching them
+# would spend the watch budget and the staging lane on noise. A pattern without '/' is a
+# component anywhere; one with '/' is anchored at the watched place (see agent/sources/paths.py).
+LOCATION_EXCLUDES = (
+    ".cache",
+    ".mozilla",
+    ".config/google-chrome",
+    ".config/chromium",
+    ".config/Code",
+    ".vscode-server",
+    ".npm",
+    ".cargo",
+    ".rustup",
+    ".gradle",
+    ".m2",
+    ".pyenv",
+    ".local/share/Trash",
+    ".thumbnails",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +106,9 @@ class LocationSettings:
     staging_dirs: tuple[str, ...] = ("/tmp", "/var/tmp", "/dev/shm")  # noqa: S108
     home_roots: tuple[str, ...] = ("/home", "/Users", "/root")
     mount_check_interval: float = 1.0
+    # Directory levels of a home that are watched; a hidden directory at any of them is staging.
+    home_depth: int = 4
+    exclude: tuple[str, ...] = LOCATION_EXCLUDES  # subtrees of found places never watched
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +117,18 @@ class LineageSettings:
     max_files: int = 200_000
     hash_max_bytes: int = 16 * 1024 * 1024
     io_budget_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class EnrichmentSettings:
+    """Content checks (hashing, sniffing, archive listing) off the event path, bounded in
+    queue, delay, I/O and CPU (see README, "Destinations")."""
+
+    queue_size: int = 10_000  # events waiting for content checks, all users together
+    per_user_queue: int = 2_000  # one file owner's share of queue_size
+    max_delay: float = 1.0  # then the event goes on unenriched (exfilwatch.enrichment.skipped)
+    io_budget_bytes: int = 64 * 1024 * 1024  # bytes read per second, all files together
+    cpu_budget: float = 0.25  # CPU-seconds per second
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +154,9 @@ class Config:
     sinks: tuple[SinkSpec, ...] = (SinkSpec("stdout"),)
     state_dir: str = "/var/lib/exfilwatch"
     source: str = "auto"
-    queue_size: int = 50_000
+    queue_size: int = 50_000  # the tagged lane; never shed
+    egress_queue_size: int = 20_000  # removable media, sync folders, shares; shed after staging
+    staging_queue_size: int = 20_000  # temp dirs and homes; shed first
     marker_name: str = ".exfilwatch.yaml"
     heartbeat_interval: float = 60.0
     rescan_max_entries: int = 200_000
@@ -129,6 +166,7 @@ class Config:
     locations: LocationSettings = field(default_factory=LocationSettings)
     lineage: LineageSettings = field(default_factory=LineageSettings)
     processes: ProcessSettings = field(default_factory=ProcessSettings)
+    enrichment: EnrichmentSettings = field(default_factory=EnrichmentSettings)
 
 
 def default_config_path() -> str:
@@ -204,12 +242,31 @@ class _Checker:
             return None
         return value
 
-    def positive_int(self, node: yaml.Node, what: str, minimum: int = 1) -> int | None:
+    def positive_int(
+        self, node: yaml.Node, what: str, minimum: int = 1, maximum: int | None = None
+    ) -> int | None:
         value = self.scalar(node, int, what)
         if value is not None and value < minimum:
             self.add(node, "CFG_VALUE", f"{what} must be at least {minimum}")
             return None
+        if value is not None and maximum is not None and value > maximum:
+            self.add(node, "CFG_VALUE", f"{what} must be at most {maximum}")
+            return None
         return value if isinstance(value, int) else None
+
+    def fraction(self, node: yaml.Node, what: str) -> float | None:
+        """A number in (0, 1]: a share of something, such as a CPU."""
+        if not isinstance(node, yaml.ScalarNode):
+            self.add(node, "CFG_TYPE", f"{what} must be a single number", "e.g. 0.25")
+            return None
+        value = node_value(node)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.add(node, "CFG_TYPE", f"{what} must be a number, not {value!r}", "e.g. 0.25")
+            return None
+        if not 0 < value <= 1:  # also refuses .nan and .inf
+            self.add(node, "CFG_VALUE", f"{what} must be more than 0 and at most 1")
+            return None
+        return float(value)
 
     def duration(self, node: yaml.Node, what: str) -> float | None:
         if not isinstance(node, yaml.ScalarNode):
@@ -272,6 +329,8 @@ _TOP_KEYS = (
     "state_dir",
     "source",
     "queue_size",
+    "egress_queue_size",
+    "staging_queue_size",
     "marker_name",
     "heartbeat_interval",
     "rescan_max_entries",
@@ -281,6 +340,7 @@ _TOP_KEYS = (
     "locations",
     "lineage",
     "processes",
+    "enrichment",
 )
 _PROCESS_KEYS = ("enabled", "interval", "attribution", "fanotify")
 _LOCATION_KEYS = (
@@ -290,8 +350,11 @@ _LOCATION_KEYS = (
     "staging_dirs",
     "home_roots",
     "mount_check_interval",
+    "home_depth",
+    "exclude",
 )
 _LINEAGE_KEYS = ("enabled", "max_files", "hash_max_bytes", "io_budget_bytes")
+_ENRICHMENT_KEYS = ("queue_size", "per_user_queue", "max_delay", "io_budget_bytes", "cpu_budget")
 _WATCH_KEYS = ("path", "tags", "sensitivity", "recursive", "exclude")
 _SINK_KEYS = ("type", "path", "records")
 _INOTIFY_KEYS = ("max_queued_events", "max_user_watches", "apply_sysctl")
@@ -320,12 +383,7 @@ def _watch_entry(c: _Checker, node: yaml.Node, index: int) -> WatchSpec | None:
             )
             sensitivity = None
     recursive = c.scalar(m["recursive"], bool, f"{what}.recursive") if "recursive" in m else True
-    exclude = c.string_list(m["exclude"], f"{what}.exclude") if "exclude" in m else ()
-    if exclude:
-        from agent.sources.paths import compile_excludes
-
-        for problem_text in compile_excludes(exclude).problems:
-            c.add(m["exclude"], "CFG_GLOB", f"{what}.exclude: {problem_text}")
+    exclude = _excludes(c, m["exclude"], f"{what}.exclude") if "exclude" in m else ()
     if path is None or tags is None or exclude is None or not isinstance(recursive, bool):
         return None
     if path != "/" and not os.path.isdir(path):
@@ -434,6 +492,8 @@ def _build(c: _Checker, root: yaml.Node | None) -> Config | None:
     simple: dict[str, Callable[[yaml.Node], Any]] = {
         "state_dir": lambda n: c.path(n, "state_dir"),
         "queue_size": lambda n: c.positive_int(n, "queue_size", 1000),
+        "egress_queue_size": lambda n: c.positive_int(n, "egress_queue_size", 100),
+        "staging_queue_size": lambda n: c.positive_int(n, "staging_queue_size", 100),
         "rescan_max_entries": lambda n: c.positive_int(n, "rescan_max_entries", 100),
         "heartbeat_interval": lambda n: c.duration(n, "heartbeat_interval"),
         "root_check_interval": lambda n: c.duration(n, "root_check_interval"),
@@ -485,6 +545,12 @@ def _build(c: _Checker, root: yaml.Node | None) -> Config | None:
                 kw["mount_check_interval"] = c.duration(
                     m["mount_check_interval"], "locations.mount_check_interval"
                 )
+            if "home_depth" in m:
+                kw["home_depth"] = c.positive_int(
+                    m["home_depth"], "locations.home_depth", 1, HOME_DEPTH_MAX
+                )
+            if "exclude" in m:
+                kw["exclude"] = _excludes(c, m["exclude"], "locations.exclude")
             if all(v is not None for v in kw.values()):
                 values["locations"] = LocationSettings(**kw)
     if "lineage" in top:
@@ -510,6 +576,20 @@ def _build(c: _Checker, root: yaml.Node | None) -> Config | None:
                         "files could never be hashed",
                     )
                 values["lineage"] = settings
+
+    if "enrichment" in top:
+        m = c.mapping(top["enrichment"], _ENRICHMENT_KEYS, "enrichment")
+        if m is not None:
+            kw = {}
+            for key in ("queue_size", "per_user_queue", "io_budget_bytes"):
+                if key in m:
+                    kw[key] = c.positive_int(m[key], f"enrichment.{key}")
+            if "max_delay" in m:
+                kw["max_delay"] = c.duration(m["max_delay"], "enrichment.max_delay")
+            if "cpu_budget" in m:
+                kw["cpu_budget"] = c.fraction(m["cpu_budget"], "enrichment.cpu_budget")
+            if all(v is not None for v in kw.values()):
+                values["enrichment"] = EnrichmentSettings(**kw)
 
     if "processes" in top:
         m = c.mapping(top["processes"], _PROCESS_KEYS, "processes")
@@ -547,6 +627,20 @@ def _not_in_watched(
                 f"{what} ({path}) is inside the watched tree {spec.path}",
                 "put agent output under /var/log/exfilwatch or /var/lib/exfilwatch",
             )
+
+
+def _excludes(c: _Checker, node: yaml.Node, what: str) -> tuple[str, ...] | None:
+    """Exclude globs as agent/sources/paths.py reads them, each problem at its own entry."""
+    from agent.sources.paths import compile_excludes
+
+    patterns = c.string_list(node, what)
+    if patterns and isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            value = node_value(item) if isinstance(item, yaml.ScalarNode) else None
+            if isinstance(value, str) and value:
+                for problem_text in compile_excludes([value]).problems:
+                    c.add(item, "CFG_GLOB", f"{what}: {problem_text}")
+    return patterns
 
 
 def _choice(c: _Checker, node: yaml.Node, what: str, choices: tuple[str, ...]) -> str | None:
@@ -615,6 +709,7 @@ __all__ = [
     "SENSITIVITY_LEVELS",
     "WARNING",
     "Config",
+    "EnrichmentSettings",
     "InotifySettings",
     "SinkSpec",
     "WatchSpec",

@@ -96,6 +96,8 @@ class Event(NamedTuple):
     attribution: str | None = None  # exact | inferred | none
     attribution_method: str | None = None
     masquerade: str | None = None
+    # Content checks (hashing, sniffing, archives) left out, and why: over_budget, queue_full.
+    enrichment_skipped: str | None = None
 
     @property
     def time(self) -> float:
@@ -190,6 +192,7 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "exfilwatch.lineage.origin_tags": lambda e: e.lineage_tags,
     "exfilwatch.archive.tagged_members": lambda e: e.archive_tagged,
     "exfilwatch.disguise": lambda e: e.disguise,
+    "exfilwatch.enrichment.skipped": lambda e: e.enrichment_skipped,
 }
 
 # Fields that hold a path: may carry bytes that are not UTF-8 (kept as surrogate escapes).
@@ -340,6 +343,8 @@ def to_dict(e: Event) -> dict[str, Any]:
         custom["archive"] = {"tagged_members": e.archive_tagged}
     if e.disguise:
         custom["disguise"] = list(e.disguise)
+    if e.enrichment_skipped is not None:
+        custom["enrichment"] = {"skipped": e.enrichment_skipped}
     if raw:
         custom["raw"] = raw
     out: dict[str, Any] = {
@@ -387,6 +392,7 @@ def event_line(e: Event) -> str:
         or e.lineage_tags
         or e.archive_tagged is not None
         or e.disguise
+        or e.enrichment_skipped is not None
     ):
         return dumps(to_dict(e))  # lineage, archive, disguise, watchlist: rare, general path
     raw: list[str] = []
@@ -587,6 +593,9 @@ def from_dict(data: dict[str, Any]) -> Event:
         attribution=_expect(_obj(custom, "attribution").get("confidence"), str, "confidence"),
         attribution_method=_expect(_obj(custom, "attribution").get("method"), str, "method"),
         masquerade=_expect(_obj(custom, "attribution").get("masquerade"), str, "masquerade"),
+        enrichment_skipped=_expect(
+            _obj(custom, "enrichment").get("skipped"), str, "exfilwatch.enrichment.skipped"
+        ),
     )
 
 
@@ -660,6 +669,7 @@ SETTABLE: dict[str, str] = {
     "exfilwatch.attribution.login_user": "user_login_name",
     "exfilwatch.attribution.login_uid": "user_login_id",
     "exfilwatch.attribution.masquerade": "masquerade",
+    "exfilwatch.enrichment.skipped": "enrichment_skipped",
 }
 _TUPLE_ATTRS = frozenset({"tags", "lineage_tags", "disguise"})
 _INT_ATTRS = frozenset(

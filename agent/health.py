@@ -44,6 +44,8 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "lineage_index_built": ("state", "info"),
     "source_error": ("state", "error"),
     "sink_error": ("state", "error"),
+    "enrichment_skipped": ("metric", "warning"),
+    "sink_recovered": ("state", "info"),
 }
 
 Reporter = Callable[[dict[str, Any]], None]

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from agent.alerts import stamp_created
 from agent.config import check_file, default_config_path
 from agent.diagnostics import errors_only, format_problems
 from agent.events import Event, dumps, read_jsonl
@@ -145,6 +146,6 @@ def replay(events_path: str, paths: Sequence[str]) -> int:
     for e in events:
         assert isinstance(e, Event)
         for alert in engine.process(e):
-            out.write(dumps(alert) + "\n")
+            out.write(dumps(stamp_created(alert)) + "\n")
     out.flush()
     return 0

@@ -2,32 +2,49 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent import __version__
+from agent.builder import Components, build
+from agent.components import Component
 from agent.config import Config, WatchSpec, check_file
 from agent.diagnostics import Problem, errors_only
-from agent.enrich.tags import TagResolver
 from agent.health import CapReporter, now_us, record
 from agent.pipeline import Pipeline
 from agent.rules.compiler import RuleSet, load_rules
 from agent.rules.engine import Engine
 from agent.sinks import Router
-from agent.sources import Source, make_source
+from agent.sources import Source
+
+if TYPE_CHECKING:
+    from agent.enrich.attribution import ProcessTable
+    from agent.enrich.lineage import LineageIndex
+    from agent.sources.fanotify import FanotifyWatcher
+    from agent.sources.mounts import MountWatcher
 
 log = structlog.get_logger(__name__)
 
 # Keys a reload cannot change on a running agent (they shape objects made at start).
-_RESTART_KEYS = ("source", "queue_size", "inotify", "marker_name", "state_dir")
+_RESTART_KEYS = (
+    "source",
+    "queue_size",
+    "egress_queue_size",
+    "staging_queue_size",
+    "enrichment",
+    "inotify",
+    "marker_name",
+    "state_dir",
+)
 
 
 class Agent:
@@ -39,8 +56,6 @@ class Agent:
         self.config = config
         self.router = router or Router.from_specs(config.sinks)
         self._own_router = router is None
-        self.pipeline: Pipeline | None = None
-        self.source: Source | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.caps: CapReporter | None = None
         self._started = 0.0
@@ -59,10 +74,9 @@ class Agent:
         ]
         self._derived: list[WatchSpec] = []
         self._mount_specs: dict[str, WatchSpec] = {}
-        self.mounts: Any = None
-        self.lineage: Any = None
-        self.processes: Any = None
-        self.fanotify: Any = None
+        self.mounts: MountWatcher | None = None
+        self.parts: Components | None = None
+        self._running: list[Component] = []
 
     def load_rules(self) -> bool:
         """Read and compile the configured rules before start; False (and problems) when bad."""
@@ -133,24 +147,16 @@ class Agent:
             self.pipeline.request_expiry(now_us())
 
     def start(self) -> None:
+        """Build every component from the config, then start them bottom-up."""
         self._started = time.monotonic()
         if self.config.rules and self._loaded_rules is None and not self._rule_problems:
             self.load_rules()
-        resolver_caps = CapReporter(self._report)
-        self.caps = resolver_caps
+        self.caps = CapReporter(self._report)
         self._discover_destinations()
-        resolver = TagResolver(
-            self.all_specs(), self.config.marker_name, self._report, resolver_caps
+        parts = build(
+            self.config, self.router, self._report, self.caps, self.all_specs(), mounts=self.mounts
         )
-        source_name = self.config.source
-        self.pipeline = Pipeline(self.router, resolver, self.config.queue_size)
-        self.pipeline.destinations = self._make_destinations()
-        self._make_attribution()
-        self.pipeline.start()
-        self.source, why = make_source(
-            self.config, self.pipeline.emit, self._report, resolver_caps, self.all_specs()
-        )
-        self._report(record("source_selected", why, source=self.source.name))
+        self.parts = parts
         self._report(
             record(
                 "agent_started",
@@ -159,66 +165,72 @@ class Agent:
                 pid=os.getpid(),
                 config=self.config.source_file,
                 roots=[w.path for w in self.config.watch],
-                source_setting=source_name,
+                source_setting=self.config.source,
             )
         )
-        began = time.monotonic()
-        self.source.start()
-        self._report(
-            record(
-                "source_ready",
-                None,
-                seconds=round(time.monotonic() - began, 3),
-                **self.source.stats(),
-            )
-        )
-        if self.config.rules:
-            self.install_rules(self._loaded_rules, self._rule_problems, initial=True)
-        if self.lineage is not None:
-            threading.Thread(
-                target=self._build_lineage, name="exfilwatch-lineage", daemon=True
-            ).start()
+        for component in parts.ordered():
+            if component is parts.source:
+                if self.config.rules:
+                    self.install_rules(self._loaded_rules, self._rule_problems, initial=True)
+                began = time.monotonic()
+                component.start()
+                self._running.append(component)
+                self._report(
+                    record(
+                        "source_ready",
+                        None,
+                        seconds=round(time.monotonic() - began, 3),
+                        **component.stats(),
+                    )
+                )
+                continue
+            try:
+                component.start()
+            except OSError as exc:
+                if component is parts.pipeline:
+                    raise
+                # An optional part that cannot run here (fanotify without the capability)
+                # is said by name; the agent runs on without it.
+                self._report(record("source_error", _errno_name(exc), component=component.name))
+                continue
+            self._running.append(component)
         self.scheduler = BackgroundScheduler(daemon=True)
-        if self.processes is not None:
-            self.scheduler.add_job(
-                self.check_processes,
-                "interval",
-                seconds=self.config.processes.interval,
-                id="processes",
-                max_instances=1,
-                coalesce=True,
-            )
+        jobs: list[tuple[Callable[[], None], float, str]] = [
+            (self.heartbeat, self.config.heartbeat_interval, "heartbeat")
+        ]
+        if parts.processes is not None:
+            jobs.append((self.check_processes, self.config.processes.interval, "processes"))
         if self.mounts is not None:
-            self.scheduler.add_job(
-                self.check_mounts,
-                "interval",
-                seconds=self.config.locations.mount_check_interval,
-                id="mounts",
-                max_instances=1,
-                coalesce=True,
-            )
-        self.scheduler.add_job(
-            self.heartbeat,
-            "interval",
-            seconds=self.config.heartbeat_interval,
-            id="heartbeat",
-            max_instances=1,
-            coalesce=True,
-        )
+            jobs.append((self.check_mounts, self.config.locations.mount_check_interval, "mounts"))
         if self.config.rules:
+            jobs.append((self.check_rules, self.config.rules_check_interval, "rules_check"))
+            jobs.append((self.expire_windows, 60.0, "window_expiry"))
+        for func, seconds, job_id in jobs:
             self.scheduler.add_job(
-                self.check_rules,
-                "interval",
-                seconds=self.config.rules_check_interval,
-                id="rules_check",
-                max_instances=1,
-                coalesce=True,
-            )
-            self.scheduler.add_job(
-                self.expire_windows, "interval", seconds=60, id="window_expiry", max_instances=1
+                func, "interval", seconds=seconds, id=job_id, max_instances=1, coalesce=True
             )
         self.scheduler.start()
-        log.info("agent_started", source=self.source.name, roots=len(self.config.watch))
+        log.info("agent_started", source=parts.source.name, roots=len(self.config.watch))
+
+    @property
+    def pipeline(self) -> Pipeline | None:
+        return self.parts.pipeline if self.parts is not None else None
+
+    @property
+    def source(self) -> Source | None:
+        return self.parts.source if self.parts is not None else None
+
+    @property
+    def lineage(self) -> LineageIndex | None:
+        return self.parts.lineage if self.parts is not None else None
+
+    @property
+    def processes(self) -> ProcessTable | None:
+        return self.parts.processes if self.parts is not None else None
+
+    @property
+    def fanotify(self) -> FanotifyWatcher | None:
+        return self.parts.fanotify if self.parts is not None else None
 
     # destinations ----------------------------------------------------------------------
 
@@ -238,9 +250,20 @@ class Agent:
         homes = find_homes(loc.home_roots)
         cloud = cloud_sync_places(homes) if loc.cloud_sync else []
         avoid = [w.path for w in self.config.watch] + [c.path for c in cloud] + self._own_paths
-        self._derived = [*cloud, *staging_places(homes, loc.staging_dirs, avoid=avoid)]
+        self._derived = [
+            *cloud,
+            *staging_places(
+                homes,
+                loc.staging_dirs,
+                avoid=avoid,
+                home_depth=loc.home_depth,
+                exclude=loc.exclude,
+            ),
+        ]
         if self.mounts is None:
-            self.mounts = MountWatcher(removable_patterns=loc.removable_patterns)
+            self.mounts = MountWatcher(
+                report=self._report, removable_patterns=loc.removable_patterns
+            )
             added, _ = self.mounts.poll()
             for info in added:
                 self._mount_specs[info.mount.mountpoint] = self._mount_spec(info)
@@ -296,69 +319,13 @@ class Agent:
         if self.source is not None:
             self.source.update(specs)
 
-    def _make_destinations(self) -> Any:
-        settings = self.config.lineage
-        if not settings.enabled:
-            self.lineage = None
-        else:
-            from agent.enrich.lineage import LineageIndex
-
-            self.lineage = LineageIndex(
-                max_files=settings.max_files,
-                hash_max_bytes=settings.hash_max_bytes,
-                io_budget=settings.io_budget_bytes,
-                on_cap=self._engine_cap,
-            )
-        if self.lineage is None and not self.config.locations.enabled:
-            return None
-        from agent.enrich.destinations import Destinations, DestinationSettings
-
-        return Destinations(self.lineage, DestinationSettings())
-
-    def _make_attribution(self) -> None:
-        settings = self.config.processes
-        if not settings.enabled:
-            return
-        from agent.enrich.attribution import KNOWN_TOOLS, Attributor, ProcessTable
-
-        self.processes = ProcessTable(tools=KNOWN_TOOLS)
-        self.processes.poll()  # what runs already is known, not reported as started
-        exact = None
-        if settings.fanotify != "off":
-            exact = self._start_fanotify(settings.fanotify == "on")
-        if settings.attribution and self.pipeline is not None:
-            self.pipeline.attributor = Attributor(self.processes, exact=exact)
-
-    def _start_fanotify(self, required: bool) -> Any:
-        try:
-            from agent.sources.fanotify import FanotifyWatcher, available
-        except ImportError:
-            return None
-        ok, why = available()
-        if not ok:
-            if required:  # `fanotify: on` asked for exact attribution: its absence is an error
-                self._report(record("source_error", why, source="fanotify", required=True))
-            else:
-                self._report(record("source_selected", why, source="fanotify", active=False))
-            return None
-        try:
-            self.fanotify = FanotifyWatcher([w.path for w in self.config.watch])
-            self.fanotify.start()
-        except OSError as exc:
-            self._report(record("source_error", type(exc).__name__, source="fanotify"))
-            self.fanotify = None
-            return None
-        self._report(record("source_selected", "exact pids for file events", source="fanotify"))
-        from agent.enrich.attribution import kernel_lookup
-
-        return kernel_lookup(self.fanotify, self.processes)
-
     def check_processes(self) -> None:
         """New processes since the last poll become process-started events."""
-        if self.processes is None or self.pipeline is None:
+        processes, pipeline = self.processes, self.pipeline
+        if processes is None or pipeline is None:
             return
         try:
-            new = self.processes.poll()
+            new = processes.poll()
             if not new:
                 return
             from agent.enrich.attribution import process_event
@@ -369,34 +336,15 @@ class Agent:
                 return any((path + "/").startswith(r) for r in roots)
 
             ts = now_us()
-            self.pipeline.emit_events([process_event(p, ts, tagged) for p in new])
+            pipeline.emit_events([process_event(p, ts, tagged) for p in new])
         except Exception as exc:
             log.exception("process_check_failed")
             self._report(record("source_error", type(exc).__name__, stage="processes"))
 
-    def _build_lineage(self) -> None:
-        assert self.lineage is not None and self.pipeline is not None
-        from agent.sources.paths import compile_excludes
-
-        began = time.monotonic()
-        resolver = self.pipeline.resolver
-        roots = [
-            (w.path, compile_excludes(w.exclude), lambda d: resolver.resolve_dir(d).tags)
-            for w in self.config.watch
-        ]
-        files = self.lineage.build(roots)
-        self._report(
-            record(
-                "lineage_index_built",
-                None,
-                files=files,
-                indexed=len(self.lineage),
-                seconds=round(time.monotonic() - began, 3),
-            )
-        )
-
     def stop(self, timeout: float = 1.8) -> bool:
-        """Stop within `timeout` seconds, writing what is queued. True when nothing was left."""
+        """Stop within `timeout` seconds, writing what is queued. True when nothing was left.
+        Components stop in the reverse of their start order: producers first, the consumer
+        (which drains what they queued) last."""
         if self._stopped:
             return True
         self._stopped = True
@@ -404,18 +352,20 @@ class Agent:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
             self.scheduler = None
-        if self.source is not None:
-            self.source.stop()
-            self.source = None
-        if self.mounts is not None:
-            self.mounts.close()
-        if self.fanotify is not None:
-            self.fanotify.stop()
+        pipeline = self.pipeline
         drained = True
-        if self.pipeline is not None:
+        for component in reversed(self._running):
+            if component is pipeline:
+                continue
+            try:
+                component.stop()
+            except Exception as exc:
+                log.exception("component_stop_failed", component=component.name)
+                self._report(record("source_error", type(exc).__name__, component=component.name))
+        if pipeline is not None:
             left = max(0.1, deadline - time.monotonic() - 0.05)
-            drained = self.pipeline.stop(timeout=left)
-            unwritten = len(self.pipeline.queue)
+            drained = pipeline.drain(timeout=left)
+            unwritten = len(pipeline.queue)
             if unwritten:
                 # Said as a loss, not only in the stop record: a SIEM alerts on event_loss.
                 self._report(
@@ -432,10 +382,11 @@ class Agent:
                     "agent_stopped",
                     None if drained else "drain_timeout",
                     drained=drained,
-                    unwritten=len(self.pipeline.queue),
-                    **self.pipeline.stats(),
+                    unwritten=unwritten,
+                    **pipeline.stats(),
                 )
             )
+        self._running = []
         if self._own_router:
             self.router.close()
         log.info("agent_stopped", drained=drained)
@@ -450,11 +401,14 @@ class Agent:
             self.router.write("health", [dumps(rec)])
 
     def stats(self) -> dict[str, Any]:
+        """Every running component's counters, by name, for the heartbeat."""
         out: dict[str, Any] = {"uptime_s": round(time.monotonic() - self._started, 1)}
-        if self.pipeline is not None:
-            out["pipeline"] = self.pipeline.stats()
-        if self.source is not None:
-            out["source"] = self.source.stats()
+        for component in self._running:
+            try:
+                out[component.name] = component.stats()
+            except Exception as exc:  # a broken counter must not cost the heartbeat
+                out[component.name] = {"error": type(exc).__name__}
+        out["sinks"] = self.router.stats()
         if self.pipeline is not None and self.pipeline.engine is not None:
             out["engine"] = self.pipeline.engine.stats()
         if self.caps is not None and self.caps.hits:
@@ -537,3 +491,7 @@ def rule_signature(paths: tuple[str, ...] | list[str]) -> tuple[Any, ...]:
             continue
         out.append((f, st.st_size, st.st_mtime_ns, st.st_ino))
     return tuple(out)
+
+
+def _errno_name(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, type(exc).__name__)

@@ -2,13 +2,14 @@
 the default poll catches, and how often file events are attributed to the right process/user.
 
 Usage (as root: the accuracy part creates a system user and runs commands with runuser, and
-fanotify needs CAP_SYS_ADMIN)::
+fanotify needs CAP_SYS_ADMIN), with the interpreter of the environment exfilwatch is installed
+in (``.venv/bin/python`` in a checkout)::
 
-    /work/venv/bin/python bench/attribution.py --quick           # about 5 minutes
-    /work/venv/bin/python bench/attribution.py                   # about 15 minutes
-    /work/venv/bin/python bench/attribution.py --json            # JSON on stdout, no tables
-    /work/venv/bin/python bench/attribution.py --json r.json     # tables, and JSON in r.json
-    /work/venv/bin/python bench/attribution.py --parts cost,catch   # a subset of the parts
+    python bench/attribution.py --quick           # about 5 minutes
+    python bench/attribution.py                   # about 15 minutes
+    python bench/attribution.py --json            # JSON on stdout, no tables
+    python bench/attribution.py --json r.json     # tables, and JSON in r.json
+    python bench/attribution.py --parts cost,catch   # a subset of the parts
 
 Progress goes to stderr; the result tables (or ``--json``) go to stdout.
 
@@ -106,30 +107,37 @@ Standard library and psutil only (and the agent itself).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import heapq
 import json
 import os
-import pwd
 import queue
 import random
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 import psutil
+from common import (
+    PYTHON,
+    Cleanup,
+    emit,
+    ensure_user,
+    interruptible,
+    mean,
+    median,
+    pct,
+    progress,
+    table,
+)
 
 from agent.config import (
     Config,
@@ -161,7 +169,9 @@ from agent.sources.fanotify import FanotifyWatcher, available
 
 TOOLS = KNOWN_TOOLS  # what the agent gives ProcessTable (renamed-copy detection)
 BENCH_USER = "exfilwatch-bench"
-USER_PYTHON = "/usr/bin/python3"  # the venv's interpreter lives under /root: not for the user
+# The system's python3 for the bench user: the venv's interpreter may live where that user
+# cannot reach it (under /root).
+USER_PYTHON = shutil.which("python3", path=os.defpath) or PYTHON
 LIFETIMES_MS = (1, 5, 10, 25, 50, 100, 250, 500, 1000)
 OP_KINDS = (
     "cp",
@@ -247,112 +257,19 @@ while :; do
 done"""
 
 
-def progress(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+# Health records the measured components report (kept for a look in a debugger, not printed).
+HEALTH: list[dict[str, Any]] = []
 
 
-# cleanup ---------------------------------------------------------------------------------
-
-
-class Cleanup:
-    """Every child process, agent, watcher and temporary tree this run makes, undone at exit."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.groups: list[subprocess.Popen[bytes]] = []  # leaders of process groups we made
-        self.trees: list[str] = []
-        self.agents: list[Agent] = []
-        self.watchers: list[FanotifyWatcher] = []
-        self._lock = threading.Lock()
-
-    def spawn(
-        self, argv: Sequence[str], *, group: bool = False, **kw: Any
-    ) -> subprocess.Popen[bytes]:
-        kw.setdefault("stdin", subprocess.DEVNULL)
-        kw.setdefault("stdout", subprocess.DEVNULL)
-        kw.setdefault("stderr", subprocess.DEVNULL)
-        p: subprocess.Popen[bytes] = subprocess.Popen(list(argv), start_new_session=group, **kw)
-        with self._lock:
-            (self.groups if group else self.procs).append(p)
-        return p
-
-    def forget(self, p: subprocess.Popen[bytes]) -> None:
-        """A child that was reaped: nothing left to clean."""
-        with self._lock, contextlib.suppress(ValueError):
-            self.procs.remove(p)
-
-    def mkdtemp(self, prefix: str) -> str:
-        path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
-        self.trees.append(path)
-        return path
-
-    def isolated(self, prefix: str) -> str:
-        """A fresh directory five levels under a new /tmp tree: deeper than the default /tmp
-        staging watch (STAGING_MAX_DEPTH 4) of any other agent running on this machine, whose
-        lineage hashing would open our files and own their accesses."""
-        base = self.mkdtemp(prefix)
-        os.chmod(base, 0o755)  # noqa: S103 - mkdtemp's 0700 keeps the test user out
-        path = os.path.join(base, "isolated", "from", "staging", "watches", "tree")
-        os.makedirs(path)
-        return path
-
-    def kill_group(self, p: subprocess.Popen[bytes]) -> None:
-        # The leader is not reaped before this, so its pid (the group id) cannot be reused.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        with self._lock, contextlib.suppress(ValueError):
-            self.groups.remove(p)
-
-    def kill(self, p: subprocess.Popen[bytes]) -> None:
-        if p.poll() is None:
-            p.terminate()  # runuser passes SIGTERM on to the user's process
-            try:
-                p.wait(2)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.forget(p)
-
-    def close(self) -> None:
-        for agent in self.agents:
-            with contextlib.suppress(Exception):
-                agent.stop()
-        self.agents.clear()
-        for watcher in self.watchers:
-            with contextlib.suppress(Exception):
-                watcher.stop()
-        self.watchers.clear()
-        for p in list(self.groups):
-            self.kill_group(p)
-        for p in list(self.procs):
-            if p.poll() is None:
-                p.kill()
-        for p in list(self.procs):
-            p.wait()
-        self.procs.clear()
-        for tree in self.trees:
-            shutil.rmtree(tree, ignore_errors=True)
-        self.trees.clear()
-
-
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-# small helpers ---------------------------------------------------------------------------
-
-
-def median(xs: Sequence[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def mean(xs: Sequence[float]) -> float:
-    return statistics.fmean(xs) if xs else float("nan")
-
-
-def pct(n: float, d: float) -> float:
-    return 100.0 * n / d if d else float("nan")
+def isolated(cleanup: Cleanup, prefix: str) -> str:
+    """A fresh directory five levels under a new /tmp tree: deeper than the default /tmp
+    staging watch (STAGING_MAX_DEPTH 4) of any other agent running on this machine, whose
+    lineage hashing would open our files and own their accesses."""
+    base = cleanup.mkdtemp(prefix)
+    os.chmod(base, 0o755)  # noqa: S103 - mkdtemp's 0700 keeps the test user out
+    path = os.path.join(base, "isolated", "from", "staging", "watches", "tree")
+    os.makedirs(path)
+    return path
 
 
 _READS = frozenset({"opened", "closed_nowrite"})  # as agent/enrich/attribution.py kernel_lookup
@@ -469,14 +386,14 @@ def fanotify_check(cleanup: Cleanup) -> dict[str, Any]:
     out: dict[str, Any] = {"available": ok, "why": why, "lookup_works": False}
     if not ok:
         return out
-    tree = cleanup.isolated("exfilwatch-bench-fan-")
-    watcher = FanotifyWatcher([tree])
+    tree = isolated(cleanup, "exfilwatch-bench-fan-")
+    watcher = FanotifyWatcher([tree], report=HEALTH.append)
     try:
         watcher.start()
     except OSError as exc:
         out["why"] = f"start: {exc}"
         return out
-    cleanup.watchers.append(watcher)
+    cleanup.stoppables.append(watcher)
     target = os.path.join(tree, "probe.txt")
     child = cleanup.spawn(["sh", "-c", 'echo x > "$1"; sleep 0.5', "sh", target], group=True)
     deadline = time.monotonic() + 3
@@ -489,7 +406,7 @@ def fanotify_check(cleanup: Cleanup) -> dict[str, Any]:
         time.sleep(0.02)
     cleanup.kill_group(child)
     watcher.stop()
-    cleanup.watchers.remove(watcher)
+    cleanup.stoppables.remove(watcher)
     out["lookup_works"] = pid == child.pid
     if pid != child.pid:
         out["why"] = f"lookup gave pid {pid}, the writer was {child.pid}"
@@ -510,7 +427,7 @@ def populate(target: int, cleanup: Cleanup) -> list[subprocess.Popen[bytes]]:
 def start_churn(rate: float, seed: int, cleanup: Cleanup) -> subprocess.Popen[bytes] | None:
     if rate <= 0:
         return None
-    return cleanup.spawn([sys.executable, "-c", CHURN, str(rate), str(seed)], group=True)
+    return cleanup.spawn([PYTHON, "-c", CHURN, str(rate), str(seed)], group=True)
 
 
 # part 1: cost ----------------------------------------------------------------------------
@@ -528,7 +445,7 @@ def time_pids(n: int) -> float:
 def fresh_poll(reps: int) -> dict[str, Any]:
     rows = []
     for _ in range(reps):
-        table = ProcessTable(tools=TOOLS)
+        table = ProcessTable(report=HEALTH.append, tools=TOOLS)
         w0, c0 = time.perf_counter(), time.thread_time()
         new = table.poll()
         wall, cpu = time.perf_counter() - w0, time.thread_time() - c0
@@ -546,7 +463,7 @@ def fresh_poll(reps: int) -> dict[str, Any]:
 
 def poll_loop(interval: float, duration: float, tagged_root: str) -> dict[str, Any]:
     """ProcessTable.poll() + process_event() on a fixed 0.5 s schedule, as check_processes."""
-    table = ProcessTable(tools=TOOLS)
+    table = ProcessTable(report=HEALTH.append, tools=TOOLS)
     table.poll()  # what runs already is known, as at agent start
     prefix = tagged_root.rstrip("/") + "/"
 
@@ -619,7 +536,7 @@ def agent_idle(
     agent = Agent(
         agent_config(root, state, settings), router=Router([(sink, frozenset({"event"}))])
     )
-    cleanup.agents.append(agent)
+    cleanup.stoppables.append(agent)
     agent.start()
     time.sleep(settle)  # the start-up poll of every process and the first source work are done
     fan0 = agent.fanotify.stats() if agent.fanotify is not None else None
@@ -643,21 +560,21 @@ def agent_idle(
         out["fanotify_outside"] = fan1["outside_skipped"] - fan0["outside_skipped"]
         out["fanotify_records_per_s"] = out["fanotify_records"] / wall
     agent.stop()
-    cleanup.agents.remove(agent)
+    cleanup.stoppables.remove(agent)
     return out
 
 
 def fanotify_load(rate: float, duration: float, cleanup: Cleanup) -> dict[str, Any]:
     """CPU per fanotify record for file activity elsewhere on the marked mount."""
     tree = cleanup.mkdtemp("exfilwatch-bench-fanload-")
-    load = cleanup.spawn([sys.executable, "-c", FILE_LOAD, str(rate)], group=True)
+    load = cleanup.spawn([PYTHON, "-c", FILE_LOAD, str(rate)], group=True)
     time.sleep(1.0)
     w0, c0 = time.perf_counter(), time.process_time()
     time.sleep(duration)
     base_cpu, base_wall = time.process_time() - c0, time.perf_counter() - w0
-    watcher = FanotifyWatcher([tree])
+    watcher = FanotifyWatcher([tree], report=HEALTH.append)
     watcher.start()
-    cleanup.watchers.append(watcher)
+    cleanup.stoppables.append(watcher)
     time.sleep(0.5)
     s0 = watcher.stats()
     w0, c0 = time.perf_counter(), time.process_time()
@@ -665,7 +582,7 @@ def fanotify_load(rate: float, duration: float, cleanup: Cleanup) -> dict[str, A
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
     s1 = watcher.stats()
     watcher.stop()
-    cleanup.watchers.remove(watcher)
+    cleanup.stoppables.remove(watcher)
     cleanup.kill_group(load)
     records = s1["events_read"] - s0["events_read"]
     return {
@@ -748,13 +665,13 @@ def pipeline_pass(pipeline: Pipeline, batches: list[list[RawEvent]]) -> float:
     gc.collect()
     w0 = time.perf_counter()
     for batch in batches:
-        pipeline._process(batch)
+        pipeline._process("tagged", batch)
     return time.perf_counter() - w0
 
 
 def part_burst(args: argparse.Namespace, cleanup: Cleanup, fan_ok: bool) -> dict[str, Any]:
     n = args.events
-    base = cleanup.isolated("exfilwatch-bench-burst-")
+    base = isolated(cleanup, "exfilwatch-bench-burst-")
     for group in ("named", "anon"):
         for k in range(10):
             os.makedirs(os.path.join(base, group, f"d{k}"))
@@ -765,17 +682,17 @@ def part_burst(args: argparse.Namespace, cleanup: Cleanup, fan_ok: bool) -> dict
         for k in range(10)
     ]
     time.sleep(0.2)
-    before = ProcessTable(tools=TOOLS)
+    before = ProcessTable(report=HEALTH.append, tools=TOOLS)
     before.poll()  # knows the namers, not the writer: as when a short cp is never polled
     watcher: FanotifyWatcher | None = None
     if fan_ok:
-        watcher = FanotifyWatcher([base], window_s=300.0)
+        watcher = FanotifyWatcher([base], report=HEALTH.append, window_s=300.0)
         watcher.start()
-        cleanup.watchers.append(watcher)
+        cleanup.stoppables.append(watcher)
     # The root comes in the environment: an argument naming the tree would make the writer
     # the cmdline match of every file, the anon half included.
     writer = cleanup.spawn(
-        [sys.executable, "-c", WRITER, str(n)],
+        [PYTHON, "-c", WRITER, str(n)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env={**os.environ, "BENCH_ROOT": base},
@@ -783,7 +700,7 @@ def part_burst(args: argparse.Namespace, cleanup: Cleanup, fan_ok: bool) -> dict
     assert writer.stdout is not None and writer.stdin is not None
     writer.stdout.readline()
     time.sleep(0.3)  # the fanotify reader drains the writer's records
-    table = ProcessTable(tools=TOOLS)
+    table = ProcessTable(report=HEALTH.append, tools=TOOLS)
     table.poll()  # knows the namers and the (live) writer
     rng = random.Random(args.seed)
     actions = ("created", "closed_write", "modified", "opened", "closed_nowrite")
@@ -807,7 +724,9 @@ def part_burst(args: argparse.Namespace, cleanup: Cleanup, fan_ok: bool) -> dict
     if watcher is not None:
         # as agent/service.py _start_fanotify wires it
         exact = kernel_lookup(watcher, table)
-        miss = kernel_lookup(FanotifyWatcher([base]), table)  # never started: an empty cache
+        miss = kernel_lookup(
+            FanotifyWatcher([base], report=HEALTH.append), table
+        )  # never started: an empty cache
         variants["exact hit"] = best_of(lambda: Attributor(table, exact=exact), events)
         variants["exact miss"] = best_of(lambda: Attributor(table, exact=miss), events)
     # pipeline: bare, inferred, exact
@@ -827,19 +746,24 @@ def part_burst(args: argparse.Namespace, cleanup: Cleanup, fan_ok: bool) -> dict
     assert writer_proc is not None
     fixed = proc_fields(writer_proc)
 
-    def fields_only(e: Event) -> Event:  # no lookup: what the extra fields cost downstream
-        return e._replace(**fixed, attribution="exact", attribution_method="fanotify")
+    class FieldsOnly:  # no lookup: what the extra fields cost downstream
+        name = "fields_only"
+
+        def __call__(self, e: Event, /) -> Event:
+            return e._replace(**fixed, attribution="exact", attribution_method="fanotify")
+
+    fields_only = FieldsOnly()
 
     progress("burst: pipeline passes")
     for _ in range(3):
-        pipeline.attributor = None
+        pipeline.stages = ()
         pipe["bare"].append(pipeline_pass(pipeline, batches))
-        pipeline.attributor = fields_only
+        pipeline.stages = (fields_only,)
         pipe["fields only"].append(pipeline_pass(pipeline, batches))
-        pipeline.attributor = Attributor(table)
+        pipeline.stages = (Attributor(table),)
         pipe["inferred"].append(pipeline_pass(pipeline, batches))
         if watcher is not None:
-            pipeline.attributor = Attributor(table, exact=exact)
+            pipeline.stages = (Attributor(table, exact=exact),)
             pipe["exact"].append(pipeline_pass(pipeline, batches))
     out["pipeline"] = {
         k: {"ms": min(v) * 1e3, "events_per_s": n / min(v), "us_per_event": min(v) / n * 1e6}
@@ -859,7 +783,7 @@ def part_burst(args: argparse.Namespace, cleanup: Cleanup, fan_ok: bool) -> dict
             k: v for k, v in watcher.stats().items() if k in ("events_read", "cache_size", "errors")
         }
         watcher.stop()
-        cleanup.watchers.remove(watcher)
+        cleanup.stoppables.remove(watcher)
     out["variants"] = variants
     for namer in namers:
         cleanup.kill_group(namer)
@@ -879,7 +803,7 @@ class Spawned:
 
 
 def catch_round(interval: float, n: int, rng: random.Random, cleanup: Cleanup) -> dict[str, Any]:
-    table = ProcessTable(tools=TOOLS)
+    table = ProcessTable(report=HEALTH.append, tools=TOOLS)
     table.poll()
     seen: dict[int, Proc] = {}
     stop = threading.Event()
@@ -957,23 +881,6 @@ def part_catch(args: argparse.Namespace, cleanup: Cleanup) -> dict[str, Any]:
 
 
 # part 3: accuracy ------------------------------------------------------------------------
-
-
-def ensure_user() -> dict[str, Any]:
-    with contextlib.suppress(KeyError):
-        return {"name": BENCH_USER, "uid": pwd.getpwnam(BENCH_USER).pw_uid, "created": False}
-    subprocess.run(
-        [
-            "useradd",
-            "--system",
-            "--no-create-home",
-            "--shell",
-            "/usr/sbin/nologin",
-            BENCH_USER,
-        ],
-        check=True,
-    )
-    return {"name": BENCH_USER, "uid": pwd.getpwnam(BENCH_USER).pw_uid, "created": True}
 
 
 @dataclass(slots=True)
@@ -1054,7 +961,7 @@ def run_op(op: Op, root: str, cleanup: Cleanup, rng: random.Random) -> None:
     try:
         out, err = p.communicate(timeout=30)
     except subprocess.TimeoutExpired:
-        cleanup.kill(p)
+        cleanup.stop(p)
         out, err = b"", b"timeout"
     cleanup.forget(p)
     if scanner is not None:
@@ -1093,7 +1000,7 @@ def accuracy_round(
     kinds = [k for k in OP_KINDS for _ in range(n_per_kind)]
     rng.shuffle(kinds)
     ops = [Op(i, k, op_argv(k, i)) for i, k in enumerate(kinds)]
-    base = cleanup.isolated("exfilwatch-bench-acc-")
+    base = isolated(cleanup, "exfilwatch-bench-acc-")
     root = os.path.join(base, "project")
     state = os.path.join(base, "state")
     os.makedirs(state)
@@ -1109,7 +1016,7 @@ def accuracy_round(
     agent = Agent(
         agent_config(root, state, settings), router=Router([(sink, frozenset({"event"}))])
     )
-    cleanup.agents.append(agent)
+    cleanup.stoppables.append(agent)
     agent.start()
     fan_active = agent.fanotify is not None
     sink.probe(agent.fanotify)
@@ -1143,7 +1050,7 @@ def accuracy_round(
     time.sleep(PROBE_DELAYS[-1] + 0.2)  # the probe's last checks
     sink.stop_probe()
     agent.stop()
-    cleanup.agents.remove(agent)
+    cleanup.stoppables.remove(agent)
     records = sink.records()
     events = [from_dict(r) for r in records]
     by_index = {op.index: op for op in ops}
@@ -1234,7 +1141,7 @@ def accuracy_round(
 
 
 def part_accuracy(args: argparse.Namespace, cleanup: Cleanup, fan_ok: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {"user": ensure_user(), "rounds": []}
+    out: dict[str, Any] = {"user": ensure_user(BENCH_USER), "rounds": []}
     for bg_in_tree in (True, False):
         for mode in ["off"] + (["auto"] if fan_ok else []):
             progress(
@@ -1248,22 +1155,6 @@ def part_accuracy(args: argparse.Namespace, cleanup: Cleanup, fan_ok: bool) -> d
 
 
 # report ----------------------------------------------------------------------------------
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for j, r in enumerate(cells):
-        lines.append(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            )
-        )
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def f1(x: float) -> str:
@@ -1580,16 +1471,6 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-@contextlib.contextmanager
-def interruptible() -> Iterator[None]:
-    old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 def main(argv: Sequence[str]) -> int:
     args = parse(argv)
     if os.geteuid() != 0:
@@ -1626,19 +1507,13 @@ def main(argv: Sequence[str]) -> int:
                 progress(f"{idle} idle sleep children, {len(psutil.pids())} processes")
                 result[name] = run()
             for p in list(cleanup.procs):  # the idle population goes before the accuracy part
-                cleanup.kill(p)
+                cleanup.stop(p)
             if "accuracy" in args.parts:
                 result["accuracy"] = part_accuracy(args, cleanup, fan_ok)
             result["meta"]["load1_end"] = os.getloadavg()[0]
         finally:
             cleanup.close()
-    if args.json == "-":
-        print(json.dumps(result, indent=2, default=str))
-    else:
-        print(report(result))
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(result, fh, indent=2, default=str)
+    emit(result, args.json, lambda: print(report(result)))
     return 0
 
 

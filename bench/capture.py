@@ -1,11 +1,13 @@
 """Capture benchmark: exfilwatch's Linux source against ``inotifywait -m -r``.
 
-Run as root (it changes ``fs.inotify.max_queued_events`` between runs and restores it)::
+Run as root (it changes ``fs.inotify.max_queued_events`` between runs and restores it), with
+the interpreter of the environment exfilwatch is installed in (``.venv/bin/python`` in a
+checkout; the ``exfilwatch`` command next to it is the one measured)::
 
-    /work/venv/bin/python bench/capture.py --quick       # 20,000 files, 20 s idle
-    /work/venv/bin/python bench/capture.py               # 20,000 and 100,000 files, 300 s idle
-    /work/venv/bin/python bench/capture.py --json        # JSON on stdout instead of tables
-    /work/venv/bin/python bench/capture.py --json r.json # tables, and JSON in r.json
+    python bench/capture.py --quick       # 20,000 files, 20 s idle
+    python bench/capture.py               # 20,000 and 100,000 files, 300 s idle
+    python bench/capture.py --json        # JSON on stdout instead of tables
+    python bench/capture.py --json r.json # tables, and JSON in r.json
 
 Progress goes to stderr; the result tables (or ``--json``) go to stdout.
 
@@ -91,10 +93,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
+import functools
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -103,11 +104,28 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
-from types import FrameType
-from typing import IO, Any
+from typing import Any
 
+import common
 import psutil
+from common import (
+    MB,
+    PYTHON,
+    BenchError,
+    Cleanup,
+    cell,
+    code_version,
+    cpu_seconds,
+    epoch,
+    exfilwatch_command,
+    interruptible,
+    machine,
+    peak_rss_bytes,
+    progress,
+    remove_files,
+    tail_text,
+    wait_for_text,
+)
 
 DEFAULT_DIR = "/var/tmp/exfilwatch-bench"
 FILE_DIRS = 100
@@ -133,7 +151,9 @@ LAUNCH_ATTEMPTS = 4
 LAUNCH_RETRY_SECONDS = 5.0
 IDLE_SETTLE_SECONDS = 2.0
 IDLE_SAMPLE_SECONDS = 5.0
-MB = 1024 * 1024
+
+# Numbers in every column, the first one included: all right-aligned.
+table = functools.partial(common.table, first_left=False)
 
 WORKLOAD_ACTIONS: dict[str, tuple[str, ...]] = {
     "write": ("opened", "modified", "closed_write"),
@@ -150,17 +170,6 @@ INOTIFYWAIT_EVENTS = (
 )
 EXFILWATCH_READY = b'"action":"source_ready"'
 INOTIFYWAIT_READY = b"Watches established."
-
-_CHILDREN: list[subprocess.Popen[bytes]] = []
-
-
-class BenchError(Exception):
-    """The benchmark cannot go on (a tool did not start, a tree cannot be built)."""
-
-
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
 
 # trees ---------------------------------------------------------------------------------
 
@@ -292,60 +301,13 @@ class Sysctl:
                 with open(SYSCTL_DIR + name, "w") as fh:
                     fh.write(str(value))
             except OSError as exc:
-                say(f"could not restore {name}={value}: {exc}")
+                progress(f"could not restore {name}={value}: {exc}")
             else:
-                say(f"restored fs.inotify.{name} = {value}")
+                progress(f"restored fs.inotify.{name} = {value}")
         self.saved.clear()
 
 
 # processes -----------------------------------------------------------------------------
-
-
-def spawn(argv: Sequence[str], stderr: IO[bytes] | int, stdout: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
-    _CHILDREN.append(proc)
-    return proc
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> tuple[float, int | None]:
-    """SIGTERM, wait; SIGKILL after STOP_TIMEOUT. Returns (seconds to exit, exit code)."""
-    began = time.monotonic()
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            say(f"pid {proc.pid} did not stop within {STOP_TIMEOUT} s: killed")
-            proc.kill()
-            proc.wait()
-    with contextlib.suppress(ValueError):
-        _CHILDREN.remove(proc)
-    return time.monotonic() - began, proc.returncode
-
-
-def kill_children() -> None:
-    for proc in list(_CHILDREN):
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    _CHILDREN.clear()
-
-
-def cpu_seconds(proc: psutil.Process) -> float:
-    t = proc.cpu_times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def peak_rss_bytes(pid: int) -> int | None:
-    """VmHWM: the process's peak resident set size so far."""
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def inotify_watches(pid: int) -> int | None:
@@ -366,46 +328,6 @@ def inotify_watches(pid: int) -> int | None:
         except OSError:
             continue
     return total if found else None
-
-
-def file_has(path: str, needle: bytes) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return needle in fh.read()
-    except FileNotFoundError:
-        return False
-
-
-def tail_text(path: str, limit: int = 2000) -> str:
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError:
-        return ""
-    return data[-limit:].decode("utf-8", "replace")
-
-
-def wait_ready(
-    proc: subprocess.Popen[bytes], path: str, needle: bytes, what: str, errpath: str
-) -> float:
-    """Polls `path` for `needle`; returns the monotonic time it was seen."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        if file_has(path, needle):
-            return time.monotonic()
-        if proc.poll() is not None:
-            raise BenchError(
-                f"{what} exited ({proc.returncode}) before watching: {tail_text(errpath)}"
-            )
-        if time.monotonic() > deadline:
-            raise BenchError(f"{what} was not watching after {READY_TIMEOUT} s")
-        time.sleep(READY_POLL_SECONDS)
-
-
-def remove(*paths: str) -> None:
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
 
 
 # output files --------------------------------------------------------------------------
@@ -539,6 +461,7 @@ class Context:
     sysctl: Sysctl
     quiet_seconds: float
     keep_output: bool
+    cleanup: Cleanup
 
 
 def write_config(
@@ -606,13 +529,13 @@ def launch(ctx: Context, tool: str, tag: str, roots: Sequence[str], **cfg: Any) 
         except BenchError as exc:
             if attempt == LAUNCH_ATTEMPTS:
                 raise
-            say(f"  {exc}; again in {LAUNCH_RETRY_SECONDS:.0f} s")
+            progress(f"  {exc}; again in {LAUNCH_RETRY_SECONDS:.0f} s")
         else:
             have = inotify_watches(run.proc.pid) or 0
             if have >= want or attempt == LAUNCH_ATTEMPTS:
                 return run
-            say(f"  {tool} watches {have:,} of {want:,} directories; again")
-            stop_process(run.proc)
+            progress(f"  {tool} watches {have:,} of {want:,} directories; again")
+            ctx.cleanup.stop(run.proc, STOP_TIMEOUT)
         time.sleep(LAUNCH_RETRY_SECONDS)
     raise BenchError(f"{tool} did not start")
 
@@ -629,7 +552,7 @@ def _count_dirs(ctx: Context, root: str) -> int:
 def _launch_once(ctx: Context, tool: str, tag: str, roots: Sequence[str], **cfg: Any) -> Launched:
     output = os.path.join(ctx.runs, f"{tag}.out")
     errpath = os.path.join(ctx.runs, f"{tag}.err")
-    remove(output, errpath)
+    remove_files(output, errpath)
     if tool == "exfilwatch":
         config = write_config(ctx, tag, roots, **cfg)
         argv = exfilwatch_argv(ctx, config, output)
@@ -639,8 +562,10 @@ def _launch_once(ctx: Context, tool: str, tag: str, roots: Sequence[str], **cfg:
         ready_file, needle = errpath, INOTIFYWAIT_READY
     with open(errpath, "wb") as errfh:
         spawned = time.monotonic()
-        proc = spawn(argv, errfh, subprocess.DEVNULL)
-    ready = wait_ready(proc, ready_file, needle, tool, errpath)
+        proc = ctx.cleanup.spawn(argv, stderr=errfh)
+    ready = wait_for_text(
+        proc, ready_file, needle, tool, errpath, READY_TIMEOUT, READY_POLL_SECONDS
+    )
     return Launched(proc, psutil.Process(proc.pid), output, errpath, spawned, ready)
 
 
@@ -704,8 +629,8 @@ def run_burst(
         after = ctx.sysctl.read("max_queued_events")
         if after == in_effect or queue >= RAISED_QUEUE or attempt == QUEUE_ATTEMPTS:
             break
-        say(f"  max_queued_events changed to {after:,} while {tool} started: again")
-        stop_process(run.proc)
+        progress(f"  max_queued_events changed to {after:,} while {tool} started: again")
+        ctx.cleanup.stop(run.proc, STOP_TIMEOUT)
     res = BurstRun(size, workload, tool, in_effect, expected=size * len(actions), stalled=stall)
     res.load1 = round(os.getloadavg()[0], 2)
     if after != in_effect:
@@ -716,17 +641,9 @@ def run_burst(
     base = tail.count
     if stall:
         run.proc.send_signal(signal.SIGSTOP)
-    gen = spawn(
-        [
-            sys.executable,
-            os.path.abspath(__file__),
-            "_generate",
-            workload,
-            ctx.files_root,
-            str(size),
-        ],
-        subprocess.DEVNULL,
-        subprocess.PIPE,
+    gen = ctx.cleanup.spawn(
+        [PYTHON, os.path.abspath(__file__), "_generate", workload, ctx.files_root, str(size)],
+        stdout=subprocess.PIPE,
     )
     if stall:  # the tool sleeps through the whole burst, then catches up
         gen.wait()
@@ -776,9 +693,8 @@ def run_burst(
     if gen_info is None:
         gen.wait()
         gen_info = _generator_result(gen)
-    with contextlib.suppress(ValueError):
-        _CHILDREN.remove(gen)
-    stop_s, res.exit_code = stop_process(run.proc)
+    ctx.cleanup.forget(gen)
+    stop_s, res.exit_code = ctx.cleanup.stop(run.proc, STOP_TIMEOUT)
     res.stop_s = round(stop_s, 2)
 
     expected = set(workload_paths(ctx.files_root, size))
@@ -798,7 +714,7 @@ def run_burst(
         }
         res.agent["watches"] = counted.health.get("source_ready", {}).get("watches")
         if counted.last_timestamp:
-            res.read_s = round(_epoch(counted.last_timestamp) - gen_info["start_wall"], 3)
+            res.read_s = round(epoch(counted.last_timestamp) - gen_info["start_wall"], 3)
         if "rescan_completed" in counted.health:
             res.agent["rescan"] = counted.health["rescan_completed"]
     else:
@@ -820,15 +736,8 @@ def run_burst(
         arrived = min(res.captured, res.captured_at_done)
         res.events_per_s = round(arrived / elapsed) if elapsed > 0 else 0.0
     if not ctx.keep_output:
-        remove(run.output, run.errpath)
+        remove_files(run.output, run.errpath)
     return res
-
-
-def _epoch(stamp: str) -> float:
-    """Seconds since the epoch of an exfilwatch @timestamp (ISO 8601 UTC, microseconds)."""
-    main, _, frac = stamp.rstrip("Z").partition(".")
-    dt = datetime.strptime(main, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
-    return dt.timestamp() + (int(frac) / 10 ** len(frac) if frac else 0.0)
 
 
 def _generator_result(gen: subprocess.Popen[bytes]) -> dict[str, Any]:
@@ -857,12 +766,12 @@ def run_bursts(
             for rep in range(repeat):
                 # The stalled runs are about who reports loss, not speed: once is enough.
                 for tool, queue, stall in plan + (stalls if default_q and rep == 0 else []):
-                    say(
+                    progress(
                         f"burst {workload} {size:,} files: {tool}, max_queued_events {queue:,}"
                         + (", stalled (SIGSTOP) during the burst" if stall else "")
                     )
                     r = run_burst(ctx, tool, size, workload, queue, stall=stall)
-                    say(
+                    progress(
                         f"  captured {r.captured:,}/{r.expected:,} (loss {r.loss:,}, "
                         f"reported {'yes' if r.loss_reported else 'no'}), "
                         f"elapsed {r.elapsed_s} s, burst {r.burst_s} s, "
@@ -959,10 +868,10 @@ def run_startup(ctx: Context, repeats: int) -> dict[str, Any]:
                 ready = source_ready(run.output)
                 entry["agent_seconds"] = ready.get("seconds")
                 entry["agent_watches"] = ready.get("watches")
-            stop_process(run.proc)
+            ctx.cleanup.stop(run.proc, STOP_TIMEOUT)
             if not ctx.keep_output:
-                remove(run.output, run.errpath)
-            say(f"start-up {tool} ({rep + 1}/{repeats}): {entry}")
+                remove_files(run.output, run.errpath)
+            progress(f"start-up {tool} ({rep + 1}/{repeats}): {entry}")
             runs[tool].append(entry)
     result: dict[str, Any] = {"tree": ctx.dirs_root, "directories": DIR_COUNT, "runs": runs}
     for tool, entries in runs.items():
@@ -995,7 +904,7 @@ def run_idle(ctx: Context, seconds: float) -> dict[str, Any]:
     cpu0 = {name: cpu_seconds(r.ps) for name, r in procs.items()}
     t0 = time.monotonic()
     end = t0 + seconds
-    say(f"idle: watching for {seconds:.0f} s")
+    progress(f"idle: watching for {seconds:.0f} s")
     while True:
         for name, r in procs.items():
             rss[name].append(r.ps.memory_info().rss)
@@ -1021,38 +930,13 @@ def run_idle(ctx: Context, seconds: float) -> dict[str, Any]:
     result["exfilwatch"]["output_bytes_while_idle"] = os.path.getsize(ew.output) - out_size0
     result["goal_idle_0_5_pct"] = result["exfilwatch"]["pct_of_one_core"] <= 0.5
     for r in procs.values():
-        stop_process(r.proc)
+        ctx.cleanup.stop(r.proc, STOP_TIMEOUT)
         if not ctx.keep_output:
-            remove(r.output, r.errpath)
+            remove_files(r.output, r.errpath)
     return result
 
 
 # report --------------------------------------------------------------------------------
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers], *[[_cell(v) for v in row] for row in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for n, row in enumerate(cells):
-        lines.append(
-            "  ".join(c.rjust(w) if n else c.ljust(w) for c, w in zip(row, widths, strict=True))
-        )
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:,.3f}".rstrip("0").rstrip(".") if abs(v) < 100 else f"{v:,.0f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
 
 
 def _queue(q: int) -> str:
@@ -1073,7 +957,7 @@ def print_report(results: dict[str, Any]) -> None:
             f"checkout: commit {code['commit']}, uncommitted: {dirty}, "
             f"agent/ diff sha1 {code['agent_diff_sha1']}"
         )
-        if m["exfilwatch"] != _default_exfilwatch():
+        if m["exfilwatch"] != exfilwatch_command():
             print("(the checkout is not what --exfilwatch runs; its state is for reference)")
         elif results.get("code_at_end") != code:
             print("WARNING: agent/ changed while the bench ran; results mix two versions")
@@ -1206,7 +1090,7 @@ def print_report(results: dict[str, Any]) -> None:
                 srows,
             )
         )
-        print(f"ratio exfilwatch / inotifywait (median): {_cell(st['ratio'])}")
+        print(f"ratio exfilwatch / inotifywait (median): {cell(st['ratio'])}")
     idle = results.get("idle")
     if idle:
         print(f"\nIdle: {idle['seconds']:.0f} s watching {', '.join(idle['roots'])}\n")
@@ -1238,7 +1122,7 @@ def print_report(results: dict[str, Any]) -> None:
                 irows,
             )
         )
-        print(f"goal exfilwatch <= 0.5% of one core: {_cell(idle['goal_idle_0_5_pct'])}")
+        print(f"goal exfilwatch <= 0.5% of one core: {cell(idle['goal_idle_0_5_pct'])}")
 
 
 def _loss(c: dict[str, Any], tool: str, case: str = "default") -> str:
@@ -1308,19 +1192,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--exfilwatch",
-        default=_default_exfilwatch(),
+        default=exfilwatch_command(),
         help="exfilwatch command",
     )
     p.add_argument("--inotifywait", default="inotifywait", help="inotifywait command")
     return p
-
-
-def _default_exfilwatch() -> str:
-    return os.path.join(os.path.dirname(sys.executable), "exfilwatch")
-
-
-def _stop_on_term(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1345,7 +1221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     sysctl = Sysctl()
     if not sysctl.writable:
-        say("not root: kernel settings stay as they are; default-queue runs are skipped")
+        progress("not root: kernel settings stay as they are; default-queue runs are skipped")
     base = os.path.abspath(args.dir)
     ctx = Context(
         base=base,
@@ -1358,43 +1234,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         sysctl=sysctl,
         quiet_seconds=args.quiet_seconds,
         keep_output=args.keep_output,
+        cleanup=Cleanup(),
     )
-    signal.signal(signal.SIGTERM, _stop_on_term)
     results: dict[str, Any] = {"machine": _machine(inotifywait), "settings": vars(args)}
     results["machine"]["exfilwatch"] = exfilwatch
-    try:
-        for d in (ctx.configs, ctx.runs):
-            os.makedirs(d, exist_ok=True)
-        if sysctl.read("max_user_watches") < MIN_WATCHES:
-            sysctl.set("max_user_watches", MIN_WATCHES)
-        results["kernel_at_start"] = {
-            n: sysctl.read(n) for n in ("max_queued_events", "max_user_watches")
-        }
-        say(f"trees under {base} (built once, reused)")
-        results["trees"] = {
-            "files": ensure_file_tree(ctx.files_root),
-            "dirs": ensure_dir_tree(ctx.dirs_root),
-        }
-        say(f"trees: {results['trees']}")
-        if not args.skip_bursts:
-            say(f"warm-up read of {MAX_FILES:,} files: {warm_up(ctx.files_root):.1f} s")
-            default_q = not args.skip_default_queue and sysctl.writable
-            runs = run_bursts(ctx, sizes, workloads, args.repeat, default_q)
-            results["bursts"] = [asdict(r) for r in runs]
-            results["comparison"] = compare(runs)
-        if not args.skip_startup:
-            results["startup"] = run_startup(ctx, args.startup_repeats)
-        if not args.skip_idle:
-            results["idle"] = run_idle(ctx, idle_seconds)
-    except BenchError as exc:
-        say(f"error: {exc}")
-        return 1
-    finally:
-        kill_children()
-        sysctl.restore()
-    results["code_at_end"] = _code_version()
-    if exfilwatch == _default_exfilwatch() and results["code_at_end"] != results["machine"]["code"]:
-        say("warning: agent/ changed while the bench ran; results mix two versions")
+    with interruptible():
+        try:
+            for d in (ctx.configs, ctx.runs):
+                os.makedirs(d, exist_ok=True)
+            if sysctl.read("max_user_watches") < MIN_WATCHES:
+                sysctl.set("max_user_watches", MIN_WATCHES)
+            results["kernel_at_start"] = {
+                n: sysctl.read(n) for n in ("max_queued_events", "max_user_watches")
+            }
+            progress(f"trees under {base} (built once, reused)")
+            results["trees"] = {
+                "files": ensure_file_tree(ctx.files_root),
+                "dirs": ensure_dir_tree(ctx.dirs_root),
+            }
+            progress(f"trees: {results['trees']}")
+            if not args.skip_bursts:
+                progress(f"warm-up read of {MAX_FILES:,} files: {warm_up(ctx.files_root):.1f} s")
+                default_q = not args.skip_default_queue and sysctl.writable
+                runs = run_bursts(ctx, sizes, workloads, args.repeat, default_q)
+                results["bursts"] = [asdict(r) for r in runs]
+                results["comparison"] = compare(runs)
+            if not args.skip_startup:
+                results["startup"] = run_startup(ctx, args.startup_repeats)
+            if not args.skip_idle:
+                results["idle"] = run_idle(ctx, idle_seconds)
+        except BenchError as exc:
+            progress(f"error: {exc}")
+            return 1
+        finally:
+            ctx.cleanup.close()
+            sysctl.restore()
+    results["code_at_end"] = code_version()
+    if exfilwatch == exfilwatch_command() and results["code_at_end"] != results["machine"]["code"]:
+        progress("warning: agent/ changed while the bench ran; results mix two versions")
     if args.json == "-":
         print(json.dumps(results, indent=2))
         return 0
@@ -1410,43 +1287,9 @@ def _machine(inotifywait: str) -> dict[str, Any]:
         [inotifywait, "--help"], capture_output=True, text=True, check=False
     ).stdout.splitlines()
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "cpus": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
+        **machine(),
         "inotifywait": version[0] if version else "inotifywait",
-        "load_avg": os.getloadavg(),
-        "code": _code_version(),
-    }
-
-
-def _code_version() -> dict[str, Any]:
-    """The checkout measured: commit and uncommitted files (read-only git, no index refresh)."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    git = shutil.which("git")
-    if git is None:
-        return {}
-    head = subprocess.run(
-        [git, "-C", repo, "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    status = subprocess.run(
-        [git, "--no-optional-locks", "-C", repo, "status", "--porcelain"],
-        capture_output=True,
-        check=False,
-        text=True,
-    )
-    diff = subprocess.run(
-        [git, "--no-optional-locks", "-C", repo, "diff", "HEAD", "--", "agent"],
-        capture_output=True,
-        check=False,
-    )
-    return {
-        "commit": head.stdout.strip(),
-        "uncommitted": [line[3:] for line in status.stdout.splitlines()],
-        "agent_diff_sha1": hashlib.sha1(diff.stdout).hexdigest()[:12],  # noqa: S324 - an id
+        "code": code_version(),
     }
 
 

@@ -1,13 +1,14 @@
 """Rule-engine benchmark: events/s of the shipped packs against ``json.loads`` of the same lines.
 
-Usage::
+Usage, with the interpreter of the environment exfilwatch is installed in (``.venv/bin/python``
+in a checkout)::
 
-    /work/venv/bin/python bench/engine.py --quick        # 100,000 events
-    /work/venv/bin/python bench/engine.py                # 1,000,000 events, 500 generated rules
-    /work/venv/bin/python bench/engine.py --json         # JSON on stdout instead of tables
-    /work/venv/bin/python bench/engine.py --profile      # also cProfile the shipped-packs run
-    /work/venv/bin/python bench/engine.py --per-action   # also engine vs json.loads per action
-    /work/venv/bin/python bench/engine.py --repeat 3 --generated 0 --no-memory   # steadier ratio
+    python bench/engine.py --quick        # 100,000 events
+    python bench/engine.py                # 1,000,000 events, 500 generated rules
+    python bench/engine.py --json         # JSON on stdout instead of tables
+    python bench/engine.py --profile      # also cProfile the shipped-packs run
+    python bench/engine.py --per-action   # also engine vs json.loads per action
+    python bench/engine.py --repeat 3 --generated 0 --no-memory   # steadier ratio
 
 Progress goes to stderr; the result tables (or ``--json``) go to stdout.
 
@@ -75,7 +76,6 @@ import os
 import platform
 import pstats
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -89,25 +89,18 @@ from datetime import UTC, datetime
 from itertools import accumulate
 from typing import Any
 
-import psutil
+from common import MB, PYTHON, REPO, RULES_DIR, peak_rss_bytes, progress, rss_bytes
 
 from agent.events import Event
 from agent.rules.compiler import RuleSet, load_rules
 from agent.rules.engine import Caps, Engine
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RULES_DIR = os.path.join(REPO, "rules")
 T0_US = int(datetime(2025, 1, 6, 9, 0, tzinfo=UTC).timestamp()) * 1_000_000
 MEAN_GAP_US = 500  # 2,000 events/s
 N_USERS = 2_000
 N_HOSTS = 400
 FILES_PER_TREE = 4_000
 BLOCKS = 50  # blk00 .. blk49 under each tagged tree
-MB = 1024 * 1024
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,7 +539,7 @@ def load(generated: int, seed: int, tmp: str | None) -> tuple[RuleSet, int]:
     elapsed = time.perf_counter() - t
     if ruleset is None:
         for p in problems[:20]:
-            log(f"  {p}")
+            progress(f"  {p}")
         raise SystemExit("rules did not load")
     return ruleset, round(elapsed * 1000)
 
@@ -644,11 +637,11 @@ def throughput(
         ("full", lambda: time_full(shipped, lines)),
     ]
     for rep in range(repeat):
-        log(f"repetition {rep + 1}/{repeat}")
+        progress(f"repetition {rep + 1}/{repeat}")
         # json.loads before and after every measurement: each row's ratio uses the two
         # baseline runs next to it, so a burst of load from elsewhere skews one row at most.
         before = time_json(lines)
-        log(f"  {'json.loads':<36}{n / before:12,.0f} events/s")
+        progress(f"  {'json.loads':<36}{n / before:12,.0f} events/s")
         rows["json"].seconds.append(before)
         for key, run in runs:
             seconds, stats = run()
@@ -660,8 +653,8 @@ def throughput(
             ratios[key].append(baseline / seconds)
             drift.append(abs(before - after) / baseline)
             ratio = baseline / seconds
-            log(f"  {rows[key].name:<36}{n / seconds:12,.0f} events/s  ratio {ratio:.2f}")
-            log(f"  {'json.loads':<36}{n / after:12,.0f} events/s")
+            progress(f"  {rows[key].name:<36}{n / seconds:12,.0f} events/s  ratio {ratio:.2f}")
+            progress(f"  {'json.loads':<36}{n / after:12,.0f} events/s")
             rows["json"].seconds.append(after)
             before = after
     out_rows = []
@@ -745,24 +738,6 @@ def per_action(ruleset: RuleSet, events: Sequence[Event]) -> list[dict[str, Any]
 # Memory (child processes)
 
 
-def _rss() -> int:
-    return int(psutil.Process().memory_info().rss)
-
-
-def _peak_rss() -> int:
-    """VmHWM: the peak RSS of this process's own address space. ru_maxrss would not do: on
-    Linux it carries over the parent's peak across fork and exec (the parent holds the
-    1,000,000 pre-built events)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 def memory_child(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="engine.py _memory")
     ap.add_argument("--mode", choices=("groups", "window"), required=True)
@@ -785,7 +760,7 @@ def memory_child(argv: list[str]) -> int:
     gc.collect()
     if a.trace:
         tracemalloc.start()
-    rss0 = _rss()
+    rss0 = rss_bytes()
     traced0 = tracemalloc.get_traced_memory()[0] if a.trace else 0
     t = time.perf_counter()
     # Events are built in the loop and dropped after process(), as in the pipeline: whatever
@@ -844,8 +819,8 @@ def memory_child(argv: list[str]) -> int:
         "first_hit": first_hit,
         "alerts": engine.stats()["alerts"],
         "rss_before": rss0,
-        "rss_after": _rss(),
-        "peak_rss": _peak_rss(),
+        "rss_after": rss_bytes(),
+        "peak_rss": peak_rss_bytes(),
     }
     if a.mode == "window":
         windows = engine._windows.get("exfil-bulk-read-tagged", {})
@@ -860,7 +835,7 @@ def memory_child(argv: list[str]) -> int:
 
 
 def run_child(args: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, os.path.abspath(__file__), "_memory", *args]
+    cmd = [PYTHON, os.path.abspath(__file__), "_memory", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
@@ -878,7 +853,7 @@ def memory(groups: int, small_cap: int, window_groups: int) -> dict[str, Any]:
     ]
     out: list[dict[str, Any]] = []
     for name, n, cap in cases:
-        log(f"memory: {name}: {n:,} users, max_groups {cap:,}")
+        progress(f"memory: {name}: {n:,} users, max_groups {cap:,}")
         base = ["--mode", "groups", "--groups", str(n), "--max-groups", str(cap)]
         plain = run_child(base)
         traced = run_child([*base, "--trace"])
@@ -886,7 +861,9 @@ def memory(groups: int, small_cap: int, window_groups: int) -> dict[str, Any]:
         plain["traced_retained"] = traced["traced_retained"]
         plain["traced_peak"] = traced["traced_peak"]
         out.append(plain)
-    log(f"memory: window: {window_groups} groups x {default.max_events + 1:,} reads of one file")
+    progress(
+        f"memory: window: {window_groups} groups x {default.max_events + 1:,} reads of one file"
+    )
     win_args = [
         "--mode",
         "window",
@@ -1038,11 +1015,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     n = 100_000 if a.quick else a.events
 
-    log(f"building {n:,} events (seed {a.seed})")
+    progress(f"building {n:,} events (seed {a.seed})")
     t = time.perf_counter()
     events = make_events(n, a.seed)
     lines = [e.to_json() for e in events]
-    log(f"  built and serialized in {time.perf_counter() - t:.1f} s")
+    progress(f"  built and serialized in {time.perf_counter() - t:.1f} s")
     step = max(1, n // 2_000)
     for e, line in zip(events[::step], lines[::step], strict=True):
         if Event.from_json(line) != e:
@@ -1080,13 +1057,13 @@ def main(argv: list[str] | None = None) -> int:
         next(r for r in result["throughput"]["rows"] if r["key"] == k) for k in ("full", "packs")
     )
     if full["alerts"] != packs["alerts"]:
-        log(f"WARNING: alerts differ: pre-built {packs['alerts']}, from JSON {full['alerts']}")
+        progress(f"WARNING: alerts differ: pre-built {packs['alerts']}, from JSON {full['alerts']}")
     result["environment"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     if a.per_action:
-        log("per-action timing")
+        progress("per-action timing")
         result["per_action"] = per_action(shipped, events)
     if a.profile:
-        log(f"profiling the shipped packs over {min(n, a.profile_events):,} events")
+        progress(f"profiling the shipped packs over {min(n, a.profile_events):,} events")
         result["profile"] = profile(shipped, events[: a.profile_events], 25)
     if not a.no_memory:
         del events, lines

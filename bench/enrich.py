@@ -1,13 +1,14 @@
 """Enrichment benchmark: the lineage index's build time and memory, and what destination
 enrichment (lineage, archives, disguise) costs the pipeline per event.
 
-Usage::
+Usage, with the interpreter of the environment exfilwatch is installed in (``.venv/bin/python``
+in a checkout)::
 
-    /work/venv/bin/python bench/enrich.py --quick          # 20,000 files, 50,000 events
-    /work/venv/bin/python bench/enrich.py                  # 100,000 files, 200,000 events
-    /work/venv/bin/python bench/enrich.py --json           # JSON on stdout instead of tables
-    /work/venv/bin/python bench/enrich.py --json r.json    # tables, and JSON in r.json
-    /work/venv/bin/python bench/enrich.py --profile        # also cProfile one enriched pass
+    python bench/enrich.py --quick          # 20,000 files, 50,000 events
+    python bench/enrich.py                  # 100,000 files, 200,000 events
+    python bench/enrich.py --json           # JSON on stdout instead of tables
+    python bench/enrich.py --json r.json    # tables, and JSON in r.json
+    python bench/enrich.py --profile        # also cProfile one enriched pass
 
 Progress goes to stderr; the result tables (or ``--json``) go to stdout.
 
@@ -102,6 +103,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+from common import PYTHON, emit, peak_rss_bytes, progress, table
 
 from agent.config import WatchSpec
 from agent.enrich.destinations import Destinations, DestinationSettings
@@ -193,10 +195,6 @@ STAGING_ACTIONS = (("closed_write", 50), ("moved_in", 10), ("modified", 25), ("o
 STAGING_KINDS = (("copy", 35), ("near", 35), ("unique", 20), ("encoded", 5), ("zip", 5))
 STAGING_COUNTS = {"copy": 500, "near": 500, "unique": 200, "encoded": 20, "zip": 20}
 LANDED = frozenset({"closed_write", "moved_in", "moved"})
-
-
-def progress(msg: str) -> None:
-    print(f"[enrich] {msg}", file=sys.stderr, flush=True)
 
 
 # trees -----------------------------------------------------------------------------------
@@ -469,18 +467,6 @@ def reset_hwm() -> bool:
     return True
 
 
-def hwm() -> int:
-    """Peak RSS in bytes: VmHWM (resettable), else ru_maxrss."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def structure_sizes(index: LineageIndex) -> dict[str, int]:
     size = sys.getsizeof
     entries = list(index._by_path.values())
@@ -509,7 +495,7 @@ def index_child(tree: str, trace: bool) -> dict[str, Any]:
     proc = psutil.Process()
     gc.collect()
     hwm_reset = reset_hwm()
-    rss0, hwm0 = proc.memory_info().rss, hwm()
+    rss0, hwm0 = proc.memory_info().rss, peak_rss_bytes() or 0
     if trace:
         tracemalloc.start(1)
     began = time.perf_counter()
@@ -534,7 +520,7 @@ def index_child(tree: str, trace: bool) -> dict[str, Any]:
             )
         out["top_lines"] = top
         return out
-    hwm1 = hwm()
+    hwm1 = peak_rss_bytes() or 0
     gc.collect()
     rss1 = proc.memory_info().rss
     out["rss_before"] = rss0
@@ -553,7 +539,7 @@ def index_child(tree: str, trace: bool) -> dict[str, Any]:
 
 
 def run_index_child(tree: str, trace: bool) -> dict[str, Any]:
-    cmd = [sys.executable, os.path.abspath(__file__), "_index", tree]
+    cmd = [PYTHON, os.path.abspath(__file__), "_index", tree]
     if trace:
         cmd.append("--trace")
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -569,6 +555,8 @@ def run_index_child(tree: str, trace: bool) -> dict[str, Any]:
 class Probe:
     """Wraps Destinations: times each call and reads the index's hash counters around it."""
 
+    name = "probe"
+
     def __init__(self, dest: Destinations, index: LineageIndex, kind_of: dict[str, str]) -> None:
         self.dest = dest
         self.index = index
@@ -581,6 +569,8 @@ class Probe:
         c0 = dict(self.dest.counters)
         t0 = time.perf_counter()
         out = self.dest(e)
+        if self.dest.wants(out):  # the worker's part, timed inline here
+            out = self.dest.content(out)[0]
         dt = time.perf_counter() - t0
         kind = self.kind_of.get(e.path)
         if kind is None:
@@ -625,7 +615,7 @@ def timed_pass(
     r0 = resource.getrusage(resource.RUSAGE_THREAD)
     w0, c0 = time.perf_counter(), time.thread_time()
     for batch in batches:
-        pipeline._process(batch)
+        pipeline._process("tagged", batch)
     wall, cpu = time.perf_counter() - w0, time.thread_time() - c0
     r1 = resource.getrusage(resource.RUSAGE_THREAD)
     return Timing(wall, cpu, r1.ru_nvcsw - r0.ru_nvcsw, r1.ru_nivcsw - r0.ru_nivcsw)
@@ -672,7 +662,7 @@ def run_pipeline(
     index: LineageIndex | None = None
     dest: Destinations | None = None
     for r in range(args.repeat):
-        pipeline.destinations = None
+        pipeline.stages, pipeline.content = (), None
         index = dest = None  # the bare pass runs without an index in memory, as in the agent
         t = timed_pass(pipeline, batches, ruleset)
         reps.append(Rep("bare", t.wall, t.cpu, t.voluntary, t.involuntary))
@@ -681,7 +671,8 @@ def run_pipeline(
         index, _ = build_index(resolver, tree)
         build_s.append(time.perf_counter() - t0)
         dest = Destinations(index, DestinationSettings())
-        pipeline.destinations = dest
+        # Content checks inline (no worker): the cost of enrichment, not its scheduling.
+        pipeline.stages, pipeline.content = (dest,), dest
         t = timed_pass(pipeline, batches, ruleset)
         reps.append(
             Rep(
@@ -700,7 +691,8 @@ def run_pipeline(
     if args.profile:
         progress("profiled enriched pass")
         index, _ = build_index(resolver, tree)
-        pipeline.destinations = Destinations(index, DestinationSettings())
+        full = Destinations(index, DestinationSettings())
+        pipeline.stages, pipeline.content = (full,), full
         prof = cProfile.Profile()
         prof.enable()
         timed_pass(pipeline, batches, ruleset)
@@ -711,9 +703,9 @@ def run_pipeline(
     progress("breakdown pass (enriched, each Destinations call timed)")
     index, _ = build_index(resolver, tree)
     probe = Probe(Destinations(index, DestinationSettings()), index, kind_of)
-    pipeline.destinations = probe
+    pipeline.stages, pipeline.content = (probe,), None
     timed_pass(pipeline, batches, ruleset)
-    pipeline.destinations = None
+    pipeline.stages = ()
     gc.unfreeze()
     n = len(events)
     bare = [x for x in reps if x.variant == "bare"]
@@ -761,22 +753,6 @@ def run_pipeline(
 
 
 # report ----------------------------------------------------------------------------------
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = []
-    for j, r in enumerate(cells):
-        lines.append(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            )
-        )
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def mb(n: float) -> str:
@@ -1038,13 +1014,7 @@ def main(argv: Sequence[str]) -> int:
         "index": {"runs": runs, "traced": traced},
         "pipeline": pipe,
     }
-    if args.json == "-":
-        print(json.dumps(result, indent=2))
-    else:
-        print(report(result))
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(result, fh, indent=2)
+    emit(result, args.json, lambda: print(report(result)))
     return 0
 
 

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import REPO_CONFIG, check_file, check_text, default_config_path, load
+from agent.config import (
+    LOCATION_EXCLUDES,
+    REPO_CONFIG,
+    EnrichmentSettings,
+    check_file,
+    check_text,
+    default_config_path,
+    load,
+)
 from agent.diagnostics import ProblemsError
 
 BAD = """\
@@ -90,6 +98,143 @@ def test_agent_output_inside_a_watched_tree_is_refused(tmp_path: Path) -> None:
     config, problems = check_text(text, str(tmp_path / "a.yaml"))
     assert config is None
     assert [p.code for p in problems] == ["CFG_WRITES_INTO_WATCHED_TREE"] * 2
+
+
+def test_the_lanes_enrichment_and_home_discovery_have_their_documented_defaults(
+    tmp_path: Path,
+) -> None:
+    config, problems = check_text("watch: []\n", str(tmp_path / "a.yaml"))
+    assert config is not None and problems == []
+    assert (config.queue_size, config.egress_queue_size, config.staging_queue_size) == (
+        50_000,
+        20_000,
+        20_000,
+    )
+    assert config.enrichment == EnrichmentSettings(
+        queue_size=10_000,
+        per_user_queue=2_000,
+        max_delay=1.0,
+        io_budget_bytes=64 * 1024 * 1024,
+        cpu_budget=0.25,
+    )
+    assert config.locations.home_depth == 4
+    assert config.locations.exclude == LOCATION_EXCLUDES
+    assert ".cache" in LOCATION_EXCLUDES and ".config/google-chrome" in LOCATION_EXCLUDES
+
+
+def test_lane_caps_enrichment_bounds_and_home_discovery_are_read_as_written(
+    tmp_path: Path,
+) -> None:
+    text = """\
+watch: []
+queue_size: 1000
+egress_queue_size: 100
+staging_queue_size: 5000
+locations:
+  home_depth: 16
+  exclude: [.cache, "projects/*/scratch", "build/**"]
+enrichment:
+  queue_size: 1
+  per_user_queue: 1
+  max_delay: 250ms
+  io_budget_bytes: 1
+  cpu_budget: 1
+"""
+    config, problems = check_text(text, str(tmp_path / "a.yaml"))
+    assert config is not None, [str(p) for p in problems]
+    assert (config.queue_size, config.egress_queue_size, config.staging_queue_size) == (
+        1000,
+        100,
+        5000,
+    )
+    assert config.locations.home_depth == 16
+    assert config.locations.exclude == (".cache", "projects/*/scratch", "build/**")
+    assert config.enrichment == EnrichmentSettings(1, 1, 0.25, 1, 1.0)
+    assert isinstance(config.enrichment.cpu_budget, float)
+
+
+def test_an_empty_locations_exclude_watches_every_subtree(tmp_path: Path) -> None:
+    config, _ = check_text("watch: []\nlocations: {exclude: []}\n", str(tmp_path / "a.yaml"))
+    assert config is not None and config.locations.exclude == ()
+
+
+BAD_NEW_KEYS = """\
+watch: []
+egress_queue_size: 99
+staging_queue_size: many
+locations:
+  home_depth: 17
+  exclude: [.cache, a/../b, "", /]
+enrichment:
+  queue_size: 0
+  per_user_queue: true
+  max_delay: 0s
+  io_budget_bytes: 0
+  cpu_budget: 1.5
+  colour: x
+"""
+
+
+def test_every_bad_lane_cap_enrichment_bound_and_home_setting_is_located_in_one_pass(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "agent.yaml"
+    config, problems = check_text(BAD_NEW_KEYS, str(path))
+    assert config is None
+    assert [str(p) for p in problems] == [
+        f"{path}:2:20 CFG_VALUE egress_queue_size must be at least 100",
+        f"{path}:3:21 CFG_TYPE staging_queue_size must be an integer, not 'many'",
+        f"{path}:5:15 CFG_VALUE locations.home_depth must be at most 16",
+        f"{path}:6:21 CFG_GLOB locations.exclude: pattern 'a/../b' has an empty, '.' or '..' "
+        "component",
+        f"{path}:6:29 CFG_VALUE an entry of locations.exclude is empty",
+        f"{path}:6:33 CFG_GLOB locations.exclude: pattern '/' matches nothing",
+        f"{path}:8:15 CFG_VALUE enrichment.queue_size must be at least 1",
+        f"{path}:9:19 CFG_TYPE enrichment.per_user_queue must be an integer, not True",
+        f"{path}:10:14 CFG_VALUE enrichment.max_delay must be longer than zero",
+        f"{path}:11:20 CFG_VALUE enrichment.io_budget_bytes must be at least 1",
+        f"{path}:12:15 CFG_VALUE enrichment.cpu_budget must be more than 0 and at most 1",
+        f"{path}:13:3 CFG_UNKNOWN_KEY unknown key 'colour' in enrichment "
+        "(hint: allowed: queue_size, per_user_queue, max_delay, io_budget_bytes, cpu_budget)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "col", "code", "message"),
+    [
+        ("staging_queue_size: 99", 21, "CFG_VALUE", "staging_queue_size must be at least 100"),
+        ("egress_queue_size: 1e5", 20, "CFG_TYPE", "egress_queue_size must be an integer"),
+        ("locations: {home_depth: 0}", 25, "CFG_VALUE", "locations.home_depth must be at least 1"),
+        ("locations: {home_depth: 2.5}", 25, "CFG_TYPE", "locations.home_depth must be an integer"),
+        ("locations: {exclude: .cache}", 22, "CFG_TYPE", "locations.exclude must be a list"),
+        ("locations: {exclude: [[.x]]}", 23, "CFG_TYPE", "each entry of locations.exclude must"),
+        ("enrichment: []", 13, "CFG_TYPE", "enrichment must be a mapping"),
+        ("enrichment: {per_user_queue: 0}", 30, "CFG_VALUE", "enrichment.per_user_queue must be"),
+        ("enrichment: {max_delay: soon}", 25, "CFG_DURATION", "enrichment.max_delay: not a dur"),
+        ("enrichment: {max_delay: [1s]}", 25, "CFG_TYPE", "enrichment.max_delay must be a dur"),
+        ("enrichment: {cpu_budget: 0}", 26, "CFG_VALUE", "enrichment.cpu_budget must be more"),
+        ("enrichment: {cpu_budget: -0.5}", 26, "CFG_VALUE", "enrichment.cpu_budget must be more"),
+        ("enrichment: {cpu_budget: .nan}", 26, "CFG_VALUE", "enrichment.cpu_budget must be more"),
+        ("enrichment: {cpu_budget: lots}", 26, "CFG_TYPE", "enrichment.cpu_budget must be a num"),
+        ("enrichment: {cpu_budget: yes}", 26, "CFG_TYPE", "enrichment.cpu_budget must be a num"),
+        ("enrichment: {cpu_budget: [1]}", 26, "CFG_TYPE", "enrichment.cpu_budget must be a sin"),
+    ],
+)
+def test_each_bad_new_value_is_one_located_problem_with_its_code(
+    tmp_path: Path, body: str, col: int, code: str, message: str
+) -> None:
+    config, problems = check_text(f"watch: []\n{body}\n", str(tmp_path / "a.yaml"))
+    assert config is None
+    assert [(p.line, p.col, p.code) for p in problems] == [(2, col, code)]
+    assert problems[0].message.startswith(message), problems[0].message
+
+
+def test_an_exclude_glob_problem_in_a_watch_entry_points_at_the_pattern(tmp_path: Path) -> None:
+    (tmp_path / "rnd").mkdir()
+    text = "watch:\n  - path: rnd\n    exclude: [ok, ../up]\n"
+    config, problems = check_text(text, str(tmp_path / "a.yaml"))
+    assert config is None
+    assert [(p.line, p.col, p.code) for p in problems] == [(3, 19, "CFG_GLOB")]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the permission check applies when run as root")

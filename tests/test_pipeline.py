@@ -1,72 +1,138 @@
-"""The bounded queue between sources and the pipeline: drops are counted and reported."""
+"""The lanes between sources and the consumer: tagged trees first, shedding counted and reported."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from agent.config import WatchSpec
 from agent.enrich.tags import TagResolver
+from agent.events import Event
 from agent.health import CapReporter
-from agent.pipeline import BoundedQueue, Pipeline
+from agent.pipeline import LaneQueue, Pipeline
 from agent.sinks import Router
 from agent.sources.base import RawEvent
 from tests.conftest import Collector
 
-
-def raw(i: int) -> RawEvent:
-    return RawEvent(i, "created", f"/nowhere/f{i}", None, False, "test")
+LANE_CAPS = {"tagged": 1000, "egress": 1000, "staging": 1000}
 
 
-def test_a_full_queue_cuts_the_batch_and_counts_every_dropped_event() -> None:
-    q = BoundedQueue(1000)
-    assert q.put([raw(i) for i in range(800)]) == 800
-    assert q.put([raw(i) for i in range(300)]) == 200
-    assert q.put([raw(0)]) == 0
-    assert q.dropped == 101
-    assert q.take_dropped() == 101
-    assert q.take_dropped() == 0
-    assert len(q) == 1000
+def raw(i: int, location: str = "tagged", root: str = "/nowhere") -> RawEvent:
+    return RawEvent(i, "created", f"{root}/f{i}", None, False, "test", location)
 
 
-def test_drops_become_an_event_loss_health_record_and_nothing_else_is_lost() -> None:
-    collector = Collector()
+def make_pipeline(collector: Collector, caps: dict[str, int] | int = 1000) -> Pipeline:
     reports: list[dict[str, Any]] = []
     resolver = TagResolver(
-        [WatchSpec("/nowhere")], ".m", reports.append, CapReporter(reports.append)
+        [
+            WatchSpec("/nowhere", ("rnd",)),
+            WatchSpec("/tmp-like", location="staging"),
+            WatchSpec("/media-like", location="removable"),
+        ],
+        ".m",
+        reports.append,
+        CapReporter(reports.append),
     )
-    pipeline = Pipeline(Router([(collector, frozenset({"event", "health"}))]), resolver, 1000)
+    return Pipeline(Router([(collector, frozenset({"event", "health"}))]), resolver, caps)
+
+
+def test_a_full_lane_cuts_the_batch_and_counts_every_dropped_event_by_lane_and_place() -> None:
+    q = LaneQueue(LANE_CAPS)
+    assert q.put("staging", [raw(i, "staging") for i in range(800)]) == 800
+    assert q.put("staging", [raw(i, "home") for i in range(300)]) == 200
+    assert q.put("staging", [raw(0, "staging")]) == 0
+    assert q.put("tagged", [raw(i) for i in range(1000)]) == 1000  # lanes do not share room
+    assert q.dropped == {"tagged": 0, "egress": 0, "staging": 101}
+    assert q.take_shed() == {("staging", "home"): 100, ("staging", "staging"): 1}
+    assert q.take_shed() == {}
+    assert len(q) == 2000
+
+
+def test_the_tagged_lane_is_served_before_a_flood_queued_earlier_elsewhere() -> None:
+    q = LaneQueue(LANE_CAPS)
+    q.put("staging", [raw(i, "staging") for i in range(500)])
+    q.put("egress", [raw(i, "removable") for i in range(10)])
+    q.put("tagged", [raw(i) for i in range(3)])
+    assert [q.get(0)[0] for _ in range(3)] == ["tagged", "egress", "staging"]
+
+
+def test_a_staging_flood_is_shed_and_reported_while_tagged_events_all_arrive() -> None:
+    collector = Collector()
+    pipeline = make_pipeline(collector)
     # The consumer is not running yet, as when it stalls behind a slow sink.
-    pipeline.emit([raw(i) for i in range(1500)])
+    pipeline.emit([raw(i, "staging", "/tmp-like") for i in range(1500)])
+    pipeline.emit([raw(i) for i in range(1000)])
     pipeline.start()
-    assert collector.wait_for(lambda c: len(c.events()) == 1000)
-    assert collector.wait_for(lambda c: bool(c.health("event_loss")))
-    assert pipeline.stop()
+    try:
+        assert collector.wait_for(lambda c: len(c.events()) == 2000, timeout=20)
+        assert collector.wait_for(lambda c: bool(c.health("event_loss")), timeout=20)
+    finally:
+        assert pipeline.drain()
     loss = collector.health("event_loss")[0]
     assert loss["event"]["reason"] == "queue_full"
+    assert loss["exfilwatch"]["health"]["lane"] == "staging"
+    assert loss["exfilwatch"]["health"]["location"] == "staging"
     assert loss["exfilwatch"]["health"]["dropped"] == 500
-    assert [e.path for e in collector.events()] == [f"/nowhere/f{i}" for i in range(1000)]
+    paths = [e.path for e in collector.events()]
+    # Every tagged event, and before any of the staging flood queued ahead of it.
+    assert paths[:1000] == [f"/nowhere/f{i}" for i in range(1000)]
+    assert pipeline.stats()["lanes"]["tagged"]["dropped_total"] == 0
 
 
 def test_stop_writes_everything_queued_before_returning() -> None:
     collector = Collector()
-    resolver = TagResolver([], ".m", lambda r: None, CapReporter(lambda r: None))
-    pipeline = Pipeline(Router([(collector, frozenset({"event"}))]), resolver, 100_000)
+    pipeline = make_pipeline(collector, 100_000)
     pipeline.start()
     for start in range(0, 50_000, 1000):
         pipeline.emit([raw(i) for i in range(start, start + 1000)])
-    assert pipeline.stop(timeout=10)
+    assert pipeline.drain(timeout=20)
     assert len(collector.lines) == 50_000
 
 
-def test_a_waiting_producer_gets_room_instead_of_losing_events() -> None:
-    import threading
+def test_a_waiting_producer_gets_room_in_the_tagged_lane_instead_of_losing_events() -> None:
+    q = LaneQueue(LANE_CAPS)
+    q.put("tagged", [raw(i) for i in range(1000)])
+    started = threading.Event()
 
-    q = BoundedQueue(1000)
-    q.put([raw(i) for i in range(1000)])
-    taker = threading.Timer(0.2, lambda: q.get(timeout=1))
-    taker.start()
+    def produce() -> None:
+        started.set()
+        produced.append(q.put("tagged", [raw(i) for i in range(500)], wait=20))
+
+    produced: list[int] = []
+    producer = threading.Thread(target=produce)
+    producer.start()
+    assert started.wait(5)
+    while producer.is_alive() and q.waits == 0:
+        producer.join(0.01)  # until the producer is seen waiting for room
+    assert q.get(timeout=1)[0] == "tagged"
+    producer.join(20)
+    assert produced == [500]
+    assert q.dropped["tagged"] == 0 and q.waits > 0
+
+
+def test_a_process_working_on_a_tagged_root_itself_carries_the_roots_tags(tmp_path: Any) -> None:
+    root = tmp_path / "nova"
+    root.mkdir()
+    (root / "core").mkdir()
+    collector = Collector()
+    reports: list[dict[str, Any]] = []
+    resolver = TagResolver(
+        [WatchSpec(str(root), ("nova",), "critical")],
+        ".m",
+        reports.append,
+        CapReporter(reports.append),
+    )
+    pipeline = Pipeline(Router([(collector, frozenset({"event"}))]), resolver, 100)
+    started = [
+        Event(1, "process_started", str(p), category="process", source="process_poll")
+        for p in (root, root / "core")
+    ]
+    pipeline.emit_events(started)  # `tar -C /srv/rnd/nova`, `rsync -a /srv/rnd/nova/core/`
+    pipeline.start()
     try:
-        assert q.put([raw(i) for i in range(500)], wait=5) == 500
+        assert collector.wait_for(lambda c: len(c.events()) == 2)
     finally:
-        taker.join()
-    assert q.dropped == 0 and q.waits > 0
+        pipeline.drain()
+    for event in collector.events():
+        assert (event.tags, event.sensitivity, event.root) == (("nova",), "critical", str(root))
+    assert pipeline.stats()["lanes"]["tagged"]["processed"] == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import pwd
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 import psutil
 
 from agent.events import Event
+from agent.health import CapReporter, Reporter, record
 
 # Interpreters run scripts: their comm is the script's name, which is not masquerading.
 INTERPRETERS = (
@@ -52,6 +54,10 @@ KNOWN_TOOLS = (
 )
 MAX_PROCS = 65_536
 RECENTLY_EXITED = 4_096
+# How long an exited process is still found by the paths it named: its file events may be
+# attributed well after it is gone (a short cp, a loaded pipeline), but a process long gone
+# must not take the blame for a later writer.
+EXITED_TTL = 30.0
 CONSOLE_TTL = 10.0
 
 
@@ -189,54 +195,180 @@ def _username(uid: int | None, cache: dict[int, str | None]) -> str | None:
     return cache[uid]
 
 
+def _reason(exc: BaseException) -> str:
+    """An error's stable name for a health record: the errno name (EACCES), else the type."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return errno.errorcode.get(exc.errno, type(exc).__name__)
+    return type(exc).__name__
+
+
 class ProcessTable:
     """The process table, cached. A poll lists pids and reads only new processes, so its cost
     follows process churn, not process count. Processes that exited recently stay known for
-    a while: a short `cp` is gone before its file events are processed."""
+    a while: a short `cp` is gone before its file events are processed.
 
-    def __init__(self, *, max_procs: int = MAX_PROCS, tools: Iterable[str] = ()) -> None:
+    start() reads what already runs (not reported as new); each poll() then returns the
+    processes started since. Hitting max_procs is reported as cap_reached (process_table), a
+    poll that fails as source_error (stage processes, once per distinct error): a poll never
+    raises, so the job that calls it goes on."""
+
+    name = "processes"
+
+    def __init__(
+        self, *, report: Reporter, max_procs: int = MAX_PROCS, tools: Iterable[str] = ()
+    ) -> None:
         self.max_procs = max_procs
+        self._report = report
+        self._caps = CapReporter(report)
         self._tools = KnownTools(tools)
         self._procs: dict[int, Proc] = {}
-        self._exited: OrderedDict[int, Proc] = OrderedDict()
+        # pid -> (the process, time.monotonic() when a poll found it gone), in exit order
+        self._exited: OrderedDict[int, tuple[Proc, float]] = OrderedDict()
         self._missing: OrderedDict[int, None] = OrderedDict()
         self._by_path: dict[str, list[int]] = {}
         self._users: dict[int, str | None] = {}
         self._lock = threading.Lock()
         self._own = os.getpid()
+        # Read in the last poll: looked at once more, in case it was caught between fork and exec.
+        self._fresh: set[int] = set()
+        self._last_error: str | None = None
+        self._running = False
+        self._baseline_pending = False
         self.polls = 0
         self.over_cap = 0
+        self.new = 0
+        self.errors = 0
 
     def __len__(self) -> int:
         return len(self._procs)
 
+    def start(self) -> None:
+        """Read the processes that run already: known from now on, never reported as new.
+
+        A table polled before start() knows them already and is left as it is. If this read
+        fails, the first poll that succeeds takes its place (and reports nothing)."""
+        self._running = True
+        if self.polls == 0:
+            self._baseline_pending = self._poll() is None
+
+    def stop(self) -> None:
+        """Nothing to release: the table is memory only. Safe twice and before start()."""
+        self._running = False
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            tracked, exited = len(self._procs), len(self._exited)
+        return {
+            "running": self._running,
+            "tracked": tracked,
+            "exited_kept": exited,
+            "cap": self.max_procs,
+            "over_cap": self.over_cap,
+            "polls": self.polls,
+            "new": self.new,
+            "errors": self.errors,
+            "last_error": self._last_error,
+        }
+
     def poll(self) -> list[Proc]:
-        """Read new processes; forget exited ones. Returns the new processes."""
+        """Read new processes; forget exited ones. Returns the new processes (none when the
+        poll failed: the failure is reported, not raised)."""
+        new = self._poll()
+        if new is None:
+            return []
+        if self._baseline_pending:  # start() could not read what already ran: this is it
+            self._baseline_pending = False
+            return []
+        self.new += len(new)
+        return new
+
+    def _poll(self) -> list[Proc] | None:
+        """The new processes, or None when the table could not be read (reported)."""
         self.polls += 1
+        try:
+            new = self._read_new()
+        except Exception as exc:  # psutil or /proc trouble must not end the scheduler's job
+            self.errors += 1
+            reason = _reason(exc)
+            # Polled many times a second: the same failure again says nothing new.
+            if reason != self._last_error:
+                self._report(
+                    record(
+                        "source_error",
+                        reason,
+                        stage="processes",
+                        message=f"{type(exc).__name__}: {exc}",
+                        hint="new processes are not seen until the process table can be read",
+                    )
+                )
+            self._last_error = reason
+            return None
+        self._last_error = None
+        return new
+
+    def _read_new(self) -> list[Proc]:
         pids = set(psutil.pids())
         with self._lock:
-            known = set(self._procs)
+            known = dict(self._procs)
+        # A process read between its fork and its exec is its parent's copy (a shell, before it
+        # becomes tar): one more look at each process read last time catches the exec.
+        execed: list[Proc] = []
+        for pid in self._fresh & pids & known.keys():
+            proc = self._reread(known[pid])
+            if proc is not None:
+                execed.append(proc)
         new: list[Proc] = []
-        for pid in pids - known:
-            if len(self._procs) + len(new) >= self.max_procs:
+        unknown = pids - known.keys()
+        room = self.max_procs - len(known)
+        for i, pid in enumerate(unknown):
+            if len(new) >= room:
                 self.over_cap += 1
+                self._caps.hit("process_table", self.max_procs, untracked=len(unknown) - i)
                 break
             proc = self.read(pid)
             if proc is not None:
                 new.append(proc)
+        now = time.monotonic()
         with self._lock:
-            for pid in known - pids:
-                gone = self._procs.pop(pid)
-                self._unindex(gone)
-                self._exited[pid] = gone
-                if len(self._exited) > RECENTLY_EXITED:
-                    old = self._exited.popitem(last=False)[1]
-                    self._unindex(old)
+            # An exited process stays indexed by its paths until it is forgotten here.
+            for pid in known.keys() - pids:
+                self._exited[pid] = (self._procs.pop(pid), now)
+            exited = self._exited
+            while exited and (
+                len(exited) > RECENTLY_EXITED or now - next(iter(exited.values()))[1] > EXITED_TTL
+            ):
+                self._unindex(exited.popitem(last=False)[1][0])
+            for proc in execed:
+                self._unindex(self._procs[proc.pid])
+                self._procs[proc.pid] = proc
+                self._index(proc)
             for proc in new:
+                reused = exited.pop(proc.pid, None)
+                if reused is not None:
+                    self._unindex(reused[0])
                 self._procs[proc.pid] = proc
                 self._missing.pop(proc.pid, None)
                 self._index(proc)
-        return new
+        self._fresh = {p.pid for p in execed} | {p.pid for p in new}
+        return execed + new
+
+    def _reread(self, old: Proc) -> Proc | None:
+        """The process anew if it is no longer the program it was when read (it called exec,
+        or its pid was reused); else None."""
+        try:
+            p = psutil.Process(old.pid)
+            with p.oneshot():
+                if p.create_time() == old.start:
+                    try:
+                        exe: str | None = p.exe() or None
+                    except psutil.Error:
+                        exe = None
+                    # Without the executable (another user's process, not root) the name tells.
+                    if p.name() == old.name and (exe is None or exe == old.exe):
+                        return None
+        except psutil.Error:
+            return None
+        return self.read(old.pid)
 
     def read(self, pid: int) -> Proc | None:
         """One process, read now (None if it is gone or unreadable)."""
@@ -290,7 +422,8 @@ class ProcessTable:
 
     def get(self, pid: int) -> Proc | None:
         with self._lock:
-            proc = self._procs.get(pid) or self._exited.get(pid)
+            exited = self._exited.get(pid)
+            proc = self._procs.get(pid) or (exited[0] if exited is not None else None)
             if proc is None and pid in self._missing:
                 return None  # gone before it could be read: do not try again per event
         if proc is None:
@@ -322,17 +455,27 @@ class ProcessTable:
     def by_path(self, path: str) -> tuple[Proc, str] | None:
         """The newest process whose arguments (or working directory) name `path` or one of its
         parent directories; the nearest match wins. Returns (process, "cmdline")."""
+        horizon = time.monotonic() - EXITED_TTL
         with self._lock:
             cur = path
             while cur and cur != "/":
                 pids = self._by_path.get(cur)
                 if pids:
-                    candidates = [self._procs.get(p) or self._exited.get(p) for p in pids]
-                    live = [c for c in candidates if c is not None]
-                    if live:
-                        # The newest wins; on a tie (runuser and the shell it starts share
-                        # the argument), the child, whose pid is higher.
-                        best = max(live, key=lambda c: (c.start, c.pid))
+                    found: list[Proc] = []
+                    for p in pids:
+                        proc = self._procs.get(p)
+                        if proc is None:
+                            exited = self._exited.get(p)
+                            if exited is not None and exited[1] >= horizon:
+                                proc = exited[0]
+                        if proc is not None:
+                            found.append(proc)
+                    if found:
+                        # The newest wins; on a tie (runuser and the shell it starts share the
+                        # argument and the clock tick), the child. Not by the higher pid: pids
+                        # wrap (pid_max is 32768 on many hosts).
+                        parents = {c.ppid for c in found}
+                        best = max(found, key=lambda c: (c.start, c.pid not in parents, c.pid))
                         return best, "cmdline"
                 cur = posixpath.dirname(cur)
         return None
@@ -352,6 +495,8 @@ class Attributor:
     whose arguments name the path or a parent directory (inferred);
     the file's owner for a creation (inferred, user only); the console user (inferred, user
     only); else confidence none."""
+
+    name = "attribution"
 
     def __init__(
         self,

@@ -16,7 +16,7 @@ from agent.enrich.disguise import (
 from agent.enrich.lineage import LineageIndex
 from agent.events import Event
 
-_LANDED = frozenset({"closed_write", "moved_in", "moved"})
+_LANDED = frozenset({"closed_write", "moved_in", "moved", "rescanned"})
 _GONE = frozenset({"deleted", "moved_out"})
 ARCHIVE_SAMPLE = 10
 
@@ -30,10 +30,15 @@ class DestinationSettings:
 
 
 class Destinations:
-    """Fills lineage, archive and disguise fields. Runs in the pipeline's consumer thread,
-    so every step is bounded: an index lookup by size for most events, one 8 KiB head read
-    for files landing outside the tagged trees, hashing under the lineage I/O budget, and
-    archive listing under a member and time limit."""
+    """Fills lineage, archive and disguise fields, in two parts.
+
+    The cheap part (`__call__`, on the pipeline's consumer) keeps the lineage index current
+    from the tagged trees' own events and traces moves out of them: dictionary lookups only.
+    The content part (`content`, in the enrichment worker under its budget) reads what landed
+    outside the tagged trees: a head read to sniff type and encoding, hashing for lineage by
+    content, archive listing under a member and time limit."""
+
+    name = "destinations"
 
     def __init__(self, lineage: LineageIndex | None, settings: DestinationSettings) -> None:
         self.lineage = lineage
@@ -45,24 +50,64 @@ class Destinations:
             return e
         if e.location == "tagged":
             return self._tagged(e)
-        if e.action not in _LANDED or e.file_type != "file":
+        if e.file_type != "file" or not _landed(e):
             return e
+        lineage = self.lineage
+        if lineage is None:
+            return e
+        origin = None
+        if e.action == "moved" and e.src_path is not None:
+            origin = lineage.lookup(e.src_path)
+            if origin is not None:  # moved out of a tagged tree: it is the tagged file
+                lineage.remove(e.src_path)
+        elif e.action == "moved_in" and e.size:
+            # Moved in from a tagged tree watched in another lane: the source path is unknown
+            # here, the departed file is known by name and size.
+            origin = lineage.moved_away(e.name, e.size)
+        if origin is None:
+            return e
+        changes: dict[str, Any] = {"lineage_origin": origin.path}
+        if origin.tags:
+            changes["lineage_tags"] = origin.tags
+        if (
+            self.settings.disguise
+            and e.action == "moved"
+            and e.src_path is not None
+            and extension_changed(e.src_path, e.path)
+        ):
+            changes["disguise"] = ("extension_changed",)
+        self.counters["copies"] += 1
+        return e._replace(**changes)
+
+    def wants(self, e: Event) -> bool:
+        """Does this event need its content read (a regular file landing outside the trees)?"""
+        return (
+            e.category == "file"
+            and e.location != "tagged"
+            and e.file_type == "file"
+            and bool(e.size)
+            and _landed(e)
+            and (self.lineage is not None or self.settings.disguise or self.settings.archives)
+        )
+
+    def content(self, e: Event) -> tuple[Event, int]:
+        """Lineage by content, disguise and archive members; (event, bytes read)."""
         changes: dict[str, Any] = {}
         lineage = self.lineage
-        origin_path: str | None = None
-        origin_tags: tuple[str, ...] = ()
-        if lineage is not None:
-            if e.action == "moved" and e.src_path is not None:
-                moved = lineage.lookup(e.src_path)
-                if moved is not None:  # moved out of a tagged tree: it is the tagged file
-                    origin_path, origin_tags = moved.path, moved.tags
-                    lineage.remove(e.src_path)
-            if origin_path is None and e.size:
-                origin = lineage.find_copy(e.path, e.size)
-                if origin is not None:
-                    origin_path, origin_tags = origin.path, origin.tags
+        read = 0
+        origin_path = e.lineage_origin
+        origin_tags: tuple[str, ...] = e.lineage_tags
+        if lineage is not None and origin_path is None and e.size:
+            before = lineage.stats["hashed_bytes"]
+            origin = lineage.find_copy(e.path, e.size)
+            read += lineage.stats["hashed_bytes"] - before
+            if origin is not None:
+                origin_path, origin_tags = origin.path, origin.tags
+                self.counters["copies"] += 1
         head = read_head(e.path) if (self.settings.disguise or self.settings.archives) else None
-        signals: list[str] = []
+        signals: list[str] = list(e.disguise)
+        if head is not None:
+            read += len(head)
         if head is not None and self.settings.disguise:
             if type_mismatch(e.extension, head):
                 signals.append("type_mismatch")
@@ -74,13 +119,6 @@ class Destinations:
                     guess = lineage.find_by_name(inner) if inner else None
                     if guess is not None:
                         origin_path, origin_tags = guess.path, guess.tags
-        if (
-            e.action == "moved"
-            and e.src_path is not None
-            and origin_path is not None
-            and extension_changed(e.src_path, e.path)
-        ):
-            signals.append("extension_changed")
         if head is not None and self.settings.archives and lineage is not None:
             kind = archive_kind(e.path, head)
             if kind is not None:
@@ -89,6 +127,7 @@ class Destinations:
                     max_members=self.settings.archive_max_members,
                     max_seconds=self.settings.archive_max_seconds,
                 )
+                read += e.size or 0  # an upper bound: listing reads at most the file
                 if info is not None:
                     self.counters["archives"] += 1
                     tagged = 0
@@ -103,15 +142,14 @@ class Destinations:
                         origin_tags = tuple(tags)
                     if info.encrypted and "encrypted" not in signals:
                         signals.append("encrypted")
-        if origin_path is not None:
-            self.counters["copies"] += 1
+        if origin_path is not None and origin_path != e.lineage_origin:
             changes["lineage_origin"] = origin_path
-        if origin_tags:
+        if origin_tags and origin_tags != e.lineage_tags:
             changes["lineage_tags"] = origin_tags
-        if signals:
+        if len(signals) > len(e.disguise):
             self.counters["disguised"] += 1
             changes["disguise"] = tuple(dict.fromkeys(signals))
-        return e._replace(**changes) if changes else e
+        return (e._replace(**changes) if changes else e), read
 
     def _tagged(self, e: Event) -> Event:
         """Keep the index current from the tagged trees' own events; flag renames that
@@ -121,7 +159,10 @@ class Destinations:
             if e.action in _GONE:
                 if e.file_type == "dir" or e.file_type is None:
                     lineage.remove_tree(e.path)
-                lineage.remove(e.path)
+                if e.action == "moved_out":
+                    lineage.depart(e.path)
+                else:
+                    lineage.remove(e.path)
             elif (
                 e.file_type == "file"
                 and e.size is not None
@@ -142,3 +183,13 @@ class Destinations:
         ):
             return e._replace(disguise=("extension_changed",))
         return e
+
+
+def _landed(e: Event) -> bool:
+    """Content that arrived: closed after write, moved or renamed in, or found by the scan of
+    a new directory (a `cp -r` writes files before their directory can be watched)."""
+    if e.action in _LANDED:
+        return True
+    if e.action == "created":
+        return e.source in ("scan", "rescan", "watchdog", "polling")
+    return e.action == "modified" and e.source in ("watchdog", "polling")

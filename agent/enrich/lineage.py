@@ -7,6 +7,7 @@ import os
 import stat
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,10 @@ DEFAULT_HASH_MAX_BYTES = 16 * 1024 * 1024
 SAMPLE_BYTES = 64 * 1024
 DEFAULT_IO_BUDGET = 64 * 1024 * 1024  # bytes hashed per second, all files together
 DEFAULT_MAX_FILES = 200_000
+# Tagged files moved out of the trees, remembered briefly so the other end of the move (seen
+# in another lane, without the source path) is still traced to them.
+DEPARTED_CAP = 10_000
+DEPARTED_SECONDS = 300.0
 
 CapHit = Callable[[str, int, dict[str, Any]], None]
 
@@ -118,6 +123,7 @@ class LineageIndex:
         self._by_name: dict[str, list[_Entry]] = {}
         self._tags: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._dirs: dict[str, set[str]] = {}
+        self._departed: OrderedDict[tuple[str, int], tuple[float, Origin]] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = {"hashes": 0, "hashed_bytes": 0, "budget_denied": 0, "full": 0}
 
@@ -154,6 +160,33 @@ class LineageIndex:
             entry = self._by_path.get(path)
             if entry is not None:
                 self._remove(entry)
+
+    def depart(self, path: str) -> None:
+        """A tagged file was moved out of the trees: drop it, but remember it by name and size
+        for a while (the move's other end may be processed later, or before)."""
+        with self._lock:
+            entry = self._by_path.get(path)
+            if entry is None:
+                return
+            self._remove(entry)
+            key = (os.path.basename(path), entry.size)
+            self._departed.pop(key, None)
+            self._departed[key] = (time.monotonic(), Origin(entry.path, entry.tags, "move"))
+            while len(self._departed) > DEPARTED_CAP:
+                self._departed.popitem(last=False)
+
+    def moved_away(self, name: str, size: int) -> Origin | None:
+        """The tagged file a file moved in from elsewhere was, by name and size: one that
+        departed lately, or an indexed one whose path is gone (its departure not yet seen)."""
+        with self._lock:
+            found = self._departed.pop((name, size), None)
+            if found is not None and time.monotonic() - found[0] <= DEPARTED_SECONDS:
+                return found[1]
+            candidates = [e for e in self._by_name.get(name, ()) if e.size == size]
+        for entry in candidates:
+            if not os.path.lexists(entry.path):
+                return Origin(entry.path, entry.tags, "move")
+        return None
 
     def _under(self, top: str) -> list[_Entry]:
         """Entries below `top`: a scan of directories, not of files (a tree removed file by
@@ -202,12 +235,19 @@ class LineageIndex:
             if not named:
                 del self._by_name[name]
 
-    def build(self, roots: Iterable[tuple[str, Excludes, Callable[[str], tuple[str, ...]]]]) -> int:
-        """Walk tagged trees (no symlinks followed); `tags_of(dir)` gives a directory's tags."""
+    def build(
+        self,
+        roots: Iterable[tuple[str, Excludes, Callable[[str], tuple[str, ...]]]],
+        cancel: threading.Event | None = None,
+    ) -> int:
+        """Walk tagged trees (no symlinks followed); `tags_of(dir)` gives a directory's tags.
+        A set `cancel` ends the walk early (the agent is stopping)."""
         added = 0
         for top, excludes, tags_of in roots:
             stack = [top]
             while stack:
+                if cancel is not None and cancel.is_set():
+                    return added
                 d = stack.pop()
                 tags = tags_of(d)
                 try:

@@ -7,7 +7,7 @@ import os
 import pwd
 from collections.abc import Iterable, Sequence
 
-from agent.config import WatchSpec
+from agent.config import LocationSettings, WatchSpec
 
 # Folder names sync clients create in a home directory, per provider (globs, relative).
 CLOUD_SYNC_FOLDERS: dict[str, tuple[str, ...]] = {
@@ -37,6 +37,7 @@ STAGING_EXCLUDES = (
 HOME_ROOTS = ("/home", "/Users", "/root")
 STAGING_MAX_DIRS = 2000
 STAGING_MAX_DEPTH = 4
+_DEFAULTS = LocationSettings()
 
 
 def find_homes(roots: Sequence[str] = HOME_ROOTS) -> list[str]:
@@ -87,46 +88,60 @@ def staging_places(
     dirs: Sequence[str] = STAGING_DIRS,
     in_home: Sequence[str] = STAGING_IN_HOME,
     avoid: Sequence[str] = (),
+    *,
+    home_depth: int = _DEFAULTS.home_depth,
+    exclude: Sequence[str] = _DEFAULTS.exclude,
 ) -> list[WatchSpec]:
-    """Temp directories, Downloads and Desktop, and each home itself down one level (so a new
-    hidden directory in a home, and files put straight into it, are seen) at bounded cost:
-    a depth limit, a watch budget per tree and excludes for caches and build trees. `avoid`
-    lists trees watched otherwise (tagged trees, sync folders): they are excluded here."""
+    """Temp directories, Downloads and Desktop, and each home itself down `home_depth` levels
+    (so a new hidden directory anywhere up there, and files put into it, are seen) at bounded
+    cost: a depth limit, a watch budget per tree and excludes for caches and build trees, plus
+    `exclude` (locations.exclude). `avoid` lists trees watched otherwise (tagged trees, sync
+    folders): they are excluded here."""
     specs = []
     for d in dirs:
         if os.path.isdir(d):
-            specs.append(_bounded(d, "staging", avoid))
+            specs.append(_bounded(d, "staging", avoid, exclude))
     for home in homes:
         for name in in_home:
             p = os.path.join(home, name)
             if os.path.isdir(p):
-                specs.append(_bounded(p, "staging", avoid))
-        skip = [*in_home]
-        for other in avoid:
-            if other.startswith(home.rstrip("/") + "/"):
-                skip.append(other[len(home) :].strip("/").split("/")[0])
+                specs.append(_bounded(p, "staging", avoid, exclude))
+        skip = [f"{_literal(name)}/**" for name in in_home]
+        # The whole path of a tree watched otherwise, not its first component: a home is
+        # watched several levels deep, and a tagged ~/work/rnd must not hide ~/work/.stash.
+        skip += _inside(home, avoid)
         specs.append(
             WatchSpec(
                 home,
                 location="home",
-                exclude=tuple(f"{name}/**" for name in dict.fromkeys(skip)),
-                max_depth=1,
+                exclude=tuple(dict.fromkeys([*skip, *exclude])),
+                max_depth=home_depth,
                 max_dirs=STAGING_MAX_DIRS,
             )
         )
     return specs
 
 
-def _bounded(path: str, location: str, avoid: Sequence[str]) -> WatchSpec:
-    inner = [
-        other[len(path) :].strip("/") + "/**"
-        for other in avoid
-        if other.startswith(path.rstrip("/") + "/")
-    ]
+def _bounded(path: str, location: str, avoid: Sequence[str], exclude: Sequence[str]) -> WatchSpec:
     return WatchSpec(
         path,
         location=location,
-        exclude=(*STAGING_EXCLUDES, *inner),
+        exclude=tuple(dict.fromkeys([*STAGING_EXCLUDES, *exclude, *_inside(path, avoid)])),
         max_depth=STAGING_MAX_DEPTH,
         max_dirs=STAGING_MAX_DIRS,
     )
+
+
+def _inside(path: str, avoid: Sequence[str]) -> list[str]:
+    """Anchored excludes for the trees in `avoid` that lie below `path`."""
+    prefix = path.rstrip("/") + "/"
+    return [
+        f"{_literal(other[len(prefix) :].strip('/'))}/**"
+        for other in avoid
+        if other.startswith(prefix) and other[len(prefix) :].strip("/")
+    ]
+
+
+def _literal(rel: str) -> str:
+    """A path as a glob that matches only itself: a folder named `Box [old]` is not a set."""
+    return "".join(f"[{ch}]" if ch in "*?[" else ch for ch in rel)

@@ -195,8 +195,11 @@ class TagResolver:
                     sensitivity = higher(sensitivity, marker.sensitivity)
         location = deepest.location
         if location == "home":
-            rel = directory[len(deepest.path) :].lstrip("/")
-            location = "staging" if rel.startswith(".") else "other"
+            # A hidden directory anywhere in a home (up to the watched depth) is a staging
+            # place: ~/.stash, ~/work/.old/x alike.
+            rel = directory[len(deepest.path) :].strip("/")
+            hidden = any(part.startswith(".") for part in rel.split("/")) if rel else False
+            location = "staging" if hidden else "other"
         return Resolved(tuple(tags), sensitivity, deepest.path, location, deepest.provider)
 
     def _marker(self, directory: str) -> Marker | None:

@@ -18,9 +18,41 @@ class RawEvent(NamedTuple):
     src_path: str | None
     is_dir: bool
     source: str
+    # The location class of the watched place (tagged, removable, staging...): the pipeline
+    # routes the event to its lane by it.
+    location: str = "tagged"
 
 
 EmitBatch = Callable[[list[RawEvent]], None]
+
+# The lane of each location class. Tagged trees are never shed; when the pipeline must shed,
+# staging events go first, then egress (removable media, sync folders, shares).
+LANES = ("tagged", "egress", "staging")
+LANE_OF: dict[str, str] = {
+    "tagged": "tagged",
+    "removable": "egress",
+    "cloud_sync": "egress",
+    "network_share": "egress",
+    "staging": "staging",
+    "home": "staging",
+    "other": "staging",
+}
+# What can matter in a place that is not a tagged tree: content that lands there (a file
+# closed after write, moved or renamed in, found by a scan) and new directories (watched and
+# scanned). Everything else is dropped before any stat or object is made.
+LANDED_ACTIONS = frozenset({"closed_write", "moved", "moved_in", "rescanned"})
+
+
+def wanted_outside_tagged(action: str, is_dir: bool, source: str) -> bool:
+    """The reader's cheap filter for egress and staging places (sources other than inotify,
+    whose kernel mask does most of it, call it per event)."""
+    if action in LANDED_ACTIONS:
+        return True
+    if source in ("watchdog", "polling"):
+        # Observers without a close-after-write event (FSEvents, polling) say "created" or
+        # "modified" for content that landed.
+        return action in ("created", "modified")
+    return action == "created" and (is_dir or source in ("scan", "rescan"))
 
 
 class Source(Protocol):
@@ -38,4 +70,13 @@ class Source(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
-__all__ = ["EmitBatch", "RawEvent", "Reporter", "Source"]
+__all__ = [
+    "LANDED_ACTIONS",
+    "LANES",
+    "LANE_OF",
+    "EmitBatch",
+    "RawEvent",
+    "Reporter",
+    "Source",
+    "wanted_outside_tagged",
+]

@@ -13,9 +13,11 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
+
+from agent.health import Reporter, record
 
 # Values from <linux/fanotify.h>; they are kernel ABI and never change.
 FAN_MODIFY: Final = 0x02
@@ -67,6 +69,14 @@ _STOP_WAIT_S: Final = 0.5
 
 _PROC_CACHE = 4096
 _SNAPSHOT_TTL_US = 2_000_000
+
+# A flood can overflow the queue on every read: the first overflow is reported at once, later
+# ones are counted and reported together at most this often (and at stop), so the loss is
+# always said without one record per batch.
+_LOSS_INTERVAL_S: Final = 5.0
+# The same error (stage, errno, path) again within this many seconds is counted, not reported.
+_ERROR_INTERVAL_S: Final = 60.0
+_QUEUE_KNOB: Final = "/proc/sys/fs/fanotify/max_queued_events"
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +205,46 @@ def _mount_points(mnt: int) -> list[str]:
     return []
 
 
+def _reason(exc: BaseException) -> str:
+    """An error's stable name for a health record: the errno name (EACCES), else the type."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return errno.errorcode.get(exc.errno, type(exc).__name__)
+    return type(exc).__name__
+
+
+def _queue_limit() -> int | None:
+    try:
+        with open(_QUEUE_KNOB) as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return None
+
+
+class _Throttle:
+    """Lets each key through at most once per interval and counts the repeats held back."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, ...], float] = {}
+        self._held: dict[tuple[str, ...], int] = {}
+
+    def due(self, key: tuple[str, ...]) -> int | None:
+        """None when this key was let through within the interval; else the repeats held back
+        since it last was (0 the first time)."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self._interval:
+                self._held[key] = self._held.get(key, 0) + 1
+                return None
+            if len(self._last) > 1024:  # bounded: distinct paths are attacker-chosen
+                self._last.clear()
+                self._held.clear()
+            self._last[key] = now
+            return self._held.pop(key, 0)
+
+
 class FanotifyWatcher:
     """Reports which pid opened, modified or closed files on the mounts holding the watched trees.
 
@@ -202,21 +252,32 @@ class FanotifyWatcher:
     Accesses by this process (any of its threads) are dropped: the agent's own reads are not
     evidence. The cache maps each path to its latest access per action, ordered by last update,
     capped at cache_size and pruned to window_s, so memory is bounded whatever the load.
+
+    Every loss goes to `report` as a health record: a kernel queue overflow as `event_loss`
+    (reason fanotify_overflow), a mount that cannot be marked and a reader error as
+    `source_error` (reason the errno name), the same error at most once a minute.
     """
+
+    name = "fanotify"
 
     def __init__(
         self,
         paths: Sequence[str],
         *,
+        report: Reporter,
         cache_size: int = 65_536,
         window_s: float = 5.0,
-        on_overflow: Callable[[], None] | None = None,
     ) -> None:
         if cache_size < 1:
             raise ValueError("cache_size must be at least 1")
+        self._report = report
         self._cache_size = cache_size
         self._window_us = int(window_s * 1_000_000)
-        self._on_overflow = on_overflow
+        self._errors_seen = _Throttle(_ERROR_INTERVAL_S)
+        self._loss_lock = threading.Lock()
+        self._loss_unreported = 0
+        self._loss_reported_at: float | None = None
+        self._queue_limit: int | None = None
         self._own_pid = os.getpid()
         self._set_roots(paths)
         self._cache: OrderedDict[str, dict[str, Access]] = OrderedDict()
@@ -247,10 +308,13 @@ class FanotifyWatcher:
     def start(self) -> None:
         """Open the group, mark the mounts, start the reader; OSError if fanotify is unusable.
 
-        A mount that cannot be marked does not stop the others: see stats()["mark_errors"]."""
+        A mount that cannot be marked does not stop the others: it is reported (source_error)
+        and listed in stats()["mark_errors"]."""
         if self._thread is not None:
             raise RuntimeError("FanotifyWatcher already started")
         self._fan_fd = _fanotify_init()
+        # The limit this group got: the kernel reads the sysctl only at fanotify_init.
+        self._queue_limit = _queue_limit()
         try:
             # readlinkat against an open /proc/self/fd skips resolving that prefix per event.
             self._proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -276,6 +340,8 @@ class FanotifyWatcher:
         with self._mark_lock:
             self._close_fds()
             self._marks.clear()
+        # Overflows still held back by the rate limit are said now, not lost with the reader.
+        self._report_loss(force=True)
 
     def _close_fds(self) -> None:
         for name in ("_fan_fd", "_proc_fd", "_stop_r", "_stop_w"):
@@ -314,6 +380,7 @@ class FanotifyWatcher:
                     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 except OSError as exc:
                     errors[root] = f"open {directory}: {exc.strerror}"
+                    self._error("open", exc, errors[root], root=root, path=directory)
                     continue
                 try:
                     mnt = _mnt_id(fd)
@@ -322,6 +389,7 @@ class FanotifyWatcher:
                     wanted.setdefault(mnt, directory)
                 except OSError as exc:
                     errors[root] = f"mark {directory}: {exc.strerror or exc}"
+                    self._error("mark", exc, errors[root], root=root, path=directory)
                 finally:
                     os.close(fd)
             for mnt in present - wanted.keys():
@@ -345,7 +413,7 @@ class FanotifyWatcher:
                     _fanotify_mark(self._fan_fd, FAN_MARK_REMOVE | FAN_MARK_MOUNT, fd)
                     return
             except OSError as exc:
-                self._note_error(f"unmark {directory}: {exc}")
+                self._note_error("unmark", exc, f"unmark {directory}: {exc}", path=directory)
             finally:
                 os.close(fd)
 
@@ -357,16 +425,21 @@ class FanotifyWatcher:
         poller.register(self._stop_r, select.POLLIN)
         while not self._stopping:
             try:
-                ready = poller.poll()
+                # Asleep without a timeout when idle; awake when held-back overflows are due.
+                ready = poller.poll(self._loss_due_ms())
                 for fd, flags in ready:
                     if fd == self._stop_r:
                         return
                     if flags & (select.POLLNVAL | select.POLLERR):
-                        self._note_error(f"poll flags {flags:#x} on the fanotify fd")
+                        reason = "POLLNVAL" if flags & select.POLLNVAL else "POLLERR"
+                        message = f"poll flags {flags:#x} on the fanotify fd: reader stopped"
+                        self._note_error("reader", reason, message)
                         return
-                self._drain()
+                if ready:
+                    self._drain()
+                self._report_loss(force=False)
             except Exception as exc:  # the reader must never die of one bad batch
-                self._note_error(repr(exc))
+                self._note_error("reader", exc, repr(exc))
                 time.sleep(0.01)  # no hot loop if the error repeats
 
     def _drain(self) -> None:
@@ -378,7 +451,7 @@ class FanotifyWatcher:
             except OSError as exc:
                 # The kernel could not open an event fd for us (EMFILE, ENFILE, EPERM, ...): that
                 # event is lost, the next read goes on.
-                self._note_error(f"read: {exc}")
+                self._note_error("read", exc, f"read: {exc}", lost="one event")
                 continue
             if not buf:
                 return
@@ -399,7 +472,8 @@ class FanotifyWatcher:
             event_len, vers, _, _, mask, fd, pid = _META.unpack_from(buf, offset)
             if vers != FANOTIFY_METADATA_VERSION or event_len < _META.size:
                 # A layout we do not know: the rest of the buffer cannot be walked safely.
-                self._note_error(f"fanotify metadata version {vers}, event_len {event_len}")
+                message = f"fanotify metadata version {vers}, event_len {event_len}"
+                self._note_error("read", "metadata_version", message, lost="rest of the batch")
                 self._close_rest(buf, offset)
                 return
             offset += event_len
@@ -415,7 +489,7 @@ class FanotifyWatcher:
             try:
                 path = readlink(str(fd), dir_fd=proc_fd)
             except OSError as exc:
-                self._note_error(f"readlink: {exc}")
+                self._note_error("readlink", exc, f"readlink: {exc}", lost="one event")
                 continue
             finally:
                 close(fd)
@@ -500,17 +574,80 @@ class FanotifyWatcher:
                 cache.popitem(last=False)
             self._cached += len(found)
 
-    def _overflow(self) -> None:
-        self._overflows += 1
-        if self._on_overflow is not None:
-            try:
-                self._on_overflow()
-            except Exception as exc:
-                self._note_error(f"on_overflow: {exc!r}")
+    # -- health ------------------------------------------------------------------------------
 
-    def _note_error(self, message: str) -> None:
+    def _overflow(self) -> None:
+        """The kernel queue overflowed: events were dropped before we could read them."""
+        self._overflows += 1
+        with self._loss_lock:
+            self._loss_unreported += 1
+        self._report_loss(force=False)
+
+    def _loss_due_ms(self) -> int | None:
+        """Milliseconds until held-back overflows may be reported; None when none are held."""
+        with self._loss_lock:
+            if not self._loss_unreported:
+                return None
+            last = self._loss_reported_at
+        if last is None:
+            return 0
+        return max(0, int((last + _LOSS_INTERVAL_S - time.monotonic()) * 1000) + 1)
+
+    def _report_loss(self, *, force: bool) -> None:
+        now = time.monotonic()
+        with self._loss_lock:
+            count = self._loss_unreported
+            last = self._loss_reported_at
+            if not count or (not force and last is not None and now - last < _LOSS_INTERVAL_S):
+                return
+            self._loss_unreported = 0
+            self._loss_reported_at = now
+        self._emit(
+            record(
+                "event_loss",
+                "fanotify_overflow",
+                source=self.name,
+                overflows=count,
+                overflows_total=self._overflows,
+                max_queued_events=self._queue_limit,
+                hint="the kernel dropped access records: file events they would have named a "
+                "pid for fall back from exact to inferred attribution",
+            )
+        )
+
+    def _note_error(
+        self, stage: str, cause: BaseException | str, message: str, **data: Any
+    ) -> None:
+        """A reader-side error: counted, kept as last_error, and reported."""
         self._errors += 1
         self._last_error = message
+        self._error(stage, cause, message, **data)
+
+    def _error(self, stage: str, cause: BaseException | str, message: str, **data: Any) -> None:
+        reason = cause if isinstance(cause, str) else _reason(cause)
+        repeats = self._errors_seen.due((stage, reason, str(data.get("path", ""))))
+        if repeats is None:
+            return
+        self._emit(
+            record(
+                "source_error",
+                reason,
+                source=self.name,
+                stage=stage,
+                message=message,
+                repeats_not_reported=repeats,
+                **data,
+            )
+        )
+
+    def _emit(self, rec: dict[str, Any]) -> None:
+        # Called on the reader thread too: a failing reporter must not stop the reader, and its
+        # failure is not reported through itself again.
+        try:
+            self._report(rec)
+        except Exception as exc:
+            self._errors += 1
+            self._last_error = f"report: {exc!r}"
 
     # -- queries -----------------------------------------------------------------------------
 

@@ -39,6 +39,20 @@ MASK = (
     | F.DONT_FOLLOW
     | F.EXCL_UNLINK
 )
+# Places that are not tagged trees (removable media, sync folders, staging) only matter for
+# what lands there: the kernel is asked for nothing else, so reads, attribute changes and
+# deletions there never reach the queue (the reader's cheap filter drops the rest).
+EGRESS_MASK = (
+    F.CREATE
+    | F.MOVED_FROM
+    | F.MOVED_TO
+    | F.CLOSE_WRITE
+    | F.DELETE_SELF
+    | F.MOVE_SELF
+    | F.ONLYDIR
+    | F.DONT_FOLLOW
+    | F.EXCL_UNLINK
+)
 # Plain ints for the hot loop: an IntEnum attribute costs several times a global int.
 _SELF = int(F.DELETE_SELF | F.MOVE_SELF)
 _DIR_READ = int(F.OPEN | F.CLOSE_NOWRITE | F.ACCESS)
@@ -56,6 +70,7 @@ _MOVE_SELF, _MODIFY, _OPEN, _CLOSE_WRITE = (
 )
 _CLOSE_NOWRITE, _CREATE, _DELETE = int(F.CLOSE_NOWRITE), int(F.CREATE), int(F.DELETE)
 _MOVED_FROM, _MOVED_TO, _ATTRIB = int(F.MOVED_FROM), int(F.MOVED_TO), int(F.ATTRIB)
+_NOT_LANDED = _MODIFY | _OPEN | _CLOSE_NOWRITE | _ATTRIB | _DELETE
 # A batch handed to the pipeline at most this big: lines reach the sinks while a burst is
 # still being read, and memory follows the batch, not the burst.
 BATCH = 4096
@@ -65,6 +80,10 @@ _SYSCTL = "/proc/sys/fs/inotify/"
 _RECENT_SCAN_SECONDS = 2.0
 _RECENT_SCAN_CAP = 100_000
 _SAMPLE = 5
+# A place that starts being watched while the agent runs (media just mounted, a root added by
+# a reload) may already hold files written since it appeared and before its watch: those
+# changed within this many seconds are reported as found by a scan.
+LATE_ROOT_LOOKBACK_US = 10_000_000
 
 
 @dataclass(eq=False)
@@ -73,6 +92,15 @@ class _Root:
     excludes: Excludes
     state: str = "missing"  # "watching" | "missing"
     wds: set[int] = field(default_factory=set)
+
+    @property
+    def filtered(self) -> bool:
+        """Not a tagged tree: only landed content and new directories are wanted."""
+        return self.spec.location != "tagged"
+
+    @property
+    def mask(self) -> int:
+        return int(EGRESS_MASK if self.filtered else MASK)
 
     @property
     def path(self) -> str:
@@ -181,7 +209,14 @@ class InotifySource:
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self.counters = {"events_read": 0, "overflows": 0, "rescans": 0, "emitted": 0}
+        self.counters = {
+            "events_read": 0,
+            "overflows": 0,
+            "rescans": 0,
+            "emitted": 0,
+            "filtered": 0,
+            "vanished_before_watch": 0,
+        }
         self.kernel: dict[str, int | None] = {}
 
     # lifecycle -------------------------------------------------------------------------
@@ -270,6 +305,7 @@ class InotifySource:
         marker = self._marker
         recent = self._recent_scan
         self.counters["events_read"] += len(events)
+        filtered = 0
         for wd, mask, cookie, name in events:
             if len(out) >= BATCH:
                 self.counters["emitted"] += len(out)
@@ -283,6 +319,7 @@ class InotifySource:
             if dirpath is None:
                 continue
             root = wd_root[wd]
+            loc = root.spec.location
             if mask & _IGNORED:
                 self._forget(wd)
                 if dirpath == root.path and root.state == "watching":
@@ -295,6 +332,9 @@ class InotifySource:
             if mask & _UNMOUNT:
                 continue
             isdir = bool(mask & _ISDIR)
+            if loc != "tagged" and (mask & _NOT_LANDED or (mask & _CREATE and not isdir)):
+                filtered += 1  # outside tagged trees a new empty file says nothing yet
+                continue
             if (isdir and mask & _DIR_READ) or (name == marker and mask & _DIR_READ):
                 continue  # directory listings and the agent's own marker reads
             path = f"{dirpath}/{name}" if dirpath != "/" else f"/{name}"
@@ -302,44 +342,52 @@ class InotifySource:
             if ex and ex.leaf_excluded(root.rel(path), name):
                 continue
             if mask & _MODIFY:
-                append(RawEvent(ts, "modified", path, None, isdir, "inotify"))
+                append(RawEvent(ts, "modified", path, None, isdir, "inotify", loc))
             elif mask & _OPEN:
-                append(RawEvent(ts, "opened", path, None, isdir, "inotify"))
+                append(RawEvent(ts, "opened", path, None, isdir, "inotify", loc))
             elif mask & _CLOSE_WRITE:
-                append(RawEvent(ts, "closed_write", path, None, isdir, "inotify"))
+                append(RawEvent(ts, "closed_write", path, None, isdir, "inotify", loc))
             elif mask & _CLOSE_NOWRITE:
-                append(RawEvent(ts, "closed_nowrite", path, None, isdir, "inotify"))
+                append(RawEvent(ts, "closed_nowrite", path, None, isdir, "inotify", loc))
             elif mask & _CREATE:
                 if recent and recent.pop(path, None) is not None:
                     continue
-                append(RawEvent(ts, "created", path, None, isdir, "inotify"))
+                append(RawEvent(ts, "created", path, None, isdir, "inotify", loc))
                 if isdir and root.spec.recursive:
                     self._add_tree(root, path, out, scan=True, ts=ts)
             elif mask & _DELETE:
-                append(RawEvent(ts, "deleted", path, None, isdir, "inotify"))
+                append(RawEvent(ts, "deleted", path, None, isdir, "inotify", loc))
             elif mask & _MOVED_FROM:
                 self._pending[cookie] = (ts, path, isdir, root, batch)
             elif mask & _MOVED_TO:
                 pend = self._pending.pop(cookie, None)
                 if pend is not None:
-                    append(RawEvent(ts, "moved", path, pend[1], isdir, "inotify"))
+                    append(RawEvent(ts, "moved", path, pend[1], isdir, "inotify", loc))
                     if isdir:
                         self._dir_moved(pend[1], pend[3], path, root, out=out, ts=ts)
                 else:
-                    append(RawEvent(ts, "moved_in", path, None, isdir, "inotify"))
+                    append(RawEvent(ts, "moved_in", path, None, isdir, "inotify", loc))
                     if isdir and root.spec.recursive:
                         self._add_tree(root, path, out, scan=True, ts=ts)
             elif mask & _ATTRIB:
-                append(RawEvent(ts, "attributes_changed", path, None, isdir, "inotify"))
+                append(RawEvent(ts, "attributes_changed", path, None, isdir, "inotify", loc))
         if self._pending:
-            for cookie, (pts, ppath, pdir, _proot, pbatch) in list(self._pending.items()):
+            for cookie, (pts, ppath, pdir, proot, pbatch) in list(self._pending.items()):
                 if pbatch < batch or self._stopping.is_set():
                     del self._pending[cookie]
-                    append(RawEvent(pts, "moved_out", ppath, None, pdir, "inotify"))
+                    if proot.filtered:
+                        filtered += 1  # content leaving a staging place is not landing
+                    else:
+                        append(
+                            RawEvent(
+                                pts, "moved_out", ppath, None, pdir, "inotify", proot.spec.location
+                            )
+                        )
                     if pdir:
                         self._drop_subtree(ppath)
         if recent:
             self._expire_recent()
+        self.counters["filtered"] += filtered
         self._last_batch_us = ts
         if out:
             self.counters["emitted"] += len(out)
@@ -388,7 +436,14 @@ class InotifySource:
             self._add_tree(dst_root, dst, out, scan=False, ts=ts)
 
     def _add_tree(
-        self, root: _Root, top: str, out: list[RawEvent] | None, *, scan: bool, ts: int
+        self,
+        root: _Root,
+        top: str,
+        out: list[RawEvent] | None,
+        *,
+        scan: bool,
+        ts: int,
+        since_us: int | None = None,
     ) -> int:
         """Watch `top` and (when recursive) every directory under it; returns watches added.
 
@@ -417,7 +472,7 @@ class InotifySource:
                 continue
             if not limit_hit:
                 try:
-                    wd = ino.add_watch(d, MASK)
+                    wd = ino.add_watch(d, root.mask)
                 except OSError as exc:
                     if exc.errno == errno.ENOSPC:
                         limit_hit = True
@@ -426,7 +481,9 @@ class InotifySource:
                         problems.add("permission", d)
                         continue
                     else:
-                        problems.add("vanished", d)
+                        # A new directory gone before it could be watched: what was written in
+                        # it meanwhile was never seen. A loss, not a warning.
+                        problems.add("vanished_before_watch" if scan else "vanished", d)
                         continue
                 else:
                     known = self._wd_path.get(wd)
@@ -451,8 +508,18 @@ class InotifySource:
                             is_dir = entry.is_dir(follow_symlinks=False)
                         except OSError:
                             continue
-                        if scan and out is not None:
-                            out.append(RawEvent(ts, "created", p, None, is_dir, "scan"))
+                        report = scan and out is not None
+                        if report and since_us is not None:
+                            # On the medium before it was mounted: not news.
+                            try:
+                                changed = entry.stat(follow_symlinks=False).st_ctime_ns
+                            except OSError:
+                                continue
+                            report = changed // 1000 >= since_us
+                        if report and out is not None:
+                            out.append(
+                                RawEvent(ts, "created", p, None, is_dir, "scan", root.spec.location)
+                            )
                             if len(recent) < _RECENT_SCAN_CAP:
                                 recent[p] = time.monotonic()
                             else:
@@ -477,6 +544,7 @@ class InotifySource:
             "watch_limit": "watch_limit_reached",
             "permission": "watch_permission_denied",
             "vanished": "watch_path_vanished",
+            "vanished_before_watch": "event_loss",
         }
         for reason, sample in problems.by_reason.items():
             data: dict[str, Any] = {
@@ -484,13 +552,23 @@ class InotifySource:
                 "count": problems.counts[reason],
                 "sample": sample,
             }
+            if reason == "vanished_before_watch":
+                self.counters["vanished_before_watch"] += problems.counts[reason]
+                data["source"] = self.name
+                data["location"] = root.spec.location
+                data["hint"] = (
+                    "a directory was created and removed (or moved away) before it could be "
+                    "watched; files written inside it in between were not seen"
+                )
             if reason == "watch_limit":
                 data["max_user_watches"] = read_sysctl("max_user_watches")
                 data["watches"] = len(self._wd_path)
                 data["hint"] = "raise fs.inotify.max_user_watches or exclude build/cache trees"
             self._report(record(names[reason], reason, **data))
 
-    def _setup_root(self, root: _Root, *, scan: bool, first: bool = False) -> None:
+    def _setup_root(
+        self, root: _Root, *, scan: bool, first: bool = False, since_us: int | None = None
+    ) -> None:
         if not os.path.isdir(root.path):
             root.state = "missing"
             if first:
@@ -504,7 +582,7 @@ class InotifySource:
                 )
             return
         out: list[RawEvent] = []
-        self._add_tree(root, root.path, out, scan=scan, ts=now_us())
+        self._add_tree(root, root.path, out, scan=scan, ts=now_us(), since_us=since_us)
         root.state = "watching" if root.path in self._path_wd else "missing"
         if out:
             self.counters["emitted"] += len(out)
@@ -542,7 +620,9 @@ class InotifySource:
         self._roots = new_roots
         for root in new_roots:
             if root.state == "missing" and not root.wds:
-                self._setup_root(root, scan=False, first=True)
+                # Media mounted a moment ago may hold copies made before its watch existed.
+                since = now_us() - LATE_ROOT_LOOKBACK_US
+                self._setup_root(root, scan=True, first=True, since_us=since)
 
     def _root_lost_quietly(self, root: _Root) -> None:
         assert self._ino is not None
@@ -614,7 +694,17 @@ class InotifySource:
                                 continue
                             if st.st_ctime_ns // 1000 >= since_us:
                                 changed += 1
-                                out.append(RawEvent(ts, "rescanned", p, None, is_dir, "rescan"))
+                                out.append(
+                                    RawEvent(
+                                        ts,
+                                        "rescanned",
+                                        p,
+                                        None,
+                                        is_dir,
+                                        "rescan",
+                                        root.spec.location,
+                                    )
+                                )
                             if is_dir and root.spec.recursive:
                                 stack.append(p)
                 except OSError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import fnmatch
 import os
@@ -16,6 +17,7 @@ from typing import Any
 import structlog
 
 from agent.events import text_and_raw as _text_and_raw
+from agent.health import CapReporter, Reporter, record
 
 log = structlog.get_logger(__name__)
 
@@ -647,16 +649,22 @@ def _key(m: Mount) -> _Key:
 class MountWatcher:
     """Polls the mount table; reports mounts and unmounts since the last poll.
 
-    Cheap when nothing changed: for /proc/<pid>/mountinfo the kernel flags the open file with
-    POLLPRI on every mount change in the namespace, so an unchanged poll is one poll(2) call; for
-    other paths (tests, replays) the text is re-read and compared. Only new mounts are classified.
-    At most max_tracked removable/network mounts are tracked (earlier ones kept, later ones
-    counted in over_cap and logged). kind_of() may be called from any thread: poll() swaps in new
-    dicts and never mutates the ones readers hold. Call close() to release the notification fd."""
+    start() reads the table once: current() is then what is mounted, and each poll() returns
+    (added, removed) since the poll before. Cheap when nothing changed: for /proc/<pid>/mountinfo
+    the kernel flags the open file with POLLPRI on every mount change in the namespace, so an
+    unchanged poll is one poll(2) call; for other paths (tests, replays) the text is re-read and
+    compared. Only new mounts are classified. At most max_tracked removable/network mounts are
+    tracked (earlier ones kept, later ones counted in over_cap and reported as cap_reached). A
+    table that cannot be read is reported as source_error once per distinct error. kind_of() may
+    be called from any thread: poll() swaps in new dicts and never mutates the ones readers hold.
+    stop() (or close()) releases the notification fd."""
+
+    name = "mounts"
 
     def __init__(
         self,
         *,
+        report: Reporter,
         path: str = "/proc/self/mountinfo",
         removable_patterns: Sequence[str] = DEFAULT_REMOVABLE_PATTERNS,
         sysfs: str = "/sys",
@@ -664,6 +672,8 @@ class MountWatcher:
         include_other: bool = False,
         max_tracked: int = MAX_TRACKED,
     ) -> None:
+        self._report = report
+        self._caps = CapReporter(report)
         self._path = path
         self._patterns = tuple(removable_patterns)
         self._sysfs = sysfs
@@ -679,14 +689,41 @@ class MountWatcher:
         self._notify: select.poll | None = None
         self.over_cap = 0
         self.last_error: str | None = None
+        self.errors = 0
         self.polls = 0
         self.reads = 0
 
-    def close(self) -> None:
+    def start(self) -> None:
+        """Read the table: current() is then what is mounted now. A watcher polled before
+        start() has read it already and only re-arms its notification. An unreadable table is
+        reported, not raised; the next poll() tries again and reports what it finds as added."""
+        if self.polls == 0:
+            self.poll()
+        else:
+            self._arm()
+
+    def stop(self) -> None:
+        """Release the notification fd; safe twice and before start(). poll() re-arms it."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
             self._notify = None
+        # A new fd is not flagged for what changed while there was none: read at the next poll.
+        self._stale = True
+
+    close = stop
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "polls": self.polls,
+            "reads": self.reads,
+            "mounts_known": len(self._known),
+            "mounts_tracked": len(self._tracked),
+            "tracked_cap": self._max,
+            "over_cap": self.over_cap,
+            "errors": self.errors,
+            "last_error": self.last_error,
+        }
 
     def __enter__(self) -> MountWatcher:
         return self
@@ -718,9 +755,21 @@ class MountWatcher:
             text = _read_table(self._path)
         except OSError as exc:
             self._stale = True
+            self.errors += 1
             error = f"{type(exc).__name__}: {exc.strerror or exc}"
+            # Polled every second or so: the same failure again says nothing new.
             if error != self.last_error:
-                log.warning("mount_table_unreadable", path=self._path, error=error)
+                reason = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+                self._report(
+                    record(
+                        "source_error",
+                        reason,
+                        source=self.name,
+                        path=self._path,
+                        message=error,
+                        hint="mounts and unmounts are not seen until the table can be read",
+                    )
+                )
             self.last_error = error
             return [], []
         self.reads += 1
@@ -755,8 +804,8 @@ class MountWatcher:
                 tracked[k] = i
             else:
                 over += 1
-        if over and not self.over_cap:
-            log.warning("mounts_cap_reached", cap=self._max, untracked=over)
+        if over:
+            self._caps.hit("tracked_mounts", self._max, untracked=over)
         self.over_cap = over
         # The last mount on a mountpoint is the one on top: paths there are on it.
         by_mountpoint: dict[str, MountInfo | None] = {}

@@ -16,7 +16,7 @@ from watchdog.observers.polling import PollingObserver
 
 from agent.config import WatchSpec
 from agent.health import Reporter, now_us, record
-from agent.sources.base import EmitBatch, RawEvent
+from agent.sources.base import EmitBatch, RawEvent, wanted_outside_tagged
 from agent.sources.paths import Excludes, compile_excludes
 
 log = structlog.get_logger(__name__)
@@ -66,6 +66,7 @@ class _Handler(FileSystemEventHandler):
         name = os.path.basename(path)
         if name == self._source.marker_name and action in ("opened", "closed_nowrite"):
             return
+        loc = self._spec.location
         if action == "moved":
             dest = os.fsdecode(event.dest_path)
             src_out = self._excluded(path)
@@ -73,15 +74,18 @@ class _Handler(FileSystemEventHandler):
             if src_out and dst_out:
                 return
             if dst_out:
-                raw = RawEvent(now_us(), "moved_out", path, None, is_dir, self._source.name)
+                raw = RawEvent(now_us(), "moved_out", path, None, is_dir, self._source.name, loc)
             elif src_out:
-                raw = RawEvent(now_us(), "moved_in", dest, None, is_dir, self._source.name)
+                raw = RawEvent(now_us(), "moved_in", dest, None, is_dir, self._source.name, loc)
             else:
-                raw = RawEvent(now_us(), "moved", dest, path, is_dir, self._source.name)
+                raw = RawEvent(now_us(), "moved", dest, path, is_dir, self._source.name, loc)
         else:
             if self._excluded(path):
                 return
-            raw = RawEvent(now_us(), action, path, None, is_dir, self._source.name)
+            raw = RawEvent(now_us(), action, path, None, is_dir, self._source.name, loc)
+        if loc != "tagged" and not wanted_outside_tagged(raw.action, is_dir, raw.source):
+            self._source.counters["filtered"] += 1
+            return
         self._source.emit([raw])
 
 
@@ -112,7 +116,7 @@ class WatchdogSource:
         self._stopping = threading.Event()
         self._checker: threading.Thread | None = None
         self._root_check_interval = root_check_interval
-        self.counters = {"emitted": 0, "handler_errors": 0}
+        self.counters = {"emitted": 0, "handler_errors": 0, "filtered": 0}
 
     def emit(self, batch: list[RawEvent]) -> None:
         self.counters["emitted"] += len(batch)

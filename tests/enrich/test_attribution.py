@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import shutil
@@ -11,9 +12,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 
+from agent.components import Component
 from agent.config import ProcessSettings, SinkSpec, WatchSpec
 from agent.enrich.attribution import ProcessTable, masquerade_of
 from agent.service import Agent
@@ -50,6 +54,59 @@ def wait_for(predicate: Callable[[], object], timeout: float = 5.0) -> bool:
     return bool(predicate())
 
 
+class Gate:
+    """A FIFO a child blocks on (`read go < fifo`) until the test opens it, so the child goes
+    on exactly when the test has seen what it waits for, however loaded the machine is."""
+
+    def __init__(self, path: Path) -> None:
+        os.mkfifo(path)
+        path.chmod(0o666)  # the test user opens it too
+        self.path = path
+
+    def open(self, timeout: float = 20.0) -> None:
+        """Let the child through; waits (up to timeout) for it to be at the gate."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:  # ENXIO: no reader yet
+                if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+                continue
+            try:
+                os.write(fd, b"go\n")
+            finally:
+                os.close(fd)
+            return
+
+
+def finish(child: subprocess.Popen[Any], gate: Gate) -> None:
+    """Open the gate if the child is still there to pass it, then reap the child."""
+    if child.poll() is None:
+        try:
+            gate.open(timeout=5)
+        except OSError:
+            child.kill()
+    child.wait(20)
+
+
+def no_report(rec: dict[str, Any]) -> None:
+    """The reporter of a table that must have nothing to report."""
+    raise AssertionError(f"unexpected health record: {rec}")
+
+
+def cat() -> subprocess.Popen[bytes]:
+    """A real process that lives until its stdin is closed."""
+    return subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+
+
+def end(*children: subprocess.Popen[bytes]) -> None:
+    for child in children:
+        child.kill()
+        child.communicate()
+
+
 def test_masquerade_signals_are_told_apart() -> None:
     assert masquerade_of("kworker", "/tmp/x", ("[kworker/0:1]",)) == "kernel_thread_name"
     assert masquerade_of("crond", "/usr/bin/tar", ("crond",)) == "name_mismatch"
@@ -61,31 +118,189 @@ def test_masquerade_signals_are_told_apart() -> None:
 
 
 def test_a_process_started_under_another_name_is_flagged() -> None:
-    child = subprocess.Popen(["bash", "-c", "exec -a crond sleep 3"])
+    # cat waits on its stdin, so the process lives until the test is done with it.
+    child = subprocess.Popen(["bash", "-c", "exec -a crond cat"], stdin=subprocess.PIPE)
     try:
-        table = ProcessTable()
-        assert wait_for(
-            lambda: (table.read(child.pid) or 0) and table.read(child.pid).cmdline[:1] == ("crond",)
-        )  # type: ignore[union-attr]
+        table = ProcessTable(report=no_report)
+
+        def argv0() -> tuple[str, ...]:
+            proc = table.read(child.pid)
+            return proc.cmdline[:1] if proc is not None else ()
+
+        assert wait_for(lambda: argv0() == ("crond",), timeout=20)  # bash has exec'd cat
         proc = table.read(child.pid)
         assert proc is not None and proc.masquerade == "argv0_mismatch"
     finally:
-        child.kill()
-        child.wait()
+        end(child)
 
 
 def test_a_renamed_copy_of_a_known_tool_is_recognised(tmp_path: Path) -> None:
     fake = tmp_path / "crond"
-    shutil.copy(shutil.which("sleep") or "/bin/sleep", fake)
-    child = subprocess.Popen([str(fake), "3"])
+    shutil.copy(shutil.which("cat") or "/bin/cat", fake)
+    # Popen returns once the child has exec'd; cat then waits on its stdin.
+    child = subprocess.Popen([str(fake)], stdin=subprocess.PIPE)
     try:
-        table = ProcessTable(tools=("sleep",))
-        assert wait_for(lambda: table.read(child.pid) is not None)
+        table = ProcessTable(report=no_report, tools=("cat",))
         proc = table.read(child.pid)
-        assert proc is not None and proc.masquerade == "renamed_binary:sleep"
+        assert proc is not None and proc.masquerade == "renamed_binary:cat"
     finally:
-        child.kill()
-        child.wait()
+        end(child)
+
+
+def test_the_process_table_keeps_the_component_contract() -> None:
+    table = ProcessTable(report=no_report)
+    assert isinstance(table, Component) and table.name == "processes"
+    table.stop()  # before start: harmless
+    table.start()
+    assert table.stats()["running"] is True and table.stats()["tracked"] == len(table) > 0
+    table.stop()
+    table.stop()
+    assert table.stats()["running"] is False
+
+
+def test_what_runs_at_start_is_known_and_only_later_processes_are_new() -> None:
+    before = cat()
+    try:
+        table = ProcessTable(report=no_report)
+        table.start()
+        known = table.get(before.pid)
+        assert known is not None and known.name == "cat"
+        after = cat()
+        try:
+            new = {p.pid for p in table.poll()}
+            assert after.pid in new and before.pid not in new
+            stats = table.stats()
+            assert (stats["polls"], stats["new"], stats["over_cap"]) == (2, len(new), 0)
+        finally:
+            end(after)
+    finally:
+        end(before)
+
+
+def test_start_after_a_poll_keeps_what_the_poll_found_new_for_the_next_poll() -> None:
+    table = ProcessTable(report=no_report)
+    table.poll()
+    child = cat()
+    try:
+        table.start()  # the table knows what ran already: start() reads nothing
+        assert child.pid in {p.pid for p in table.poll()}
+    finally:
+        end(child)
+
+
+def test_a_process_read_before_its_exec_is_reported_again_as_the_program_it_became(
+    tmp_path: Path,
+) -> None:
+    # A shell's child is the shell until it execs (sh, then tar): a poll between fork and exec
+    # sees the shell. Here the child is held as sh at a gate, read, then let exec cat.
+    gate = Gate(tmp_path / "go")
+    child = subprocess.Popen(
+        ["sh", "-c", 'read go < "$1"; exec cat', "sh", str(gate.path)], stdin=subprocess.PIPE
+    )
+    try:
+        table = ProcessTable(report=no_report)
+        table.start()
+        first = table.get(child.pid)
+        assert first is not None and first.name == "sh"
+        gate.open()
+        assert wait_for(lambda: psutil.Process(child.pid).name() == "cat", timeout=20)
+        again = [p for p in table.poll() if p.pid == child.pid]
+        assert [p.name for p in again] == ["cat"]
+        now = table.get(child.pid)
+        assert now is not None and now.name == "cat"
+        assert now.exe == os.path.realpath(shutil.which("cat") or "/bin/cat")
+        assert child.pid not in {p.pid for p in table.poll()}  # once, not on every poll
+    finally:
+        end(child)
+
+
+def test_a_process_that_exited_is_still_found_by_the_path_it_named_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.enrich import attribution
+
+    target = tmp_path / "design.v"
+    gate = Gate(tmp_path / "go")
+    # Held at the gate until the table has read it, then gone, as a short cp is by the time
+    # its file events are attributed.
+    child = subprocess.Popen(["sh", "-c", 'read go < "$1"', "sh", str(gate.path), str(target)])
+    table = ProcessTable(report=no_report)
+    try:
+        table.start()
+    finally:
+        finish(child, gate)
+    table.poll()
+    found = table.by_path(str(target))
+    assert found is not None and found[0].pid == child.pid
+    # Long gone, it takes no blame for a later write to the file.
+    monkeypatch.setattr(attribution, "EXITED_TTL", 0.0)
+    assert table.by_path(str(target)) is None
+
+
+def test_a_full_process_table_tracks_no_more_and_reports_its_cap() -> None:
+    records: list[dict[str, Any]] = []
+    running = [cat() for _ in range(3)]
+    try:
+        table = ProcessTable(report=records.append, max_procs=1)
+        table.start()
+        (cap,) = records
+        assert (cap["event"]["action"], cap["event"]["reason"]) == ("cap_reached", "process_table")
+        data = cap["exfilwatch"]["health"]
+        assert data["cap"] == 1 and data["untracked"] >= len(running)
+        later = [cat() for _ in range(3)]
+        running += later
+        assert table.poll() == []
+        assert len(table) == 1
+        stats = table.stats()
+        assert (stats["tracked"], stats["over_cap"]) == (1, 2)
+        # The same cap again within the minute is counted, not reported again.
+        assert len(records) == 1
+    finally:
+        end(*running)
+
+
+def test_a_poll_that_cannot_list_processes_is_a_source_error_and_the_next_one_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records: list[dict[str, Any]] = []
+    table = ProcessTable(report=records.append)
+    table.start()
+    # psutil's own knob for where /proc is: pointed at nothing, listing pids fails for real.
+    monkeypatch.setattr(psutil, "PROCFS_PATH", str(tmp_path / "no-proc"))
+    for _ in range(5):
+        assert table.poll() == []
+    (error,) = records
+    assert (error["event"]["action"], error["event"]["reason"]) == ("source_error", "ENOENT")
+    data = error["exfilwatch"]["health"]
+    assert data["stage"] == "processes" and "FileNotFoundError" in data["message"]
+    assert table.stats()["last_error"] == "ENOENT"
+    monkeypatch.undo()
+    child = cat()
+    try:
+        assert child.pid in {p.pid for p in table.poll()}
+    finally:
+        end(child)
+    stats = table.stats()
+    assert (stats["errors"], stats["last_error"]) == (5, None)
+    assert len(records) == 1
+
+
+def test_when_start_cannot_read_the_table_the_first_good_poll_is_the_baseline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records: list[dict[str, Any]] = []
+    table = ProcessTable(report=records.append)
+    monkeypatch.setattr(psutil, "PROCFS_PATH", str(tmp_path / "no-proc"))
+    table.start()
+    assert [r["event"]["reason"] for r in records] == ["ENOENT"]
+    monkeypatch.undo()
+    # What already ran is not reported as started, even though start() could not read it.
+    assert table.poll() == [] and len(table) > 0
+    child = cat()
+    try:
+        assert child.pid in {p.pid for p in table.poll()}
+    finally:
+        end(child)
 
 
 @pytest.fixture
@@ -126,25 +341,39 @@ def test_a_file_written_by_a_test_users_process_is_attributed_to_it(
 ) -> None:
     start(run_agent, tmp_path, tree)
     target = tree / "chip" / "written-by-test-user.v"
+    gate = Gate(tree.parent / "go")
     # The target is an argument, as for cp, rsync or a script: the agent reads the process
-    # table and finds the process that names the file.
-    script = 'sleep 0.5; echo x > "$1"; sleep 0.5'
+    # table and finds the process that names the file. The shell writes only once the agent
+    # has it in its table (its process_started event is out); it may be gone by the time the
+    # write is attributed, as a real cp would be.
+    script = 'read go < "$2"; echo x > "$1"'
     child = subprocess.Popen(
-        ["runuser", "-u", test_user, "--", "sh", "-c", script, "sh", str(target)]
+        ["runuser", "-u", test_user, "--", "sh", "-c", script, "sh", str(target), str(gate.path)]
     )
     try:
-        collector.wait_event("closed_write", target, timeout=10)
+        assert collector.wait_for(
+            lambda c: any(
+                e.action == "process_started" and e.process_name == "sh" and e.path == str(target)
+                for e in c.events()
+            ),
+            timeout=20,
+        )
+        gate.open()
+        collector.wait_event("closed_write", target, timeout=20)
     finally:
-        child.wait()
+        finish(child, gate)
     event = next(
         e for e in collector.events() if e.path == str(target) and e.action == "closed_write"
     )
-    assert event.user_name == test_user
-    assert event.user_id == str(pwd.getpwnam(test_user).pw_uid)
-    assert event.process_name == "sh"
+    assert (
+        event.user_name,
+        event.user_id,
+        event.process_name,
+        event.process_parent_name,
+        event.attribution,
+        event.attribution_method,
+    ) == (test_user, str(pwd.getpwnam(test_user).pw_uid), "sh", "runuser", "inferred", "cmdline")
     assert event.process_command_line is not None and str(target) in event.process_command_line
-    assert event.attribution == "inferred" and event.attribution_method == "cmdline"
-    assert event.process_parent_name == "runuser"
 
 
 @needs_root
@@ -176,25 +405,21 @@ def test_a_packing_tool_on_a_tagged_tree_is_a_process_started_event_that_alerts(
 ) -> None:
     start(run_agent, tmp_path, tree)
     (tree / "chip" / "big.bin").write_bytes(b"\0" * (1 << 20))
-    # tar blocks on the full pipe for a second, long enough to be seen by the 50 ms poll.
-    subprocess.run(
-        [
-            "runuser",
-            "-u",
-            test_user,
-            "--",
-            "sh",
-            "-c",
-            f"tar cf - '{tree / 'chip'}' 2>/dev/null | (sleep 1; cat > /dev/null)",
-        ],
-        check=True,
-    )
-    assert collector.wait_for(
-        lambda c: any(
-            e.action == "process_started" and e.process_name == "tar" for e in c.events()
-        ),
-        timeout=5,
-    )
+    gate = Gate(tree.parent / "go")
+    # tar blocks on the full pipe (1 MiB into 64 KiB) until the reader starts, and the reader
+    # starts only once the agent has reported tar: tar is alive whenever the poll comes.
+    pack = f"tar cf - '{tree / 'chip'}' 2>/dev/null | (read go < '{gate.path}'; cat > /dev/null)"
+    child = subprocess.Popen(["runuser", "-u", test_user, "--", "sh", "-c", pack])
+    try:
+        assert collector.wait_for(
+            lambda c: any(
+                e.action == "process_started" and e.process_name == "tar" for e in c.events()
+            ),
+            timeout=20,
+        )
+    finally:
+        finish(child, gate)
+    assert child.returncode == 0
     started = next(
         e for e in collector.events() if e.action == "process_started" and e.process_name == "tar"
     )
@@ -208,7 +433,7 @@ def test_a_packing_tool_on_a_tagged_tree_is_a_process_started_event_that_alerts(
             r["event"]["kind"] == "alert" and r["rule"]["id"] == "exfil-packing-tool-on-tagged"
             for r in c.records()
         ),
-        timeout=5,
+        timeout=20,
     )
 
 
@@ -219,8 +444,8 @@ def test_process_settings_disable_everything(
     root.mkdir()
     config = make_config([WatchSpec(str(root))], tmp_path)
     agent = run_agent(replace(config, processes=ProcessSettings(enabled=False)))
-    assert agent.processes is None and agent.pipeline is not None
-    assert agent.pipeline.attributor is None
+    assert agent.processes is None and agent.parts is not None
+    assert agent.parts.attributor is None
 
 
 def _fanotify_ok() -> bool:
@@ -244,17 +469,25 @@ def test_with_fanotify_a_short_lived_writer_is_attributed_exactly(
         tmp_path,
         processes=ProcessSettings(enabled=True, interval=0.5, fanotify="on"),
     )
-    run_agent(config)
+    agent = run_agent(config)
+    watcher = agent.fanotify
+    assert watcher is not None
     target = tree / "chip" / "fast.v"
-    # No argument names the file: only the kernel can say who wrote it.
-    # The write comes well before the close, so the kernel's record of it is in before the
-    # close is attributed (the fanotify reader can lag the inotify one by a few ms).
-    script = 'cd "$(dirname "$1")" && exec 3>fast.v && echo x >&3 && sleep 0.3'
+    gate = Gate(tree.parent / "go")
+    # No argument names the file: only the kernel can say who wrote it. The close is
+    # attributed as soon as the inotify reader sees it, and the fanotify reader can lag that
+    # one: the shell closes the file only once the kernel's record of the write is in.
+    script = 'cd "$(dirname "$1")" && exec 3>fast.v && echo x >&3 && read go < "$2"'
     child = subprocess.Popen(
-        ["runuser", "-u", test_user, "--", "sh", "-c", script, "sh", str(target)]
+        ["runuser", "-u", test_user, "--", "sh", "-c", script, "sh", str(target), str(gate.path)]
     )
-    child.wait()
-    collector.wait_event("closed_write", target, timeout=10)
+    try:
+        assert wait_for(
+            lambda: watcher.lookup(str(target), actions={"modified"}) is not None, timeout=20
+        )
+    finally:
+        finish(child, gate)
+    collector.wait_event("closed_write", target, timeout=20)
     event = next(
         e for e in collector.events() if e.path == str(target) and e.action == "closed_write"
     )

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from agent.config import LocationSettings, SinkSpec, WatchSpec
+from agent.enrich.locations import staging_places
 from agent.service import Agent
+from agent.sources.paths import compile_excludes
 from tests.conftest import Collector, make_config, needs_mount
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,6 +89,84 @@ def test_a_hidden_directory_in_a_home_is_a_staging_area(world: World) -> None:
         "closed_write", target, location="staging", lineage_origin=str(world.rnd / "chip" / "m4.v")
     )
     assert world.collector.wait_for(lambda c: bool(world.alerts("exfil-staging-tagged-copy")))
+
+
+def test_a_hidden_directory_three_levels_down_a_home_is_within_the_home_watch_depth(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home" / "alice"
+    (home / "a" / "b" / ".stash").mkdir(parents=True)
+    specs = staging_places([str(home)], dirs=(), home_depth=4, exclude=())
+    spec = next(s for s in specs if s.location == "home")
+    assert spec.path == str(home)
+    assert spec.max_depth == 4
+    assert len(Path("a/b/.stash").parts) <= spec.max_depth
+    assert not compile_excludes(spec.exclude).excluded("a/b/.stash")
+    deeper = staging_places([str(home)], dirs=(), home_depth=2, exclude=())
+    assert next(s for s in deeper if s.location == "home").max_depth == 2
+
+
+def test_locations_exclude_leaves_noisy_subtrees_of_homes_and_staging_dirs_unwatched(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home" / "alice"
+    for d in (".cache/thumbs", ".config/google-chrome/Default", ".config/app", "Downloads"):
+        (home / d).mkdir(parents=True)
+    tmp = tmp_path / "tmp"
+    (tmp / "job" / ".cache").mkdir(parents=True)
+    exclude = (".cache", ".config/google-chrome")
+    specs = staging_places([str(home)], dirs=(str(tmp),), exclude=exclude)
+    by_path = {s.path: compile_excludes(s.exclude) for s in specs}
+    home_ex = by_path[str(home)]
+    assert home_ex.excluded(".cache/thumbs")
+    assert home_ex.excluded(".config/google-chrome/Default")
+    assert not home_ex.excluded(".config/app")
+    assert home_ex.excluded("Downloads")  # watched as a staging dir of its own
+    assert by_path[str(tmp)].excluded("job/.cache")  # a name pattern matches at any depth
+    assert not by_path[str(tmp)].excluded("job")
+    assert str(home / "Downloads") in by_path
+
+
+def test_a_tree_watched_otherwise_hides_only_itself_from_the_home_watch(tmp_path: Path) -> None:
+    home = tmp_path / "home" / "alice"
+    (home / "work" / "rnd").mkdir(parents=True)
+    (home / "work" / ".stash").mkdir()
+    specs = staging_places([str(home)], dirs=(), avoid=[str(home / "work" / "rnd")])
+    home_ex = compile_excludes(next(s for s in specs if s.location == "home").exclude)
+    assert home_ex.excluded("work/rnd/src")
+    assert not home_ex.excluded("work/.stash")
+
+
+def test_a_home_is_watched_to_its_depth_but_not_in_excluded_or_deeper_trees(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    home = tmp_path / "home" / "alice"
+    (home / "a" / "b").mkdir(parents=True)
+    (home / "1" / "2" / "3" / "4").mkdir(parents=True)
+    # The shipped defaults: four levels, LOCATION_EXCLUDES (.cache, .config/google-chrome...).
+    config = make_config(
+        [],
+        tmp_path,
+        locations=LocationSettings(
+            enabled=True, home_roots=(str(tmp_path / "home"),), staging_dirs=()
+        ),
+    )
+    run_agent(config)
+    noise = [
+        home / ".cache" / "thumbs" / "t.png",
+        home / ".config" / "google-chrome" / "Default" / "Cookies",
+        home / "1" / "2" / "3" / "4" / ".x" / "deeper.txt",  # .x is level 5
+    ]
+    for f in noise:
+        f.parent.mkdir(parents=True)
+        f.write_text("noise")
+    stash = home / "a" / "b" / ".stash"
+    stash.mkdir()
+    (stash / "top.v").write_text("module top; endmodule\n")
+    collector.wait_event("closed_write", stash / "top.v", location="staging")
+    paths = {e.path for e in collector.events()}
+    assert not paths & {str(f) for f in noise}
+    assert not any("/.cache" in p or "/google-chrome" in p for p in paths)
 
 
 def test_a_file_moved_out_of_the_tagged_tree_is_its_own_origin(world: World) -> None:
@@ -166,3 +246,46 @@ def test_a_usb_stick_is_watched_when_mounted_and_a_bulk_copy_alerts(
     assert bulk["exfilwatch"]["correlation"]["distinct_files"] == 20  # type: ignore[index]
     subprocess.run(["umount", str(stick)], check=True)
     assert world.collector.wait_for(lambda c: bool(c.health("media_unmounted")), timeout=5)
+
+
+def test_a_tree_copied_into_a_new_directory_counts_every_file_as_a_traced_copy(
+    world: World,
+) -> None:
+    # `cp -r` makes the directory, then writes files before the agent can watch it: those
+    # are found by the scan of the new directory and must be traced like any other copy.
+    for i in range(30, 230):
+        (world.rnd / "chip" / f"m{i}.v").write_text(f"module m{i}; endmodule\n" * (3 + i))
+    assert world.collector.wait_for(
+        lambda c: c.has_event("closed_write", world.rnd / "chip" / "m229.v"), timeout=20
+    )
+    dst = world.stage / "loot"
+    subprocess.run(["cp", "-r", str(world.rnd / "chip"), str(dst)], check=True)
+    wanted = {str(dst / f"m{i}.v") for i in range(230)}
+
+    def traced(c: Collector) -> set[str]:
+        return {e.path for e in c.events() if e.path in wanted and e.lineage_origin is not None}
+
+    assert world.collector.wait_for(lambda c: traced(c) == wanted, timeout=30), len(
+        traced(world.collector)
+    )
+    assert all(e.location == "staging" for e in world.collector.events() if e.path in wanted)
+
+
+@needs_mount
+def test_copies_made_the_moment_a_stick_is_mounted_are_all_traced(
+    world: World, loop_mount: Callable[[Path], Path]
+) -> None:
+    # No wait for the agent to notice the mount: the first files land before the stick is
+    # watched, and the scan of the newly watched medium must still report them as copies.
+    label = f"exfil-{uuid.uuid4().hex[:8]}"
+    stick = loop_mount(Path("/media") / label / "EXFILTEST")
+    subprocess.run(["cp", "-r", str(world.rnd / "chip"), str(stick / "loot")], check=True)
+    wanted = {str(stick / "loot" / f"m{i}.v") for i in range(30)}
+
+    def traced(c: Collector) -> set[str]:
+        return {e.path for e in c.events() if e.path in wanted and e.lineage_origin is not None}
+
+    assert world.collector.wait_for(lambda c: traced(c) == wanted, timeout=30), sorted(
+        wanted - traced(world.collector)
+    )
+    assert world.collector.wait_for(lambda c: bool(world.alerts("exfil-removable-bulk-copy")))

@@ -51,6 +51,7 @@ CONFIG_OBJECTS = {
     "_LOCATION_KEYS": "/$defs/locations",
     "_LINEAGE_KEYS": "/$defs/lineage",
     "_PROCESS_KEYS": "/$defs/processes",
+    "_ENRICHMENT_KEYS": "/$defs/enrichment",
 }
 # Maps the loader checks with a literal key tuple inside a method (nothing to import).
 RULE_INLINE_OBJECTS = (
@@ -526,6 +527,8 @@ BROKEN_CONFIGS = {
     "an unknown sink type": "watch: []\nsinks: [{type: syslgo}]\n",
     "a queue_size below its minimum": "watch: []\nqueue_size: 999\n",
     "a file sink without a path": "watch: []\nsinks: [{type: file}]\n",
+    "a home_depth above its maximum": "watch: []\nlocations: {home_depth: 17}\n",
+    "a cpu_budget above one CPU": "watch: []\nenrichment: {cpu_budget: 1.5}\n",
 }
 
 

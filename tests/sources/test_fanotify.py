@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -9,9 +10,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from agent.sources import fanotify
 from agent.sources.fanotify import Access, FanotifyWatcher, _mnt_id, _mount_points, available
 
 USABLE, WHY_NOT = available()
@@ -43,6 +46,10 @@ def wait_for(
         time.sleep(0.01)
 
 
+def health(records: list[dict[str, Any]], action: str) -> list[dict[str, Any]]:
+    return [r for r in records if r["event"]["action"] == action]
+
+
 def fanotify_fds() -> list[str]:
     """This process's fds that are fanotify groups (their fdinfo says so)."""
     found = []
@@ -57,11 +64,18 @@ def fanotify_fds() -> list[str]:
 
 
 @pytest.fixture
-def watch() -> Iterator[Callable[..., FanotifyWatcher]]:
-    """Starts watchers and always stops them."""
+def records() -> list[dict[str, Any]]:
+    """The health records the watchers of a test reported."""
+    return []
+
+
+@pytest.fixture
+def watch(records: list[dict[str, Any]]) -> Iterator[Callable[..., FanotifyWatcher]]:
+    """Starts watchers that report into `records`, and always stops them."""
     started: list[FanotifyWatcher] = []
 
     def start(*paths: Path, **kw: object) -> FanotifyWatcher:
+        kw.setdefault("report", records.append)
         watcher = FanotifyWatcher([str(p) for p in paths], **kw)  # type: ignore[arg-type]
         watcher.start()
         started.append(watcher)
@@ -215,7 +229,11 @@ def test_stop_within_half_a_second_leaves_no_thread_and_no_fanotify_fd(
         ]
     )
     try:
-        time.sleep(0.2)
+        # Once the reader has cached some of the burst it is busy with it: stop then.
+        deadline = time.monotonic() + 15
+        while watcher.stats()["accesses_cached"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert watcher.stats()["accesses_cached"] > 0
         t0 = time.monotonic()
         watcher.stop()
         assert time.monotonic() - t0 < 0.5
@@ -385,17 +403,18 @@ def small_queue() -> Iterator[Callable[[], None]]:
         restore()
 
 
-def test_a_queue_overflow_is_counted_and_reported_and_a_failing_callback_is_survived(
+def test_a_queue_overflow_is_an_event_loss_record_and_a_failing_reporter_is_survived(
     tmp_path: Path, small_queue: Callable[[], None]
 ) -> None:
-    calls: list[int] = []
+    records: list[dict[str, Any]] = []
 
-    def on_overflow() -> None:
-        calls.append(1)
-        raise RuntimeError("callback bug")
+    def report(rec: dict[str, Any]) -> None:
+        records.append(rec)
+        raise RuntimeError("sink bug")
 
-    watcher = FanotifyWatcher([str(tmp_path)], on_overflow=on_overflow)
-    # Hold the reader in its first batch so the 16-event queue fills up behind it.
+    watcher = FanotifyWatcher([str(tmp_path)], report=report)
+    # Hold the reader in its first batch so the 16-event queue fills up behind it: a real
+    # overflow, the kernel's own FAN_Q_OVERFLOW event.
     release = threading.Event()
     handle = watcher._handle
 
@@ -410,13 +429,20 @@ def test_a_queue_overflow_is_counted_and_reported_and_a_failing_callback_is_surv
         body = "for i in range(100):\n    open(f'{sys.argv[1]}/f{i}', 'w').write('x')\n"
         run_child(body, str(tmp_path))
         release.set()
-        deadline = time.monotonic() + 5
-        while not calls and time.monotonic() < deadline:
+        deadline = time.monotonic() + 10
+        while not health(records, "event_loss") and time.monotonic() < deadline:
             time.sleep(0.01)
+        (loss, *_) = health(records, "event_loss")
+        assert loss["event"]["reason"] == "fanotify_overflow"
+        assert loss["event"]["kind"] == "metric"
+        data = loss["exfilwatch"]["health"]
+        assert data["source"] == "fanotify" and data["overflows"] >= 1
+        assert data["max_queued_events"] == 16
+        assert "inferred" in data["hint"]
         stats = watcher.stats()
-        assert stats["overflows"] >= 1 and calls
-        assert stats["errors"] >= 1 and "callback bug" in stats["last_error"]
-        # The reader goes on after the overflow and the callback's exception.
+        assert stats["overflows"] >= 1
+        assert stats["errors"] >= 1 and "sink bug" in stats["last_error"]
+        # The reader goes on after the overflow and the reporter's exception.
         pid = run_child("open(sys.argv[1], 'w').write('x')\n", str(tmp_path / "after"))
         seen = wait_for(watcher, tmp_path / "after")
         assert seen is not None and seen.pid == pid
@@ -424,8 +450,65 @@ def test_a_queue_overflow_is_counted_and_reported_and_a_failing_callback_is_surv
     finally:
         release.set()
         watcher.stop()
+    # Overflows held back by the rate limit are reported at the latest at stop: every one
+    # counted is in a record.
+    reported = sum(r["exfilwatch"]["health"]["overflows"] for r in health(records, "event_loss"))
+    assert reported == watcher.stats()["overflows"]
+
+
+def test_a_mount_that_cannot_be_marked_is_a_source_error_reported_once_a_minute(
+    tmp_path: Path,
+    watch: Callable[..., FanotifyWatcher],
+    records: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No mount here refuses a mark, and exhausting fs.fanotify.max_user_marks would break every
+    # other fanotify user on the host: the kernel's refusal is injected at the syscall wrapper,
+    # on a real group.
+    def refuse(fan_fd: int, flags: int, dir_fd: int) -> None:
+        raise OSError(errno.ENOSPC, "fanotify_mark: No space left on device")
+
+    monkeypatch.setattr(fanotify, "_fanotify_mark", refuse)
+    watcher = watch(tmp_path)
+    stats = watcher.stats()
+    assert stats["running"] is True and stats["mounts_marked"] == 0
+    assert list(stats["mark_errors"]) == [str(tmp_path)]
+    watcher.update([str(tmp_path)])
+    watcher.update([str(tmp_path)])
+    (error,) = health(records, "source_error")
+    assert error["event"]["reason"] == "ENOSPC"
+    data = error["exfilwatch"]["health"]
+    assert (data["source"], data["stage"], data["root"]) == ("fanotify", "mark", str(tmp_path))
+    assert "No space left" in data["message"]
+    monkeypatch.undo()
+    watcher.update([str(tmp_path)])
+    assert (watcher.stats()["mounts_marked"], watcher.stats()["mark_errors"]) == (1, {})
+    assert len(health(records, "source_error")) == 1
+
+
+def test_a_watcher_without_trouble_reports_nothing(
+    tmp_path: Path, watch: Callable[..., FanotifyWatcher], records: list[dict[str, Any]]
+) -> None:
+    watcher = watch(tmp_path)
+    pid = run_child("open(sys.argv[1], 'w').write('x')\n", str(tmp_path / "f"))
+    seen = wait_for(watcher, tmp_path / "f")
+    assert seen is not None and seen.pid == pid
+    watcher.stop()
+    assert records == []
+
+
+def test_the_watcher_keeps_the_component_contract(tmp_path: Path) -> None:
+    from agent.components import Component
+
+    watcher = FanotifyWatcher([str(tmp_path)], report=lambda r: None)
+    assert isinstance(watcher, Component) and watcher.name == "fanotify"
+    watcher.stop()  # before start: harmless
+    watcher.start()
+    watcher.stop()
+    watcher.stop()
+    assert watcher.stats()["running"] is False
 
 
 def test_the_constructor_rejects_an_empty_cache() -> None:
     with pytest.raises(ValueError, match="cache_size"):
-        FanotifyWatcher(["/tmp"], cache_size=0)
+        FanotifyWatcher(["/tmp"], report=lambda r: None, cache_size=0)

@@ -297,3 +297,56 @@ def test_watch_limit_is_reported_by_name_with_what_was_left_unwatched(
     assert data["count"] >= 200
     assert data["root"] == str(root)
     assert data["sample"]
+
+
+def test_outside_tagged_trees_only_landed_content_and_new_directories_reach_the_pipeline(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    agent = start(run_agent, tmp_path, WatchSpec(str(stage), location="staging"))
+    noise = stage / "build.o"
+    noise.write_bytes(b"\0" * 100)
+    noise.read_bytes()
+    noise.chmod(0o600)
+    noise.rename(stage / "build2.o")
+    (stage / "build2.o").unlink()
+    sub = stage / "new"
+    sub.mkdir()
+    collector.wait_event("created", sub)  # watched and scanned by then
+    (sub / "landed.v").write_text("module top; endmodule\n")
+    collector.wait_event("closed_write", sub / "landed.v")
+    assert [(e.action, e.path) for e in collector.events()] == [
+        ("closed_write", str(noise)),
+        ("moved", str(stage / "build2.o")),
+        ("created", str(sub)),
+        ("closed_write", str(sub / "landed.v")),
+    ]
+    assert all(e.location == "staging" for e in collector.events())
+    assert agent.source is not None
+    # The file creations were dropped by the reader; opens, reads, attribute changes and
+    # deletions never left the kernel.
+    assert agent.source.stats()["filtered"] >= 2
+
+
+def test_a_new_directory_gone_before_it_could_be_watched_is_an_event_loss(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    root = tmp_path / "rnd"
+    root.mkdir()
+    start(run_agent, tmp_path, WatchSpec(str(root), ("chip",)))
+    # The agent reads a directory's CREATE after it is made; a tight loop of mkdir and rmdir
+    # wins that race on some turns. Each turn that wins must be an event_loss by path.
+    gone: set[str] = set()
+    for i in range(2000):
+        d = root / f"flash{i}"
+        d.mkdir()
+        d.rmdir()
+        gone.add(str(d))
+        if collector.health("event_loss"):
+            break
+    assert collector.wait_for(lambda c: bool(c.health("event_loss")), timeout=10)
+    loss = collector.health("event_loss")[0]
+    assert loss["event"]["reason"] == "vanished_before_watch"
+    assert set(loss["exfilwatch"]["health"]["sample"]) <= gone
+    assert collector.health("watch_path_vanished") == []

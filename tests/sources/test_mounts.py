@@ -10,8 +10,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -389,14 +390,54 @@ def table(path: Path, *lines: str) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def no_report(rec: dict[str, Any]) -> None:
+    """The reporter of a watcher that must have nothing to report."""
+    raise AssertionError(f"unexpected health record: {rec}")
+
+
 def watcher(path: Path, **kw: object) -> MountWatcher:
     kw.setdefault("sysfs", "/nonexistent")
     kw.setdefault("dev_disk", "/nonexistent/disk")
+    kw.setdefault("report", no_report)
     return MountWatcher(path=str(path), **kw)  # type: ignore[arg-type]
+
+
+def health(records: list[dict[str, Any]], action: str) -> list[dict[str, Any]]:
+    return [r for r in records if r["event"]["action"] == action]
 
 
 def points(infos: list[MountInfo]) -> list[str]:
     return [i.mount.mountpoint for i in infos]
+
+
+def test_start_reads_the_table_once_and_polls_report_only_changes_after_it(
+    tmp_path: Path,
+) -> None:
+    mi = tmp_path / "mountinfo"
+    table(mi, PROC_LINE, ROOT_LINE, nfs_line(40, "/srv/a"))
+    w = watcher(mi)
+    w.start()
+    assert points(w.current()) == ["/srv/a"]
+    assert w.poll() == ([], [])
+    table(mi, PROC_LINE, ROOT_LINE, nfs_line(40, "/srv/a"), nfs_line(41, "/srv/b"))
+    added, removed = w.poll()
+    assert (points(added), removed) == (["/srv/b"], [])
+    stats = w.stats()
+    assert (stats["mounts_tracked"], stats["mounts_known"], stats["errors"]) == (2, 4, 0)
+    w.stop()
+    w.stop()
+
+
+def test_the_watcher_keeps_the_component_contract() -> None:
+    from agent.components import Component
+
+    w = MountWatcher(report=no_report)
+    assert isinstance(w, Component) and w.name == "mounts"
+    w.stop()  # before start: harmless
+    w.start()
+    assert w.stats()["reads"] == 1 and w.stats()["last_error"] is None
+    w.stop()
+    w.stop()
 
 
 def test_the_first_poll_reports_current_shares_and_later_polls_only_changes(
@@ -473,33 +514,74 @@ def test_the_number_of_tracked_mounts_is_capped_and_earlier_mounts_keep_their_pl
 ) -> None:
     mi = tmp_path / "mountinfo"
     table(mi, ROOT_LINE, nfs_line(40, "/srv/a"), nfs_line(41, "/srv/b"))
-    w = watcher(mi, max_tracked=2)
+    records: list[dict[str, Any]] = []
+    w = watcher(mi, max_tracked=2, report=records.append)
     assert points(w.poll()[0]) == ["/srv/a", "/srv/b"]
+    assert records == []
     table(mi, ROOT_LINE, nfs_line(39, "/srv/new"), nfs_line(40, "/srv/a"), nfs_line(41, "/srv/b"))
     assert w.poll() == ([], [])
     assert w.over_cap == 1
     assert points(w.current()) == ["/srv/a", "/srv/b"]
+    (cap,) = health(records, "cap_reached")
+    assert cap["event"]["reason"] == "tracked_mounts"
+    assert cap["exfilwatch"]["health"] == {"cap": 2, "hits": 1, "untracked": 1}
     table(mi, ROOT_LINE, nfs_line(39, "/srv/new"), nfs_line(41, "/srv/b"))
     added, removed = w.poll()
     assert (points(added), points(removed), w.over_cap) == (["/srv/new"], ["/srv/a"], 0)
+    assert len(records) == 1
 
 
-def test_an_unreadable_mount_table_reports_nothing_and_keeps_state(tmp_path: Path) -> None:
+def test_an_unreadable_mount_table_changes_nothing_keeps_state_and_is_a_source_error(
+    tmp_path: Path,
+) -> None:
     mi = tmp_path / "mountinfo"
     table(mi, ROOT_LINE, nfs_line(40, "/srv/a"))
-    w = watcher(mi)
+    records: list[dict[str, Any]] = []
+    w = watcher(mi, report=records.append)
     w.poll()
     mi.unlink()
     assert w.poll() == ([], [])
     assert w.last_error is not None and "FileNotFoundError" in w.last_error
     assert points(w.current()) == ["/srv/a"]
+    (error,) = health(records, "source_error")
+    assert error["event"]["reason"] == "ENOENT"
+    assert error["exfilwatch"]["health"]["source"] == "mounts"
     table(mi, ROOT_LINE)
     assert points(w.poll()[1]) == ["/srv/a"]
     assert w.last_error is None
+    assert len(records) == 1
+
+
+def test_a_mount_table_that_stays_unreadable_is_reported_once_per_distinct_error(
+    tmp_path: Path,
+) -> None:
+    mi = tmp_path / "mountinfo"
+    mi.mkdir()  # a directory where the table belongs: EISDIR on every read
+    records: list[dict[str, Any]] = []
+    w = watcher(mi, report=records.append)
+    w.start()
+    for _ in range(20):
+        assert w.poll() == ([], [])
+    (error,) = records
+    assert (error["event"]["action"], error["event"]["reason"]) == ("source_error", "EISDIR")
+    data = error["exfilwatch"]["health"]
+    assert (data["source"], data["path"]) == ("mounts", str(mi))
+    assert "IsADirectoryError" in data["message"]
+    mi.rmdir()
+    w.poll()
+    w.poll()
+    assert [r["event"]["reason"] for r in records] == ["EISDIR", "ENOENT"]
+    # Readable again: what is mounted is reported as added; a later failure is news again.
+    table(mi, ROOT_LINE, nfs_line(40, "/srv/a"))
+    assert points(w.poll()[0]) == ["/srv/a"]
+    mi.unlink()
+    w.poll()
+    assert [r["event"]["reason"] for r in records] == ["EISDIR", "ENOENT", "ENOENT"]
+    assert w.stats()["errors"] == 24
 
 
 def test_the_real_mount_table_is_read_only_when_the_kernel_flags_a_change() -> None:
-    with MountWatcher() as w:
+    with MountWatcher(report=no_report) as w:
         w.poll()
         reads = w.reads
         for _ in range(50):
@@ -508,6 +590,59 @@ def test_the_real_mount_table_is_read_only_when_the_kernel_flags_a_change() -> N
 
 
 # --- real mounts -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tmpfs_at(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
+    """Mounts a small tmpfs on a directory; always unmounted."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    mounted: list[Path] = []
+
+    def mount(target: Path) -> None:
+        target.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "mnttest", str(target)], check=True
+        )
+        mounted.append(target)
+
+    try:
+        yield mount
+    finally:
+        for target in mounted:
+            subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+@pytest.mark.root
+def test_a_mount_made_while_the_watcher_was_stopped_is_reported_after_start(
+    tmp_path: Path, tmpfs_at: Callable[[Path], None]
+) -> None:
+    w = MountWatcher(report=no_report, include_other=True)
+    w.start()
+    w.stop()
+    target = tmp_path / "while-stopped"
+    tmpfs_at(target)
+    w.start()
+    try:
+        added, _ = w.poll()
+        assert str(target) in points(added)
+    finally:
+        w.stop()
+
+
+@pytest.mark.root
+def test_start_after_a_poll_leaves_changes_since_that_poll_to_the_next_poll(
+    tmp_path: Path, tmpfs_at: Callable[[Path], None]
+) -> None:
+    w = MountWatcher(report=no_report, include_other=True)
+    w.poll()
+    target = tmp_path / "before-start"
+    tmpfs_at(target)
+    w.start()
+    try:
+        assert str(target) in points(w.poll()[0])
+    finally:
+        w.stop()
 
 
 def poll_until(
@@ -532,7 +667,7 @@ def test_a_loop_image_mounted_under_media_is_reported_as_removable_within_2s(
 ) -> None:
     user = f"exfiltest-{uuid.uuid4().hex[:12]}"
     target = Path("/media") / user / "EXFILTEST"
-    with MountWatcher() as w:
+    with MountWatcher(report=no_report) as w:
         assert all(i.mount.mountpoint != str(target) for i in w.poll()[0])
         loop_mount(target)
         start = time.monotonic()
@@ -563,7 +698,10 @@ def test_a_loop_image_mounted_outside_the_patterns_is_other(
     loop_mount: Callable[[Path], Path], tmp_path: Path
 ) -> None:
     target = tmp_path / "mnt"
-    with MountWatcher() as interesting, MountWatcher(include_other=True) as everything:
+    with (
+        MountWatcher(report=no_report) as interesting,
+        MountWatcher(report=no_report, include_other=True) as everything,
+    ):
         interesting.poll()
         everything.poll()
         loop_mount(target)
