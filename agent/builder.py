@@ -18,11 +18,16 @@ from agent.sinks import Router
 from agent.sources import Source, make_source
 
 if TYPE_CHECKING:
-    from agent.enrich.attribution import Attributor, ProcessTable
+    from agent.enrich.attribution import Attributor, Proc, ProcessTable
     from agent.enrich.destinations import Destinations
     from agent.enrich.lineage import LineageIndex
     from agent.sources.fanotify import FanotifyWatcher
     from agent.sources.mounts import MountWatcher
+    from agent.sources.paths import Excludes
+
+
+# A tagged tree to index: its path, its excludes, and how to find a directory's tags.
+LineageRoot = tuple[str, "Excludes", Callable[[str], tuple[str, ...]]]
 
 
 class LineageBuilder:
@@ -33,7 +38,7 @@ class LineageBuilder:
     def __init__(
         self,
         index: LineageIndex,
-        roots: Callable[[], list[tuple[str, Any, Callable[[str], tuple[str, ...]]]]],
+        roots: Callable[[], list[LineageRoot]],
         report: Reporter,
     ) -> None:
         self.index = index
@@ -178,7 +183,7 @@ def build(
     if lineage is not None:
         from agent.sources.paths import compile_excludes
 
-        def roots() -> list[tuple[str, Any, Callable[[str], tuple[str, ...]]]]:
+        def roots() -> list[LineageRoot]:
             return [
                 (w.path, compile_excludes(w.exclude), lambda d: resolver.resolve_dir(d).tags)
                 for w in config.watch
@@ -221,7 +226,7 @@ def _lineage(config: Config, caps: CapReporter) -> LineageIndex | None:
 
 def _fanotify(
     config: Config, processes: ProcessTable, report: Reporter
-) -> tuple[FanotifyWatcher | None, Callable[[str, str], Any] | None]:
+) -> tuple[FanotifyWatcher | None, Callable[[str, str], Proc | None] | None]:
     """The fanotify reader when it can run here, and the exact-pid lookup it gives."""
     required = config.processes.fanotify == "on"
     try:

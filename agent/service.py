@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from agent.enrich.attribution import ProcessTable
     from agent.enrich.lineage import LineageIndex
     from agent.sources.fanotify import FanotifyWatcher
-    from agent.sources.mounts import MountWatcher
+    from agent.sources.mounts import MountInfo, MountWatcher
 
 log = structlog.get_logger(__name__)
 
@@ -280,7 +280,7 @@ class Agent:
             )
         )
 
-    def _mount_spec(self, info: Any) -> WatchSpec:
+    def _mount_spec(self, info: MountInfo) -> WatchSpec:
         return WatchSpec(
             info.mount.mountpoint,
             location=info.kind,
@@ -472,7 +472,7 @@ class Agent:
             return True
 
 
-def _mount_data(info: Any) -> dict[str, Any]:
+def _mount_data(info: MountInfo) -> dict[str, Any]:
     data: dict[str, Any] = info.to_dict()
     data["classified_by"] = data.pop("reason", None)
     return data

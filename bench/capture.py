@@ -121,6 +121,7 @@ from common import (
     interruptible,
     machine,
     peak_rss_bytes,
+    print_header,
     progress,
     remove_files,
     tail_text,
@@ -945,11 +946,7 @@ def _queue(q: int) -> str:
 
 def print_report(results: dict[str, Any]) -> None:
     m = results["machine"]
-    print(
-        f"exfilwatch capture bench  {m['date']}  {m['cpus']} CPUs  Linux {m['kernel']}  "
-        f"Python {m['python']}  {m['inotifywait']}"
-    )
-    print(f"exfilwatch command: {m['exfilwatch']}")
+    print_header("capture", m, m["exfilwatch"], m["inotifywait"])
     code = m.get("code") or {}
     if code:
         dirty = ", ".join(code["uncommitted"]) or "none"

@@ -127,6 +127,15 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, first_left: 
     return "\n".join(lines)
 
 
+def print_header(bench: str, machine: dict[str, Any], exfilwatch: str, tail: str = "") -> None:
+    """The first lines of every report: which bench, on what machine, running what."""
+    print(
+        f"exfilwatch {bench} bench  {machine['date']}  {machine['cpus']} CPUs  "
+        f"Linux {machine['kernel']}  Python {machine['python']}  {tail}".rstrip()
+    )
+    print(f"exfilwatch command: {exfilwatch}")
+
+
 def indent(text: str, prefix: str = "  ") -> str:
     return "\n".join(prefix + line for line in text.splitlines())
 

@@ -125,6 +125,7 @@ from common import (
     machine,
     peak_rss_bytes,
     percentile,
+    print_header,
     progress,
     ratio,
     remove_user,
@@ -134,6 +135,8 @@ from common import (
     wait_for_text,
     write_private,
 )
+
+from agent.sources.base import LANE_OF
 
 IS_ROOT = os.geteuid() == 0
 STORM_USER = "exfilwatch-noise"
@@ -186,16 +189,6 @@ KNOWN_LOSS = frozenset(
     }
 )
 COUNT_KEYS = ("count", "dropped", "lost", "shed", "events", "unwritten", "overflows")
-# Location class -> lane, for loss records that name only a location.
-LANE_OF_LOCATION = {
-    "tagged": "tagged",
-    "removable": "egress",
-    "cloud_sync": "egress",
-    "network_share": "egress",
-    "staging": "staging",
-    "home": "staging",
-    "other": "staging",
-}
 # Health records that are the agent's routine, not a finding.
 ROUTINE = frozenset(
     {
@@ -1138,7 +1131,7 @@ def _loss(res: RunResult, tail: Tail) -> None:
             overflow += 1
         if reason not in KNOWN_LOSS:
             other.append(rec)
-        where = lane or LANE_OF_LOCATION.get(str(loc))
+        where = lane or LANE_OF.get(str(loc))
         if where == "tagged":
             tagged += n or 0
         elif where == "staging":
@@ -1196,11 +1189,7 @@ def _fmt_s(x: float | None) -> str:
 
 def report(result: dict[str, Any]) -> None:
     m = result["machine"]
-    print(
-        f"exfilwatch noise bench  {m['date']}  {m['cpus']} CPUs  Linux {m['kernel']}  "
-        f"Python {m['python']}  load {m['load_avg'][0]}"
-    )
-    print(f"exfilwatch command: {result['exfilwatch']}")
+    print_header("noise", m, result["exfilwatch"], f"load {m['load_avg'][0]}")
     code = result.get("code") or {}
     if code:
         dirty = ", ".join(code["uncommitted"][:8]) + (

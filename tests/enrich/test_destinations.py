@@ -56,6 +56,11 @@ class World:
         ]
 
 
+def traced(collector: Collector, wanted: set[str]) -> set[str]:
+    """Which of `wanted` were reported as copies traced to a tagged file."""
+    return {e.path for e in collector.events() if e.path in wanted and e.lineage_origin is not None}
+
+
 @pytest.fixture
 def world(tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector) -> Iterator[World]:
     yield World(tmp_path, run_agent, collector)
@@ -162,6 +167,7 @@ def test_a_home_is_watched_to_its_depth_but_not_in_excluded_or_deeper_trees(
         f.write_text("noise")
     stash = home / "a" / "b" / ".stash"
     stash.mkdir()
+    collector.wait_event("created", stash, location="staging")  # watched and scanned by then
     (stash / "top.v").write_text("module top; endmodule\n")
     collector.wait_event("closed_write", stash / "top.v", location="staging")
     paths = {e.path for e in collector.events()}
@@ -262,11 +268,8 @@ def test_a_tree_copied_into_a_new_directory_counts_every_file_as_a_traced_copy(
     subprocess.run(["cp", "-r", str(world.rnd / "chip"), str(dst)], check=True)
     wanted = {str(dst / f"m{i}.v") for i in range(230)}
 
-    def traced(c: Collector) -> set[str]:
-        return {e.path for e in c.events() if e.path in wanted and e.lineage_origin is not None}
-
-    assert world.collector.wait_for(lambda c: traced(c) == wanted, timeout=30), len(
-        traced(world.collector)
+    assert world.collector.wait_for(lambda c: traced(c, wanted) == wanted, timeout=30), len(
+        traced(world.collector, wanted)
     )
     assert all(e.location == "staging" for e in world.collector.events() if e.path in wanted)
 
@@ -282,10 +285,7 @@ def test_copies_made_the_moment_a_stick_is_mounted_are_all_traced(
     subprocess.run(["cp", "-r", str(world.rnd / "chip"), str(stick / "loot")], check=True)
     wanted = {str(stick / "loot" / f"m{i}.v") for i in range(30)}
 
-    def traced(c: Collector) -> set[str]:
-        return {e.path for e in c.events() if e.path in wanted and e.lineage_origin is not None}
-
-    assert world.collector.wait_for(lambda c: traced(c) == wanted, timeout=30), sorted(
-        wanted - traced(world.collector)
+    assert world.collector.wait_for(lambda c: traced(c, wanted) == wanted, timeout=30), sorted(
+        wanted - traced(world.collector, wanted)
     )
     assert world.collector.wait_for(lambda c: bool(world.alerts("exfil-removable-bulk-copy")))
