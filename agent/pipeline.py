@@ -365,7 +365,7 @@ class Pipeline:
                 elif worker.submit(event):
                     continue  # finished when the worker hands it back
                 else:
-                    event = event._replace(enrichment_skipped="queue_full")
+                    event = event._replace(enrichment_skipped=worker.refused())
             ready.append(event)
         self.processed += len(batch)
         self.processed_by_lane[lane] += len(batch)

@@ -463,6 +463,7 @@ class Context:
     quiet_seconds: float
     keep_output: bool
     cleanup: Cleanup
+    defaults: bool = False  # the shipped defaults for all but `watch` (destinations and all)
 
 
 def write_config(
@@ -472,13 +473,14 @@ def write_config(
     for root in roots:
         lines += [f"  - path: {root}", "    tags: [bench]"]
     lines += ["sinks:", "  - type: stdout"]
-    # The capture path alone: no destination discovery, lineage index or process polling
-    # competing for the same core during a burst (bench/enrich.py measures those).
-    lines += [
-        "locations: {enabled: false}",
-        "lineage: {enabled: false}",
-        "processes: {enabled: false}",
-    ]
+    if not ctx.defaults:
+        # The capture path alone: no destination discovery, lineage index or process polling
+        # competing for the same core during a burst (bench/enrich.py measures those).
+        lines += [
+            "locations: {enabled: false}",
+            "lineage: {enabled: false}",
+            "processes: {enabled: false}",
+        ]
     if heartbeat is not None:
         lines.append(f"heartbeat_interval: {heartbeat}")
     if not apply_sysctl:
@@ -1181,6 +1183,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="sizes 20000 only, idle 20 s")
     p.add_argument("--keep-output", action="store_true", help="keep tool output in DIR/runs")
     p.add_argument(
+        "--defaults",
+        action="store_true",
+        help="run the agent on the shipped defaults but for `watch` (destinations, lineage, "
+        "processes on), as a new user would; with --dir under /tmp the tagged tree lies "
+        "inside a staging place",
+    )
+    p.add_argument(
         "--json",
         nargs="?",
         const="-",
@@ -1232,6 +1241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet_seconds=args.quiet_seconds,
         keep_output=args.keep_output,
         cleanup=Cleanup(),
+        defaults=args.defaults,
     )
     results: dict[str, Any] = {"machine": _machine(inotifywait), "settings": vars(args)}
     results["machine"]["exfilwatch"] = exfilwatch

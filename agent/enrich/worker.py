@@ -138,8 +138,12 @@ class EnrichmentWorker:
                     return True
                 if not q:
                     del self._queues[cls][owner]
-            self._skipped("queue_full", 1)
+            self._skipped("stopping" if self._stopping else "queue_full", 1)
         return False
+
+    def refused(self) -> str:
+        """Why `submit` said no: the mark for the event that goes on unchecked."""
+        return "stopping" if self._stopping else "queue_full"
 
     # lifecycle -------------------------------------------------------------------------
 

@@ -460,6 +460,7 @@ class InotifySource:
         max_depth = root.spec.max_depth
         max_dirs = root.spec.max_dirs
         budget_hit = False
+        home = root.spec.location == "home"
         while stack:
             d = stack.pop()
             depth = root.rel(d).count("/") + 1 if d != root.path else 0
@@ -497,6 +498,7 @@ class InotifySource:
                 continue
             if d == root.path and not root.spec.recursive and not scan:
                 continue
+            hidden: list[str] = []
             try:
                 with os.scandir(d) as it:
                     for entry in it:
@@ -529,13 +531,19 @@ class InotifySource:
                             and root.spec.recursive
                             and (max_depth is None or depth < max_depth)
                         ):
-                            stack.append(p)
+                            if home and name.startswith("."):
+                                hidden.append(p)
+                            else:
+                                stack.append(p)
             except PermissionError:
                 problems.add("permission", d)
             except (FileNotFoundError, NotADirectoryError):
                 problems.add("vanished", d)
             except OSError:
                 problems.add("vanished", d)
+            # In a home, hidden directories are the staging places: watched first, so a
+            # large source tree beside them cannot use up the watch budget before them.
+            stack.extend(hidden)
         self._report_problems(root, problems)
         return added
 

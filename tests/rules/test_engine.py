@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 from typing import Any
 
-from agent.events import Event, event_from_fields
+from agent.alerts import stamp_created
+from agent.events import Event, event_from_fields, format_timestamp
 from agent.rules.compiler import RuleSet, load_text
 from agent.rules.engine import Caps, Engine
 from agent.rules.testing import TEST_EPOCH_US, flatten
@@ -335,3 +336,22 @@ def test_memory_held_by_all_windows_is_bounded_and_reported() -> None:
     held = sum(len(w.items) for w in engine._windows["mass"].values())
     assert held == engine._items
     assert "correlation_memory" in hits
+
+
+def test_an_alert_says_when_it_was_made_and_how_sure_the_agent_is_of_who_did_it() -> None:
+    engine = Engine(ruleset(DELETE))
+    (alert,) = engine.process(
+        ev(
+            0,
+            event__action="deleted",
+            file__path="/r/top.v",
+            exfilwatch__tags=["t"],
+            exfilwatch__attribution__confidence="inferred",
+            exfilwatch__attribution__method="cmdline",
+        )
+    )
+    assert "created" not in alert["event"]  # the engine has no wall clock
+    made = stamp_created(alert, T0 + 90 * S)
+    assert made["event"]["created"] == format_timestamp(T0 + 90 * S)
+    assert made["event"]["created"] > made["@timestamp"]
+    assert made["exfilwatch"]["attribution"] == {"confidence": "inferred", "method": "cmdline"}

@@ -350,3 +350,23 @@ def test_a_new_directory_gone_before_it_could_be_watched_is_an_event_loss(
     assert loss["event"]["reason"] == "vanished_before_watch"
     assert set(loss["exfilwatch"]["health"]["sample"]) <= gone
     assert collector.health("watch_path_vanished") == []
+
+
+def test_in_a_home_hidden_directories_are_watched_before_a_big_tree_uses_up_the_budget(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    home = tmp_path / "home" / "alice"
+    for i in range(20):
+        (home / "src" / f"pkg{i}").mkdir(parents=True)
+    (home / "src" / ".old").mkdir()
+    (home / ".stash").mkdir()
+    start(
+        run_agent,
+        tmp_path,
+        WatchSpec(str(home), location="home", max_depth=4, max_dirs=5),
+    )
+    for stash in (home / ".stash", home / "src" / ".old"):
+        (stash / "top.v").write_text("module top; endmodule\n")
+        collector.wait_event("closed_write", stash / "top.v", location="staging")
+    budget = collector.health("cap_reached")
+    assert budget and budget[0]["event"]["reason"] == "watch_budget"
