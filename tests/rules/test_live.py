@@ -72,14 +72,20 @@ class Agent:
             if r["event"]["kind"] == "alert" and (rule_id is None or r["rule"]["id"] == rule_id)
         ]
 
-    def wait(self, predicate: Callable[[], Any], what: str, timeout: float = 30) -> None:
+    def wait(
+        self,
+        predicate: Callable[[], Any],
+        what: str,
+        timeout: float = 30,
+        why: Callable[[], str] | None = None,
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if predicate():
                 return
             assert self.proc.poll() is None, "agent exited"
             time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}")
+        raise AssertionError(f"timed out waiting for {what}" + (f": {why()}" if why else ""))
 
     def churn(self, name: str, n: int) -> None:
         d = self.root / name
@@ -159,7 +165,16 @@ def test_rules_reload_live_and_a_bad_change_keeps_the_old_set(agent: Agent) -> N
     (agent.root / "secret-plan.txt").write_text("x")
     agent.wait(lambda: agent.alerts("local-secret-file"), "alert from the new rule")
     agent.churn("b", 100)
-    agent.wait(lambda: agent.alerts("destroy-mass-delete"), "mass delete across the reload")
+
+    def deletes() -> str:
+        records = agent.records()
+        seen = sum(1 for r in records if r["event"].get("action") == "deleted")
+        health = [r["event"]["action"] for r in records if r["event"]["kind"] != "event"]
+        return f"{seen} deletions recorded; health and alerts: {health}"
+
+    agent.wait(
+        lambda: agent.alerts("destroy-mass-delete"), "mass delete across the reload", why=deletes
+    )
     assert agent.alerts("destroy-mass-delete")[0]["exfilwatch"]["correlation"]["count"] == 200
 
     (agent.local / "broken.yaml").write_text(
