@@ -98,6 +98,11 @@ class Event(NamedTuple):
     masquerade: str | None = None
     # Content checks (hashing, sniffing, archives) left out, and why: over_budget, queue_full.
     enrichment_skipped: str | None = None
+    # Hard links to the file (from lstat): a tagged file linked from elsewhere can be read
+    # there without an event in the tree.
+    nlink: int | None = None
+    # An archive listing cut short by a limit (members past it unknown).
+    archive_truncated: bool | None = None
 
     @property
     def time(self) -> float:
@@ -193,6 +198,8 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "exfilwatch.archive.tagged_members": lambda e: e.archive_tagged,
     "exfilwatch.disguise": lambda e: e.disguise,
     "exfilwatch.enrichment.skipped": lambda e: e.enrichment_skipped,
+    "exfilwatch.file.nlink": lambda e: e.nlink,
+    "exfilwatch.archive.truncated": lambda e: e.archive_truncated,
 }
 
 # Fields that hold a path: may carry bytes that are not UTF-8 (kept as surrogate escapes).
@@ -339,8 +346,15 @@ def to_dict(e: Event) -> dict[str, Any]:
         lineage["origin_tags"] = list(e.lineage_tags)
     if lineage:
         custom["lineage"] = lineage
+    archive: dict[str, Any] = {}
     if e.archive_tagged is not None:
-        custom["archive"] = {"tagged_members": e.archive_tagged}
+        archive["tagged_members"] = e.archive_tagged
+    if e.archive_truncated is not None:
+        archive["truncated"] = e.archive_truncated
+    if archive:
+        custom["archive"] = archive
+    if e.nlink is not None:
+        custom["file"] = {"nlink": e.nlink}
     if e.disguise:
         custom["disguise"] = list(e.disguise)
     if e.enrichment_skipped is not None:
@@ -391,6 +405,8 @@ def event_line(e: Event) -> str:
         or e.lineage_origin is not None
         or e.lineage_tags
         or e.archive_tagged is not None
+        or e.archive_truncated is not None
+        or e.nlink is not None
         or e.disguise
         or e.enrichment_skipped is not None
     ):
@@ -596,6 +612,10 @@ def from_dict(data: dict[str, Any]) -> Event:
         enrichment_skipped=_expect(
             _obj(custom, "enrichment").get("skipped"), str, "exfilwatch.enrichment.skipped"
         ),
+        nlink=_expect(_obj(custom, "file").get("nlink"), int, "exfilwatch.file.nlink"),
+        archive_truncated=_expect(
+            _obj(custom, "archive").get("truncated"), bool, "exfilwatch.archive.truncated"
+        ),
     )
 
 
@@ -670,8 +690,11 @@ SETTABLE: dict[str, str] = {
     "exfilwatch.attribution.login_uid": "user_login_id",
     "exfilwatch.attribution.masquerade": "masquerade",
     "exfilwatch.enrichment.skipped": "enrichment_skipped",
+    "exfilwatch.file.nlink": "nlink",
+    "exfilwatch.archive.truncated": "archive_truncated",
 }
 _TUPLE_ATTRS = frozenset({"tags", "lineage_tags", "disguise"})
+_BOOL_ATTRS = frozenset({"archive_truncated"})
 _INT_ATTRS = frozenset(
     {
         "timestamp_us",
@@ -681,6 +704,7 @@ _INT_ATTRS = frozenset(
         "process_pid",
         "archive_tagged",
         "process_parent_pid",
+        "nlink",
     }
 )
 
@@ -702,6 +726,9 @@ def event_from_fields(values: dict[str, Any], timestamp_us: int = 0) -> Event:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"{dotted} must be a list of strings")
             value = tuple(value)
+        elif attr in _BOOL_ATTRS:
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{dotted} must be true or false")
         elif attr in _INT_ATTRS:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{dotted} must be an integer")

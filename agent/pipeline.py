@@ -390,7 +390,7 @@ class Pipeline:
             self._marker_event(action, directory, src_path, source)
         resolved = resolver.resolve_dir(path if is_dir else directory)
         file_type = "dir" if is_dir else "file"
-        size = uid = gid = inode = mode = mtime = None
+        size = uid = gid = inode = mode = mtime = nlink = None
         if action not in _NO_STAT:
             # One lstat per path per batch: a write is opened, modified and closed_write
             # events for the same file, read together, all answered by the same stat.
@@ -416,6 +416,8 @@ class Pipeline:
                 inode = str(st.st_ino)
                 mode = f"{stat.S_IMODE(st.st_mode):04o}"
                 mtime = st.st_mtime_ns // 1000
+                if st.st_nlink > 1 and fmt == stat.S_IFREG:
+                    nlink = st.st_nlink  # a second name elsewhere reaches the same content
         self._sequence += 1
         return Event(
             ts,
@@ -438,6 +440,7 @@ class Pipeline:
             self._hostname,
             location=resolved.location,
             location_provider=resolved.provider,
+            nlink=nlink,
         )
 
     def _finish(self, events: list[Event]) -> None:

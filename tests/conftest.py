@@ -31,6 +31,42 @@ REPO = Path(__file__).resolve().parent.parent
 ECS_FIELDS = REPO.parent / "shared" / "ecs" / "fields.csv"
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (kernel inotify settings)")
+TEST_USER = "exfilwatch-test"
+
+
+@pytest.fixture(scope="session")
+def test_user() -> Iterator[str]:
+    """A dedicated unprivileged user for the run (the watched user, or an attacker), removed
+    at the end of the session if this run created it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a test user")
+    if shutil.which("runuser") is None:
+        pytest.skip("runuser is not installed")
+    import pwd
+
+    created = False
+    try:
+        pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
+            check=True,
+        )
+        created = True
+    yield TEST_USER
+    if created:
+        subprocess.run(["userdel", TEST_USER], check=False)
+
+
+def as_user(user: str, script: str, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """Run a shell script as `user` (runuser, no login shell needed); raises on failure."""
+    return subprocess.run(
+        ["runuser", "-u", user, "--", "sh", "-c", script, "sh", *args],
+        capture_output=True,
+        text=True,
+        check=kw.pop("check", True),
+        **kw,
+    )
 
 
 class Collector:

@@ -24,25 +24,8 @@ from agent.service import Agent
 from tests.conftest import Collector, make_config
 
 REPO = Path(__file__).resolve().parents[2]
-TEST_USER = "exfilwatch-test"
+
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as a test user")
-
-
-@pytest.fixture(scope="session")
-def test_user() -> str:
-    """A dedicated unprivileged user (created once, left for later runs)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a test user")
-    try:
-        pwd.getpwnam(TEST_USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
-            check=True,
-        )
-    if shutil.which("runuser") is None:
-        pytest.skip("runuser is not installed")
-    return TEST_USER
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 5.0) -> bool:
