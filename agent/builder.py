@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.components import Component
 from agent.config import Config, WatchSpec
+from agent.enrich.ownreads import OwnReads
 from agent.enrich.tags import TagResolver
 from agent.enrich.worker import EnrichmentWorker, WorkerSettings
 from agent.health import CapReporter, Reporter, record
@@ -163,6 +164,10 @@ def build(
         stages=stages,
         content=destinations,
     )
+    if lineage is not None:
+        own_reads = OwnReads(on_cap=caps.hit)
+        lineage.own_reads = own_reads
+        pipeline.own_reads = own_reads
     worker = None
     if destinations is not None:
         e = config.enrichment

@@ -15,6 +15,8 @@ from agent.events import format_timestamp
 ACTIONS: dict[str, tuple[str, str]] = {
     "agent_started": ("state", "info"),
     "agent_stopped": ("state", "info"),
+    "agent_previous_stop": ("state", "info"),
+    "agent_unclean_stop": ("state", "warning"),
     "heartbeat": ("metric", "info"),
     "config_reloaded": ("state", "info"),
     "config_reload_rejected": ("state", "error"),

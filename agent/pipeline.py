@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import structlog
 
 from agent.alerts import stamp_created
+from agent.enrich.ownreads import OwnReads
 from agent.enrich.tags import TagResolver
 from agent.enrich.worker import ContentStage, EnrichmentWorker
 from agent.events import Event, dumps, event_line
@@ -186,6 +187,8 @@ class Pipeline:
         self.stages: tuple[Stage, ...] = tuple(stages)
         self.content = content
         self.worker: EnrichmentWorker | None = None
+        self.own_reads: OwnReads | None = None
+        self.own_reads_dropped = 0
         self._next_engine: Engine | None = None
         self._hostname = socket.gethostname()
         self._sequence = 0
@@ -352,10 +355,14 @@ class Pipeline:
         worker = self.worker
         ready: list[Event] = []
         stats: dict[str, os.stat_result | None] = {}
+        own = self.own_reads
         for raw in batch:
             if isinstance(raw, _Ready):
                 event = self._ready(raw.event)
             else:
+                if own and own.take(raw.path, raw.action):
+                    self.own_reads_dropped += 1  # the agent hashing a tagged file: not a user
+                    continue
                 event = self._build(raw, resolver, marker, stats)
             for stage in stages:
                 event = stage(event)
@@ -535,6 +542,7 @@ class Pipeline:
             "queue_waits": q.waits,
             "dropped_total": sum(q.dropped.values()),
             "processed": self.processed,
+            "own_reads_dropped": self.own_reads_dropped,
             "health_dropped": self.health_dropped,
         }
 

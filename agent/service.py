@@ -19,12 +19,14 @@ from agent.builder import Components, build
 from agent.components import Component
 from agent.config import Config, WatchSpec, check_file
 from agent.diagnostics import Problem, errors_only
+from agent.events import format_timestamp
 from agent.health import CapReporter, now_us, record
 from agent.pipeline import Pipeline
 from agent.rules.compiler import RuleSet, load_rules
 from agent.rules.engine import Engine
 from agent.sinks import Router
 from agent.sources import Source
+from agent.state import AgentState, PreviousRun
 
 if TYPE_CHECKING:
     from agent.enrich.attribution import ProcessTable
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+STATE_CHECKPOINT_SECONDS = 10.0
 # Keys a reload cannot change on a running agent (they shape objects made at start).
 _RESTART_KEYS = (
     "source",
@@ -77,6 +80,8 @@ class Agent:
         self.mounts: MountWatcher | None = None
         self.parts: Components | None = None
         self._running: list[Component] = []
+        self.state = AgentState(config.state_dir)
+        self._state_error: str | None = None
 
     def load_rules(self) -> bool:
         """Read and compile the configured rules before start; False (and problems) when bad."""
@@ -168,6 +173,8 @@ class Agent:
                 source_setting=self.config.source,
             )
         )
+        previous, unknown = self.state.previous()
+        self._save_state(self.state.started)
         for component in parts.ordered():
             if component is parts.source:
                 if self.config.rules:
@@ -183,6 +190,7 @@ class Agent:
                         **component.stats(),
                     )
                 )
+                self._downtime(previous, unknown)
                 continue
             try:
                 component.start()
@@ -196,7 +204,8 @@ class Agent:
             self._running.append(component)
         self.scheduler = BackgroundScheduler(daemon=True)
         jobs: list[tuple[Callable[[], None], float, str]] = [
-            (self.heartbeat, self.config.heartbeat_interval, "heartbeat")
+            (self.heartbeat, self.config.heartbeat_interval, "heartbeat"),
+            (self.checkpoint, STATE_CHECKPOINT_SECONDS, "state_checkpoint"),
         ]
         if parts.processes is not None:
             jobs.append((self.check_processes, self.config.processes.interval, "processes"))
@@ -211,6 +220,56 @@ class Agent:
             )
         self.scheduler.start()
         log.info("agent_started", source=parts.source.name, roots=len(self.config.watch))
+
+    def _downtime(self, previous: PreviousRun | None, unknown: str | None) -> None:
+        """Say how the previous run ended, and look for what changed while nobody watched."""
+        if previous is None:
+            self._report(
+                record(
+                    "agent_previous_stop",
+                    "unknown" if unknown else "first_start",
+                    state=self.state.path,
+                    why=unknown,
+                )
+            )
+            return
+        since = previous.down_since_us
+        self._report(
+            record(
+                "agent_previous_stop" if previous.clean else "agent_unclean_stop",
+                "clean" if previous.clean else "unclean",
+                pid=previous.pid,
+                started=format_timestamp(previous.started_us) if previous.started_us else None,
+                down_since=format_timestamp(since) if since else None,
+                down_seconds=round((now_us() - since) / 1e6, 1) if since else None,
+                hint=None
+                if previous.clean
+                else "the agent was killed or crashed; changes since its last checkpoint are "
+                "rescanned",
+            )
+        )
+        source = self.source
+        rescan = getattr(source, "rescan", None)
+        if since and rescan is not None:
+            # A second of slack: the last checkpoint and a write may share a clock tick.
+            rescan(since - 1_000_000, "downtime")
+
+    def checkpoint(self) -> None:
+        """The agent is alive now: what an unclean stop will be measured from."""
+        self._save_state(self.state.checkpoint)
+
+    def _save_state(self, step: Callable[[int], None]) -> None:
+        try:
+            step(now_us())
+        except OSError as exc:
+            error = f"{_errno_name(exc)}: {exc.strerror}"
+            if error != self._state_error:  # once per distinct error, not every 10 s
+                self._state_error = error
+                self._report(
+                    record("source_error", _errno_name(exc), stage="state", path=self.state.path)
+                )
+        else:
+            self._state_error = None
 
     @property
     def pipeline(self) -> Pipeline | None:
@@ -387,6 +446,7 @@ class Agent:
                 )
             )
         self._running = []
+        self._save_state(self.state.stopped)
         if self._own_router:
             self.router.close()
         log.info("agent_stopped", drained=drained)

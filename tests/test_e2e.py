@@ -27,6 +27,7 @@ sinks:
     path: {out}
     records: [alert, health, event]
 heartbeat_interval: 1h
+state_dir: {state}
 locations: {{enabled: false}}
 processes: {{enabled: false}}
 root_check_interval: 0.2s
@@ -41,11 +42,13 @@ class Run:
         self.out = tmp / "log" / "records.jsonl"
         self.config = tmp / "etc" / "agent.yaml"
         self.config.parent.mkdir()
-        self.write_config(CONFIG.format(root=self.root, out=self.out))
+        self.write_config(CONFIG.format(root=self.root, out=self.out, state=tmp / "state"))
         exe = shutil.which("exfilwatch", path=os.path.dirname(sys.executable))
         cmd = [exe] if exe else [sys.executable, "-m", "agent"]
+        self.argv = [*cmd, "run", "--config", str(self.config)]
+        self.more: list[subprocess.Popen[str]] = []  # earlier runs of the same agent
         self.proc = subprocess.Popen(
-            [*cmd, "run", "--config", str(self.config)],
+            self.argv,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -166,7 +169,7 @@ def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(agent_run: Run, tmp_p
     agent_run.wait(lambda: agent_run.health("config_reload_rejected"), "reload rejected")
     rejected = agent_run.health("config_reload_rejected")[0]
     assert rejected["event"]["reason"] == "CFG_UNKNOWN_KEY"
-    assert rejected["exfilwatch"]["health"]["problems"][0].startswith(f"{agent_run.config}:13:1 ")
+    assert rejected["exfilwatch"]["health"]["problems"][0].startswith(f"{agent_run.config}:14:1 ")
     (agent_run.root / "still.txt").write_text("x")
     agent_run.wait_event("closed_write", agent_run.root / "still.txt")
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from agent.enrich.ownreads import OwnReads
 from agent.sources.paths import Excludes
 
 # Below this size the whole file is hashed; above it, a sample (head, middle, tail) plus the
@@ -24,6 +25,9 @@ DEFAULT_MAX_FILES = 200_000
 # Tagged files moved out of the trees, remembered briefly so the other end of the move (seen
 # in another lane, without the source path) is still traced to them.
 DEPARTED_CAP = 10_000
+# Tagged files hashed at most per landed file: a file dropped in /tmp with the size of 600
+# tagged files must not make the agent read 600 tagged files.
+MAX_CANDIDATES = 16
 DEPARTED_SECONDS = 300.0
 
 CapHit = Callable[[str, int, dict[str, Any]], None]
@@ -125,7 +129,16 @@ class LineageIndex:
         self._dirs: dict[str, set[str]] = {}
         self._departed: OrderedDict[tuple[str, int], tuple[float, Origin]] = OrderedDict()
         self._lock = threading.Lock()
-        self.stats = {"hashes": 0, "hashed_bytes": 0, "budget_denied": 0, "full": 0}
+        self.stats = {
+            "hashes": 0,
+            "hashed_bytes": 0,
+            "budget_denied": 0,
+            "full": 0,
+            "candidates_capped": 0,
+        }
+        # The agent's reads of tagged files are announced here (see agent/enrich/ownreads.py).
+        self.own_reads: OwnReads | None = None
+        self.max_candidates = MAX_CANDIDATES
 
     def __len__(self) -> int:
         return len(self._by_path)
@@ -282,13 +295,20 @@ class LineageIndex:
         if digest is None:
             return None
         name = os.path.basename(path)
-        # Same-name candidates first: the likeliest origin gets hashed first.
-        candidates.sort(key=lambda e: os.path.basename(e.path) != name)
+        # Same-name candidates first, then those already hashed (free), then the others.
+        candidates.sort(key=lambda e: (os.path.basename(e.path) != name, e.digest is None))
+        hashed = 0
         for entry in candidates:
             if entry.path == path:
                 continue
             if entry.digest is None:
-                entry.digest = self._digest(entry.path, entry.size)
+                if hashed >= self.max_candidates:
+                    self.stats["candidates_capped"] += 1
+                    if self._on_cap is not None:
+                        self._on_cap("lineage_candidates", self.max_candidates, {"size": size})
+                    break
+                hashed += 1
+                entry.digest = self._digest(entry.path, entry.size, tagged=True)
                 if entry.digest is None:
                     continue
             if entry.digest == digest:
@@ -317,13 +337,15 @@ class LineageIndex:
                     return entry
         return None
 
-    def _digest(self, path: str, size: int) -> bytes | None:
+    def _digest(self, path: str, size: int, *, tagged: bool = False) -> bytes | None:
         cost = hashed_bytes(size, self.hash_max_bytes)
         if not self._budget.take(cost):
             self.stats["budget_denied"] += 1
             if self._on_cap is not None:
                 self._on_cap("lineage_io_budget", self._budget.rate, {"bytes": cost})
             return None
+        if tagged and self.own_reads is not None:
+            self.own_reads.expect(path)  # our open of a tagged file is not a user's read
         digest = content_digest(path, size, self.hash_max_bytes)
         if digest is not None:
             self.stats["hashes"] += 1

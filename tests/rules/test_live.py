@@ -26,6 +26,7 @@ sinks:
     path: {out}
     records: [alert, health, event]
 heartbeat_interval: 1h
+state_dir: {state}
 locations: {{enabled: false}}
 processes: {{enabled: false}}
 rules_check_interval: 0.2s
@@ -43,7 +44,13 @@ class Agent:
         self.out = tmp / "log" / "records.jsonl"
         cfg = tmp / "agent.yaml"
         cfg.write_text(
-            CONFIG.format(root=self.root, shipped=self.shipped, local=self.local, out=self.out)
+            CONFIG.format(
+                root=self.root,
+                shipped=self.shipped,
+                local=self.local,
+                out=self.out,
+                state=tmp / "state",
+            )
         )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--config", str(cfg)],
