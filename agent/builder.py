@@ -132,7 +132,7 @@ def build(
 ) -> Components:
     """Construct (not start) every component for `config`; `specs` are the tagged trees plus
     the destinations found on this host, `mounts` the watcher that found the media."""
-    resolver = TagResolver(specs, config.marker_name, report, caps)
+    resolver = TagResolver(specs, config.marker_name, report, caps, state_dir=config.state_dir)
     lineage = _lineage(config, caps)
     destinations = None
     if lineage is not None or config.locations.enabled:

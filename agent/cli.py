@@ -14,7 +14,7 @@ from types import FrameType
 from agent import __version__
 from agent.config import check_file, default_config_path
 from agent.diagnostics import errors_only, format_problems
-from agent.sinks import FileSink, Router, StreamSink
+from agent.sinks import FileSink, Router, SinkOpenError, StreamSink, UnsafeSinkError
 from agent.sinks.logsetup import configure
 
 EXIT_OK = 0
@@ -67,6 +67,20 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("events", help="a JSON-lines file from `exfilwatch record` (- for stdin)")
     replay.add_argument("--rules", nargs="+", help="rule files or directories (default: config)")
     replay.add_argument("--config", help="config whose 'rules' to use")
+
+    markers = sub.add_parser("markers", help="the marker tags the agent keeps (sticky tags)")
+    markers_sub = markers.add_subparsers(dest="markers_command", metavar="SUBCOMMAND")
+    mlist = markers_sub.add_parser("list", help="print the stored marker tags, by directory")
+    mlist.add_argument("--config", help="config whose state_dir to read")
+    mlist.add_argument("--format", choices=["text", "json"], default="text")
+    forget = markers_sub.add_parser(
+        "forget", help="remove a directory's stored marker tags (then reload the agent)"
+    )
+    forget.add_argument("directory", help="the directory, as `markers list` prints it")
+    forget.add_argument(
+        "--recursive", "-r", action="store_true", help="and those of every directory under it"
+    )
+    forget.add_argument("--config", help="config whose state_dir to change")
     return p
 
 
@@ -96,8 +110,77 @@ def main(argv: Sequence[str] | None = None) -> int:
         if paths is None:
             return EXIT_PROBLEMS
         return rules_cli.replay(args.events, paths)
+    if args.command == "markers" and args.markers_command in ("list", "forget"):
+        return _markers(args)
     parser.print_help(sys.stderr if args.command is None else sys.stdout)
     return EXIT_USAGE if args.command is None else EXIT_OK
+
+
+def _shown(text: str) -> str:
+    """A path for a terminal: a directory name is written by the watched user, and escape
+    sequences in it must not reach the admin's terminal."""
+    return text if text.isprintable() else text.encode("unicode_escape", "replace").decode()
+
+
+def _markers(args: argparse.Namespace) -> int:
+    """`markers list` / `markers forget`: read or change the store under the config's state_dir.
+
+    Works while the agent runs: the store is locked for each change, and the agent re-reads
+    it on a reload (SIGHUP), so a forgotten directory loses its tags then, not before."""
+    import json
+
+    from agent.enrich import marker_state
+
+    path = args.config or default_config_path()
+    config, problems = check_file(path)
+    if config is None:
+        print(format_problems(errors_only(problems)), file=sys.stderr)
+        return EXIT_PROBLEMS
+    store = os.path.join(config.state_dir, marker_state.STORE_NAME)
+    if args.markers_command == "list":
+        entries, bad = marker_state.read_store(store)
+        for line in bad:
+            print(_shown(line), file=sys.stderr)
+        if entries is None:
+            return EXIT_PROBLEMS
+        if args.format == "json":
+            print(json.dumps({d: e.to_dict() for d, e in sorted(entries.items())}, indent=2))
+            return EXIT_OK
+        if not entries:
+            print(f"{store}: no stored markers")
+        for directory, e in sorted(entries.items()):
+            fields = [
+                _shown(directory),
+                f"tags={','.join(e.tags) or '-'}",
+                f"sensitivity={e.sensitivity or '-'}",
+                f"since={e.first_seen}",
+            ]
+            if e.tampered:
+                fields.append(f"tampered={','.join(e.tampered)}")
+            if e.moved_from is not None:
+                fields.append(f"moved_from={_shown(e.moved_from)}")
+            print("  ".join(fields))
+        return EXIT_OK
+    directory = os.path.normpath(os.path.abspath(args.directory))
+    try:
+        gone = marker_state.forget(config.state_dir, directory, args.recursive)
+    except OSError as exc:
+        print(f"{store}: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    if not gone:
+        print(
+            f"{_shown(directory)}: no stored marker (see `exfilwatch markers list`)",
+            file=sys.stderr,
+        )
+        return EXIT_PROBLEMS
+    for d in gone:
+        print(f"forgot {_shown(d)}")
+    print(
+        "The running agent keeps these tags until it re-reads the store: reload it now "
+        "(systemctl reload exfilwatch, or kill -HUP the agent). A marker file still in place "
+        "is learnt again: edit or remove it first."
+    )
+    return EXIT_OK
 
 
 def _config_check(path: str, fmt: str) -> int:
@@ -136,10 +219,21 @@ def _run(config_path: str | None, duration: float | None, record_to: str | None)
                 return EXIT_PROBLEMS
     if record_to is not None:
         kinds = frozenset({"event", "health"})
-        sink = StreamSink(sys.stdout) if record_to == "-" else FileSink(record_to)
+        try:
+            sink = StreamSink(sys.stdout) if record_to == "-" else FileSink(record_to)
+        except (UnsafeSinkError, OSError) as exc:
+            print(f"{record_to}: not recording: {exc}", file=sys.stderr)
+            return EXIT_PROBLEMS
         router = Router([(sink, kinds)])
     own = [os.path.abspath(record_to)] if record_to not in (None, "-") else []
-    agent = Agent(config, router=router, own_paths=own)
+    try:
+        agent = Agent(config, router=router, own_paths=own)
+    except SinkOpenError as exc:
+        # The check passed but the open did not (a race, a full disk): refused, no traceback.
+        for text in exc.problems:
+            print(f"{path}: {text}", file=sys.stderr)
+        print(f"{path}: not started, a sink could not be opened", file=sys.stderr)
+        return EXIT_PROBLEMS
     if config.rules and not agent.load_rules():
         for p in agent.rule_problems:
             print(str(p), file=sys.stderr)

@@ -19,6 +19,7 @@ from agent.diagnostics import (
     at,
     check_permissions,
     compose_yaml,
+    decode_utf8,
     errors_only,
     nearest,
     node_value,
@@ -423,6 +424,8 @@ def _sink_entry(c: _Checker, node: yaml.Node, index: int) -> SinkSpec | None:
             c.add(node, "CFG_REQUIRED", f"{what} (file) needs a 'path'")
             return None
         path = c.path(m["path"], f"{what}.path")
+        if path is not None:
+            _sink_file(c, m["path"], path, what)
     elif "path" in m:
         c.add(m["path"], "CFG_VALUE", f"{what}: a {kind} sink takes no path", "remove 'path'")
     records: frozenset[str] = frozenset({"alert", "health"})
@@ -443,6 +446,16 @@ def _sink_entry(c: _Checker, node: yaml.Node, index: int) -> SinkSpec | None:
     if not isinstance(kind, str) or (kind == "file" and path is None):
         return None
     return SinkSpec(kind, path, records)
+
+
+def _sink_file(c: _Checker, node: yaml.Node, path: str, what: str) -> None:
+    """What the agent will check when it opens the file (safe directories, no symlink, its own
+    regular file, mode within 0640), each problem at the sink's path: a config that passes
+    opens at start and on reload."""
+    from agent.sinks import check_sink_path  # agent.sinks imports this module
+
+    for problem in check_sink_path(path):
+        c.add(node, problem.code, f"{what}.path: {problem.message}", problem.hint)
 
 
 def _build(c: _Checker, root: yaml.Node | None) -> Config | None:
@@ -686,10 +699,9 @@ def check_file(path: str) -> tuple[Config | None, list[Problem]]:
         return None, [Problem(path, 0, 0, "CFG_UNREADABLE", exc.strerror or str(exc))]
     if len(data) > MAX_CONFIG_BYTES:
         return None, [Problem(path, 0, 0, "CFG_TOO_LARGE", "config is larger than 1 MiB")]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return None, [Problem(path, 0, 0, "CFG_ENCODING", f"not UTF-8: {exc.reason}")]
+    text, bad = decode_utf8(data, path, "CFG")
+    if text is None:
+        return None, bad
     config, more = check_text(text, path)
     problems += more
     if errors_only(problems):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -82,6 +83,222 @@ def _marked(file: str, code: str, exc: yaml.MarkedYAMLError) -> Problem:
     return Problem(file, line, col, code, msg)
 
 
+# Line breaks as PyYAML counts them for its marks (a lone \r, NEL, LS and PS are breaks too).
+_YAML_BREAK = re.compile("\r\n|[\n\r\x85\u2028\u2029]")
+_KEY_COLON = re.compile(r":(\s|$)")
+_BLOCK_SCALAR = re.compile(r"[|>][-+0-9]*\s*(#.*)?$")
+_QUOTE_LOST = ("found unexpected end of stream", "found unexpected document separator")
+
+
+def decode_utf8(data: bytes, file: str, code_prefix: str) -> tuple[str | None, list[Problem]]:
+    """The text of a file a person edits, or a problem at its first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8"), []
+    except UnicodeDecodeError as exc:
+        bad = exc.start
+    start = data.rfind(b"\n", 0, bad) + 1
+    line = data.count(b"\n", 0, bad) + 1
+    col = len(data[start:bad].decode("utf-8")) + 1  # in characters, as editors count
+    hint = "save the file as UTF-8"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        hint = "the file is UTF-16 (it starts with a byte order mark); save it as UTF-8"
+    message = f"not UTF-8: byte 0x{data[bad]:02x} is not a character"
+    return None, [Problem(file, line, col, f"{code_prefix}_ENCODING", message, hint)]
+
+
+def yaml_problem(file: str, code: str, exc: yaml.YAMLError, text: str) -> Problem:
+    """A YAML syntax error located at the mistake, with a hint for the common ones.
+
+    PyYAML stops where it noticed the error, often at the next token: a line late for a
+    missing ':', at the end of the file for an unclosed quote or bracket. The context mark
+    (where the key, quote or bracket began) is the mistake then."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        # Raised before any mark exists; its position indexes the text.
+        before = text[: max(exc.position, 0)]
+        line = len(_YAML_BREAK.findall(before))
+        col = len(before) - max((m.end() for m in _YAML_BREAK.finditer(before)), default=0)
+        hint = f'remove it; inside double quotes, write it as "\\u{exc.character:04x}"'
+        message = f"character U+{exc.character:04X} is not allowed in YAML"
+        return Problem(file, line + 1, col + 1, code, message, hint)
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return Problem(file, 0, 0, code, str(exc))
+    message = exc.problem or "invalid YAML"
+    if exc.context:
+        message = f"{exc.context}: {message}"
+    mark = exc.problem_mark or exc.context_mark
+    if mark is None:
+        return Problem(file, 0, 0, code, message)
+    lines = _YAML_BREAK.split(text)
+    where, hint = _mistake(exc, mark, lines, text)
+    return Problem(file, where[0] + 1, where[1] + 1, code, message, hint)
+
+
+def _mistake(
+    exc: yaml.MarkedYAMLError, mark: yaml.Mark, lines: list[str], text: str
+) -> tuple[tuple[int, int], str]:
+    """(0-based line and column of the mistake, a hint) for a syntax error PyYAML reported
+    at `mark` (its problem mark, or its context mark when it has none)."""
+    problem = exc.problem or ""
+    context = exc.context or ""
+    here = (mark.line, mark.column)
+    start = exc.context_mark
+    if start is not None and context == "while scanning a simple key":
+        return _missing_colon(start, lines)
+    if start is not None and "quoted scalar" in context and problem in _QUOTE_LOST:
+        quote = _char(text, start.index)
+        hint = f"unclosed quote started at line {start.line + 1}; close it with {quote}"
+        return (start.line, start.column), hint
+    flow = context.startswith("while parsing a flow")
+    if start is not None and flow and problem.startswith("expected ','"):
+        return _unclosed_flow(exc, start, mark, lines, text)
+    if problem == "mapping values are not allowed here":
+        return _colon_in_value(mark, lines)
+    if problem.startswith("found character '\\t'"):
+        return here, "indent with spaces: YAML does not allow tabs"
+    if problem.startswith("found character") and "cannot start any token" in problem:
+        return here, f"{_char(text, mark.index)} cannot start a value; quote the value"
+    if problem.startswith("found undefined alias") or context.startswith("while scanning an a"):
+        return here, "'*' and '&' start an alias or an anchor; quote the value"
+    if problem.startswith("expected <block end>"):
+        return _block_end(exc, mark, text)
+    if context.startswith("expected a single document"):
+        return here, "this file holds one document: remove the '---' line"
+    if problem == "sequence entries are not allowed here":
+        return here, "start the list on the next line, or write it as [a, b]"
+    if problem.endswith("but found ','"):
+        return here, "a ',' where a value should be"
+    return here, ""
+
+
+def _char(text: str, index: int) -> str:
+    return repr(text[index]) if 0 <= index < len(text) else "the character"
+
+
+def _line(lines: list[str], line: int) -> str:
+    return lines[line] if 0 <= line < len(lines) else ""
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _content(line: str) -> str:
+    """A line without indentation and list dashes; empty for a blank or comment line."""
+    stripped = line.strip()
+    while stripped.startswith("- ") or stripped == "-":
+        stripped = stripped[1:].lstrip()
+    return "" if stripped.startswith("#") else stripped
+
+
+def _opens(line: str) -> bool:
+    """Whether a line ends with a key whose value is on the lines below."""
+    content = _content(line).split(" #", 1)[0].rstrip()
+    return content.endswith(":")
+
+
+def _before(lines: list[str], line: int) -> int:
+    """The nearest line above `line` with content, or -1."""
+    k = line - 1
+    while k >= 0 and not _content(lines[k]):
+        k -= 1
+    return k
+
+
+def _missing_colon(start: yaml.Mark, lines: list[str]) -> tuple[tuple[int, int], str]:
+    """A key with no ':' (PyYAML notices at the line after it)."""
+    above = _before(lines, start.line)
+    if above >= 0 and _BLOCK_SCALAR.search(lines[above].rstrip()):
+        hint = "the text of a '|' or '>' block must be indented more than its key"
+        return (start.line, start.column), hint
+    word = _line(lines, start.line)[start.column :].split(maxsplit=1)
+    if not word:
+        return (start.line, start.column), "did you forget a ':'?"
+    key = word[0]
+    if ":" in key.strip(":"):
+        return (start.line, start.column + key.index(":", 1)), "put a space after the ':'"
+    return (start.line, start.column + len(key)), f"did you forget a ':' after {key[:40]!r}?"
+
+
+def _unclosed_flow(
+    exc: yaml.MarkedYAMLError, start: yaml.Mark, mark: yaml.Mark, lines: list[str], text: str
+) -> tuple[tuple[int, int], str]:
+    """A '[' or '{' not closed (PyYAML notices at a later line, or at the end of the file),
+    or a ',' missing between two items."""
+    opened = _char(text, start.index)
+    closer = {"'['": "']'", "'{'": "'}'"}.get(opened, "its closing bracket")
+    stream_end = "<stream end>" in (exc.problem or "")
+    dedented = mark.line > start.line and _indent(_line(lines, mark.line)) <= _indent(
+        _line(lines, start.line)
+    )
+    if stream_end or dedented:
+        return (start.line, start.column), f"unclosed {opened} started here; close it with {closer}"
+    return (mark.line, mark.column), "did you forget a ',' between two items?"
+
+
+def _colon_in_value(mark: yaml.Mark, lines: list[str]) -> tuple[tuple[int, int], str]:
+    """': ' where no key may start: in a value, or in a line read as the rest of the line
+    above (a key without its ':', a line indented too deep)."""
+    here = (mark.line, mark.column)
+    text = _line(lines, mark.line)
+    if _KEY_COLON.search(text[: mark.column]):
+        return here, "a value that holds ': ' must be quoted"
+    above = _before(lines, mark.line)
+    if above < 0:
+        return here, "a value that holds ': ' must be quoted"
+    prev = lines[above]
+    prev_content = _content(prev)
+    if not _KEY_COLON.search(prev_content):
+        owner = _before(lines, above)
+        if owner >= 0 and _indent(prev) > _indent(lines[owner]) and not _opens(lines[owner]):
+            hint = (
+                f"this line is read as the rest of the value on line {owner + 1}; "
+                "quote that value, or fix the indentation"
+            )
+            return here, hint
+        # The line above is a key alone: its ':' is missing, or has no space after it.
+        column = len(prev) - len(prev.lstrip()) + len(prev.strip()) - len(prev_content)
+        if ":" in prev_content:
+            return (above, column + prev_content.index(":")), "put a space after the ':'"
+        key = prev_content.split(maxsplit=1)[0]
+        return (above, column + len(key)), f"did you forget a ':' after {key[:40]!r}?"
+    if _indent(text) > _indent(prev) and prev.rstrip()[-1:] != ":":
+        hint = "this line is indented deeper than the key above it; line up the keys of a mapping"
+        return (mark.line, _indent(text)), hint
+    return here, "a value that holds ': ' must be quoted"
+
+
+def _block_end(
+    exc: yaml.MarkedYAMLError, mark: yaml.Mark, text: str
+) -> tuple[tuple[int, int], str]:
+    """Something after a complete value: text after a closing quote (or a quote closed only
+    lines later), a stray bracket, or a line indented to no level above."""
+    here = (mark.line, mark.column)
+    found = (exc.problem or "").rsplit("found ", 1)[-1]
+    if found in ("']'", "'}'"):
+        return here, f"a {found} that closes nothing"
+    if found == "'<scalar>'" and text[: mark.index].rstrip(" ")[-1:] in ("'", '"'):
+        quoted = _last_quoted(text, mark.index)
+        if quoted is not None and quoted.line < mark.line:
+            hint = f"the quote started here is closed only on line {mark.line + 1}"
+            return (quoted.line, quoted.column), hint
+        return here, "text after a closing quote; quote the whole value"
+    return here, "check the indentation: this line lines up with no key or item above it"
+
+
+def _last_quoted(text: str, index: int) -> yaml.Mark | None:
+    """Where the last quoted value before `index` starts (the scanner read that far)."""
+    found = None
+    try:
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+            if token.start_mark.index >= index:
+                break
+            if isinstance(token, yaml.ScalarToken) and token.style in ("'", '"'):
+                found = token.start_mark
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError):
+        pass
+    return found
+
+
 def compose_yaml(text: str, file: str, code_prefix: str) -> tuple[yaml.Node | None, list[Problem]]:
     """Parse YAML to a node tree with marks (safe loader only; no tags, no objects). A tree
     whose values cannot all be constructed (see `unreadable`) is a problem too."""
@@ -92,10 +309,8 @@ def compose_yaml(text: str, file: str, code_prefix: str) -> tuple[yaml.Node | No
             node = _guarded(loader, loader.get_single_node)
         finally:
             loader.dispose()
-    except yaml.MarkedYAMLError as exc:
-        return None, [_marked(file, code, exc)]
     except yaml.YAMLError as exc:
-        return None, [Problem(file, 0, 0, code, str(exc))]
+        return None, [yaml_problem(file, code, exc, text)]
     problems = unreadable(node, file, code_prefix) if node is not None else []
     return (None, problems) if problems else (node, [])
 

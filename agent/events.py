@@ -239,16 +239,29 @@ def parse_timestamp(text: str) -> int:
 
 
 def text_and_raw(value: str) -> tuple[str, str | None]:
-    """Printable UTF-8 text for SIEMs, plus base64 of the exact bytes when they differ."""
-    if value.isascii():
-        return value, None
+    """Printable text for SIEMs, plus base64 of the exact bytes when the text is not the name.
+
+    A UTF-8 name without a backslash is its own text. Any other name is escaped: each
+    backslash doubled, each byte that is not UTF-8 written `\\xNN`, and the raw form added.
+    Escaping backslashes too makes the text one-to-one: the byte 0xff prints `\\xff`, a name
+    holding the four characters `\\xff` prints `\\\\xff`, so two names that differ in bytes
+    never print the same text, whether or not a reader looks at the raw form."""
+    if "\\" not in value:
+        if value.isascii():
+            return value, None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            pass
+        else:
+            return value, None
     try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
         raw = os.fsencode(value)
-        text = raw.decode("utf-8", "backslashreplace")
-        return text, base64.b64encode(raw).decode("ascii")
-    return value, None
+    except UnicodeEncodeError:
+        # A lone surrogate no file system gives (a hand-written event); never refuse to write.
+        raw = value.encode("utf-8", "surrogatepass")
+    text = raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+    return text, base64.b64encode(raw).decode("ascii")
 
 
 def _user(e: Event) -> dict[str, Any]:
@@ -537,7 +550,17 @@ def from_dict(data: dict[str, Any]) -> Event:
     def path_value(dotted: str, text: Any) -> str | None:
         if dotted in raw:
             return os.fsdecode(base64.b64decode(raw[dotted], validate=True))
-        return _expect(text, str, dotted)  # type: ignore[no-any-return]
+        value: str | None = _expect(text, str, dotted)
+        if value is None or value.isascii():
+            return value
+        # Only what os.fsdecode can give is a file name: a lone surrogate (JSON "\\ud800")
+        # would stop the event from being written again, or an alert about it being built.
+        try:
+            if os.fsdecode(os.fsencode(value)) == value:
+                return value
+        except UnicodeEncodeError:
+            pass
+        raise ValueError(f"{dotted} is not a file name (a lone surrogate)")
 
     path = path_value("file.path", file.get("path"))
     if path is None:

@@ -35,10 +35,28 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "watch_root_vanished": ("state", "warning"),
     "watch_root_moved": ("state", "warning"),
     "watch_root_restored": ("state", "info"),
+    # The root path is now a symlink or not a directory: never followed, nothing watched.
+    "watch_root_replaced": ("state", "warning"),
+    # The root path now leads to another directory (a mount over it, a swap): re-watched.
+    "watch_root_changed": ("state", "warning"),
+    "watch_mounted": ("state", "warning"),
+    "watch_unmounted": ("state", "warning"),
+    "watch_retried": ("state", "info"),
+    "watch_path_too_long": ("state", "warning"),
+    # Tagged files that already had a second name when first watched.
+    "hard_links_found": ("state", "warning"),
     "rescan_completed": ("state", "info"),
     "marker_loaded": ("state", "info"),
     "marker_rejected": ("state", "warning"),
     "marker_removed": ("state", "info"),
+    # Someone deleted, broke or weakened a marker whose tags the agent keeps (sticky tags).
+    # An insider untagging a tree before copying it is a detection, not agent health: ECS
+    # event.kind "alert" puts it in the SIEM's alert queues (which select on event.kind),
+    # and log.level "error" in front of whoever watches the agent's own errors. ("event",
+    # "warning") would file it with media mounts, under exfilwatch.host, where no one triages.
+    "marker_tampered": ("alert", "error"),
+    # An admin removed stored marker tags (`exfilwatch markers forget`, then a reload).
+    "marker_forgotten": ("state", "warning"),
     "cap_reached": ("metric", "warning"),
     "media_mounted": ("event", "info"),
     "media_unmounted": ("event", "info"),

@@ -67,14 +67,29 @@ class LaneQueue:
     def cap(self) -> int:
         return sum(self.caps.values())
 
-    def put(self, lane: str, batch: list[Any], wait: float = 0.0) -> int:
-        """Queue a batch in `lane`. With `wait`, a full lane makes the producer wait (up to
-        `wait` seconds) for room before the batch is cut."""
+    def put(
+        self, lane: str, batch: list[Any], wait: float = 0.0, cut: list[Any] | None = None
+    ) -> int:
+        """Queue a batch in `lane`; returns how many items went in. With `wait`, a full lane
+        makes the producer wait for room: the batch goes in piece by piece as the consumer
+        frees room (a batch larger than the lane still fits in the end), and is cut only when
+        no room came for `wait` seconds. What is cut is counted, and added to `cut` if given
+        (a source can then look again for what it covered)."""
         cap = self.caps[lane]
+        queued = 0
         with self._cond:
             if wait > 0 and cap - self._sizes[lane] < len(batch):
                 deadline = time.monotonic() + wait
                 while cap - self._sizes[lane] < len(batch):
+                    room = cap - self._sizes[lane]
+                    if room > 0:
+                        self._lanes[lane].append(batch[:room])
+                        self._sizes[lane] += room
+                        self.high_water[lane] = max(self.high_water[lane], self._sizes[lane])
+                        batch = batch[room:]
+                        queued += room
+                        self._cond.notify_all()
+                        deadline = time.monotonic() + wait  # the consumer is moving
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
@@ -82,18 +97,21 @@ class LaneQueue:
                     self._cond.wait(min(left, 0.05))
             room = cap - self._sizes[lane]
             if len(batch) > room:
-                cut = batch[max(room, 0) :]
+                dropped = batch[max(room, 0) :]
                 batch = batch[: max(room, 0)]
-                self.dropped[lane] += len(cut)
-                for item in cut:
+                self.dropped[lane] += len(dropped)
+                for item in dropped:
                     key = (lane, getattr(item, "location", None) or lane)
                     self._unreported[key] = self._unreported.get(key, 0) + 1
+                if cut is not None:
+                    cut.extend(dropped)
             if batch:
                 self._lanes[lane].append(batch)
                 self._sizes[lane] += len(batch)
                 self.high_water[lane] = max(self.high_water[lane], self._sizes[lane])
+                queued += len(batch)
             self._cond.notify()
-            return len(batch)
+            return queued
 
     def put_control(self, item: Any) -> None:
         """Health records, checked events and the stop sentinel: never cut by a lane cap."""
@@ -204,10 +222,12 @@ class Pipeline:
 
     # producers -------------------------------------------------------------------------
 
-    def emit(self, batch: list[RawEvent]) -> None:
-        """A source's batch, split into lanes by the location class of each event."""
+    def emit(self, batch: list[RawEvent]) -> list[RawEvent]:
+        """A source's batch, split into lanes by the location class of each event. Returns
+        the events that found no room (each also counted for an `event_loss` record), so the
+        source can rescan what they covered."""
         if not batch:
-            return
+            return []
         lanes: dict[str, list[RawEvent]] = {}
         for raw in batch:
             lane = LANE_OF.get(raw.location, "staging")
@@ -216,12 +236,17 @@ class Pipeline:
                 lanes[lane] = [raw]
             else:
                 got.append(raw)
+        cut: list[RawEvent] = []
         for lane in LANES:
             part = lanes.get(lane)
             if part:
                 # Only the tagged lane makes the reader wait; the others are shed at once, so a
                 # flood elsewhere can never hold the reader (and the tagged events behind it).
-                self.queue.put(lane, part, wait=self.backpressure if lane == "tagged" else 0.0)
+                # A rescan's pieces for egress places wait too: they are what a loss there left
+                # to find, and shedding them would lose it again.
+                wait = lane == "tagged" or (lane == "egress" and part[0].source == "rescan")
+                self.queue.put(lane, part, wait=self.backpressure if wait else 0.0, cut=cut)
+        return cut
 
     def emit_events(self, events: list[Event]) -> None:
         """Events built elsewhere (process starts): tags, location and rules still apply.
@@ -251,7 +276,7 @@ class Pipeline:
             reason=rec["event"].get("reason"),
         )
         if self._thread is None or self._stopped.is_set():
-            self.router.write("health", [dumps(rec)])
+            self._write_health(rec)
             return
         with self._health_lock:
             if self._health_pending >= _HEALTH_CAP:
@@ -343,7 +368,10 @@ class Pipeline:
             self.router.retry()
 
     def _write_health(self, rec: dict[str, Any]) -> None:
-        self.router.write("health", [dumps(rec)])
+        # A health record that is an alert (marker_tampered) goes where alerts go: a SIEM's
+        # alert queue reads the alert route.
+        kind = "alert" if rec["event"].get("kind") == "alert" else "health"
+        self.router.write(kind, [dumps(rec)])
 
     def _process(self, lane: str, batch: list[RawEvent]) -> None:
         resolver = self.resolver
@@ -394,7 +422,7 @@ class Pipeline:
             if src_path is not None:
                 resolver.tree_changed(src_path)
         if not is_dir and (name == marker or (src_path and src_path.endswith("/" + marker))):
-            self._marker_event(action, directory, src_path, source)
+            self._marker_event(raw)
         resolved = resolver.resolve_dir(path if is_dir else directory)
         file_type = "dir" if is_dir else "file"
         size = uid = gid = inode = mode = mtime = nlink = None
@@ -511,18 +539,33 @@ class Pipeline:
             new.adopt(self.engine)
         self.engine = new
 
-    def _marker_event(self, action: str, directory: str, src_path: str | None, source: str) -> None:
+    def _marker_event(self, raw: RawEvent) -> None:
+        ts, action, path, src_path, _, source, _ = raw
         reload = action in _MARKER_ACTIONS or action == "moved"
         if action == "modified" and source != "inotify":
             reload = True  # no close-after-write event on every platform
         if not reload:
             return
+        # Who changed the marker, for a marker_tampered record: the attribution stage runs
+        # on this event here, since the event itself is attributed only after its tags are
+        # resolved (lookups only: attributing it again later gives the same answer).
+        by = Event(ts, action, path, src_path=src_path, source=source)
+        attribute = next((s for s in self.stages if s.name == "attribution"), None)
+        if attribute is not None:
+            if action not in _NO_STAT:
+                try:
+                    owner: str | None = str(os.lstat(path).st_uid)  # for a creation
+                except OSError:
+                    owner = None
+                by = by._replace(uid=owner)
+            by = attribute(by)
+        directory = path[: path.rfind("/")] or "/"
         # Either end of a move may be the marker (renamed into place, or renamed away).
-        self.resolver.marker_changed(directory)
+        self.resolver.marker_changed(directory, by)
         if src_path is not None:
             src_dir = src_path[: src_path.rfind("/")] or "/"
             if src_dir != directory:
-                self.resolver.marker_changed(src_dir)
+                self.resolver.marker_changed(src_dir, by)
 
     def stats(self) -> dict[str, Any]:
         q = self.queue

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
+import os
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from typing import IO, Any
 
 from agent.alerts import stamp_created
 from agent.config import check_file, default_config_path
-from agent.diagnostics import errors_only, format_problems
-from agent.events import Event, dumps, read_jsonl
+from agent.diagnostics import Problem, errors_only, format_problems
+from agent.events import SETTABLE, Event, dumps, read_jsonl
 from agent.rules.compiler import fingerprint, load_rules
 from agent.rules.engine import Engine
 from agent.rules.testing import coverage, run_all
@@ -125,27 +129,117 @@ def test(paths: Sequence[str], require_tests: bool) -> int:
 
 
 def replay(events_path: str, paths: Sequence[str]) -> int:
-    """Alerts for recorded events: the same the live agent emits for that stream."""
+    """Alerts for recorded events: the same the live agent emits for that stream.
+
+    The file is read a line at a time and each alert written when it is made, so memory stays
+    flat however long the recording. A bad line is reported where it is and skipped; the
+    other lines still alert, and the exit code (1) says that some line was bad."""
     if events_path == "-":
-        events = list(read_jsonl(sys.stdin, "<stdin>"))
-    else:
-        with open(events_path, encoding="ascii", errors="replace") as stream:
-            events = list(read_jsonl(stream, events_path))
-    bad = [p for p in events if not isinstance(p, Event)]
-    if bad:
-        print(format_problems(bad), file=sys.stderr)
+        return _replay(sys.stdin.buffer, "<stdin>", paths)
+    try:
+        stream = open(events_path, "rb")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        problem = Problem(events_path, 0, 0, "EVT_UNREADABLE", exc.strerror or str(exc))
+        print(problem, file=sys.stderr)
         return 1
-    first = next((e.timestamp_us for e in events if isinstance(e, Event)), _now_us())
-    ruleset, problems = load_rules(paths, first)
+    with stream:
+        return _replay(stream, events_path, paths)
+
+
+# An event line is a few KiB (a 4 KiB path, escaped, beside its raw form). A longer line is
+# not an event, and reading it whole would let one line take all the memory there is.
+MAX_EVENT_LINE = 1 << 20
+
+
+def _lines(stream: IO[bytes], file: str) -> Iterator[tuple[int, str | Problem]]:
+    """Numbered lines as text; one that is too long or not UTF-8 is a located problem."""
+    lineno = 0
+    while line := stream.readline(MAX_EVENT_LINE + 1):
+        lineno += 1
+        if len(line) > MAX_EVENT_LINE and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = stream.readline(MAX_EVENT_LINE + 1)  # the rest of it, skipped
+            message = f"line longer than {MAX_EVENT_LINE} bytes"
+            yield lineno, Problem(file, lineno, MAX_EVENT_LINE + 1, "EVT_TOO_LONG", message)
+            continue
+        try:
+            yield lineno, line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            col = len(line[: exc.start].decode("utf-8")) + 1
+            message = f"not UTF-8: {exc.reason} (byte 0x{line[exc.start]:02x})"
+            yield lineno, Problem(file, lineno, col, "EVT_ENCODING", message)
+
+
+_DOTTED = {attr: dotted for dotted, attr in SETTABLE.items()}
+
+
+def _lone_surrogate(e: Event) -> str | None:
+    """The first field holding a character no system text can (JSON "\\ud800"): alert ids
+    hash every value as bytes, so such an event would stop the replay, not just itself."""
+    for attr, value in zip(Event._fields, e, strict=True):
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, str) and not v.isascii():
+                try:
+                    v.encode("utf-8", "surrogateescape")
+                except UnicodeEncodeError:
+                    return _DOTTED.get(attr, attr)
+    return None
+
+
+def _records(stream: IO[bytes], file: str) -> Iterator[Event | Problem]:
+    """The events of a JSON-lines stream and its bad lines, located; other lines (health
+    records, alerts) are left out."""
+    for lineno, text in _lines(stream, file):
+        if isinstance(text, Problem):
+            yield text
+            continue
+        # Without its newline, a line's JSON errors are located on that line.
+        item = next(read_jsonl(io.StringIO(text.rstrip("\n")), file), None)
+        if isinstance(item, Problem):
+            yield replace(item, line=lineno)
+        elif item is not None:
+            # Strict UTF-8 gives no surrogates: only a JSON escape can (most lines have none).
+            field = _lone_surrogate(item) if "\\ud" in text or "\\uD" in text else None
+            if field is None:
+                yield item
+            else:
+                yield Problem(file, lineno, 1, "EVT_FIELD", f"{field} holds a lone surrogate")
+
+
+def _replay(stream: IO[bytes], file: str, paths: Sequence[str]) -> int:
+    records = _records(stream, file)
+    bad = events = alerts = 0
+    # Rules are loaded at the first event's time (list and exception expiry): peek at it,
+    # reporting the bad lines before it, without reading further.
+    first: Event | None = None
+    for item in records:
+        if isinstance(item, Event):
+            first = item
+            break
+        bad += 1
+        print(item, file=sys.stderr)
+    ruleset, problems = load_rules(paths, first.timestamp_us if first else _now_us())
     if problems:
         print(format_problems(problems), file=sys.stderr)
     if ruleset is None:
         return 1
     engine = Engine(ruleset)
     out = sys.stdout
-    for e in events:
-        assert isinstance(e, Event)
-        for alert in engine.process(e):
-            out.write(dumps(stamp_created(alert)) + "\n")
-    out.flush()
-    return 0
+    try:
+        for item in itertools.chain([first] if first else [], records):
+            if isinstance(item, Problem):
+                bad += 1
+                print(item, file=sys.stderr)
+                continue
+            events += 1
+            for alert in engine.process(item):
+                alerts += 1
+                out.write(dumps(stamp_created(alert)) + "\n")
+        out.flush()
+    except BrokenPipeError:
+        # The reader went away (`replay ... | head`): stop, and keep the interpreter from
+        # failing again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        return 1
+    print(f"{file}: {events} events, {bad} bad lines skipped, {alerts} alerts", file=sys.stderr)
+    return 1 if bad else 0

@@ -24,7 +24,7 @@ from agent.health import CapReporter, now_us, record
 from agent.pipeline import Pipeline
 from agent.rules.compiler import RuleSet, load_rules
 from agent.rules.engine import Engine
-from agent.sinks import Router
+from agent.sinks import Router, SinkOpenError
 from agent.sources import Source
 from agent.state import AgentState, PreviousRun
 
@@ -249,10 +249,9 @@ class Agent:
             )
         )
         source = self.source
-        rescan = getattr(source, "rescan", None)
-        if since and rescan is not None:
+        if since and source is not None:
             # A second of slack: the last checkpoint and a write may share a clock tick.
-            rescan(since - 1_000_000, "downtime")
+            source.rescan(since - 1_000_000, "downtime")
 
     def checkpoint(self) -> None:
         """The agent is alive now: what an unclean stop will be measured from."""
@@ -469,6 +468,8 @@ class Agent:
             except Exception as exc:  # a broken counter must not cost the heartbeat
                 out[component.name] = {"error": type(exc).__name__}
         out["sinks"] = self.router.stats()
+        if self.parts is not None:
+            out["markers"] = self.parts.resolver.store.stats()
         if self.pipeline is not None and self.pipeline.engine is not None:
             out["engine"] = self.pipeline.engine.stats()
         if self.caps is not None and self.caps.hits:
@@ -509,7 +510,21 @@ class Agent:
                 new = replace(new, **{key: getattr(self.config, key)})
             assert self.pipeline is not None and self.source is not None
             if new.sinks != self.config.sinks and self._own_router:
-                self.router.replace(new.sinks)
+                try:
+                    self.router.replace(new.sinks)
+                except SinkOpenError as exc:
+                    # The check passed but the open did not (a race, a full disk, an immutable
+                    # file): the old sinks are still open and the old config stays with them.
+                    self._report(
+                        record(
+                            "config_reload_rejected",
+                            exc.reason,
+                            config=path,
+                            problems=exc.problems,
+                            kept="previous configuration",
+                        )
+                    )
+                    return False
             self.config = new
             self._discover_destinations()
             self._apply_specs()

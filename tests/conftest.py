@@ -160,7 +160,9 @@ def run_agent(collector: Collector) -> Iterator[Callable[..., Agent]]:
     """Start an in-process agent on a config; it is stopped at the end of the test."""
     started: list[Agent] = []
 
-    def start(config: Config, kinds: frozenset[str] = frozenset({"event", "health"})) -> Agent:
+    def start(
+        config: Config, kinds: frozenset[str] = frozenset({"event", "health", "alert"})
+    ) -> Agent:
         agent = Agent(config, router=Router([(collector, kinds)]))
         agent.start()
         started.append(agent)

@@ -71,7 +71,62 @@ def test_yaml_syntax_errors_point_at_the_line(tmp_path: Path) -> None:
     config, problems = check_text("watch:\n  - path: [unclosed\n", str(tmp_path / "a.yaml"))
     assert config is None
     assert problems[0].code == "CFG_YAML_PARSE"
-    assert problems[0].line == 3
+    assert (problems[0].line, problems[0].col) == (2, 11)  # the '[' never closed
+
+
+# (config, line:col of the mistake, hint): PyYAML notices each of these a line or more later.
+BROKEN_CONFIGS = [
+    (
+        "watch:\n  - path: /srv\n    tags [chip]\nrules: [r]\n",
+        "3:9",
+        "did you forget a ':' after 'tags'?",
+    ),
+    (
+        'watch:\n  - path: "/srv/rnd\nrules: [r]\n',
+        "2:11",
+        "unclosed quote started at line 2; close it with '\"'",
+    ),
+    (
+        "watch: [{path: /srv}\nqueue_size: 5\n",
+        "1:8",
+        "unclosed '[' started here; close it with ']'",
+    ),
+    (
+        "watch:\n  - path: /srv\n\t  tags: [a]\n",
+        "3:1",
+        "indent with spaces: YAML does not allow tabs",
+    ),
+    (
+        "watch:\n  - path: /a\n - path: /b\n",
+        "3:2",
+        "check the indentation: this line lines up with no key or item above it",
+    ),
+    ("watch:\n  - path /srv\n    tags: [a]\n", "2:9", "did you forget a ':' after 'path'?"),
+]
+
+
+@pytest.mark.parametrize(("text", "where", "hint"), BROKEN_CONFIGS)
+def test_yaml_syntax_errors_point_at_the_mistake_with_a_hint(
+    tmp_path: Path, text: str, where: str, hint: str
+) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text(text)
+    config, problems = check_file(str(path))
+    assert config is None
+    assert [(p.code, f"{p.line}:{p.col}", p.hint) for p in problems] == [
+        ("CFG_YAML_PARSE", where, hint)
+    ]
+
+
+def test_a_config_that_is_not_utf8_is_located_at_its_first_bad_byte(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_bytes(b"# Caf\xc3\xa9\nwatch:\n  - path: /srv/caf\xe9\n")
+    config, problems = check_file(str(path))
+    assert config is None
+    assert [str(p) for p in problems] == [
+        f"{path}:3:19 CFG_ENCODING not UTF-8: byte 0xe9 is not a character "
+        "(hint: save the file as UTF-8)"
+    ]
 
 
 def test_duplicate_keys_are_errors_not_silently_last_wins(tmp_path: Path) -> None:

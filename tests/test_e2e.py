@@ -192,6 +192,7 @@ def test_record_writes_events_that_load_back(tmp_path: Path) -> None:
     cfg = tmp_path / "agent.yaml"
     cfg.write_text(
         f"watch: [{{path: {root}}}]\nlocations: {{enabled: false}}\nprocesses: {{enabled: false}}\n"
+        f"state_dir: {tmp_path / 'state'}\n"
     )
     out = tmp_path / "events.jsonl"
     proc = subprocess.Popen(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -25,6 +26,7 @@ from agent.events import (
     format_timestamp,
     parse_timestamp,
     read_jsonl,
+    text_and_raw,
     to_dict,
 )
 from agent.service import Agent
@@ -71,9 +73,94 @@ def test_a_non_utf8_path_is_readable_text_plus_exact_bytes() -> None:
     assert Event.from_json(e.to_json()) == e
 
 
-paths = st.binary(min_size=1, max_size=60).map(
-    lambda b: "/" + os.fsdecode(b.replace(b"\x00", b"_"))
-)
+# Pieces that make escapes meet: literal backslashes and "xff" beside bytes that are not UTF-8
+# (and halves of a real UTF-8 character).
+_PIECES = [b"\\", b"x", b"ff", b"\xff", b"\xc3", b"\xa9", b"a", b"/", b"\\x"]
+names = st.binary(min_size=1, max_size=60) | st.lists(
+    st.sampled_from(_PIECES), min_size=1, max_size=8
+).map(b"".join)
+paths = names.map(lambda b: "/" + os.fsdecode(b.replace(b"\x00", b"_")))
+
+
+def _unescape(text: str) -> bytes:
+    """The bytes an escaped path text stands for, by the README's rule: `\\\\` is a backslash,
+    `\\xNN` a byte that is not UTF-8, any other character itself."""
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        if text[i] != "\\":
+            out += text[i].encode("utf-8")
+            i += 1
+        elif text[i + 1] == "\\":
+            out += b"\\"
+            i += 2
+        else:
+            assert text[i + 1] == "x", text
+            out.append(int(text[i + 2 : i + 4], 16))
+            i += 4
+    return bytes(out)
+
+
+def test_a_name_with_a_literal_backslash_never_prints_like_a_byte_that_is_not_utf8() -> None:
+    byte = Event(0, "created", os.fsdecode(b"/rnd/\xff.v")).to_dict()
+    literal = Event(0, "created", "/rnd/\\xff.v").to_dict()
+    assert byte["file"]["path"] == "/rnd/\\xff.v"
+    assert literal["file"]["path"] == "/rnd/\\\\xff.v"
+    assert literal["file"]["name"] == "\\\\xff.v"
+    assert base64.b64decode(literal["exfilwatch"]["raw"]["file.path"]) == b"/rnd/\\xff.v"
+    assert Event.from_dict(literal) == Event(0, "created", "/rnd/\\xff.v")
+
+
+def test_a_utf8_name_without_a_backslash_is_its_own_text_without_a_raw_form() -> None:
+    d = Event(0, "created", "/rnd/caf\u00e9 \u2028.v").to_dict()
+    assert d["file"]["path"] == "/rnd/caf\u00e9 \u2028.v"
+    assert "raw" not in d["exfilwatch"]
+
+
+@given(name=names)
+def test_the_text_of_any_name_gives_back_its_exact_bytes(name: bytes) -> None:
+    path = os.fsdecode(b"/" + name.replace(b"\x00", b"_"))
+    text, raw = text_and_raw(path)
+    assert _unescape(text) == os.fsencode(path) if raw is not None else text == path
+    assert raw is None or base64.b64decode(raw) == os.fsencode(path)
+    assert raw is not None or "\\" not in text
+
+
+@given(a=names, b=names)
+def test_names_that_differ_in_bytes_never_print_the_same_path(a: bytes, b: bytes) -> None:
+    da, db = (Event(0, "created", os.fsdecode(b"/" + n.replace(b"\x00", b"_"))) for n in (a, b))
+    if da.path != db.path:
+        assert da.to_dict()["file"]["path"] != db.to_dict()["file"]["path"]
+        assert event_line(da) != event_line(db)
+
+
+@given(name=names)
+def test_a_file_named_like_another_files_escaped_text_prints_differently(name: bytes) -> None:
+    # The attack: name a file with the characters another name's bad bytes print as.
+    for spelled in (text_and_raw(os.fsdecode(name))[0], name.decode("utf-8", "backslashreplace")):
+        lookalike = spelled.encode("utf-8")
+        if lookalike != name:
+            assert text_and_raw(os.fsdecode(lookalike))[0] != text_and_raw(os.fsdecode(name))[0]
+
+
+def test_a_path_text_with_a_lone_surrogate_is_a_bad_line_not_a_crash_later() -> None:
+    good = json.loads(Event(0, "created", "/a").to_json())
+    bad = json.loads(Event(0, "created", "/a").to_json())
+    bad["file"]["path"] = "/x\ud800"
+    stream = io.StringIO(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    out = list(read_jsonl(stream, "rec.jsonl"))
+    assert out[0] == Event(0, "created", "/a")
+    assert out[1] == Problem(
+        "rec.jsonl", 2, 1, "EVT_FIELD", "file.path is not a file name (a lone surrogate)"
+    )
+    # What os.fsdecode gives (an escaped byte) is a file name, raw form or not.
+    bad["file"]["path"] = "/x\udcff"
+    assert Event.from_dict(bad).path == os.fsdecode(b"/x\xff")
+
+
+def test_a_path_that_no_file_system_gives_is_still_written() -> None:
+    text, raw = text_and_raw("/x\ud800")
+    assert text == "/x\\xed\\xa0\\x80" and raw is not None
 
 
 @given(

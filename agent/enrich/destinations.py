@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agent.enrich.archives import archive_kind, inspect_archive
+from agent.enrich.archives import HashLimits, MemberDigest, archive_kind, inspect_archive
 from agent.enrich.disguise import (
     encoding,
     extension_changed,
@@ -122,22 +122,40 @@ class Destinations:
         if head is not None and self.settings.archives and lineage is not None:
             kind = archive_kind(e.path, head)
             if kind is not None:
+                tagged = 0
+                tags: dict[str, None] = {}
+
+                def member(name: str, size: int, digest: MemberDigest) -> None:
+                    # By name and size first (no reading); else by content, for a member
+                    # of a tagged file's size: renamed members count too.
+                    nonlocal tagged
+                    entry = lineage.match_member(name, size) or lineage.match_member_content(
+                        size, digest
+                    )
+                    if entry is not None:
+                        tagged += 1
+                        tags.update(dict.fromkeys(entry.tags))
+
+                before = lineage.stats["hashed_bytes"]
                 info = inspect_archive(
                     e.path,
                     max_members=self.settings.archive_max_members,
                     max_seconds=self.settings.archive_max_seconds,
+                    on_member=member,
+                    hashing=HashLimits(hash_max_bytes=lineage.hash_max_bytes),
                 )
-                read += e.size or 0  # an upper bound: listing reads at most the file
+                # About the file once (listing, and hashing members read their own bytes;
+                # only a zip whose entries overlap reads some twice, within the hashing
+                # budget), plus the tagged files hashed to compare with.
+                read += (e.size or 0) + lineage.stats["hashed_bytes"] - before
                 if info is not None:
                     self.counters["archives"] += 1
-                    tagged = 0
-                    tags: dict[str, None] = {}
-                    for name, size in info.members:
-                        entry = lineage.match_member(name, size)
-                        if entry is not None:
-                            tagged += 1
-                            tags.update(dict.fromkeys(entry.tags))
                     changes["archive_tagged"] = tagged
+                    # Cut short (a limit, members left unhashed, a listing that failed): what
+                    # it holds past that is unknown, which the rules treat as suspicious. Set
+                    # only when true: rules test it with `|exists` (they match no booleans).
+                    if info.cut_short:
+                        changes["archive_truncated"] = True
                     if tagged and not origin_tags:
                         origin_tags = tuple(tags)
                     if info.encrypted and "encrypted" not in signals:

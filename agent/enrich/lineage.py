@@ -337,6 +337,25 @@ class LineageIndex:
                     return entry
         return None
 
+    def match_member_content(self, size: int, digest: Callable[[], bytes | None]) -> _Entry | None:
+        """A tagged file an archive member is a copy of, whatever its name: same size, then
+        same content digest. `digest()` hashes the member as `content_digest` hashes a file of
+        that size; it is called only when a tagged file has that size, and may give None (not
+        hashed). Tagged files' digests are computed as for `find_copy`, cached, throttled."""
+        with self._lock:
+            candidates = list(self._by_size.get(size, ()))
+        if not candidates:
+            return None
+        member = digest()
+        if member is None:
+            return None
+        for entry in candidates:
+            if entry.digest is None:
+                entry.digest = self._digest(entry.path, entry.size)
+            if entry.digest is not None and entry.digest == member:
+                return entry
+        return None
+
     def _digest(self, path: str, size: int, *, tagged: bool = False) -> bytes | None:
         cost = hashed_bytes(size, self.hash_max_bytes)
         if not self._budget.take(cost):

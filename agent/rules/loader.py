@@ -19,9 +19,11 @@ from agent.diagnostics import (
     at,
     check_permissions,
     compose_all,
+    decode_utf8,
     nearest,
     node_value,
     unreadable,
+    yaml_problem,
 )
 from agent.rules.model import (
     ATTACK_TACTICS,
@@ -722,10 +724,9 @@ def read_file(path: str, defs: Definitions, problems: list[Problem]) -> None:
     if len(data) > MAX_RULE_FILE_BYTES:
         problems.append(Problem(path, 0, 0, "RULE_TOO_LARGE", "rule file is larger than 2 MiB"))
         return
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        problems.append(Problem(path, 0, 0, "RULE_ENCODING", f"not UTF-8: {exc.reason}"))
+    text, bad = decode_utf8(data, path, "RULE")
+    if text is None:
+        problems.extend(bad)
         return
     defs.files.append(path)
     reader = _Reader(defs, problems, path)
@@ -734,15 +735,8 @@ def read_file(path: str, defs: Definitions, problems: list[Problem]) -> None:
             if doc is None:
                 continue
             reader.document(doc)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
-        msg = exc.problem or "invalid YAML"
-        if exc.context:
-            msg = f"{exc.context}: {msg}"
-        problems.append(Problem(path, line, col, "RULE_YAML_PARSE", msg))
     except yaml.YAMLError as exc:
-        problems.append(Problem(path, 0, 0, "RULE_YAML_PARSE", str(exc)))
+        problems.append(yaml_problem(path, "RULE_YAML_PARSE", exc, text))
     except RecursionError:
         problems.append(Problem(path, 0, 0, "RULE_YAML_PARSE", "nesting too deep"))
 
@@ -764,12 +758,8 @@ def read_text(text: str, file: str = "<rules>") -> tuple[Definitions, list[Probl
         for doc in compose_all(text):
             if doc is not None:
                 reader.document(doc)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
-        problems.append(Problem(file, line, col, "RULE_YAML_PARSE", exc.problem or "invalid"))
     except yaml.YAMLError as exc:
-        problems.append(Problem(file, 0, 0, "RULE_YAML_PARSE", str(exc)))
+        problems.append(yaml_problem(file, "RULE_YAML_PARSE", exc, text))
     except RecursionError:
         problems.append(Problem(file, 0, 0, "RULE_YAML_PARSE", "nesting too deep"))
     defs.files.append(file)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import itertools
 import os
+import pwd
+import shlex
+import stat
 import sys
 import threading
 import time
@@ -43,8 +48,390 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+# Opening a sink safely ------------------------------------------------------------------------
+#
+# The agent often runs as root and appends lines whose content a watched user chooses (file
+# names). So a sink must be a file only the agent could have put there, and stay one: every
+# directory from / down to it owned by root or the agent and writable by nobody else (OpenSSH's
+# StrictModes rule), the file itself a regular file of the agent's with no mode bit outside
+# 0640. `config check`, start, reload and reopen all go through `check_sink_path` /
+# `open_sink_file`, so what the check passes is what the agent opens. Nothing is ever fixed
+# silently: a refused sink names the problem and the command that fixes it.
+
+UNSAFE_SINK = "CFG_UNSAFE_SINK"
+SINK_UNWRITABLE = "CFG_SINK_UNWRITABLE"
+SINK_FILE_MODE = 0o640  # a new file gets this; an existing one may have no bit outside it
+SINK_DIR_MODE = 0o750  # missing directories below a checked one are made with this
+_MAX_SYMLINKS = 40  # the kernel's own limit before ELOOP
+_LOOK = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC  # stat-only: opens no device, no FIFO
+# O_NONBLOCK: opening a FIFO for writing would otherwise wait for a reader forever.
+_APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+@dataclass(frozen=True, slots=True)
+class SinkProblem:
+    """Why the agent would refuse (or fail) to open a sink path, and the fix."""
+
+    code: str  # UNSAFE_SINK or SINK_UNWRITABLE
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.message}" + (f" (hint: {self.hint})" if self.hint else "")
+
+
+class UnsafeSinkError(Exception):
+    """A sink path the agent refuses to open, with every problem found."""
+
+    code = UNSAFE_SINK
+
+    def __init__(self, path: str, problems: Sequence[SinkProblem]) -> None:
+        self.path = path
+        self.problems = tuple(problems)
+        super().__init__("; ".join(p.message for p in self.problems))
+
+
+@dataclass(frozen=True, slots=True)
+class _Dir:
+    fd: int  # O_PATH
+    path: str  # as reached, symlinks resolved
+    st: os.stat_result
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _writers(mode: int) -> str:
+    """Who besides the owner may write, for a message: 'its group', 'everyone' or both."""
+    return " and ".join(
+        who for bit, who in ((stat.S_IWGRP, "its group"), (stat.S_IWOTH, "everyone")) if mode & bit
+    )
+
+
+def _shared(st: os.stat_result) -> bool:
+    return bool(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _sticky(st: os.stat_result) -> bool:
+    return bool(st.st_mode & stat.S_ISVTX)
+
+
+def _dir_problems(d: _Dir, euid: int, sink: str) -> list[SinkProblem]:
+    """A directory on the way to a sink: root's or the agent's, writable by nobody else. A
+    sticky one (/tmp) is fine on the way, as long as what the path takes from it is root's or
+    the agent's (checked for that entry); the sink's own directory is checked apart."""
+    q, mode = shlex.quote(d.path), d.st.st_mode
+    owner = _user(euid)
+    if d.st.st_uid not in (0, euid):
+        return [
+            SinkProblem(
+                UNSAFE_SINK,
+                f"directory {d.path} on the way to {sink} belongs to {_user(d.st.st_uid)}, "
+                "who can rename what is in it and put their own file or link in its place",
+                f"chown {owner}: {q} && chmod go-w {q}",
+            )
+        ]
+    if _shared(d.st) and not _sticky(d.st):
+        return [
+            SinkProblem(
+                UNSAFE_SINK,
+                f"directory {d.path} on the way to {sink} is writable by {_writers(mode)}, "
+                "who can rename what is in it and put their own file or link in its place",
+                f"chmod go-w {q}",
+            )
+        ]
+    return []
+
+
+def _walk(
+    sink: str, directory: str, euid: int, problems: list[SinkProblem], *, create: bool
+) -> tuple[list[_Dir], bool]:
+    """Opens `directory` from / one component at a time, checking each directory. Returns the
+    open directories, ending with `directory` itself (complete: True) or, when part of it is
+    missing and `create` is false or a problem was found (nothing is made below a refused
+    directory), with its deepest existing ancestor (False). Missing directories are made 0750
+    when `create`.
+
+    Walking by descriptors rather than by path: what is checked is what is used. A symlink on
+    the way is followed (/var/run -> /run) because the directory holding it passed the checks,
+    so only root or the agent could have made it; in a sticky shared directory such as /tmp,
+    where anyone may add one, it must also be root's or the agent's (the kernel's
+    protected_symlinks rule)."""
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    stack = [_Dir(fd, "/", os.fstat(fd))]
+    try:
+        problems += _dir_problems(stack[0], euid, sink)
+        complete = _descend(stack, sink, directory, euid, problems, create=create)
+    except BaseException:
+        for d in stack:
+            os.close(d.fd)
+        raise
+    return stack, complete
+
+
+def _descend(
+    stack: list[_Dir],
+    sink: str,
+    directory: str,
+    euid: int,
+    problems: list[SinkProblem],
+    *,
+    create: bool,
+) -> bool:
+    """The loop of `_walk`: pushes each directory it opens onto `stack`."""
+    todo = deque(directory.split("/"))
+    links = 0
+    while todo:
+        part = todo.popleft()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if len(stack) > 1:
+                os.close(stack.pop().fd)
+            continue
+        top = stack[-1]
+        where = os.path.join(top.path, part)
+        try:
+            fd = os.open(part, _LOOK, dir_fd=top.fd)
+        except FileNotFoundError:
+            if not create or problems:
+                return False
+            # FileExistsError: made meanwhile by someone allowed to write here; checked below.
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, SINK_DIR_MODE, dir_fd=top.fd)
+            fd = os.open(part, _LOOK, dir_fd=top.fd)
+        st = os.fstat(fd)
+        if stat.S_ISLNK(st.st_mode):
+            os.close(fd)
+            if _shared(top.st) and st.st_uid not in (0, euid):
+                problems.append(
+                    SinkProblem(
+                        UNSAFE_SINK,
+                        f"{where} on the way to {sink} is a symbolic link that "
+                        f"{_user(st.st_uid)} made in the shared directory {top.path}",
+                        f"name the link's target in the config instead of {shlex.quote(where)}",
+                    )
+                )
+            links += 1
+            if links > _MAX_SYMLINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), where)
+            target = os.readlink(part, dir_fd=top.fd)
+            if target.startswith("/"):
+                while len(stack) > 1:
+                    os.close(stack.pop().fd)
+            todo.extendleft(reversed(target.split("/")))
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            os.close(fd)
+            # What `mkdir -p` says about a file where a directory should be.
+            raise FileExistsError(errno.EEXIST, "exists and is not a directory", where)
+        stack.append(_Dir(fd, where, st))
+        problems += _dir_problems(stack[-1], euid, sink)
+    return True
+
+
+def _own_dir_problems(d: _Dir, sink: str) -> list[SinkProblem]:
+    """The sink's own directory may not even be sticky-shared: anyone could create the sink's
+    name (or, after logrotate renamed the file, the next one) before the agent does. (Shared
+    and not sticky is refused on the way already.)"""
+    if not (_shared(d.st) and _sticky(d.st)):
+        return []
+    q = shlex.quote(os.path.join(d.path, "exfilwatch"))
+    return [
+        SinkProblem(
+            UNSAFE_SINK,
+            f"{d.path}, the directory of {sink}, is writable by {_writers(d.st.st_mode)}, who "
+            "can create the sink's name first or swap the file after a log rotation",
+            f"use a directory of the agent's own, e.g. mkdir -m 0750 {q}",
+        )
+    ]
+
+
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def _file_problems(
+    st: os.stat_result, path: str, euid: int, link: str | None = None
+) -> list[SinkProblem]:
+    q = shlex.quote(path)
+    if stat.S_ISLNK(st.st_mode):
+        to = f" to {link}" if link is not None else ""
+        return [
+            SinkProblem(
+                UNSAFE_SINK,
+                f"{path} is a symbolic link{to}; the agent never follows one, since whoever "
+                "made it would choose the file the agent appends to",
+                f"rm {q}, find out who made it, and let the agent create the file",
+            )
+        ]
+    if not stat.S_ISREG(st.st_mode):
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        return [
+            SinkProblem(
+                UNSAFE_SINK,
+                f"{path} is {kind}, not a regular file",
+                "point the sink at a file, or remove what is there; the agent creates the file",
+            )
+        ]
+    out = []
+    if st.st_uid != euid:
+        out.append(
+            SinkProblem(
+                UNSAFE_SINK,
+                f"{path} belongs to {_user(st.st_uid)}, not to {_user(euid)} (the agent), "
+                "so they can read, truncate or replace what the agent writes",
+                f"chown {_user(euid)}: {q}",
+            )
+        )
+    extra = stat.S_IMODE(st.st_mode) & ~SINK_FILE_MODE
+    if extra:
+        why = []
+        if extra & (stat.S_IWGRP | stat.S_IWOTH):
+            why.append(f"writable by {_writers(st.st_mode)}")
+        if extra & stat.S_IROTH:
+            why.append("readable by everyone")
+        if extra & ~(stat.S_IWGRP | stat.S_IWOTH | stat.S_IROTH):
+            why.append("has execute, set-id or sticky bits")
+        out.append(
+            SinkProblem(
+                UNSAFE_SINK,
+                f"{path} has mode {stat.S_IMODE(st.st_mode):04o}: {', '.join(why)} (a sink may "
+                "be 0600 or 0640: records name what is watched and who is suspected)",
+                f"chmod 0640 {q}",
+            )
+        )
+    elif euid != 0 and not st.st_mode & stat.S_IWUSR:
+        out.append(SinkProblem(SINK_UNWRITABLE, f"{path} is read-only", f"chmod u+w {q}"))
+    return out
+
+
+def _look(d: _Dir, name: str, path: str, euid: int) -> list[SinkProblem] | None:
+    """The problems of what is at the sink's name, looked at without opening it (a device or
+    a FIFO is refused without its open ever running); None when nothing is there yet."""
+    try:
+        fd = os.open(name, _LOOK, dir_fd=d.fd)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    link = None
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            link = os.readlink(name, dir_fd=d.fd)
+        except OSError:
+            link = None
+    return _file_problems(st, path, euid, link)
+
+
+def _can_create_in(st: os.stat_result, euid: int) -> bool:
+    if euid == 0:
+        return True
+    if st.st_uid == euid:
+        need = stat.S_IWUSR | stat.S_IXUSR
+    elif st.st_gid == os.getegid() or st.st_gid in os.getgroups():
+        need = stat.S_IWGRP | stat.S_IXGRP
+    else:
+        need = stat.S_IWOTH | stat.S_IXOTH
+    return st.st_mode & need == need
+
+
+def _split(path: str) -> tuple[str, str]:
+    """The sink's directory and file name, from / (relative paths are from the working dir)."""
+    if not os.path.isabs(path):
+        path = os.path.join(os.getcwd(), path)
+    head, name = os.path.split(path)
+    if name in ("", ".", ".."):
+        raise IsADirectoryError(errno.EISDIR, "names a directory, not a file", path)
+    return head, name
+
+
+def check_sink_path(path: str) -> list[SinkProblem]:
+    """Every reason the agent (this process's effective user) would refuse or fail to open
+    `path` as a file sink; [] when it can. Only looks: creates nothing, opens nothing for
+    writing, never blocks."""
+    euid = os.geteuid()
+    problems: list[SinkProblem] = []
+    try:
+        head, name = _split(path)
+        stack, complete = _walk(path, head, euid, problems, create=False)
+    except OSError as exc:
+        return [*problems, SinkProblem(SINK_UNWRITABLE, f"cannot open {path}: {_error_text(exc)}")]
+    except ValueError:  # a lone surrogate or a NUL: repr, or printing the message would fail
+        return [SinkProblem(SINK_UNWRITABLE, f"{path!r} cannot be a file name")]
+    try:
+        d = stack[-1]
+        found = _look(d, name, path, euid) if complete else None
+        if complete:
+            problems += _own_dir_problems(d, path)
+        if found is not None:
+            problems += found
+        elif not _can_create_in(d.st, euid):
+            problems.append(
+                SinkProblem(
+                    SINK_UNWRITABLE,
+                    f"the agent ({_user(euid)}) cannot create {path}: {d.path} is not writable "
+                    "for it",
+                    f"create {shlex.quote(path)} as {_user(euid)}, mode 0640",
+                )
+            )
+        if os.fstatvfs(d.fd).f_flag & os.ST_RDONLY:
+            problems.append(SinkProblem(SINK_UNWRITABLE, f"{path} is on a read-only filesystem"))
+    except OSError as exc:
+        problems.append(SinkProblem(SINK_UNWRITABLE, f"cannot open {path}: {_error_text(exc)}"))
+    except ValueError:
+        problems.append(SinkProblem(SINK_UNWRITABLE, f"{path!r} cannot be a file name"))
+    finally:
+        for x in stack:
+            os.close(x.fd)
+    return problems
+
+
+def open_sink_file(path: str) -> int:
+    """A descriptor appending to `path` (made 0640, with missing directories 0750), after the
+    checks of `check_sink_path`. Raises UnsafeSinkError when refused, OSError when the system
+    says no. The checks that count are made on what was opened, not on the name."""
+    euid = os.geteuid()
+    head, name = _split(path)
+    problems: list[SinkProblem] = []
+    stack, complete = _walk(path, head, euid, problems, create=True)
+    try:
+        if complete:
+            problems += _own_dir_problems(stack[-1], path)
+            problems += _look(stack[-1], name, path, euid) or []
+        if problems:
+            raise UnsafeSinkError(path, problems)
+        fd = os.open(name, _APPEND, SINK_FILE_MODE, dir_fd=stack[-1].fd)
+    finally:
+        for x in stack:
+            os.close(x.fd)
+    try:
+        st = os.fstat(fd)
+        # Back to blocking writes: O_NONBLOCK was only for the open.
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except OSError:
+        os.close(fd)
+        raise
+    problems = _file_problems(st, path, euid)
+    if problems:
+        os.close(fd)
+        raise UnsafeSinkError(path, problems)
+    return fd
+
+
 class FileSink:
-    """Appends JSON lines to a file (created 0640, parent directories 0750).
+    """Appends JSON lines to a file, opened (and reopened) by `open_sink_file`.
 
     A write is all-or-nothing: when the disk fills part-way through, the file is cut back to
     where it was, so a reader never sees half a line and a retry never duplicates one."""
@@ -52,11 +439,10 @@ class FileSink:
     def __init__(self, path: str) -> None:
         self.name = f"file:{path}"
         self.path = path
-        self._fd = self._open()
+        self._fd = open_sink_file(path)
 
-    def _open(self) -> int:
-        os.makedirs(os.path.dirname(self.path) or ".", mode=0o750, exist_ok=True)
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    def fileno(self) -> int:
+        return self._fd
 
     def write(self, lines: Sequence[str]) -> None:
         data = ("\n".join(lines) + "\n").encode("ascii")
@@ -77,7 +463,7 @@ class FileSink:
     def reopen(self) -> None:
         """After log rotation moved the file away: write to a new file at the same path."""
         old = self._fd
-        self._fd = self._open()
+        self._fd = open_sink_file(self.path)
         os.close(old)
 
     def close(self) -> None:
@@ -113,8 +499,53 @@ def make_sink(spec: SinkSpec) -> Sink:
     return factory(spec)
 
 
+class SinkOpenError(Exception):
+    """Sinks of a config that could not be opened; the ones that did open were closed again."""
+
+    def __init__(self, failures: Sequence[tuple[str, Exception]]) -> None:
+        self.failures = tuple(failures)
+        super().__init__("; ".join(f"{name}: {_error_text(exc)}" for name, exc in self.failures))
+
+    @property
+    def reason(self) -> str:
+        """CFG_UNSAFE_SINK or the errno name (EACCES, ENOSPC...) of the first failure."""
+        return _reason(self.failures[0][1])
+
+    @property
+    def problems(self) -> list[str]:
+        out = []
+        for name, exc in self.failures:
+            if isinstance(exc, UnsafeSinkError):
+                out += [f"{name}: {p}" for p in exc.problems]
+            else:
+                out.append(f"{name}: {_reason(exc)} {_error_text(exc)}")
+        return out
+
+
+def open_sinks(specs: Sequence[SinkSpec]) -> list[tuple[Sink, frozenset[str]]]:
+    """Every sink of a config, opened, or none: SinkOpenError lists each one that failed."""
+    opened: list[tuple[Sink, frozenset[str]]] = []
+    failures: list[tuple[str, Exception]] = []
+    for spec in specs:
+        try:
+            opened.append((make_sink(spec), spec.records))
+        except (OSError, UnsafeSinkError) as exc:
+            failures.append((f"{spec.type}:{spec.path}" if spec.path else spec.type, exc))
+    if failures:
+        for sink, _ in opened:
+            try:
+                sink.close()
+            except OSError as exc:
+                log.exception("sink_close_failed", sink=sink.name, error=str(exc))
+        raise SinkOpenError(failures)
+    return opened
+
+
 def _reason(exc: Exception) -> str:
-    """ENOSPC, EIO, EPIPE... or the exception type when there is no errno (a closed stream)."""
+    """ENOSPC, EIO, EPIPE... CFG_UNSAFE_SINK for a refused file, or the exception type when
+    there is no errno (a closed stream)."""
+    if isinstance(exc, UnsafeSinkError):
+        return exc.code
     if isinstance(exc, OSError) and exc.errno is not None:
         return errno.errorcode.get(exc.errno, f"errno_{exc.errno}")
     return type(exc).__name__
@@ -219,7 +650,8 @@ class Router:
 
     @classmethod
     def from_specs(cls, specs: Sequence[SinkSpec], **options: Any) -> Router:
-        return cls([(make_sink(s), s.records) for s in specs], **options)
+        """A router for a config's sinks; SinkOpenError when any of them cannot be opened."""
+        return cls(open_sinks(specs), **options)
 
     def wants(self, kind: str) -> bool:
         return any(kind in route.kinds for route in self._routes)
@@ -272,8 +704,9 @@ class Router:
     def replace(self, specs: Sequence[SinkSpec]) -> None:
         """Swap in new sinks between two writes (a reload), closing the old ones.
 
-        A sink that stays (same name) keeps its backlog and its error state."""
-        fresh = [(make_sink(s), s.records) for s in specs]
+        A sink that stays (same name) keeps its backlog and its error state. Every new sink is
+        opened first: when one cannot be, SinkOpenError is raised and the old sinks stay."""
+        fresh = open_sinks(specs)
         with self._lock:
             step = _Pass(self._clock())
             old = {route.sink.name: route for route in self._routes}
@@ -312,7 +745,7 @@ class Router:
                     continue
                 try:
                     route.sink.reopen()
-                except OSError as exc:
+                except (OSError, UnsafeSinkError) as exc:
                     route.errors += 1
                     self.errors += 1
                     # Not rate-limited: it happens once per SIGHUP, and says something a write

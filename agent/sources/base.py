@@ -23,7 +23,9 @@ class RawEvent(NamedTuple):
     location: str = "tagged"
 
 
-EmitBatch = Callable[[list[RawEvent]], None]
+# Hands a batch to the pipeline; returns the events that found no room (they are counted and
+# reported as lost), or None when the receiver does not say.
+EmitBatch = Callable[[list[RawEvent]], "list[RawEvent] | None"]
 
 # The lane of each location class. Tagged trees are never shed; when the pipeline must shed,
 # staging events go first, then egress (removable media, sync folders, shares).
@@ -66,6 +68,11 @@ class Source(Protocol):
 
     def update(self, specs: Sequence[WatchSpec]) -> None:
         """Apply a new watch list without losing events on unchanged roots."""
+
+    def rescan(self, since_us: int, reason: str) -> None:
+        """Report what changed in the tagged trees since `since_us` (ctime or mtime newer) as
+        `rescanned` events, then a `rescan_completed` record with `reason`. Callable from any
+        thread; returns at once (the walk runs on the source's own thread)."""
 
     def stats(self) -> dict[str, Any]: ...
 

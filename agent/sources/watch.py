@@ -161,6 +161,22 @@ class WatchdogSource:
                 if spec not in self._watches:
                     self._schedule(spec, first=True)
 
+    def rescan(self, since_us: int, reason: str) -> None:
+        # No walk of its own here: the record says nothing was looked for, not that nothing
+        # was found.
+        self._report(
+            record(
+                "rescan_completed",
+                reason,
+                since_us=since_us,
+                scanned=0,
+                changed=0,
+                supported=False,
+                hint=f"the {self.name} source does not rescan; changes made meanwhile were not "
+                "looked for",
+            )
+        )
+
     def stats(self) -> dict[str, Any]:
         return {
             "source": self.name,

@@ -5,20 +5,36 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import pwd
+import re
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import zipfile
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.enrich.archives import ARCHIVE_EXTENSIONS, archive_kind, inspect_archive
+from agent.enrich import archives
+from agent.enrich.archives import (
+    ARCHIVE_EXTENSIONS,
+    ArchiveInfo,
+    HashLimits,
+    MemberDigest,
+    archive_kind,
+    inspect_archive,
+)
+from agent.enrich.lineage import content_digest
 
 HOSTILE = ("../../etc/cron.d/evil", "/abs/olute.txt", "line\nbreak.v", "back\\slash", "ü.txt")
 TAR_MODES = {"tar": "w", "tar.gz": "w:gz", "tar.bz2": "w:bz2", "tar.xz": "w:xz"}
@@ -178,13 +194,28 @@ def test_a_7z_made_by_7z_cli_is_listed_with_py7zr(tmp_path: Path) -> None:
 
 
 @needs_7z
-def test_without_py7zr_a_7z_is_recognised_and_says_what_is_missing(
+def test_a_7z_made_by_7z_cli_is_listed_by_the_7z_program_without_py7zr(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "py7zr", None)  # makes `import py7zr` fail
     info = inspect_archive(str(make_7z(tmp_path)))
     assert info is not None
-    assert (info.kind, info.members, info.error) == ("7z", (), "7z listing needs py7zr")
+    assert sorted(info.members) == [("sub/notes.txt", 6), ("top.v", 22)]
+    assert (info.kind, info.encrypted, info.error, info.cut_short) == ("7z", False, None, False)
+
+
+@needs_7z
+def test_without_the_7z_program_nor_py7zr_a_7z_is_recognised_and_says_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = make_7z(tmp_path)
+    monkeypatch.setitem(sys.modules, "py7zr", None)
+    monkeypatch.setattr(archives, "seven_zip_program", lambda: None)
+    info = inspect_archive(str(path))
+    assert info is not None
+    assert (info.kind, info.members) == ("7z", ())
+    assert info.error == "7z listing needs the 7z program or py7zr"
+    assert info.cut_short is True
 
 
 @needs_7z
@@ -409,3 +440,634 @@ def test_inspect_archive_never_raises_on_damaged_real_archives(
     path.write_bytes(bytes(data[: max(1, len(data) - cut % len(data))]))
     info = inspect_archive(str(path), max_seconds=1.0)
     assert info is None or info.total_members >= len(info.members)
+
+
+# --- members found by content: lineage's digest computed from inside the archive ----------
+
+GIB = 1024**3
+needs_zstd_tar = pytest.mark.skipif(
+    shutil.which("zstd") is None or shutil.which("tar") is None,
+    reason="needs GNU tar and the zstd CLI",
+)
+
+
+class Recorder:
+    """An `on_member` check as lineage makes it: asks the digest of members of wanted sizes."""
+
+    def __init__(self, sizes: set[int] | None = None) -> None:
+        self.sizes = sizes
+        self.seen: list[tuple[str, int]] = []
+        self.digests: dict[str, bytes | None] = {}
+
+    def __call__(self, name: str, size: int, digest: MemberDigest) -> None:
+        self.seen.append((name, size))
+        if self.sizes is None or size in self.sizes:
+            self.digests[name] = digest()
+
+
+def sources(tmp_path: Path) -> dict[str, bytes]:
+    """Random contents of awkward sizes: a tar block exactly, windows that overlap when
+    sampled with a small hash_max_bytes, a size not a multiple of any block."""
+    sizes = (1, 512, 1000, 100_000, 300_000, 1024 * 1024 + 3)
+    out = {}
+    for size in sizes:
+        data = os.urandom(size)
+        (tmp_path / f"orig-{size}.dat").write_bytes(data)
+        out[f"renamed/{size}.bin"] = data
+    return out
+
+
+def expected(tmp_path: Path, files: dict[str, bytes], hash_max: int) -> dict[str, bytes | None]:
+    return {
+        name: content_digest(str(tmp_path / f"orig-{len(data)}.dat"), len(data), hash_max)
+        for name, data in files.items()
+    }
+
+
+def build(tmp_path: Path, kind: str, files: dict[str, bytes]) -> Path:
+    if kind.startswith("zip"):
+        method = {
+            "zip": zipfile.ZIP_DEFLATED,
+            "zip-stored": zipfile.ZIP_STORED,
+            "zip-bzip2": zipfile.ZIP_BZIP2,
+            "zip-lzma": zipfile.ZIP_LZMA,
+        }[kind]
+        path = tmp_path / "out.zip"
+        with zipfile.ZipFile(path, "w", method) as zf:
+            for name, data in files.items():
+                zf.writestr(name, data)
+        return path
+    if kind == "tar.zst":
+        plain = make_tar(tmp_path / "plain.tar", "tar", files)
+        path = tmp_path / "out.tar.zst"
+        path.write_bytes(zstandard.ZstdCompressor().compress(plain.read_bytes()))
+        return path
+    return make_tar(tmp_path / f"out.{kind}", kind, files)
+
+
+@pytest.mark.parametrize("hash_max", [16 * 1024 * 1024, 100_000, 1_000])
+@pytest.mark.parametrize(
+    "kind",
+    ["zip", "zip-stored", "zip-bzip2", "zip-lzma", "tar", "tar.gz", "tar.bz2", "tar.xz", "tar.zst"],
+)
+def test_a_member_digest_is_the_lineage_digest_of_the_same_content_whatever_its_name(
+    tmp_path: Path, kind: str, hash_max: int
+) -> None:
+    files = sources(tmp_path)
+    check = Recorder()
+    limits = HashLimits(hash_max_bytes=hash_max, max_bytes=1024**3)
+    info = inspect_archive(
+        str(build(tmp_path, kind, files)), max_seconds=60, on_member=check, hashing=limits
+    )
+    assert info is not None and info.error is None
+    assert check.digests == expected(tmp_path, files, hash_max)
+    assert (info.hashed, info.unchecked, info.cut_short) == (len(files), 0, False)
+
+
+def test_every_member_is_offered_even_past_max_members(tmp_path: Path) -> None:
+    files = {f"{i}.txt": b"x" * i for i in range(1, 51)}
+    check = Recorder(sizes={50})
+    path = make_zip(tmp_path / "m.zip", files)
+    info = inspect_archive(str(path), max_members=10, on_member=check)
+    assert info is not None
+    assert len(info.members) == 10 and info.truncated is True and info.stopped is False
+    assert len(check.seen) == 50
+    assert check.digests["50.txt"] is not None
+    assert info.cut_short is False  # every member was seen and the wanted one hashed
+
+
+def test_the_hashing_budget_leaves_members_past_it_unchecked(tmp_path: Path) -> None:
+    files = {f"{i}.bin": os.urandom(10_000) for i in range(5)}
+    path = make_zip(tmp_path / "five.zip", files)
+    by_members = Recorder()
+    info = inspect_archive(str(path), on_member=by_members, hashing=HashLimits(max_members=2))
+    assert info is not None
+    assert (info.hashed, info.unchecked, info.cut_short) == (2, 3, True)
+    assert sum(d is None for d in by_members.digests.values()) == 3
+    by_bytes = Recorder()
+    info = inspect_archive(str(path), on_member=by_bytes, hashing=HashLimits(max_bytes=25_000))
+    assert info is not None
+    assert (info.hashed, info.unchecked, info.hashed_bytes) == (2, 3, 20_000)
+
+
+def test_a_member_nobody_asks_about_is_never_read(tmp_path: Path) -> None:
+    path = make_tar(tmp_path / "t.tgz", "tar.gz", {"a.bin": os.urandom(5000)})
+    info = inspect_archive(str(path), on_member=Recorder(sizes=set()))
+    assert info is not None
+    assert (info.hashed, info.unchecked, info.cut_short) == (0, 0, False)
+
+
+@pytest.mark.skipif(shutil.which("zip") is None, reason="needs the zip CLI")
+def test_an_encrypted_zip_member_of_a_wanted_size_is_unchecked(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_bytes(os.urandom(4000))
+    run("zip", "-q", "-e", "-P", "secret", "out.zip", "notes.txt", cwd=tmp_path)
+    check = Recorder()
+    info = inspect_archive(str(tmp_path / "out.zip"), on_member=check)
+    assert info is not None
+    assert check.digests == {"notes.txt": None}
+    assert (info.encrypted, info.unchecked, info.cut_short) == (True, 1, True)
+
+
+@needs_7z
+@pytest.mark.parametrize("method", ["Deflate64", "PPMd"])
+def test_a_zip_member_in_a_method_not_read_here_is_unchecked(tmp_path: Path, method: str) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "notes.txt").write_bytes(b"notes " * 5000)
+    run("7z", "a", "-bd", "-tzip", f"-mm={method}", "../out.zip", "notes.txt", cwd=tmp_path / "src")
+    check = Recorder()
+    info = inspect_archive(str(tmp_path / "out.zip"), on_member=check)
+    assert info is not None and info.members == (("notes.txt", 30_000),)
+    assert check.digests == {"notes.txt": None}
+    assert info.cut_short is True
+
+
+def test_a_zip_member_declared_larger_than_its_data_is_unchecked(tmp_path: Path) -> None:
+    path = make_zip(tmp_path / "liar.zip", {"a.bin": os.urandom(3000)})
+    data = bytearray(path.read_bytes())
+    central = data.rfind(b"PK\x01\x02")
+    struct.pack_into("<L", data, central + 24, 4000)  # uncompressed size in the directory
+    path.write_bytes(bytes(data))
+    check = Recorder()
+    info = inspect_archive(str(path), on_member=check)
+    assert info is not None and info.members == (("a.bin", 4000),)
+    assert check.digests == {"a.bin": None} and info.unchecked == 1
+
+
+def overlapping_zip(path: Path, copies: int, size: int) -> Path:
+    """One deflated member of `size` zero bytes named by `copies` directory entries: a bomb
+    that costs nothing to store and `copies` times `size` to decompress."""
+    make_zip(path, {"0": bytes(size)})
+    data = path.read_bytes()
+    central = data.rfind(b"PK\x01\x02")
+    end = data.rfind(b"PK\x05\x06")
+    entry = data[central:end]
+    name_at = 46
+    entries = b"".join(
+        entry[:28] + struct.pack("<H", len(str(i))) + entry[30:name_at] + str(i).encode()
+        for i in range(copies)
+    )
+    eocd = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, copies, copies, len(entries), central, 0)
+    path.write_bytes(data[:central] + entries + eocd)
+    return path
+
+
+@pytest.mark.timeout(30)
+def test_a_zip_bomb_of_overlapping_members_is_decompressed_only_within_the_budget(
+    tmp_path: Path,
+) -> None:
+    path = overlapping_zip(tmp_path / "bomb.zip", copies=2000, size=10 * 1024 * 1024)
+    assert path.stat().st_size < 200_000
+    check = Recorder()
+    started = time.monotonic()
+    info = inspect_archive(str(path), on_member=check, max_seconds=2.0)
+    assert time.monotonic() - started < 3.0
+    assert info is not None and info.total_members == 2000
+    assert info.hashed == 6  # 64 MiB of hashing budget: six members of 10 MiB
+    assert info.unchecked == 1994 and info.cut_short is True
+
+
+def test_a_zip_member_too_large_for_the_budget_is_not_decompressed(tmp_path: Path) -> None:
+    path = tmp_path / "big.zip"
+    with (
+        zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf,
+        zf.open("zeros.bin", "w") as member,
+    ):
+        chunk = bytes(1024 * 1024)
+        for _ in range(256):
+            member.write(chunk)
+    started = time.monotonic()
+    info = inspect_archive(str(path), on_member=Recorder())
+    assert time.monotonic() - started < 0.5
+    assert info is not None and (info.hashed, info.unchecked) == (0, 1)
+
+
+def test_a_zip_with_a_huge_first_member_lists_the_rest_from_its_directory(
+    tmp_path: Path,
+) -> None:
+    # The central directory is at the end: a padding member in front costs nothing to list.
+    path = tmp_path / "padded.zip"
+    tagged = os.urandom(3000)
+    with open(path, "wb") as f, zipfile.ZipFile(SparseWriter(f), "w") as zf:
+        with zf.open("padding.bin", "w", force_zip64=True) as member:
+            zeros = bytes(1024 * 1024)
+            for _ in range(1024):
+                member.write(zeros)
+        zf.writestr("holiday.jpg", tagged)
+    assert path.stat().st_size > GIB
+    assert path.stat().st_blocks * 512 < 10 * 1024 * 1024  # sparse on disk
+    check = Recorder(sizes={3000})
+    started = time.monotonic()
+    result = inspect_archive(str(path), on_member=check)
+    assert time.monotonic() - started < 0.5
+    assert result is not None and result.error is None
+    assert result.members == (("padding.bin", GIB), ("holiday.jpg", 3000))
+    (tmp_path / "orig").write_bytes(tagged)
+    assert check.digests["holiday.jpg"] == content_digest(str(tmp_path / "orig"), 3000, 16 << 20)
+
+
+class SparseWriter(io.RawIOBase):
+    """A file that zipfile writes through, whose runs of zeros become holes (no disk)."""
+
+    def __init__(self, file: io.BufferedWriter) -> None:
+        self._file = file
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        data = bytes(data)
+        if len(data) >= 4096 and not data.strip(b"\0"):
+            self._file.seek(len(data), io.SEEK_CUR)
+        else:
+            self._file.write(data)
+        return len(data)
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        return self._file.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+
+def sparse_padded_tar(path: Path, padding: int, files: dict[str, bytes]) -> Path:
+    """A plain tar whose first member is `padding` zero bytes, written as a hole."""
+    pad = tarfile.TarInfo("padding.bin")
+    pad.size = padding
+    with open(path, "wb") as f:
+        f.write(pad.tobuf(tarfile.GNU_FORMAT))
+        f.seek(padding, io.SEEK_CUR)
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            f.write(info.tobuf(tarfile.GNU_FORMAT) + data + bytes(-len(data) % 512))
+        f.write(bytes(1024))
+    return path
+
+
+def test_a_plain_tar_with_a_1gib_sparse_padding_member_hashes_the_members_after_it(
+    tmp_path: Path,
+) -> None:
+    files = {"a/holiday.jpg": os.urandom(5000), "a/notes.txt": os.urandom(7000)}
+    path = sparse_padded_tar(tmp_path / "padded.tar", GIB, files)
+    if shutil.which("tar"):  # GNU tar reads the same members
+        listed = subprocess.run(["tar", "-tf", str(path)], capture_output=True, check=True)
+        assert listed.stdout.split() == [b"padding.bin", b"a/holiday.jpg", b"a/notes.txt"]
+    check = Recorder(sizes={5000, 7000})
+    started = time.monotonic()
+    info = inspect_archive(str(path), on_member=check, max_seconds=0.5)
+    assert time.monotonic() - started < 0.5
+    assert info is not None and info.cut_short is False
+    for name, data in files.items():
+        (tmp_path / "orig").write_bytes(data)
+        assert check.digests[name] == content_digest(str(tmp_path / "orig"), len(data), 16 << 20)
+
+
+def gzip_padded_tar(path: Path, padding: int, files: dict[str, bytes]) -> Path:
+    """A tar.gz whose first member is `padding` zero bytes: gzip members concatenated, as
+    `cat a.gz b.gz` makes them (gzip and tar read them as one stream), so it is quick to make."""
+    import gzip
+
+    pad = tarfile.TarInfo("padding.bin")
+    pad.size = padding
+    mib = gzip.compress(bytes(1024 * 1024), compresslevel=9)
+    rest = io.BytesIO()
+    with tarfile.open(fileobj=rest, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in files.items():
+            add_file(tf, name, data)
+    with open(path, "wb") as f:
+        f.write(gzip.compress(pad.tobuf(tarfile.GNU_FORMAT)))
+        for _ in range(padding // len(bytes(1024 * 1024))):
+            f.write(mib)
+        f.write(gzip.compress(rest.getvalue()))
+    return path
+
+
+def test_a_tar_gz_with_1gib_of_padding_is_cut_short_within_the_time_limit(tmp_path: Path) -> None:
+    files = {"a/top.v": os.urandom(5000)}
+    path = gzip_padded_tar(tmp_path / "padded.tar.gz", GIB, files)
+    assert path.stat().st_size < 2 * 1024 * 1024
+    started = time.monotonic()
+    info = inspect_archive(str(path), on_member=Recorder(), max_seconds=0.5)
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.0
+    assert info is not None
+    assert info.members == (("padding.bin", GIB),)
+    assert (info.stopped, info.truncated, info.cut_short, info.error) == (True, True, True, None)
+
+
+def test_the_padded_tar_gz_is_a_real_one_listed_to_its_end_given_the_time(tmp_path: Path) -> None:
+    files = {"a/top.v": os.urandom(5000)}
+    path = gzip_padded_tar(tmp_path / "padded.tar.gz", 64 * 1024 * 1024, files)
+    if shutil.which("tar"):
+        listed = subprocess.run(["tar", "-tzf", str(path)], capture_output=True, check=True)
+        assert listed.stdout.split() == [b"padding.bin", b"a/top.v"]
+    info = inspect_archive(str(path), on_member=Recorder(sizes={5000}), max_seconds=30)
+    assert info is not None and info.members[-1] == ("a/top.v", 5000)
+    assert info.cut_short is False
+
+
+def test_members_after_an_end_of_archive_marker_are_listed_as_gnu_tar_i_does(
+    tmp_path: Path,
+) -> None:
+    first = make_tar(tmp_path / "a.tar", "tar", {"readme.txt": b"hello"})
+    second = make_tar(tmp_path / "b.tar", "tar", {"top.v": b"module top; endmodule\n"})
+    path = tmp_path / "both.tar"
+    path.write_bytes(first.read_bytes() + bytes(64 * 1024) + second.read_bytes())
+    if shutil.which("tar"):
+        listed = subprocess.run(["tar", "-tif", str(path)], capture_output=True, check=True)
+        assert listed.stdout.split() == [b"readme.txt", b"top.v"]
+    info = inspect_archive(str(path))
+    assert info is not None
+    assert info.members == (("readme.txt", 5), ("top.v", 22))
+
+
+@needs_zstd_tar
+def test_a_tar_zst_made_by_tar_is_listed_and_its_members_hashed(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(40_000)
+    (src / "holiday.jpg").write_bytes(data)
+    (src / "sub").mkdir()
+    (src / "sub" / "notes.txt").write_text("notes\n")
+    run("tar", "--zstd", "-cf", "../backup.bin", ".", cwd=src)  # no telling name
+    path = tmp_path / "backup.bin"
+    assert archive_kind(str(path)) == "tar.zst"
+    check = Recorder(sizes={40_000})
+    info = inspect_archive(str(path), on_member=check)
+    assert info is not None and info.kind == "tar.zst" and info.error is None
+    assert sorted(info.members) == [("./holiday.jpg", 40_000), ("./sub/notes.txt", 6)]
+    digest = content_digest(str(src / "holiday.jpg"), 40_000, 1 << 24)
+    assert check.digests["./holiday.jpg"] == digest
+
+
+@needs_zstd_tar
+def test_a_tar_zst_with_1gib_of_sparse_padding_is_listed_past_it(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "padding.bin", "wb") as f:
+        f.truncate(GIB)  # a hole: no disk; tar reads zeros, zstd squeezes them to ~30 KB
+    (src / "top.v").write_text("module top; endmodule\n")
+    run("tar", "--zstd", "-cf", "../padded.tar.zst", "padding.bin", "top.v", cwd=src)
+    started = time.monotonic()
+    info = inspect_archive(str(tmp_path / "padded.tar.zst"), max_seconds=2.0)
+    assert time.monotonic() - started < 2.0
+    assert info is not None
+    assert info.members == (("padding.bin", GIB), ("top.v", 22))
+    assert info.cut_short is False
+
+
+def test_a_zstd_frame_asking_for_a_1gib_window_is_refused_not_allocated(tmp_path: Path) -> None:
+    plain = make_tar(tmp_path / "p.tar", "tar", {"top.v": b"x" * 1000})
+    params = zstandard.ZstdCompressionParameters(window_log=30, write_content_size=False)
+    compressor = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    path = tmp_path / "x.tar.zst"
+    path.write_bytes(compressor.compress(plain.read_bytes()) + compressor.flush())
+    assert zstandard.get_frame_parameters(path.read_bytes()).window_size == GIB
+    info = inspect_archive(str(path))
+    assert info is not None
+    assert (info.kind, info.error, info.cut_short) == ("tar.zst", "too large", True)
+
+
+def test_a_corrupt_tar_zst_is_reported_not_raised(tmp_path: Path) -> None:
+    path = tmp_path / "x.tar.zst"
+    path.write_bytes(b"\x28\xb5\x2f\xfd" + b"garbage" * 50)
+    info = inspect_archive(str(path))
+    assert info is not None and info.error == "corrupt"
+
+
+# --- 7z through the 7z program: as whom it runs, and what its output may not do -----------
+
+
+def tiny_7z(path: Path) -> Path:
+    """A 7z whose start header is valid and whose header is one byte: enough to reach the
+    program, which the tests below replace."""
+    header = b"\x01"
+    start = struct.pack("<QQI", 0, len(header), zlib.crc32(header))
+    path.write_bytes(
+        b"7z\xbc\xaf\x27\x1c\x00\x04" + struct.pack("<I", zlib.crc32(start)) + start + header
+    )
+    return path
+
+
+@pytest.fixture
+def fake_7z(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
+    """Replaces the 7z program by a script, in a directory anyone may enter (it runs as
+    nobody when the tests run as root)."""
+    where = Path(tempfile.mkdtemp(prefix="fake7z-"))
+    where.chmod(0o755)
+
+    def install(script: str) -> None:
+        program = where / "7z"
+        program.write_text("#!/bin/sh\n" + script)
+        program.chmod(0o755)
+        monkeypatch.setattr(archives, "seven_zip_program", lambda: str(program))
+
+    yield install
+    shutil.rmtree(where)
+
+
+LISTING = "printf -- '----------\\nPath = %s\\nSize = 7\\nAttributes = A -rw-r--r--\\n\\n' "
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the program drops to nobody")
+def test_the_7z_program_never_runs_as_root(
+    tmp_path: Path, fake_7z: Callable[[str], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "py7zr", None)
+    fake_7z(LISTING + '"uid-$(id -u)-groups-$(id -G | tr " " ,)"\n')
+    path = tiny_7z(tmp_path / "x.7z")
+    path.chmod(0o644)
+    info = inspect_archive(str(path))
+    assert info is not None and info.error is None
+    nobody = pwd.getpwnam("nobody")
+    assert info.members == ((f"uid-{nobody.pw_uid}-groups-{nobody.pw_gid}", 7),)
+    os.chown(path, 4242, 4242)
+    path.chmod(0o600)  # only its owner may read it: read as the owner
+    info = inspect_archive(str(path))
+    assert info is not None and info.members[0][0].startswith("uid-4242-")
+    os.chown(path, 0, 0)  # only root may read it: not handed to the program
+    info = inspect_archive(str(path))
+    assert info is not None
+    assert (info.error, info.cut_short) == ("not listed: readable by root only", True)
+
+
+def test_the_7z_program_reads_the_file_checked_not_the_path(
+    tmp_path: Path, fake_7z: Callable[[str], None]
+) -> None:
+    # Its argument is the descriptor the agent opened (O_NOFOLLOW, a regular file): a path
+    # swapped for a symlink or a FIFO meanwhile is never what it reads.
+    fake_7z(LISTING + '"$6:$(head -c 2 "$6")"\n')
+    info = inspect_archive(str(tiny_7z(tmp_path / "x.7z")))
+    assert info is not None and len(info.members) == 1
+    assert re.fullmatch(r"/dev/fd/[0-9]+:7z", info.members[0][0])
+
+
+@pytest.mark.timeout(20)
+def test_a_7z_program_that_hangs_is_killed_at_the_deadline(
+    tmp_path: Path, fake_7z: Callable[[str], None]
+) -> None:
+    fake_7z(LISTING + "first\nexec sleep 60\n")
+    started = time.monotonic()
+    info = inspect_archive(str(tiny_7z(tmp_path / "x.7z")), max_seconds=0.5)
+    assert time.monotonic() - started < 2.0
+    assert info is not None
+    assert info.members == (("first", 7),)
+    assert (info.stopped, info.cut_short) == (True, True)
+
+
+@pytest.mark.timeout(20)
+def test_a_7z_program_that_floods_its_output_is_stopped_by_the_read_budget(
+    tmp_path: Path, fake_7z: Callable[[str], None]
+) -> None:
+    fake_7z("echo ----------; exec yes 'Path = x'\n")
+    started = time.monotonic()
+    info = inspect_archive(str(tiny_7z(tmp_path / "x.7z")), max_read_bytes=1024 * 1024)
+    assert time.monotonic() - started < 2.0
+    assert info is not None and (info.stopped, info.cut_short) == (True, True)
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        "----------\\nPath = a\\nSize = 7\\nSize = 99\\n\\n",  # a name with a newline, printed raw
+        "----------\\nPath = a\\nb\\nSize = 7\\n\\n",
+        "----------\\nSize = 7\\nPath = a\\n\\n",
+        "----------\\nPath = a\\nSize = lots\\n\\n",
+    ],
+)
+def test_a_7z_listing_of_an_unexpected_shape_is_corrupt_not_misread(
+    tmp_path: Path, fake_7z: Callable[[str], None], output: str
+) -> None:
+    fake_7z(f"printf -- '{output}'\n")
+    info = inspect_archive(str(tiny_7z(tmp_path / "x.7z")))
+    assert info is not None
+    assert (info.error, info.cut_short) == ("corrupt", True)
+
+
+def test_a_7z_line_longer_than_any_listing_line_is_corrupt(
+    tmp_path: Path, fake_7z: Callable[[str], None]
+) -> None:
+    fake_7z("echo ----------; head -c 200000 /dev/zero | tr '\\0' a\n")
+    info = inspect_archive(str(tiny_7z(tmp_path / "x.7z")))
+    assert info is not None and info.error == "corrupt"
+
+
+@needs_7z
+def test_7z_members_are_listed_not_hashed_so_a_wanted_one_is_unchecked(tmp_path: Path) -> None:
+    check = Recorder(sizes={22})
+    info = inspect_archive(str(make_7z(tmp_path)), on_member=check)
+    assert info is not None
+    assert check.digests == {"top.v": None}
+    assert (info.unchecked, info.cut_short) == (1, True)
+
+
+@needs_7z
+def test_7z_directories_links_and_empty_files_are_not_members(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f.txt").write_text("abc")
+    (src / "empty").write_text("")
+    (src / "link").symlink_to("/etc/passwd")
+    run("7z", "a", "-bd", "-snl", "../out.7z", ".", cwd=src)
+    info = inspect_archive(str(tmp_path / "out.7z"))
+    assert info is not None
+    assert sorted(info.members) == [("d/f.txt", 3), ("empty", 0)]
+
+
+@pytest.mark.parametrize(
+    ("fields", "cut_short"),
+    [
+        ({}, False),
+        ({"truncated": True}, False),  # max_members only: every member was still seen
+        ({"stopped": True, "truncated": True}, True),
+        ({"unchecked": 1}, True),
+        ({"encrypted": True}, True),  # nothing listed: the member list is encrypted
+        ({"encrypted": True, "total_members": 1}, False),
+        ({"error": "corrupt"}, True),
+        ({"error": "unsupported: rar"}, True),
+        ({"error": "missing"}, False),
+        ({"error": "not a regular file"}, False),
+    ],
+)
+def test_cut_short_means_part_of_the_content_is_unknown(
+    fields: dict[str, object], cut_short: bool
+) -> None:
+    base: dict[str, object] = {
+        "kind": "zip",
+        "members": (),
+        "total_members": 0,
+        "truncated": False,
+        "encrypted": False,
+        "error": None,
+    }
+    info = ArchiveInfo(**{**base, **fields})  # type: ignore[arg-type]
+    assert info.cut_short is cut_short
+
+
+@pytest.mark.parametrize("kind", ["tar.bz2", "tar.zst"])
+def test_a_compressed_tar_whose_first_block_is_longer_than_the_head_is_found_by_content(
+    tmp_path: Path, kind: str
+) -> None:
+    # bzip2 and zstd decode whole blocks: incompressible data first makes the first block
+    # longer than the head read to sniff types, and the name says nothing.
+    files = {"holiday.jpg": os.urandom(200_000), "top.v": b"module top; endmodule\n"}
+    built = build(tmp_path, kind, files)
+    path = built.rename(tmp_path / "backup.bin")
+    assert archive_kind(str(path)) == kind
+    info = inspect_archive(str(path))
+    assert info is not None and info.members == (("holiday.jpg", 200_000), ("top.v", 22))
+
+
+@pytest.fixture(scope="module")
+def hashed_seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    base = tmp_path_factory.mktemp("hashed-seeds")
+    files = {f"d/{i}.bin": os.urandom(i * 997) for i in range(1, 9)}
+    out = {}
+    for name, kind in (
+        ("x.zip", "zip"),
+        ("y.zip", "zip-bzip2"),
+        ("z.zip", "zip-lzma"),
+        ("x.tgz", "tar.gz"),
+        ("x.tar", "tar"),
+        ("x.tar.zst", "tar.zst"),
+    ):
+        where = base / name.replace(".", "-")
+        where.mkdir()
+        out[name] = build(where, kind, files).read_bytes()
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[FIXTURE_REUSED])
+@given(
+    name=st.sampled_from(["x.zip", "y.zip", "z.zip", "x.tgz", "x.tar", "x.tar.zst"]),
+    edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), max_size=8),
+    cut=st.integers(0, 1 << 20),
+)
+def test_hashing_members_of_damaged_archives_never_raises(
+    tmp_path: Path,
+    hashed_seeds: dict[str, bytes],
+    name: str,
+    edits: list[tuple[int, int]],
+    cut: int,
+) -> None:
+    data = bytearray(hashed_seeds[name])
+    for where, value in edits:
+        data[where % len(data)] = value
+    path = tmp_path / name
+    path.write_bytes(bytes(data[: max(1, len(data) - cut % len(data))]))
+    check = Recorder()
+    info = inspect_archive(str(path), max_seconds=1.0, on_member=check)
+    assert info is None or info.hashed + info.unchecked <= len(check.digests)
+
+
+def test_garbage_after_a_tar_gz_stream_is_ignored_as_gzip_and_tar_ignore_it(
+    tmp_path: Path,
+) -> None:
+    path = make_tar(tmp_path / "t.tgz", "tar.gz", {"top.v": b"module top; endmodule\n"})
+    path.write_bytes(path.read_bytes() + b"trailing garbage, not gzip" * 10)
+    info = inspect_archive(str(path))
+    assert info is not None
+    assert (info.members, info.error, info.cut_short) == ((("top.v", 22),), None, False)

@@ -494,6 +494,8 @@ def _settable_values(name: str) -> st.SearchStrategy[Any]:
     kind = str(getattr(annotation, "__forward_arg__", annotation))
     if kind.startswith("tuple"):
         return st.lists(wild_text, max_size=3) | wild_text
+    if "bool" in kind:
+        return st.booleans()
     if "int" in kind:
         return st.integers(0, 2**40)
     if name == "event.action":

@@ -97,6 +97,16 @@ class Agent:
     def churn(self, name: str, n: int) -> None:
         d = self.root / name
         d.mkdir()
+        # Files made and deleted in a directory before its watch exists are never seen (the
+        # kernel reports them to no one): wait until the agent has reported the directory.
+        self.wait(
+            lambda: any(
+                r["event"].get("action") == "created" and r["file"]["path"] == str(d)
+                for r in self.records()
+                if r["event"]["kind"] == "event"
+            ),
+            f"the new directory {name}",
+        )
         for i in range(n):
             (d / f"f{i}").write_text("x")
         for i in range(n):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agent.rules.compiler import load_rules, load_text
 from agent.rules.testing import TEST_EPOCH_US, coverage, run_all
 
@@ -67,10 +69,110 @@ def test_every_problem_in_a_file_is_reported_in_one_pass() -> None:
     assert str(by_code["RULE_LEVEL"]).startswith("bad.yaml:3:8 RULE_LEVEL unknown level 'hgih'")
 
 
-def test_yaml_syntax_errors_are_located() -> None:
+def test_yaml_syntax_errors_are_located_at_the_mistake() -> None:
     ruleset, problems = load_text("id: x\ntitle: [unclosed\n", NOW, "y.yaml")
     assert ruleset is None
-    assert (problems[0].code, problems[0].line) == ("RULE_YAML_PARSE", 3)
+    p = problems[0]
+    assert (p.code, p.line, p.col, p.hint) == (
+        "RULE_YAML_PARSE",
+        2,
+        8,
+        "unclosed '[' started here; close it with ']'",
+    )
+
+
+RULE_HEAD = "id: r1\ntitle: t\nlevel: low\n"
+
+# (rule file, line:col of the mistake, hint). PyYAML stops a line or more after most of these.
+BROKEN_RULES = [
+    (
+        RULE_HEAD + "tags [attack.exfiltration]\nstatus: stable\n",
+        "4:5",
+        "did you forget a ':' after 'tags'?",
+    ),
+    (
+        RULE_HEAD + "detection:\n  selection\n    file.path: /x\n  condition: selection\n",
+        "5:12",
+        "did you forget a ':' after 'selection'?",
+    ),
+    (
+        'id: r1\ntitle: "Copy to USB\nlevel: low\n',
+        "2:8",
+        "unclosed quote started at line 2; close it with '\"'",
+    ),
+    (
+        'id: r1\ntitle: "Copy\nlevel: low\ndescription: "d"\n',
+        "2:8",
+        "the quote started here is closed only on line 4",
+    ),
+    (
+        RULE_HEAD + "tags: [attack.exfiltration,\nstatus: stable\n",
+        "4:7",
+        "unclosed '[' started here; close it with ']'",
+    ),
+    (
+        RULE_HEAD + "detection: {s: {file.path: /x} condition: s}\n",
+        "4:32",
+        "did you forget a ',' between two items?",
+    ),
+    (
+        RULE_HEAD + "detection:\n\ts: {file.path: /x}\n",
+        "5:1",
+        "indent with spaces: YAML does not allow tabs",
+    ),
+    (
+        "id: r1\ntitle: t\n  level: low\n",
+        "3:3",
+        "this line is indented deeper than the key above it; line up the keys of a mapping",
+    ),
+    ("id: r1\ntitle: copy: usb\n", "2:12", "a value that holds ': ' must be quoted"),
+    ("id: r1\ntitle:t\nlevel: low\n", "2:6", "put a space after the ':'"),
+    ("id: r1\ntitle: @home\n", "2:8", "'@' cannot start a value; quote the value"),
+    (
+        "id: r1\ntitle: a\x07b\n",
+        "2:9",
+        'remove it; inside double quotes, write it as "\\u0007"',
+    ),
+    # In the second document of a file: lines count from the top of the file.
+    (
+        RULE_HEAD + "detection: {s: {file.path: /x}, condition: s}\n---\nid: r2\ntitle t\n",
+        "7:6",
+        "did you forget a ':' after 'title'?",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "where", "hint"), BROKEN_RULES)
+def test_yaml_syntax_errors_point_at_the_mistake_with_a_hint(
+    tmp_path: Path, text: str, where: str, hint: str
+) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    ruleset, problems = load_rules([str(path)], NOW)
+    assert ruleset is None
+    assert [(p.code, f"{p.line}:{p.col}", p.hint) for p in problems] == [
+        ("RULE_YAML_PARSE", where, hint)
+    ]
+    assert str(problems[0]).startswith(f"{path}:{where} RULE_YAML_PARSE ")
+
+
+def test_a_rule_file_that_is_not_utf8_is_located_at_its_first_bad_byte(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"id: r1\ntitle: caf\xc3\xa9 caf\xe9\nlevel: low\n")
+    ruleset, problems = load_rules([str(path)], NOW)
+    assert ruleset is None
+    assert [str(p) for p in problems] == [
+        f"{path}:2:16 RULE_ENCODING not UTF-8: byte 0xe9 is not a character "
+        "(hint: save the file as UTF-8)"
+    ]
+
+
+def test_a_utf16_rule_file_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "utf16.yaml"
+    path.write_bytes("id: r1\n".encode("utf-16"))
+    _, problems = load_rules([str(path)], NOW)
+    assert [(p.code, p.line, p.col) for p in problems] == [("RULE_ENCODING", 1, 1)]
+    assert "UTF-16" in problems[0].hint
 
 
 def test_duplicate_ids_and_unknown_references_across_files(tmp_path: Path) -> None:

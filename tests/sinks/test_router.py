@@ -60,11 +60,19 @@ def actions(path: Path) -> list[str]:
 
 
 def full_file(tmp_path: Path) -> Path:
-    """A sink path that is a symlink to /dev/full; unlinking it and reopening mends the sink."""
+    """A sink path for `full`; unlinking it and reopening mends the sink."""
     path = tmp_path / "log" / "alerts.jsonl"
     path.parent.mkdir()
-    path.symlink_to(DEV_FULL)
     return path
+
+
+def full(sink: FileSink) -> FileSink:
+    """Points the sink's descriptor at /dev/full: every write fails with ENOSPC until a reopen
+    (a sink path that is a symlink to /dev/full is refused, see tests/hostile/test_sinks.py)."""
+    fd = os.open(DEV_FULL, os.O_WRONLY | os.O_CLOEXEC)
+    os.dup2(fd, sink.fileno(), inheritable=False)
+    os.close(fd)
+    return sink
 
 
 def mend(router: Router, path: Path) -> None:
@@ -77,7 +85,9 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs; always unmounted."""
     target = tmp_path / "fs"
     target.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(target)], check=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(target)], check=True
+    )
     try:
         yield target
     finally:
@@ -149,7 +159,9 @@ def test_the_backlog_keeps_the_order_across_kinds_and_its_sink_error_comes_after
 ) -> None:
     clock = Clock()
     path = full_file(tmp_path)
-    router = Router([(FileSink(str(path)), frozenset({"alert", "health", "event"}))], clock=clock)
+    router = Router(
+        [(full(FileSink(str(path))), frozenset({"alert", "health", "event"}))], clock=clock
+    )
     try:
         router.write("event", ['{"event":{"kind":"event"},"n":0}'])
         router.write("alert", alerts(1, 2500))  # more than one chunk
@@ -175,7 +187,7 @@ def test_lines_owed_past_the_cap_drop_the_oldest_with_an_event_loss_record(
     collector = Collector()
     path = full_file(tmp_path)
     router = Router(
-        [(FileSink(str(path)), frozenset({"alert"})), (collector, HEALTH)],
+        [(full(FileSink(str(path))), frozenset({"alert"})), (collector, HEALTH)],
         pending_caps={"alert": 5},
         clock=clock,
     )
@@ -213,7 +225,9 @@ def test_sink_errors_are_one_per_sink_per_ten_seconds_with_a_running_count(
     clock = Clock()
     collector = Collector()
     path = full_file(tmp_path)
-    router = Router([(FileSink(str(path)), frozenset({"alert"})), (collector, HEALTH)], clock=clock)
+    router = Router(
+        [(full(FileSink(str(path))), frozenset({"alert"})), (collector, HEALTH)], clock=clock
+    )
     try:
         for _ in range(6):
             clock.now += 2.0  # failing writes, some of them due retries of the backlog
@@ -236,7 +250,8 @@ def test_retry_backs_off_from_one_second_doubling_to_thirty_and_resets_on_succes
 ) -> None:
     clock = Clock()
     path = full_file(tmp_path)
-    router = Router([(FileSink(str(path)), frozenset({"alert"}))], clock=clock)
+    sink = full(FileSink(str(path)))
+    router = Router([(sink, frozenset({"alert"}))], clock=clock)
     name = f"file:{path}"
 
     def attempts_after(wait: float) -> int:
@@ -260,9 +275,7 @@ def test_retry_backs_off_from_one_second_doubling_to_thirty_and_resets_on_succes
 
         mend(router, path)  # a reopen makes the retry due at once
         assert router.retry() == 0
-        path.unlink()
-        path.symlink_to(DEV_FULL)
-        router.reopen()
+        full(sink)
         router.write("alert", alerts(2, 1))
         assert attempts_after(0.75) == 10, "after a success the backoff starts at 1 s again"
         assert attempts_after(0.25) == 11
@@ -295,7 +308,7 @@ def test_writers_on_several_threads_each_get_every_line_once_in_their_order(
 ) -> None:
     clock = Clock()
     path = full_file(tmp_path)
-    router = Router([(FileSink(str(path)), frozenset({"alert"}))], clock=clock)
+    router = Router([(full(FileSink(str(path))), frozenset({"alert"}))], clock=clock)
     mended = threading.Event()
 
     def writer(t: int) -> Callable[[], None]:

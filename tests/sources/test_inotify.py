@@ -370,3 +370,49 @@ def test_in_a_home_hidden_directories_are_watched_before_a_big_tree_uses_up_the_
         collector.wait_event("closed_write", stash / "top.v", location="staging")
     budget = collector.health("cap_reached")
     assert budget and budget[0]["event"]["reason"] == "watch_budget"
+
+
+def test_rescan_reports_what_changed_in_the_tagged_trees_since_a_time_in_pieces(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    import threading
+    import time
+
+    root = tmp_path / "rnd"
+    (root / "sub").mkdir(parents=True)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (root / "before.v").write_text("x")
+    time.sleep(0.05)
+    since = time.time_ns() // 1000
+    # Written while no agent ran (the downtime the service asks about at start).
+    written = {str(root / "sub" / f"m{i}.v") for i in range(5000)}
+    for p in written:
+        Path(p).write_text("x")
+    (stage / "junk.o").write_text("x")
+    agent = start(
+        run_agent,
+        tmp_path,
+        WatchSpec(str(root), ("rnd",)),
+        WatchSpec(str(stage), location="staging"),
+        queue_size=1000,
+    )
+    assert agent.source is not None
+    caller = threading.Thread(target=agent.source.rescan, args=(since, "downtime"))
+    caller.start()
+    caller.join(1)
+    assert not caller.is_alive(), "rescan returns at once; the reader thread walks"
+    assert collector.wait_for(lambda c: bool(c.health("rescan_completed")), timeout=20)
+    done = collector.health("rescan_completed")[0]
+    data = done["exfilwatch"]["health"]
+    assert done["event"]["reason"] == "downtime"
+    assert data["roots"] == [str(root)]  # tagged trees only
+    assert data["changed"] == len(written) + 1  # and rnd/sub, whose ctime changed
+    assert data["pieces"] >= 2 and data["dropped"] == 0
+    assert collector.wait_for(
+        lambda c: written <= {e.path for e in c.events() if e.action == "rescanned"}, timeout=20
+    )
+    rescanned = {e.path for e in collector.events() if e.action == "rescanned"}
+    assert str(root / "before.v") not in rescanned
+    assert not any(p.startswith(str(stage)) for p in rescanned)
+    assert collector.health("event_loss") == []
