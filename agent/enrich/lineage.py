@@ -349,9 +349,15 @@ class LineageIndex:
         member = digest()
         if member is None:
             return None
+        candidates.sort(key=lambda e: e.digest is None)  # those already hashed cost nothing
+        hashed = 0
         for entry in candidates:
             if entry.digest is None:
-                entry.digest = self._digest(entry.path, entry.size)
+                if hashed >= self.max_candidates:
+                    self.stats["candidates_capped"] += 1
+                    break
+                hashed += 1
+                entry.digest = self._digest(entry.path, entry.size, tagged=True)
             if entry.digest is not None and entry.digest == member:
                 return entry
         return None
