@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,7 +25,7 @@ from agent.config import (
     WatchSpec,
     check_text,
 )
-from agent.events import EVENT_DATASETS, Event, from_dict
+from agent.events import EVENT_DATASETS, Event, from_dict, read_jsonl
 from agent.service import Agent
 from agent.sinks import Router
 
@@ -245,3 +247,128 @@ def loop_mount(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
         if leftover:
             subprocess.run(["losetup", "-d", leftover.split(":", 1)[0]], check=False)
         assert not leftover, f"loop device left attached: {leftover}"
+
+
+RUN_CONFIG = """\
+watch:
+  - path: {root}
+    tags: [rnd]
+    exclude: ["*.swp"]
+sinks:
+  - type: file
+    path: {out}
+    records: [alert, health, event]
+heartbeat_interval: 1h
+state_dir: {state}
+locations: {{enabled: false}}
+processes: {{enabled: false}}
+root_check_interval: 0.2s
+"""
+
+
+class Run:
+    """A real agent process (`exfilwatch run`) on a tagged tree, writing to a file sink."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.root = tmp / "rnd"
+        self.root.mkdir()
+        self.out = tmp / "log" / "records.jsonl"
+        self.config = tmp / "etc" / "agent.yaml"
+        self.config.parent.mkdir()
+        self.write_config(RUN_CONFIG.format(root=self.root, out=self.out, state=tmp / "state"))
+        exe = shutil.which("exfilwatch", path=os.path.dirname(sys.executable))
+        cmd = [exe] if exe else [sys.executable, "-m", "agent"]
+        self.argv = [*cmd, "run", "--config", str(self.config)]
+        self.more: list[subprocess.Popen[str]] = []  # earlier runs of the same agent
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.wait(lambda: self.health("source_ready"), "source_ready")
+
+    def write_config(self, text: str) -> None:
+        self.config.write_text(text)
+        self.config.chmod(0o600)
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.out.exists():
+            return []
+        with self.out.open() as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+
+    def events(self) -> list[Event]:
+        with self.out.open() as fh:
+            return [e for e in read_jsonl(fh) if isinstance(e, Event)]
+
+    def health(self, action: str) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in self.records()
+            if r["event"]["action"] == action and r["event"]["kind"] != "event"
+        ]
+
+    def has(self, action: str, path: Path, **fields: Any) -> bool:
+        return any(
+            e.action == action
+            and e.path == str(path)
+            and all(getattr(e, k) == v for k, v in fields.items())
+            for e in self.events()
+        )
+
+    def wait(self, predicate: Any, what: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"agent exited: {self.proc.stderr.read() if self.proc.stderr else ''}"
+                )
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def wait_event(self, action: str, path: Path, **fields: Any) -> None:
+        self.wait(lambda: self.has(action, path, **fields), f"{action} {path}")
+
+
+@pytest.fixture
+def agent_run(tmp_path: Path) -> Iterator[Run]:
+    """`exfilwatch run` as a real process on a tagged tree; killed at the end if still up."""
+    run = Run(tmp_path)
+    yield run
+    for proc in (run.proc, *run.more):
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+class Gate:
+    """A FIFO a child blocks on (`read go < fifo`) until the test opens it, so the child goes
+    on exactly when the test has seen what it waits for, however loaded the machine is."""
+
+    def __init__(self, path: Path) -> None:
+        os.mkfifo(path)
+        path.chmod(0o666)  # the test user opens it too
+        self.path = path
+
+    def open(self, timeout: float = 20.0) -> None:
+        """Let the child through; waits (up to timeout) for it to be at the gate."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:  # ENXIO: no reader yet
+                if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+                continue
+            try:
+                os.write(fd, b"go\n")
+            finally:
+                os.close(fd)
+            return

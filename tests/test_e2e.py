@@ -2,113 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import pytest
 
 from agent.events import Event, read_jsonl
-
-CONFIG = """\
-watch:
-  - path: {root}
-    tags: [rnd]
-    exclude: ["*.swp"]
-sinks:
-  - type: file
-    path: {out}
-    records: [alert, health, event]
-heartbeat_interval: 1h
-state_dir: {state}
-locations: {{enabled: false}}
-processes: {{enabled: false}}
-root_check_interval: 0.2s
-"""
-
-
-class Run:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.root = tmp / "rnd"
-        self.root.mkdir()
-        self.out = tmp / "log" / "records.jsonl"
-        self.config = tmp / "etc" / "agent.yaml"
-        self.config.parent.mkdir()
-        self.write_config(CONFIG.format(root=self.root, out=self.out, state=tmp / "state"))
-        exe = shutil.which("exfilwatch", path=os.path.dirname(sys.executable))
-        cmd = [exe] if exe else [sys.executable, "-m", "agent"]
-        self.argv = [*cmd, "run", "--config", str(self.config)]
-        self.more: list[subprocess.Popen[str]] = []  # earlier runs of the same agent
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.wait(lambda: self.health("source_ready"), "source_ready")
-
-    def write_config(self, text: str) -> None:
-        self.config.write_text(text)
-        self.config.chmod(0o600)
-
-    def records(self) -> list[dict[str, Any]]:
-        if not self.out.exists():
-            return []
-        with self.out.open() as fh:
-            return [json.loads(line) for line in fh if line.strip()]
-
-    def events(self) -> list[Event]:
-        with self.out.open() as fh:
-            return [e for e in read_jsonl(fh) if isinstance(e, Event)]
-
-    def health(self, action: str) -> list[dict[str, Any]]:
-        return [
-            r
-            for r in self.records()
-            if r["event"]["action"] == action and r["event"]["kind"] != "event"
-        ]
-
-    def has(self, action: str, path: Path, **fields: Any) -> bool:
-        return any(
-            e.action == action
-            and e.path == str(path)
-            and all(getattr(e, k) == v for k, v in fields.items())
-            for e in self.events()
-        )
-
-    def wait(self, predicate: Any, what: str, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"agent exited: {self.proc.stderr.read() if self.proc.stderr else ''}"
-                )
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}")
-
-    def wait_event(self, action: str, path: Path, **fields: Any) -> None:
-        self.wait(lambda: self.has(action, path, **fields), f"{action} {path}")
-
-
-@pytest.fixture
-def agent_run(tmp_path: Path) -> Iterator[Run]:
-    run = Run(tmp_path)
-    yield run
-    if run.proc.poll() is None:
-        run.proc.kill()
-        run.proc.wait()
-    if run.proc.stderr:
-        run.proc.stderr.close()
+from tests.conftest import Run
 
 
 def test_real_operations_are_recorded_as_normalized_events(agent_run: Run, tmp_path: Path) -> None:

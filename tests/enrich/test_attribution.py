@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import pwd
 import shutil
@@ -21,7 +20,7 @@ from agent.components import Component
 from agent.config import ProcessSettings, SinkSpec, WatchSpec
 from agent.enrich.attribution import ProcessTable, masquerade_of
 from agent.service import Agent
-from tests.conftest import Collector, make_config
+from tests.conftest import Collector, Gate, make_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,33 +34,6 @@ def wait_for(predicate: Callable[[], object], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return bool(predicate())
-
-
-class Gate:
-    """A FIFO a child blocks on (`read go < fifo`) until the test opens it, so the child goes
-    on exactly when the test has seen what it waits for, however loaded the machine is."""
-
-    def __init__(self, path: Path) -> None:
-        os.mkfifo(path)
-        path.chmod(0o666)  # the test user opens it too
-        self.path = path
-
-    def open(self, timeout: float = 20.0) -> None:
-        """Let the child through; waits (up to timeout) for it to be at the gate."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError as exc:  # ENXIO: no reader yet
-                if exc.errno != errno.ENXIO or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-                continue
-            try:
-                os.write(fd, b"go\n")
-            finally:
-                os.close(fd)
-            return
 
 
 def finish(child: subprocess.Popen[Any], gate: Gate) -> None:

@@ -23,6 +23,7 @@ from agent.events import Event
 from agent.service import Agent
 from agent.sources.inotify import read_sysctl
 from tests.conftest import REPO, Collector, as_user, make_config, needs_root
+from tests.sources.test_inotify import user_watches
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux")
 
@@ -508,20 +509,6 @@ def test_a_lazy_unmount_of_a_busy_filesystem_inside_a_tree_is_a_record(
 # 4. The watch limit and very long paths ----------------------------------------------------
 
 
-def _user_watches() -> int:
-    total = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-                with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
-                    total += sum(1 for line in fh if line.startswith("inotify wd:"))
-        except OSError:
-            continue
-    return total
-
-
 @needs_root
 def test_directories_skipped_at_the_watch_limit_are_watched_once_watches_free_up(
     tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
@@ -531,7 +518,7 @@ def test_directories_skipped_at_the_watch_limit_are_watched_once_watches_free_up
         (root / f"d{i:03}").mkdir(parents=True)
     agent = None
     for _ in range(3):  # another process freeing watches meanwhile can leave room: try again
-        with sysctl("max_user_watches", _user_watches() + 5):
+        with sysctl("max_user_watches", user_watches() + 5):
             agent = start(run_agent, tmp_path, WatchSpec(str(root), ("rnd",)))
             limited = bool(collector.health("watch_limit_reached"))
         if limited:

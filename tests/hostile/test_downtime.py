@@ -5,24 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-
-from tests.test_e2e import Run
-
-
-@pytest.fixture
-def agent_run(tmp_path: Path) -> Iterator[Run]:
-    run = Run(tmp_path)
-    yield run
-    for proc in (run.proc, *run.more):
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+from tests.conftest import Run
 
 
 def restart(run: Run) -> None:

@@ -3,8 +3,6 @@ tags in force and is reported (marker_tampered), naming them when attribution fi
 
 from __future__ import annotations
 
-import errno
-import os
 import pwd
 import shutil
 import stat
@@ -22,7 +20,7 @@ import pytest
 from agent.config import ProcessSettings, WatchSpec
 from agent.enrich.marker_state import STORE_NAME
 from agent.service import Agent
-from tests.conftest import Collector, as_user, config_from_yaml, make_config, needs_root
+from tests.conftest import Collector, Gate, as_user, config_from_yaml, make_config, needs_root
 
 pytestmark = needs_root
 
@@ -96,32 +94,6 @@ def still_tagged(c: Collector, user: str, directory: Path) -> None:
     path = directory / f"after-{time.monotonic_ns()}.txt"
     as_user(user, 'echo x > "$1"', str(path))
     c.wait_event("closed_write", path, tags=KEPT, sensitivity="critical", timeout=20)
-
-
-class Gate:
-    """A FIFO the user's shell waits on, so it acts only once the agent has seen it start
-    (and attribution can name it), however loaded the machine is."""
-
-    def __init__(self, path: Path) -> None:
-        os.mkfifo(path)
-        path.chmod(0o666)
-        self.path = path
-
-    def open(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError as exc:  # ENXIO: no reader yet
-                if exc.errno != errno.ENXIO or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-                continue
-            try:
-                os.write(fd, b"go\n")
-            finally:
-                os.close(fd)
-            return
 
 
 def as_user_seen(c: Collector, t: Tree, user: str, script: str, *args: str) -> None:

@@ -30,8 +30,7 @@ from agent.sinks import (
     check_sink_path,
     open_sink_file,
 )
-from tests.conftest import Collector, as_user, needs_root
-from tests.test_e2e import Run
+from tests.conftest import Collector, Run, as_user, needs_root
 
 HEALTH = frozenset({"health"})
 CONFIG = """\
@@ -491,17 +490,6 @@ def test_replacing_sinks_with_one_that_cannot_open_keeps_the_old_ones(
         assert old.read_text() == '{"n":0}\n'
     finally:
         router.close()
-
-
-@pytest.fixture
-def agent_run(tmp_path: Path) -> Iterator[Run]:
-    run = Run(tmp_path)
-    yield run
-    if run.proc.poll() is None:
-        run.proc.kill()
-        run.proc.wait()
-    if run.proc.stderr:
-        run.proc.stderr.close()
 
 
 def with_second_sink(run: Run, sink: Path) -> tuple[str, str]:

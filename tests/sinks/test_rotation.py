@@ -5,24 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.test_e2e import Run
-
-
-@pytest.fixture
-def agent_run(tmp_path: Path) -> Iterator[Run]:
-    run = Run(tmp_path)
-    yield run
-    if run.proc.poll() is None:
-        run.proc.kill()
-        run.proc.wait()
-    if run.proc.stderr:
-        run.proc.stderr.close()
+from tests.conftest import Run
 
 
 def records_in(path: Path) -> list[dict[str, Any]]:

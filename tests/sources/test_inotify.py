@@ -256,7 +256,7 @@ def test_kernel_queue_overflow_is_reported_and_followed_by_a_rescan(
     assert any(e.action == "rescanned" and e.source == "rescan" for e in collector.events())
 
 
-def _user_watches() -> int:
+def user_watches() -> int:
     total = 0
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -283,7 +283,7 @@ def test_watch_limit_is_reported_by_name_with_what_was_left_unwatched(
     path = "/proc/sys/fs/inotify/max_user_watches"
     records: list[dict[str, object]] = []
     for _ in range(3):  # another process freeing watches meanwhile can leave room: try again
-        Path(path).write_text(str(_user_watches() + 5))
+        Path(path).write_text(str(user_watches() + 5))
         try:
             agent = start(run_agent, tmp_path, WatchSpec(str(root)))
         finally:
