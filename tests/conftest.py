@@ -33,7 +33,10 @@ REPO = Path(__file__).resolve().parent.parent
 ECS_FIELDS = REPO.parent / "shared" / "ecs" / "fields.csv"
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (kernel inotify settings)")
-TEST_USER = "exfilwatch-test"
+# One user per test session: two sessions at once (a developer's and CI's, or parallel
+# helpers) never share, or delete under each other, the user they act as.
+TEST_USER = f"exfilwatch-t{os.getpid()}"
+USERADD = ("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin")
 
 
 @pytest.fixture(scope="session")
@@ -50,14 +53,30 @@ def test_user() -> Iterator[str]:
     try:
         pwd.getpwnam(TEST_USER)
     except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
-            check=True,
-        )
+        for attempt in range(10):  # another session may hold the passwd lock a moment
+            made = subprocess.run(
+                [*USERADD, TEST_USER],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if made.returncode == 0:
+                break
+            if attempt == 9:
+                raise AssertionError(f"useradd failed: {made.stderr}") from None
+            time.sleep(0.2)
         created = True
     yield TEST_USER
     if created:
-        subprocess.run(["userdel", TEST_USER], check=False)
+        for _ in range(10):
+            if subprocess.run(
+                ["userdel", TEST_USER], capture_output=True, check=False
+            ).returncode in (
+                0,
+                6,  # no such user
+            ):
+                break
+            time.sleep(0.2)
 
 
 def as_user(user: str, script: str, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
