@@ -360,11 +360,15 @@ class Agent:
             with self._lock:
                 for info in added:
                     self._mount_specs[info.mount.mountpoint] = self._mount_spec(info)
-                    self._report(record("media_mounted", info.kind, **_mount_data(info)))
                 for info in removed:
                     self._mount_specs.pop(info.mount.mountpoint, None)
-                    self._report(record("media_unmounted", info.kind, **_mount_data(info)))
+                # Watched first, then said: a `media_mounted` record means the medium is
+                # watched (what was written on it before is reported by the scan).
                 self._apply_specs()
+                for info in added:
+                    self._report(record("media_mounted", info.kind, **_mount_data(info)))
+                for info in removed:
+                    self._report(record("media_unmounted", info.kind, **_mount_data(info)))
         except Exception as exc:
             # A scheduled job must not fail silently inside the scheduler's own log.
             log.exception("mount_check_failed")
