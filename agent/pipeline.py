@@ -216,6 +216,7 @@ class Pipeline:
         self._health_pending = 0
         self._health_lock = threading.Lock()
         self.health_dropped = 0
+        self._health_unreported = 0
         self.processed = 0
         self.processed_by_lane = dict.fromkeys(LANES, 0)
         self._last_retry = 0.0
@@ -279,8 +280,10 @@ class Pipeline:
             self._write_health(rec)
             return
         with self._health_lock:
-            if self._health_pending >= _HEALTH_CAP:
-                self.health_dropped += 1  # the consumer is stuck; reported by the heartbeat
+            if self._health_pending >= _HEALTH_CAP and rec["event"].get("kind") != "alert":
+                # The consumer is stuck: drop (alerts never), and say how many once it is not.
+                self.health_dropped += 1
+                self._health_unreported += 1
                 return
             self._health_pending += 1
         self.queue.put_control(rec)
@@ -310,19 +313,16 @@ class Pipeline:
     def _run(self) -> None:
         while True:
             lane, item = self.queue.get(timeout=0.5)
-            self._report_shed()
-            if self._expire_at is not None and self.engine is not None:
-                # Engine state is touched by this thread only: expiry runs here, not in the
-                # scheduler's thread (a dict changing size mid-iteration would be the result).
-                expire_at, self._expire_at = self._expire_at, None
-                self.engine.expire(expire_at)
-            if item is None:
-                if self._next_engine is not None:
-                    self._install_engine()
-                self._retry_sinks()
-                continue
+            try:
+                self._turn(item)
+            except Exception as exc:
+                # Nothing may end the consumer (that would lose every later event).
+                log.exception("pipeline_error")
+                self._write_health(record("source_error", type(exc).__name__, stage="pipeline"))
             if item is _STOP:
                 return
+            if item is None:
+                continue
             try:
                 if isinstance(item, dict):
                     with self._health_lock:
@@ -336,10 +336,39 @@ class Pipeline:
             except Exception as exc:
                 # One bad batch must not stop the consumer (that would lose every later event).
                 log.exception("pipeline_error")
-                lost = len(item) if isinstance(item, list) else 1
+                if isinstance(item, _Checked):
+                    lost = len(item.events)
+                else:
+                    lost = len(item) if isinstance(item, list) else 1
                 self._write_health(
                     record("source_error", type(exc).__name__, stage="pipeline", lost=lost)
                 )
+
+    def _turn(self, item: Any) -> None:
+        """Between two items: losses to report, window expiry, a new rule set, sink retries."""
+        self._report_shed()
+        if self._health_unreported:
+            with self._health_lock:
+                dropped, self._health_unreported = self._health_unreported, 0
+            self._write_health(
+                record(
+                    "event_loss",
+                    "health_queue_full",
+                    dropped=dropped,
+                    dropped_total=self.health_dropped,
+                    queue_size=_HEALTH_CAP,
+                    hint="health records were dropped while the consumer was stuck",
+                )
+            )
+        if self._expire_at is not None and self.engine is not None:
+            # Engine state is touched by this thread only: expiry runs here, not in the
+            # scheduler's thread (a dict changing size mid-iteration would be the result).
+            expire_at, self._expire_at = self._expire_at, None
+            self.engine.expire(expire_at)
+        if item is None:
+            if self._next_engine is not None:
+                self._install_engine()
+            self._retry_sinks()
 
     def _report_shed(self) -> None:
         shed = self.queue.take_shed()
@@ -413,15 +442,27 @@ class Pipeline:
         marker: str,
         stats: dict[str, os.stat_result | None],
     ) -> Event:
-        ts, action, path, src_path, is_dir, source, _ = raw
+        ts, action, path, src_path, is_dir, source, location = raw
         slash = path.rfind("/")
         directory = path[:slash] or "/"
         name = path[slash + 1 :]
+        # Tags and markers belong to the tagged trees: what happens elsewhere (a marker file
+        # or a mv loop in /tmp) never costs a marker parse or a cache flush, unless its other
+        # end was in a tagged tree.
+        tagged = location == "tagged"
+        src_tagged = src_path is not None and (
+            tagged
+            or resolver.resolve_dir(src_path[: src_path.rfind("/")] or "/").location == "tagged"
+        )
         if is_dir and action in _TREE_ACTIONS:
-            resolver.tree_changed(path)
-            if src_path is not None:
+            if tagged:
+                resolver.tree_changed(path)
+            if src_path is not None and src_tagged:
                 resolver.tree_changed(src_path)
-        if not is_dir and (name == marker or (src_path and src_path.endswith("/" + marker))):
+        if not is_dir and (
+            (tagged and name == marker)
+            or (src_tagged and src_path is not None and src_path.endswith("/" + marker))
+        ):
             self._marker_event(raw)
         resolved = resolver.resolve_dir(path if is_dir else directory)
         file_type = "dir" if is_dir else "file"

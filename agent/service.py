@@ -412,7 +412,9 @@ class Agent:
         self._stopped = True
         deadline = time.monotonic() + timeout
         if self.scheduler is not None:
-            self.scheduler.shutdown(wait=False)
+            # Wait for a running job (a checkpoint, a process scan): none may run into a
+            # drained pipeline or write the state file beside the clean stop's write.
+            self.scheduler.shutdown(wait=True)
             self.scheduler = None
         pipeline = self.pipeline
         drained = True

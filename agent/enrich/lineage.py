@@ -355,6 +355,8 @@ class LineageIndex:
             if entry.digest is None:
                 if hashed >= self.max_candidates:
                     self.stats["candidates_capped"] += 1
+                    if self._on_cap is not None:
+                        self._on_cap("lineage_candidates", self.max_candidates, {"size": size})
                     break
                 hashed += 1
                 entry.digest = self._digest(entry.path, entry.size, tagged=True)

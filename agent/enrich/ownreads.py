@@ -65,7 +65,13 @@ class OwnReads:
             return False
         with self._lock:
             entry = self._pending.get(path)
-            if entry is None or entry[slot] <= 0:
+            if entry is None:
+                return False
+            if entry[2] <= self._clock():  # our own event never came: a user's is not ours
+                del self._pending[path]
+                self.counters["expired"] += 1
+                return False
+            if entry[slot] <= 0:
                 return False
             entry[slot] -= 1
             if entry[0] <= 0 and entry[1] <= 0:

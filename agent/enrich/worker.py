@@ -245,8 +245,11 @@ class EnrichmentWorker:
         self.counters["bytes_read"] += read
         self.counters["enriched"] += 1
         with self._cond:
-            self._io[cls].tokens -= read
-            self._cpu[cls].tokens -= spent
+            # Debt is capped at one second of budget: a 100 GB sparse "archive" (charged by
+            # its size) must not stop every later check for half an hour.
+            io, cpu = self._io[cls], self._cpu[cls]
+            io.tokens = max(-io.rate, io.tokens - read)
+            cpu.tokens = max(-cpu.rate, cpu.tokens - spent)
         return out
 
     def _next(self, cls: int) -> Event | None:

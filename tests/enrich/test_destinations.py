@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import uuid
@@ -289,3 +290,17 @@ def test_copies_made_the_moment_a_stick_is_mounted_are_all_traced(
         wanted - traced(world.collector, wanted)
     )
     assert world.collector.wait_for(lambda c: bool(world.alerts("exfil-removable-bulk-copy")))
+
+
+def test_a_marker_file_outside_the_tagged_trees_is_never_parsed(world: World) -> None:
+    # Anyone can write `.exfilwatch.yaml` into /tmp: it tags nothing there, so the agent
+    # spends no parse (and writes no record) on it.
+    bait = world.stage / ".exfilwatch.yaml"
+    bait.write_text("tags: [" + ", ".join(f"t{i}" for i in range(50)) + "]\n")
+    world.collector.wait_event("closed_write", bait)
+    names = {"marker_loaded", "marker_rejected", "marker_tampered"}
+    assert not [
+        r
+        for r in world.collector.health()
+        if r["event"]["action"] in names and str(world.stage) in json.dumps(r)
+    ]

@@ -42,3 +42,12 @@ def test_the_ledger_is_capped_and_counts_what_it_let_go() -> None:
     assert ledger.stats()["over_cap"] == 2
     assert ledger.take("/r/0", "opened") is False
     assert ledger.take("/r/4", "opened") is True
+
+
+def test_an_entry_past_its_time_never_takes_a_users_event() -> None:
+    clock = Clock()
+    ledger = OwnReads(ttl=10.0, clock=clock)
+    ledger.expect("/r/a.v")  # our open was lost (a cut lane): the entry must not linger
+    clock.now += 11
+    assert ledger.take("/r/a.v", "opened") is False
+    assert not ledger
