@@ -959,13 +959,17 @@ class InotifySource:
             try:
                 with _listing(d) as it:
                     for entry in it:
+                        try:
+                            is_dir = entry.is_dir(follow_symlinks=False)  # d_type: no syscall
+                        except OSError:
+                            continue
+                        if not is_dir and not files and not (scan and out is not None):
+                            # Only directories are watched here: a million files in /tmp
+                            # cost a d_type test each, not a path and a glob match.
+                            continue
                         name = entry.name
                         p = f"{d}/{name}" if d != "/" else f"/{name}"
                         if ex and ex.leaf_excluded(root.rel(p), name):
-                            continue
-                        try:
-                            is_dir = entry.is_dir(follow_symlinks=False)
-                        except OSError:
                             continue
                         st: os.stat_result | None = None
                         report = scan and out is not None
