@@ -297,10 +297,14 @@ class LineageIndex:
         name = os.path.basename(path)
         # Same-name candidates first, then those already hashed (free), then the others.
         candidates.sort(key=lambda e: (os.path.basename(e.path) != name, e.digest is None))
+        entry = self._same_content([e for e in candidates if e.path != path], digest, size)
+        return Origin(entry.path, entry.tags, "content") if entry is not None else None
+
+    def _same_content(self, candidates: list[_Entry], digest: bytes, size: int) -> _Entry | None:
+        """The first candidate whose content digest is `digest`, hashing (as the agent's own
+        reads, throttled) at most `max_candidates` of those not hashed yet."""
         hashed = 0
         for entry in candidates:
-            if entry.path == path:
-                continue
             if entry.digest is None:
                 if hashed >= self.max_candidates:
                     self.stats["candidates_capped"] += 1
@@ -309,10 +313,8 @@ class LineageIndex:
                     break
                 hashed += 1
                 entry.digest = self._digest(entry.path, entry.size, tagged=True)
-                if entry.digest is None:
-                    continue
-            if entry.digest == digest:
-                return Origin(entry.path, entry.tags, "content")
+            if entry.digest is not None and entry.digest == digest:
+                return entry
         return None
 
     def lookup(self, path: str) -> Origin | None:
@@ -350,19 +352,7 @@ class LineageIndex:
         if member is None:
             return None
         candidates.sort(key=lambda e: e.digest is None)  # those already hashed cost nothing
-        hashed = 0
-        for entry in candidates:
-            if entry.digest is None:
-                if hashed >= self.max_candidates:
-                    self.stats["candidates_capped"] += 1
-                    if self._on_cap is not None:
-                        self._on_cap("lineage_candidates", self.max_candidates, {"size": size})
-                    break
-                hashed += 1
-                entry.digest = self._digest(entry.path, entry.size, tagged=True)
-            if entry.digest is not None and entry.digest == member:
-                return entry
-        return None
+        return self._same_content(candidates, member, size)
 
     def _digest(self, path: str, size: int, *, tagged: bool = False) -> bytes | None:
         cost = hashed_bytes(size, self.hash_max_bytes)
