@@ -123,8 +123,12 @@ class LineageIndex:
         self._budget = _Budget(io_budget)
         self._on_cap = on_cap
         self._by_path: dict[str, _Entry] = {}
-        self._by_size: dict[int, list[_Entry]] = {}
-        self._by_name: dict[str, list[_Entry]] = {}
+        # Buckets are dicts keyed by path, never lists: 100,000 tagged files of one size (a
+        # generated tree) made every change of one of them a linear list removal.
+        self._unhashed: dict[int, dict[str, _Entry]] = {}  # by size, digest not known yet
+        self._by_digest: dict[tuple[int, bytes], dict[str, _Entry]] = {}  # by (size, digest)
+        self._by_name: dict[str, dict[str, _Entry]] = {}
+        self._sizes: dict[int, int] = {}  # entries per size
         self._tags: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._dirs: dict[str, set[str]] = {}
         self._departed: OrderedDict[tuple[str, int], tuple[float, Origin]] = OrderedDict()
@@ -162,11 +166,7 @@ class LineageIndex:
                 if self._on_cap is not None:
                     self._on_cap("lineage_index", self.max_files, {"path_dropped": True})
                 return
-            entry = _Entry(path, size, mtime_ns, self._tags.setdefault(tags, tags))
-            self._by_path[path] = entry
-            self._by_size.setdefault(size, []).append(entry)
-            self._by_name.setdefault(os.path.basename(path), []).append(entry)
-            self._dirs.setdefault(os.path.dirname(path), set()).add(path)
+            self._insert(_Entry(path, size, mtime_ns, self._tags.setdefault(tags, tags)))
 
     def remove(self, path: str) -> None:
         with self._lock:
@@ -195,7 +195,7 @@ class LineageIndex:
             found = self._departed.pop((name, size), None)
             if found is not None and time.monotonic() - found[0] <= DEPARTED_SECONDS:
                 return found[1]
-            candidates = [e for e in self._by_name.get(name, ()) if e.size == size]
+            candidates = [e for e in self._by_name.get(name, {}).values() if e.size == size]
         for entry in candidates:
             if not os.path.lexists(entry.path):
                 return Origin(entry.path, entry.tags, "move")
@@ -223,30 +223,69 @@ class LineageIndex:
                 self._remove(entry)
             for entry in moved:
                 entry.path = dst + entry.path[len(src) :]
-                self._by_path[entry.path] = entry
-                self._by_size.setdefault(entry.size, []).append(entry)
-                self._by_name.setdefault(os.path.basename(entry.path), []).append(entry)
-                self._dirs.setdefault(os.path.dirname(entry.path), set()).add(entry.path)
+                self._insert(entry)
+
+    def _bucket(self, entry: _Entry) -> dict[str, _Entry]:
+        if entry.digest is None:
+            return self._unhashed.setdefault(entry.size, {})
+        return self._by_digest.setdefault((entry.size, entry.digest), {})
+
+    def _insert(self, entry: _Entry) -> None:
+        path = entry.path
+        self._by_path[path] = entry
+        self._sizes[entry.size] = self._sizes.get(entry.size, 0) + 1
+        self._bucket(entry)[path] = entry
+        self._by_name.setdefault(os.path.basename(path), {})[path] = entry
+        self._dirs.setdefault(os.path.dirname(path), set()).add(path)
 
     def _remove(self, entry: _Entry) -> None:
-        del self._by_path[entry.path]
-        d = os.path.dirname(entry.path)
+        path = entry.path
+        del self._by_path[path]
+        left = self._sizes.get(entry.size, 1) - 1
+        if left:
+            self._sizes[entry.size] = left
+        else:
+            self._sizes.pop(entry.size, None)
+        d = os.path.dirname(path)
         paths = self._dirs.get(d)
         if paths is not None:
-            paths.discard(entry.path)
+            paths.discard(path)
             if not paths:
                 del self._dirs[d]
-        sized = self._by_size.get(entry.size)
-        if sized is not None:
-            sized.remove(entry)
-            if not sized:
-                del self._by_size[entry.size]
-        name = os.path.basename(entry.path)
+        if entry.digest is None:
+            sized = self._unhashed.get(entry.size)
+            if sized is not None:
+                sized.pop(path, None)
+                if not sized:
+                    del self._unhashed[entry.size]
+        else:
+            same = self._by_digest.get((entry.size, entry.digest))
+            if same is not None:
+                same.pop(path, None)
+                if not same:
+                    del self._by_digest[(entry.size, entry.digest)]
+        name = os.path.basename(path)
         named = self._by_name.get(name)
         if named is not None:
-            named.remove(entry)
+            named.pop(path, None)
             if not named:
                 del self._by_name[name]
+
+    def _hashed(self, entry: _Entry, digest: bytes | None) -> None:
+        """Record a tagged file's digest, if the entry is still the indexed one for its path
+        (it may have changed or gone while it was hashed outside the lock)."""
+        if digest is None:
+            return
+        with self._lock:
+            if self._by_path.get(entry.path) is not entry or entry.digest is not None:
+                return
+            bucket = self._unhashed.get(entry.size)
+            if bucket is not None:
+                bucket.pop(entry.path, None)
+                if not bucket:
+                    del self._unhashed[entry.size]
+            entry.digest = digest
+            self._bucket(entry)[entry.path] = entry
 
     def build(
         self,
@@ -287,33 +326,53 @@ class LineageIndex:
 
     def find_copy(self, path: str, size: int) -> Origin | None:
         """The tagged file `path` is a copy of, by size then content hash; None if none."""
-        with self._lock:
-            candidates = list(self._by_size.get(size, ()))
-        if not candidates:
+        if not self.has_size(size):
             return None
         digest = self._digest(path, size)
         if digest is None:
             return None
-        name = os.path.basename(path)
-        # Same-name candidates first, then those already hashed (free), then the others.
-        candidates.sort(key=lambda e: (os.path.basename(e.path) != name, e.digest is None))
-        entry = self._same_content([e for e in candidates if e.path != path], digest, size)
+        entry = self._same_content(size, digest, name=os.path.basename(path), exclude=path)
         return Origin(entry.path, entry.tags, "content") if entry is not None else None
 
-    def _same_content(self, candidates: list[_Entry], digest: bytes, size: int) -> _Entry | None:
-        """The first candidate whose content digest is `digest`, hashing (as the agent's own
-        reads, throttled) at most `max_candidates` of those not hashed yet."""
-        hashed = 0
-        for entry in candidates:
-            if entry.digest is None:
-                if hashed >= self.max_candidates:
-                    self.stats["candidates_capped"] += 1
-                    if self._on_cap is not None:
-                        self._on_cap("lineage_candidates", self.max_candidates, {"size": size})
+    def has_size(self, size: int) -> bool:
+        """Whether a tagged file of this size is indexed (a dict lookup, no lock needed)."""
+        return self._sizes.get(size, 0) > 0
+
+    def _same_content(
+        self, size: int, digest: bytes, *, name: str | None = None, exclude: str | None = None
+    ) -> _Entry | None:
+        """The tagged file whose content digest is `digest`: one already hashed (a lookup),
+        else the first match among those not hashed yet, same-name ones first, hashing (as the
+        agent's own reads, throttled) at most `max_candidates` of them. Constant work per
+        question whatever the number of tagged files of that size."""
+        limit = self.max_candidates
+        with self._lock:
+            for entry in self._by_digest.get((size, digest), {}).values():
+                if entry.path != exclude:
+                    return entry
+            picks: list[_Entry] = []
+            seen: set[str] = set()
+            if name is not None:
+                for entry in self._by_name.get(name, {}).values():
+                    if len(picks) > limit:
+                        break
+                    if entry.size == size and entry.digest is None and entry.path != exclude:
+                        picks.append(entry)
+                        seen.add(entry.path)
+            for entry in self._unhashed.get(size, {}).values():
+                if len(picks) > limit:
                     break
-                hashed += 1
-                entry.digest = self._digest(entry.path, entry.size, tagged=True)
-            if entry.digest is not None and entry.digest == digest:
+                if entry.path not in seen and entry.path != exclude:
+                    picks.append(entry)
+        for hashed, entry in enumerate(picks):
+            if hashed >= limit:
+                self.stats["candidates_capped"] += 1
+                if self._on_cap is not None:
+                    self._on_cap("lineage_candidates", limit, {"size": size})
+                break
+            found = self._digest(entry.path, entry.size, tagged=True)
+            self._hashed(entry, found)
+            if found is not None and found == digest:
                 return entry
         return None
 
@@ -327,14 +386,14 @@ class LineageIndex:
         """A tagged file with this base name (for encrypted or encoded wrappers)."""
         with self._lock:
             bucket = self._by_name.get(name)
-            entry = bucket[0] if bucket else None
+            entry = next(iter(bucket.values())) if bucket else None
         return Origin(entry.path, entry.tags, "name") if entry is not None else None
 
     def match_member(self, name: str, size: int) -> _Entry | None:
         """A tagged file an archive member looks like: same base name and size."""
         base = name.rstrip("/").rsplit("/", 1)[-1]
         with self._lock:
-            for entry in self._by_name.get(base, ()):
+            for entry in self._by_name.get(base, {}).values():
                 if entry.size == size:
                     return entry
         return None
@@ -344,15 +403,12 @@ class LineageIndex:
         same content digest. `digest()` hashes the member as `content_digest` hashes a file of
         that size; it is called only when a tagged file has that size, and may give None (not
         hashed). Tagged files' digests are computed as for `find_copy`, cached, throttled."""
-        with self._lock:
-            candidates = list(self._by_size.get(size, ()))
-        if not candidates:
+        if not self.has_size(size):
             return None
         member = digest()
         if member is None:
             return None
-        candidates.sort(key=lambda e: e.digest is None)  # those already hashed cost nothing
-        return self._same_content(candidates, member, size)
+        return self._same_content(size, member)
 
     def _digest(self, path: str, size: int, *, tagged: bool = False) -> bytes | None:
         cost = hashed_bytes(size, self.hash_max_bytes)

@@ -136,3 +136,58 @@ def test_an_event_with_microsecond_mtime_does_not_churn_the_entry(tmp_path: Path
     entry.digest = b"cached"
     index.add(str(top), st.st_size, (st.st_mtime_ns // 1000) * 1000, ("chip",))
     assert index._by_path[str(top)] is entry and entry.digest == b"cached"
+
+
+def test_a_known_digest_is_a_lookup_whatever_the_number_of_same_size_files(
+    tmp_path: Path,
+) -> None:
+    # 2,000 tagged files of one size (a generated tree): a copy of one is found by hashing at
+    # most max_candidates of them; once its digest is known, the next copy costs one hash
+    # (its own), not another round over the same-size files.
+    tree = tmp_path / "rnd"
+    tree.mkdir()
+    idx = LineageIndex()
+    for i in range(2000):
+        f = tree / f"f{i:04d}"
+        f.write_bytes(b"%016d" % i)
+        st = f.stat()
+        idx.add(str(f), st.st_size, st.st_mtime_ns, ("chip",))
+    first = next(iter(idx._unhashed[16].values())).path
+    copy = tmp_path / "copy"
+    shutil.copyfile(first, copy)
+    origin = idx.find_copy(str(copy), 16)
+    assert origin is not None and origin.path == first
+    before = idx.stats["hashes"]
+    again = tmp_path / "again"
+    shutil.copyfile(first, again)
+    origin = idx.find_copy(str(again), 16)
+    assert origin is not None and origin.path == first
+    assert idx.stats["hashes"] == before + 1
+    # Not found among the first max_candidates: the cap is counted, nothing else hashed.
+    stranger = tmp_path / "stranger"
+    stranger.write_bytes(b"x" * 16)
+    before = idx.stats["hashes"]
+    assert idx.find_copy(str(stranger), 16) is None
+    assert idx.stats["hashes"] == before + 1 + idx.max_candidates
+    assert idx.stats["candidates_capped"] == 1
+
+
+def test_churn_of_same_size_files_is_linear() -> None:
+    # Rewriting every one of N same-size tagged files (a build) replaces N entries: this took
+    # a list removal each (quadratic) when buckets were lists. Compared with the same churn
+    # over N distinct sizes, in the same run (no absolute time).
+    import time
+
+    def churn(sizes: list[int]) -> float:
+        idx = LineageIndex(max_files=100_000)
+        for i, size in enumerate(sizes):
+            idx.add(f"/t/d{i % 100}/f{i}", size, 1_000, ("t",))
+        began = time.perf_counter()
+        for i, size in enumerate(sizes):
+            idx.add(f"/t/d{i % 100}/f{i}", size, 2_000, ("t",))
+        return time.perf_counter() - began
+
+    n = 20_000
+    distinct = min(churn(list(range(1, n + 1))) for _ in range(3))
+    same = min(churn([17] * n) for _ in range(3))
+    assert same < 5 * distinct, (same, distinct)
