@@ -12,6 +12,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import IO, Any
 
+from msgspec.structs import astuple
+
 from agent.alerts import stamp_created
 from agent.config import check_file, default_config_path
 from agent.diagnostics import Problem, errors_only, format_problems
@@ -176,7 +178,7 @@ _DOTTED = {attr: dotted for dotted, attr in SETTABLE.items()}
 def _lone_surrogate(e: Event) -> str | None:
     """The first field holding a character no system text can (JSON "\\ud800"): alert ids
     hash every value as bytes, so such an event would stop the replay, not just itself."""
-    for attr, value in zip(Event._fields, e, strict=True):
+    for attr, value in zip(Event.__struct_fields__, astuple(e), strict=True):
         for v in value if isinstance(value, tuple) else (value,):
             if isinstance(v, str) and not v.isascii():
                 try:

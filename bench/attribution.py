@@ -138,6 +138,7 @@ from common import (
     progress,
     table,
 )
+from msgspec.structs import replace as evolve
 
 from agent.config import (
     Config,
@@ -750,7 +751,7 @@ def part_burst(args: argparse.Namespace, cleanup: Cleanup, fan_ok: bool) -> dict
         name = "fields_only"
 
         def __call__(self, e: Event, /) -> Event:
-            return e._replace(**fixed, attribution="exact", attribution_method="fanotify")
+            return evolve(e, **fixed, attribution="exact", attribution_method="fanotify")
 
     fields_only = FieldsOnly()
 

@@ -173,7 +173,7 @@ PROCESS_CUM = list(accumulate(w for _, w in PROCESSES))
 # Programs a file event is attributed to (fanotify or the process table).
 FILE_TOOLS = ("vim", "python3", "cp", "rsync", "make", "gcc", "code", "cat", "git", "tar")
 # Attribution fields exist from the attribution commit on; older trees run without them.
-ATTRIBUTION = "attribution" in Event._fields
+ATTRIBUTION = "attribution" in Event.__struct_fields__
 
 
 class Population:

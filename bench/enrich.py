@@ -474,10 +474,11 @@ def structure_sizes(index: LineageIndex) -> dict[str, int]:
         "by_path dict": size(index._by_path),
         "entries (_Entry)": sum(size(e) for e in entries),
         "path strings": sum(size(e.path) for e in entries),
-        "by_size dict": size(index._by_size),
-        "by_size lists": sum(size(v) for v in index._by_size.values()),
-        "by_name dict": size(index._by_name),
-        "by_name lists": sum(size(v) for v in index._by_name.values()),
+        "by_size dicts": size(index._unhashed)
+        + sum(size(v) for v in index._unhashed.values())
+        + size(index._by_digest)
+        + sum(size(v) for v in index._by_digest.values()),
+        "by_name dicts": size(index._by_name) + sum(size(v) for v in index._by_name.values()),
         "name strings (keys)": sum(size(k) for k in index._by_name),
         "size + mtime_ns ints": sum(
             (size(e.size) if e.size > 256 else 0) + size(e.mtime_ns) for e in entries

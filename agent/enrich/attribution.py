@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import psutil
+from msgspec.structs import replace as evolve
 
 from agent.events import Event
 from agent.health import CapReporter, Reporter, record
@@ -530,7 +531,8 @@ class Attributor:
                 # The process was gone before its user could be read: its file's owner is.
                 fields["user_id"] = e.uid
                 fields["user_name"] = _username(int(e.uid), self._users)
-            return e._replace(
+            return evolve(
+                e,
                 **fields,
                 attribution="exact" if method == "fanotify" else "inferred",
                 attribution_method=method,
@@ -538,7 +540,8 @@ class Attributor:
         if e.action in ("created", "closed_write", "moved_in") and e.uid is not None:
             self.counters["owner"] += 1
             uid = int(e.uid)
-            return e._replace(
+            return evolve(
+                e,
                 user_name=_username(uid, self._users),
                 user_id=e.uid,
                 attribution="inferred",
@@ -547,9 +550,9 @@ class Attributor:
         user = self._console()
         if user is not None:
             self.counters["console"] += 1
-            return e._replace(user_name=user, attribution="inferred", attribution_method="console")
+            return evolve(e, user_name=user, attribution="inferred", attribution_method="console")
         self.counters["none"] += 1
-        return e._replace(attribution="none")
+        return evolve(e, attribution="none")
 
 
 _console_cache: tuple[float, str | None] = (0.0, None)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from msgspec.structs import replace as evolve
+
 from agent.enrich.archives import HashLimits, MemberDigest, archive_kind, inspect_archive
 from agent.enrich.disguise import (
     encoding,
@@ -77,7 +79,7 @@ class Destinations:
         ):
             changes["disguise"] = ("extension_changed",)
         self.counters["copies"] += 1
-        return e._replace(**changes)
+        return evolve(e, **changes)
 
     def wants(self, e: Event) -> bool:
         """Does this event need its content read (a regular file landing outside the trees)?"""
@@ -167,7 +169,7 @@ class Destinations:
         if len(signals) > len(e.disguise):
             self.counters["disguised"] += 1
             changes["disguise"] = tuple(dict.fromkeys(signals))
-        return (e._replace(**changes) if changes else e), read
+        return (evolve(e, **changes) if changes else e), read
 
     def _tagged(self, e: Event) -> Event:
         """Keep the index current from the tagged trees' own events; flag renames that
@@ -199,7 +201,7 @@ class Destinations:
             and e.file_type == "file"
             and extension_changed(e.src_path, e.path)
         ):
-            return e._replace(disguise=("extension_changed",))
+            return evolve(e, disguise=("extension_changed",))
         return e
 
 

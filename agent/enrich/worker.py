@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
+from msgspec.structs import replace as evolve
 
 from agent.events import Event
 from agent.health import Reporter, record
@@ -167,7 +168,7 @@ class EnrichmentWorker:
             if left:
                 self._skipped("stopping", len(left))
         if left:
-            self._deliver([e._replace(enrichment_skipped="stopping") for e in left])
+            self._deliver([evolve(e, enrichment_skipped="stopping") for e in left])
         self._flush_report(force=True)
 
     def stats(self) -> dict[str, Any]:
@@ -212,7 +213,7 @@ class EnrichmentWorker:
                 if item is None and not expired and not done:
                     self._cond.wait(max(0.005, min(wait, 0.5)))
             if expired:
-                done.extend(e._replace(enrichment_skipped="over_budget") for e in expired)
+                done.extend(evolve(e, enrichment_skipped="over_budget") for e in expired)
             if item is not None:
                 done.append(self._work(item, cls))
             if done and first_done is None:

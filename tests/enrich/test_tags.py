@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from msgspec.structs import replace as evolve
+
 from agent.config import WatchSpec
 from agent.enrich.marker_state import MAX_TAGS, STORE_NAME, forget, read_store
 from agent.enrich.tags import MAX_RESOLVED_TAGS, TagResolver, parse_marker, read_marker
@@ -181,7 +183,7 @@ def test_deleting_a_marker_keeps_its_tags_and_names_who_did_it(tmp_path: Path) -
     t = Tree(tmp_path)
     t.marker.unlink()
     by = Event(0, "deleted", str(t.marker), user_name="mallory", user_id="1001")
-    t.changed(by._replace(process_pid=4242, process_name="rm", attribution="inferred"))
+    t.changed(evolve(by, process_pid=4242, process_name="rm", attribution="inferred"))
     assert t.tags() == ("rnd", "crown-jewels") and t.sensitivity() == "critical"
     [rec] = of(t.reports, "marker_tampered")
     assert rec["event"]["reason"] == "deleted" and rec["event"]["type"] == ["deletion"]
