@@ -66,6 +66,7 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "sink_error": ("state", "error"),
     "enrichment_skipped": ("metric", "warning"),
     "sink_recovered": ("state", "info"),
+    "source_actions": ("state", "info"),
 }
 
 Reporter = Callable[[dict[str, Any]], None]

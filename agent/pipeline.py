@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import structlog
+from msgspec.structs import replace as evolve
 
 from agent.alerts import stamp_created
 from agent.enrich.ownreads import OwnReads
@@ -218,6 +219,7 @@ class Pipeline:
         self.health_dropped = 0
         self._health_unreported = 0
         self.processed = 0
+        self.stats_taken = 0  # lstat calls: at most one per path and batch
         self.processed_by_lane = dict.fromkeys(LANES, 0)
         self._last_retry = 0.0
 
@@ -429,7 +431,7 @@ class Pipeline:
                 elif worker.submit(event):
                     continue  # finished when the worker hands it back
                 else:
-                    event = event._replace(enrichment_skipped=worker.refused())
+                    event = evolve(event, enrichment_skipped=worker.refused())
             ready.append(event)
         self.processed += len(batch)
         self.processed_by_lane[lane] += len(batch)
@@ -473,6 +475,7 @@ class Pipeline:
             if path in stats:
                 st = stats[path]
             else:
+                self.stats_taken += 1
                 try:
                     st = os.lstat(path)
                 except OSError:
@@ -549,7 +552,8 @@ class Pipeline:
             path = path[: path.rfind("/")] or "/"
         resolved = self.resolver.resolve_dir(path)
         self._sequence += 1
-        return e._replace(
+        return evolve(
+            e,
             tags=resolved.tags,
             sensitivity=resolved.sensitivity,
             root=resolved.root,
@@ -598,7 +602,7 @@ class Pipeline:
                     owner: str | None = str(os.lstat(path).st_uid)  # for a creation
                 except OSError:
                     owner = None
-                by = by._replace(uid=owner)
+                by = evolve(by, uid=owner)
             by = attribute(by)
         directory = path[: path.rfind("/")] or "/"
         # Either end of a move may be the marker (renamed into place, or renamed away).
@@ -626,6 +630,7 @@ class Pipeline:
             "queue_waits": q.waits,
             "dropped_total": sum(q.dropped.values()),
             "processed": self.processed,
+            "lstat_calls": self.stats_taken,
             "own_reads_dropped": self.own_reads_dropped,
             "health_dropped": self.health_dropped,
         }

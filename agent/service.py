@@ -26,6 +26,7 @@ from agent.rules.compiler import RuleSet, load_rules
 from agent.rules.engine import Engine
 from agent.sinks import Router, SinkOpenError
 from agent.sources import Source
+from agent.sources.base import OPTIONAL_ACTIONS, needed_actions
 from agent.state import AgentState, PreviousRun
 
 if TYPE_CHECKING:
@@ -82,6 +83,9 @@ class Agent:
         self._running: list[Component] = []
         self.state = AgentState(config.state_dir)
         self._state_error: str | None = None
+        self._ruleset: RuleSet | None = None
+        self._actions: frozenset[str] | None = None
+        self._actions_known = False
 
     def load_rules(self) -> bool:
         """Read and compile the configured rules before start; False (and problems) when bad."""
@@ -112,6 +116,8 @@ class Agent:
             return False
         engine = Engine(ruleset, on_cap=self._engine_cap)
         self.pipeline.set_engine(engine)
+        self._ruleset = ruleset
+        self._update_actions()
         self._report(
             record(
                 "rules_loaded" if initial else "rules_reloaded",
@@ -125,6 +131,33 @@ class Agent:
             )
         )
         return True
+
+    def _update_actions(self) -> None:
+        """Ask the file source only for the actions the rules and sinks use (recomputed when
+        either changes), and say so in a record when that set changes."""
+        source = self.source
+        if source is None:
+            return
+        rules = self._ruleset.rules.values() if self._ruleset is not None else ()
+        actions = needed_actions((r.actions for r in rules), self.router.wants("event"))
+        if self._actions_known and actions == self._actions:
+            return
+        self._actions, self._actions_known = actions, True
+        source.set_actions(actions)
+        own = self.pipeline.own_reads if self.pipeline is not None else None
+        if own is not None:
+            own.set_delivered(actions)
+        self._report(
+            record(
+                "source_actions",
+                "all" if actions is None else "used",
+                actions="all" if actions is None else sorted(actions),
+                left_out=[] if actions is None else sorted(OPTIONAL_ACTIONS - actions),
+                hint=None
+                if actions is None
+                else "actions no rule uses and no sink writes are not asked of the kernel",
+            )
+        )
 
     def _engine_cap(self, name: str, cap: int, data: dict[str, Any]) -> None:
         if self.caps is not None:
@@ -179,6 +212,7 @@ class Agent:
             if component is parts.source:
                 if self.config.rules:
                     self.install_rules(self._loaded_rules, self._rule_problems, initial=True)
+                self._update_actions()
                 began = time.monotonic()
                 component.start()
                 self._running.append(component)
@@ -532,6 +566,7 @@ class Agent:
                     )
                     return False
             self.config = new
+            self._update_actions()
             self._discover_destinations()
             self._apply_specs()
             if self.fanotify is not None:

@@ -35,12 +35,22 @@ class OwnReads:
         self._lock = threading.Lock()
         self._pending: OrderedDict[str, list[float]] = OrderedDict()
         self.counters = {"announced": 0, "taken": 0, "expired": 0, "over_cap": 0}
+        # Which of its events the source reports (set_delivered): one not reported is
+        # never waited for.
+        self._opens = self._closes = 1.0
+
+    def set_delivered(self, actions: frozenset[str] | None) -> None:
+        """The actions the file source reports now (None: all)."""
+        self._opens = 1.0 if actions is None or "opened" in actions else 0.0
+        self._closes = 1.0 if actions is None or "closed_nowrite" in actions else 0.0
 
     def __bool__(self) -> bool:
         return bool(self._pending)
 
     def expect(self, path: str) -> None:
         """The agent is about to open `path` for reading (one open, one close)."""
+        if not self._opens and not self._closes:
+            return  # neither event is reported: nothing of ours to take off
         now = self._clock()
         with self._lock:
             self._expire(now)
@@ -52,8 +62,8 @@ class OwnReads:
                     if self._on_cap is not None:
                         self._on_cap("own_reads", self._cap)
                 entry = [0.0, 0.0, 0.0]
-            entry[0] += 1
-            entry[1] += 1
+            entry[0] += self._opens
+            entry[1] += self._closes
             entry[2] = now + self._ttl
             self._pending[path] = entry
             self.counters["announced"] += 1

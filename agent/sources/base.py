@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from agent.config import WatchSpec
@@ -57,6 +57,33 @@ def wanted_outside_tagged(action: str, is_dir: bool, source: str) -> bool:
     return action == "created" and (is_dir or source in ("scan", "rescan"))
 
 
+# What the agent needs from the file sources whatever the rules say: directory tracking,
+# markers, the lineage index, content landing elsewhere and rescans. The other actions
+# (opened, modified, closed_nowrite, attributes_changed) cost a kernel event, a stat and a
+# line each, and are asked for only when a rule or an event sink uses them.
+CORE_ACTIONS = frozenset(
+    {"created", "deleted", "moved", "moved_in", "moved_out", "closed_write", "rescanned"}
+)
+OPTIONAL_ACTIONS = frozenset({"opened", "modified", "closed_nowrite", "attributes_changed"})
+
+
+def needed_actions(
+    rule_actions: Iterable[frozenset[str] | None], events_written: bool
+) -> frozenset[str] | None:
+    """The file actions a source must report: None (all) when events are written to a sink
+    or a rule may match any action; else the core ones and those the rules name."""
+    if events_written:
+        return None
+    out = set(CORE_ACTIONS)
+    for actions in rule_actions:
+        if actions is None:
+            return None
+        out |= actions
+    if out >= OPTIONAL_ACTIONS:
+        return None
+    return frozenset(out)
+
+
 class Source(Protocol):
     """A producer of raw file events for a set of watch specs."""
 
@@ -74,16 +101,23 @@ class Source(Protocol):
         `rescanned` events, then a `rescan_completed` record with `reason`. Callable from any
         thread; returns at once (the walk runs on the source's own thread)."""
 
+    def set_actions(self, actions: frozenset[str] | None) -> None:
+        """Report only these actions (None: all); see `needed_actions`. Callable from any
+        thread, before or after `start`; a change applies to the kernel's masks at once."""
+
     def stats(self) -> dict[str, Any]: ...
 
 
 __all__ = [
+    "CORE_ACTIONS",
     "LANDED_ACTIONS",
     "LANES",
     "LANE_OF",
+    "OPTIONAL_ACTIONS",
     "EmitBatch",
     "RawEvent",
     "Reporter",
     "Source",
+    "needed_actions",
     "wanted_outside_tagged",
 ]

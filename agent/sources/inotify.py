@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
+import fcntl
 import os
 import queue
 import re
 import select
 import stat
+import struct
+import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -75,6 +80,13 @@ _CLOSE_NOWRITE, _CREATE, _DELETE = int(F.CLOSE_NOWRITE), int(F.CREATE), int(F.DE
 _ONLYDIR, _DONT_FOLLOW = int(F.ONLYDIR), int(F.DONT_FOLLOW)
 _MOVED_FROM, _MOVED_TO, _ATTRIB = int(F.MOVED_FROM), int(F.MOVED_TO), int(F.ATTRIB)
 _NOT_LANDED = _MODIFY | _OPEN | _CLOSE_NOWRITE | _ATTRIB | _DELETE
+# The kernel bits of the actions only rules or event sinks use (see set_actions).
+_OPTIONAL_BITS = {
+    "opened": _OPEN,
+    "modified": _MODIFY,
+    "closed_nowrite": _CLOSE_NOWRITE,
+    "attributes_changed": _ATTRIB,
+}
 # A batch handed to the pipeline at most this big: lines reach the sinks while a burst is
 # still being read, and memory follows the batch, not the burst.
 BATCH = 4096
@@ -132,10 +144,6 @@ class _Root:
     def filtered(self) -> bool:
         """Not a tagged tree: only landed content and new directories are wanted."""
         return self.spec.location != "tagged"
-
-    @property
-    def mask(self) -> int:
-        return int(EGRESS_MASK if self.filtered else MASK)
 
     @property
     def path(self) -> str:
@@ -284,6 +292,47 @@ def _mount_points() -> dict[int, str]:
     return out
 
 
+_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
+# Bytes taken from the kernel queue per read: whole events only (the kernel never splits
+# one), about 30,000 of them, so memory follows this, not the queue's length.
+_READ_MAX = 1 << 20
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+
+
+def _read_events(
+    ino: INotify, poller: select.poll, timeout: int
+) -> list[tuple[int, int, int, str]]:
+    """What the kernel queued, as plain (wd, mask, cookie, name) tuples: inotify_simple's
+    reader builds a namedtuple per event and decodes each name through os.fsdecode, a third
+    of the reader's time in a burst. Waits up to `timeout` ms for the first event."""
+    fd = ino.fileno()
+    avail = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, avail, True)
+    if not avail[0]:
+        if timeout == 0 or not poller.poll(timeout):
+            return []
+        fcntl.ioctl(fd, termios.FIONREAD, avail, True)
+        if not avail[0]:
+            return []
+    data = os.read(fd, min(avail[0], _READ_MAX))
+    out: list[tuple[int, int, int, str]] = []
+    append = out.append
+    unpack = _HEADER.unpack_from
+    pos, end = 0, len(data)
+    while pos < end:
+        wd, mask, cookie, size = unpack(data, pos)
+        pos += 16
+        if size:
+            name = data[pos : pos + size]
+            pos += size
+            # The name is NUL-padded; bytes that are not UTF-8 become surrogate escapes, as
+            # os.fsdecode makes them (a name is data, never refused).
+            append((wd, mask, cookie, name.rstrip(b"\0").decode(_FS_ENCODING, _FS_ERRORS)))
+        else:
+            append((wd, mask, cookie, ""))
+    return out
+
+
 def read_sysctl(name: str) -> int | None:
     try:
         with open(_SYSCTL + name) as fh:
@@ -371,6 +420,11 @@ class InotifySource:
         self._file_path: dict[str, int] = {}
         self._file_links: dict[int, int] = {}
         self._file_budget = file_watch_max
+        # What the rules and sinks use (set_actions): the tagged trees' kernel mask, and
+        # whether files get link-count watches (they report attributes_changed only).
+        self._actions: frozenset[str] | None = None
+        self._tagged_mask = int(MASK)
+        self._files_wanted = True
         self._batch = 0
         self._last_batch_us = now_us()
         # When the kernel queue was last read empty, and (after an overflow) the time from
@@ -389,6 +443,7 @@ class InotifySource:
         self._mounts_file: IO[bytes] | None = None
         self._mounts_poll: select.poll | None = None
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._poller = select.poll()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.counters = {
@@ -411,6 +466,8 @@ class InotifySource:
         if limit:
             self._file_budget = min(self._file_budget, limit // 2)  # directories first
         self._ino = INotify()
+        self._poller = select.poll()
+        self._poller.register(self._ino.fileno(), select.POLLIN)
         self._read_us = now_us()
         self._open_mounts()
         for root in self._roots:
@@ -446,6 +503,49 @@ class InotifySource:
         self._commands.put(apply)
         done.wait(timeout=30)
 
+    def set_actions(self, actions: frozenset[str] | None) -> None:
+        """Ask the kernel only for what is used: an action left out costs no event at all.
+        Directories keep the bits the tree needs (creations, deletions, moves, closes after
+        write); opens, writes, reads and attribute changes are asked for only when wanted."""
+        mask = int(MASK)
+        if actions is not None:
+            for action, bit in _OPTIONAL_BITS.items():
+                if action not in actions:
+                    mask &= ~bit
+        files = actions is None or "attributes_changed" in actions
+        if self._thread is None:
+            self._actions, self._tagged_mask, self._files_wanted = actions, mask, files
+            return
+        self._commands.put(lambda: self._apply_actions(actions, mask, files))
+
+    def _apply_actions(self, actions: frozenset[str] | None, mask: int, files: bool) -> None:
+        changed = mask != self._tagged_mask
+        turned_on = files and not self._files_wanted
+        self._actions, self._tagged_mask, self._files_wanted = actions, mask, files
+        if not files and self._file_wd:
+            for wd in list(self._file_wd):
+                with contextlib.suppress(OSError):
+                    assert self._ino is not None
+                    self._ino.rm_watch(wd)
+                self._forget_file(wd)
+        if not changed and not turned_on:
+            return
+        ts = now_us()
+        for root in self._roots:
+            if root.filtered or root.state != "watching":
+                continue
+            if turned_on:
+                # Every directory again with the new mask, and each file its link watch.
+                self._add_tree(root, root.path, None, scan=False, ts=ts)
+                continue
+            for wd in list(root.wds):
+                path = self._wd_path.get(wd)
+                if path is None:
+                    continue
+                got = self._watch_dir(path, root)  # same inode: the same wd, mask replaced
+                if isinstance(got, int) and got != wd:
+                    self._add_tree(root, path, None, scan=False, ts=ts)
+
     def rescan(self, since_us: int, reason: str) -> None:
         """Report what changed in the tagged trees since `since_us` (ctime or mtime at or
         after it) as `rescanned` events, then a `rescan_completed` record with `reason`.
@@ -462,6 +562,7 @@ class InotifySource:
             "source": self.name,
             "watches": len(self._wd_path),
             "file_watches": len(self._file_wd),
+            "actions": "all" if self._actions is None else sorted(self._actions),
             "roots": {r.path: r.state for r in self._roots},
             "skipped_at_limit": len(self._skipped),
             "rescans_pending": len(self._rescans),
@@ -515,8 +616,8 @@ class InotifySource:
 
     def _read(self, timeout: int) -> list[Any]:
         assert self._ino is not None
-        events: list[Any] = self._ino.read(timeout=timeout)
-        if events and events[-1].mask & _Q_OVERFLOW:
+        events = _read_events(self._ino, self._poller, timeout)
+        if events and events[-1][1] & _Q_OVERFLOW:
             # The kernel queues the overflow last: what it lost came after the previous read.
             since = self._read_us - 1_000_000
             if self._overflow_since is None or since < self._overflow_since:
@@ -536,7 +637,7 @@ class InotifySource:
             return  # past the cap the kernel holds the rest, as it would without a walk
         events = self._read(0)
         if events:
-            self._deferred.extend(e for e in events if not (e.mask & _ISDIR and e.mask & _DIR_READ))
+            self._deferred.extend(e for e in events if not (e[1] & _ISDIR and e[1] & _DIR_READ))
 
     def _handle(self, events: list[Any]) -> None:
         self._batch += 1
@@ -728,6 +829,8 @@ class InotifySource:
 
     def _watch_file(self, path: str, nlink: int) -> bool:
         """Watch a tagged file's link count. False once the file watch budget is spent."""
+        if not self._files_wanted:
+            return True  # no rule uses attributes_changed: nothing would read the watch
         if len(self._file_wd) >= self._file_budget:
             if self._file_budget > 0:
                 self._caps.hit(
@@ -858,7 +961,7 @@ class InotifySource:
         """Watch one directory: its wd, or why not (a _Problems reason)."""
         for attempt in (0, 1):
             try:
-                return self._add_watch(d, root.mask)
+                return self._add_watch(d, EGRESS_MASK if root.filtered else self._tagged_mask)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     if attempt == 0 and self._shed_file_watches():
@@ -909,7 +1012,7 @@ class InotifySource:
         max_dirs = root.spec.max_dirs
         budget_hit = False
         home = root.spec.location == "home"
-        files = not root.filtered and self._file_budget > 0
+        files = not root.filtered and self._file_budget > 0 and self._files_wanted
         while stack:
             d = stack.pop()
             depth = root.rel(d).count("/") + 1 if d != root.path else 0

@@ -117,8 +117,20 @@ class WatchdogSource:
         self._checker: threading.Thread | None = None
         self._root_check_interval = root_check_interval
         self.counters = {"emitted": 0, "handler_errors": 0, "filtered": 0}
+        self._actions: frozenset[str] | None = None
+
+    def set_actions(self, actions: frozenset[str] | None) -> None:
+        # watchdog's observers have no per-action mask: what nobody uses is dropped here.
+        self._actions = actions
 
     def emit(self, batch: list[RawEvent]) -> None:
+        actions = self._actions
+        if actions is not None:
+            kept = [e for e in batch if e.action in actions]
+            self.counters["filtered"] += len(batch) - len(kept)
+            batch = kept
+            if not batch:
+                return
         self.counters["emitted"] += len(batch)
         self._emit(batch)
 
