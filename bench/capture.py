@@ -6,10 +6,35 @@ checkout; the ``exfilwatch`` command next to it is the one measured)::
 
     python bench/capture.py --quick       # 20,000 files, 20 s idle
     python bench/capture.py               # 20,000 and 100,000 files, 300 s idle
+    python bench/capture.py --dir /srv/capb,/tmp/capb   # the same bursts in two places
+    python bench/capture.py --modes run   # exfilwatch with the shipped rules only
     python bench/capture.py --json        # JSON on stdout instead of tables
     python bench/capture.py --json r.json # tables, and JSON in r.json
 
 Progress goes to stderr; the result tables (or ``--json``) go to stdout.
+
+Places (``--dir``, comma-separated)
+    Each directory is a place: its trees are built there (once, kept) and every burst runs in
+    every place, with inotifywait baseline runs of its own; each burst row and comparison
+    row says its place. Places take turns within each size, workload and repeat, so a drift
+    in the machine's load hits them alike. The place comparison divides a place's events/s
+    ratio by the reference place's: the first place not under /tmp (/srv/capb in
+    ``--dir /srv/capb,/tmp/capb``), else the first. The start-up and idle measurements use
+    the first place.
+
+Modes (``--modes``, default both)
+    record  ``exfilwatch record --config C --output OUT``: every event written as a JSON line
+            (and health records); no rules.
+    run     ``exfilwatch run --config C``, its stdout sink (``records: [alert, health]``) sent
+            to OUT: the checkout's shipped rules (repo root / "rules") plus a bench rule file
+            the bench writes into each place's configs/ (``bench-rules.yaml``: an alert on
+            the closed_write of ``exfilwatch-bench-sentinel``, checked at start with
+            ``exfilwatch rules validate`` and ``rules test``). No events are written, so the
+            agent asks the kernel only for the actions the rules use (its ``source_actions``
+            record; with the shipped rules ``opened`` and ``modified`` are left out).
+    Every exfilwatch run (start-up and idle too) gets a fresh, empty ``state_dir`` of its
+    own (``runs/TAG.state``): with a shared one, a run that starts after an inotifywait
+    burst would rescan the files changed "while it was down" and report them.
 
 Bursts
     A separate process (this script's hidden ``_generate`` mode, so the burst does not share
@@ -20,68 +45,96 @@ Bursts
     when the reader has not read the queue in between, so the expected count would depend on
     timing. ``read`` opens, reads and closes each file: OPEN, CLOSE_NOWRITE (opened,
     closed_nowrite), 2 events a file. File k of a burst is ``files/d{k % 100}/f{k // 100}``,
-    so every burst spreads over all 100 directories.
+    so every burst spreads over all 100 directories. In run mode only, the generator then
+    writes ``files/exfilwatch-bench-sentinel`` (O_WRONLY|O_CREAT, a few bytes, close) as its
+    last operation; the bench deletes it after the run, so the tree keeps 100,000 files.
 
     Each tool runs alone, one after the other: start it, wait until it is watching (exfilwatch:
     its ``source_ready`` health record is in the output file; inotifywait: "Watches
     established." on stderr), start the generator, then poll the tool's output file every
-    10 ms until the expected number of event lines has arrived, or the tool has been quiet
-    (no new output and under 8% of a core) for ``--quiet-seconds`` after the generator
+    10 ms until it is complete (record mode and inotifywait: the expected number of event
+    lines has arrived; run mode: the sentinel's alert has arrived, and since the tagged lane
+    is processed in order, every burst event was processed before it), or the tool has been
+    quiet (no new output and under 8% of a core) for ``--quiet-seconds`` after the generator
     finished. Then it reads the tool's CPU time and peak RSS (VmHWM), stops it with SIGTERM
     and counts exactly in the flushed output.
 
-    captured   distinct (path, action) pairs of the expected kinds on the burst's paths
-               (a duplicate is counted as "extra", not as captured)
+    expected   the burst's inotify events: 3 per file for write, 2 for read (what
+               inotifywait reports), in every mode; the sentinel is not in it
+    captured   record mode and inotifywait: distinct (path, action) pairs of the expected
+               kinds on the burst's paths (a duplicate is counted as "extra", not as
+               captured). Run mode writes no events: captured = expected when the sentinel's
+               alert arrived and no ``event_loss`` record was written, else unknown ("-";
+               loss "?"); its pipeline ``processed`` and ``dropped_total`` (``agent_stopped``)
+               are listed below the table
     loss       expected - captured
     reported   exfilwatch: an ``event_loss`` health record; inotifywait: a Q_OVERFLOW line
                in its output or anything about an overflow on stderr (it prints nothing)
-    burst s    the generator's own time from its first to its last file operation
+    burst s    the generator's own time from its first to its last burst file operation
     elapsed s  from the generator's first operation to the last arrival of an event line
-               in the tool's output (a 10 ms poll), the time until the tool has said it all
+               in the tool's output (run mode: the arrival of the sentinel's alert; 10 ms
+               polls), the time until the tool has said it all
     drain s    elapsed - burst: how long the tool lagged behind the burst
     read s     exfilwatch only: from the generator's first operation to the @timestamp of the
-               last workload event, which is when exfilwatch's reader read it (the rest of
-               elapsed is its pipeline: stat, JSON, write)
-    events/s   events that had arrived by the last arrival / elapsed. Both tools are bounded
-               by the generator's speed, so a ratio near 1 means "kept up"
+               last workload event (run mode: of the sentinel's alert, its event's time),
+               which is when exfilwatch's reader read it (the rest of elapsed is its
+               pipeline: stat, rules, JSON, write)
+    events/s   events that had arrived by the last arrival / elapsed; run mode: expected /
+               elapsed, so that its ratio to inotifywait means "kept pace with the kernel"
+               whatever actions the agent asked for. Both tools are bounded by the
+               generator's speed, so a ratio near 1 means "kept up"
     CPU s      user + system time of the tool's process (and children) during the burst,
                from "watching" to "done", so start-up is not in it
     peak RSS   VmHWM of the tool's process, start-up included
     load1      the machine's 1-minute load average when the run started (noise indicator)
 
-    Runs per size and workload, in this order: exfilwatch with the raised kernel queue
-    (max_queued_events 1,048,576, what the agent sets itself as root), inotifywait with the
-    same, inotifywait with the kernel default 16,384, and exfilwatch with 16,384 and
-    ``inotify.apply_sysctl: false``; then, once per size and workload, both tools at 16,384
-    "stalled": stopped with SIGSTOP before the burst and resumed (SIGCONT) 0.2 s after it,
-    a consumer that fell behind, so the kernel queue overflows for both (does exfilwatch say
-    so where inotifywait drops silently?). ``--skip-default-queue`` leaves these out. The
-    comparison (events/s ratio and CPU ratio, exfilwatch / inotifywait) is made on the same
-    raised setting; with ``--repeat`` it uses medians. The machine is noisy: read ratios,
-    never absolute times.
+    Runs per place, size and workload, in this order: exfilwatch in each mode with the
+    raised kernel queue (max_queued_events 1,048,576, what the agent sets itself as root),
+    inotifywait with the same (once: both modes are compared with this run), inotifywait
+    with the kernel default 16,384, and exfilwatch in each mode with 16,384 and
+    ``inotify.apply_sysctl: false``; then, once per place, size and workload, inotifywait and
+    exfilwatch in each mode at 16,384 "stalled": stopped with SIGSTOP before the burst and
+    resumed (SIGCONT) 0.2 s after it, a consumer that fell behind, so the kernel queue
+    overflows (does exfilwatch say so where inotifywait drops silently?).
+    ``--skip-default-queue`` leaves these out.
+
+    Comparison, per place, size, workload and mode: events/s ratio and CPU ratio,
+    exfilwatch / inotifywait of the same place on the raised setting (medians with
+    ``--repeat``), captured %, and the goal: record mode ratio >= 0.8 and CPU ratio <= 3;
+    run mode ratio >= 0.6. Then per other place, mode and workload: its ratio / the reference
+    place's (goal >= 0.8, within 20%). The stats section shows each exfilwatch run's
+    ``agent_stopped`` numbers (processed, dropped_total), whether an ``event_loss`` record
+    appeared, the alerts by rule, and once per mode the ``source_actions`` record's
+    ``actions`` and ``left_out``. The machine is noisy: read ratios, never absolute times.
 
 Start-up
     Time from spawning the process to "watching" on a tree of 10,000 directories (exfilwatch:
     the ``source_ready`` line is in its output, so Python start-up and imports are in it, as
     the owner sees them; inotifywait: "Watches established."), median of
     ``--startup-repeats`` alternating runs, with the watch count read from the inotify fd's
-    fdinfo, the CPU seconds spent to get there and the RSS at that point.
+    fdinfo, the CPU seconds spent to get there and the RSS at that point. exfilwatch in
+    record mode, in the first place.
 
 Idle
-    exfilwatch watching both trees (10,101 directories, 100,000 files) with the default
-    heartbeat (60 s) for ``--idle-seconds`` with no file activity: CPU seconds / wall seconds
-    as % of one core, and RSS at start, max (sampled every 5 s) and end. inotifywait watches
-    the same trees at the same time as a reference; running both at once is fair here since
-    neither has anything to do.
+    exfilwatch (record mode) watching both trees of the first place (10,101 directories,
+    100,000 files) with the default heartbeat (60 s) for ``--idle-seconds`` with no file
+    activity: CPU seconds / wall seconds as % of one core, and RSS at start, max (sampled
+    every 5 s) and end. inotifywait watches the same trees at the same time as a reference;
+    running both at once is fair here since neither has anything to do.
 
-Trees (``--dir``, default /var/tmp/exfilwatch-bench), built once and reused, never deleted:
-on ext4, creating files right after deleting a large tree is 10-30x slower for minutes.
+Trees (in each ``--dir``, default /var/tmp/exfilwatch-bench), built once and reused, never
+deleted: on ext4, creating files right after deleting a large tree is 10-30x slower for
+minutes.
     files/    100 directories x 1,000 files of 17 bytes (100,000 files)
     dirs/     100 directories x (1 + 99 subdirectories) = 10,000 directories, no files
-    configs/  generated exfilwatch configs
-    runs/     tool output and stderr, deleted after counting unless ``--keep-output``
+    configs/  generated exfilwatch configs and the bench rule file
+    runs/     tool output, stderr and state dirs, deleted after counting unless
+              ``--keep-output``
 A tree is checked by counting its entries; missing entries are created, nothing is removed.
 Before the first burst every file is read once, so no tool pays for a cold cache.
+
+``--defaults`` runs the agent on its shipped defaults but for ``watch`` (destinations,
+lineage and process polling on); without it the generated configs turn those off.
 
 Kernel settings: ``max_queued_events`` and (when below 65,536) ``max_user_watches`` are
 saved at start and restored at exit, also on Ctrl-C or SIGTERM.
@@ -111,6 +164,7 @@ import psutil
 from common import (
     MB,
     PYTHON,
+    RULES_DIR,
     BenchError,
     Cleanup,
     cell,
@@ -126,6 +180,7 @@ from common import (
     remove_files,
     tail_text,
     wait_for_text,
+    write_private,
 )
 
 DEFAULT_DIR = "/var/tmp/exfilwatch-bench"
@@ -171,6 +226,37 @@ INOTIFYWAIT_EVENTS = (
 )
 EXFILWATCH_READY = b'"action":"source_ready"'
 INOTIFYWAIT_READY = b"Watches established."
+MODES = ("record", "run")
+# Per mode: (events/s ratio at least, CPU ratio at most or None), exfilwatch / inotifywait.
+GOALS: dict[str, tuple[float, float | None]] = {"record": (0.8, 3.0), "run": (0.6, None)}
+PLACE_GOAL = 0.8  # a place's events/s ratio / the reference place's: within 20%
+SENTINEL_NAME = "exfilwatch-bench-sentinel"
+SENTINEL_RULE = "bench-capture-sentinel"
+SENTINEL_NEEDLE = f'"id":"{SENTINEL_RULE}"'.encode()
+SENTINEL_CONTENT = b"end of burst\n"
+BENCH_RULES_FILE = "bench-rules.yaml"
+BENCH_RULES = f"""\
+# generated by bench/capture.py: the end-of-burst marker of its `run` mode bursts
+id: {SENTINEL_RULE}
+title: Bench sentinel written
+description: bench/capture.py wrote its sentinel file after a burst; the tagged lane is
+  processed in order, so every burst event was processed before this alert.
+level: informational
+status: stable
+author: bench/capture.py
+detection:
+  selection:
+    event.action: closed_write
+    file.name: {SENTINEL_NAME}
+  condition: selection
+tests:
+  - name: the sentinel fires
+    event: {{event.action: closed_write, file.path: /srv/bench/files/{SENTINEL_NAME}}}
+    expect: match
+  - name: a burst file does not
+    event: {{event.action: closed_write, file.path: /srv/bench/files/d000/f0000}}
+    expect: no_match
+"""
 
 # trees ---------------------------------------------------------------------------------
 
@@ -247,8 +333,10 @@ def warm_up(root: str) -> float:
 # the generator (a separate process) ------------------------------------------------------
 
 
-def generate(workload: str, root: str, n: int) -> int:
-    """The burst. Prints its own start and end (CLOCK_MONOTONIC is system-wide)."""
+def generate(workload: str, root: str, n: int, sentinel: str | None = None) -> int:
+    """The burst, then (`run` mode) the sentinel written as the last operation. Prints its
+    own start and end (CLOCK_MONOTONIC is system-wide); `end` is the burst's end, before the
+    sentinel."""
     paths = workload_paths(root, n)
     op_open, op_close, op_read, op_pwrite = os.open, os.close, os.read, os.pwrite
     wall = time.time()
@@ -267,7 +355,14 @@ def generate(workload: str, root: str, n: int) -> int:
         print(f"unknown workload {workload!r}", file=sys.stderr)
         return 2
     ended = time.monotonic()
-    print(json.dumps({"start": began, "end": ended, "start_wall": wall, "files": n}), flush=True)
+    if sentinel is not None:
+        fd = op_open(sentinel, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, SENTINEL_CONTENT)
+        op_close(fd)
+    info = {"start": began, "end": ended, "start_wall": wall, "files": n}
+    if sentinel is not None:
+        info["sentinel"] = time.monotonic()
+    print(json.dumps(info), flush=True)
     return 0
 
 
@@ -335,13 +430,16 @@ def inotify_watches(pid: int) -> int | None:
 
 
 class OutputTail:
-    """Follows a tool's output file and counts the lines of the workload's event kinds with
-    bytes.count (cheap: this runs beside the tool; exact counting is done after the run)."""
+    """Follows a tool's output file and counts the lines of the workload's event kinds (in
+    `run` mode: the sentinel's alert) with bytes.count (cheap: this runs beside the tool;
+    exact counting is done after the run)."""
 
-    def __init__(self, path: str, tool: str, actions: tuple[str, ...]) -> None:
+    def __init__(self, path: str, tool: str, actions: tuple[str, ...], mode: str = "") -> None:
         self._fh = open(path, "rb")  # noqa: SIM115 - kept open across polls, closed in close()
         self._rest = b""
-        if tool == "exfilwatch":
+        if tool == "exfilwatch" and mode == "run":
+            self._needles = [SENTINEL_NEEDLE]
+        elif tool == "exfilwatch":
             self._needles = [f'"action":"{a}"'.encode() for a in actions]
         else:  # line starts, without the ",ISDIR" variants (directory listings)
             names = {v: k for k, v in INOTIFY_ACTIONS.items()}
@@ -380,6 +478,8 @@ class Counted:
     loss_records: list[dict[str, Any]] = field(default_factory=list)
     health: dict[str, Any] = field(default_factory=dict)
     last_timestamp: str = ""
+    alerts: dict[str, int] = field(default_factory=dict)  # by rule id, the sentinel's aside
+    sentinel_timestamp: str = ""
 
 
 def count_exfilwatch(path: str, expected: set[str], actions: tuple[str, ...]) -> Counted:
@@ -406,11 +506,18 @@ def count_exfilwatch(path: str, expected: set[str], actions: tuple[str, ...]) ->
                     stamp = rec.get("@timestamp", "")
                     c.last_timestamp = max(c.last_timestamp, stamp)
                 continue
+            if ev.get("kind") == "alert":
+                rule = rec.get("rule", {}).get("id", "?")
+                if rule == SENTINEL_RULE:
+                    c.sentinel_timestamp = c.sentinel_timestamp or rec.get("@timestamp", "")
+                else:
+                    c.alerts[rule] = c.alerts.get(rule, 0) + 1
+                continue
             action = ev.get("action")
             health = rec.get("exfilwatch", {}).get("health", {})
             if action == "event_loss":
                 c.loss_records.append({"reason": ev.get("reason"), **health})
-            elif action in ("source_ready", "agent_stopped", "rescan_completed"):
+            elif action in ("source_ready", "agent_stopped", "rescan_completed", "source_actions"):
                 c.health[action] = health
     c.captured = sum(len(s) for s in seen.values())
     return c
@@ -451,12 +558,40 @@ def count_inotifywait(path: str, expected: set[str], actions: tuple[str, ...]) -
 
 
 @dataclass
-class Context:
+class Place:
+    """One bench directory of --dir: its trees, generated configs and tool output."""
+
     base: str
     files_root: str
     dirs_root: str
     configs: str
     runs: str
+
+    @classmethod
+    def at(cls, path: str) -> Place:
+        base = os.path.abspath(path)
+        return cls(
+            base=base,
+            files_root=os.path.join(base, "files"),
+            dirs_root=os.path.join(base, "dirs"),
+            configs=os.path.join(base, "configs"),
+            runs=os.path.join(base, "runs"),
+        )
+
+    @property
+    def sentinel(self) -> str:
+        """The file a `run` mode generator writes last, in the tagged tree."""
+        return os.path.join(self.files_root, SENTINEL_NAME)
+
+    @property
+    def rules_file(self) -> str:
+        """The bench's own rule file (the sentinel rule), beside the generated configs."""
+        return os.path.join(self.configs, BENCH_RULES_FILE)
+
+
+@dataclass
+class Context:
+    places: list[Place]
     exfilwatch: str
     inotifywait: str
     sysctl: Sysctl
@@ -466,13 +601,39 @@ class Context:
     defaults: bool = False  # the shipped defaults for all but `watch` (destinations and all)
 
 
+def write_bench_rules(ctx: Context, place: Place) -> str:
+    """The sentinel rule in `place`'s config dir, validated with the shipped rules (no id
+    clash) and its embedded tests run."""
+    path = write_private(place.rules_file, BENCH_RULES)
+    common.run([ctx.exfilwatch, "rules", "validate", RULES_DIR, path])
+    common.run([ctx.exfilwatch, "rules", "test", path])
+    return path
+
+
 def write_config(
-    ctx: Context, name: str, roots: Sequence[str], *, apply_sysctl: bool, heartbeat: str | None
+    ctx: Context,
+    place: Place,
+    name: str,
+    roots: Sequence[str],
+    *,
+    mode: str,
+    state_dir: str,
+    apply_sysctl: bool,
+    heartbeat: str | None,
 ) -> str:
     lines = ["# generated by bench/capture.py", "watch:"]
     for root in roots:
-        lines += [f"  - path: {root}", "    tags: [bench]"]
+        lines += [f"  - path: {json.dumps(root)}", "    tags: [bench]"]
     lines += ["sinks:", "  - type: stdout"]
+    if mode == "run":
+        # Alerts (the sentinel's among them) and health (source_ready, source_actions,
+        # event_loss, agent_stopped); no events, so the agent asks the kernel only for the
+        # actions the rules use.
+        lines += ["    records: [alert, health]", "rules:"]
+        lines += [f"  - {json.dumps(p)}" for p in (RULES_DIR, place.rules_file)]
+    # A fresh, empty state dir per run: no "changed while down" rescan of the previous
+    # run's bursts.
+    lines.append(f"state_dir: {json.dumps(state_dir)}")
     if not ctx.defaults:
         # The capture path alone: no destination discovery, lineage index or process polling
         # competing for the same core during a burst (bench/enrich.py measures those).
@@ -485,13 +646,15 @@ def write_config(
         lines.append(f"heartbeat_interval: {heartbeat}")
     if not apply_sysctl:
         lines += ["inotify:", "  apply_sysctl: false"]
-    path = os.path.join(ctx.configs, f"{name}.yaml")
+    path = os.path.join(place.configs, f"{name}.yaml")
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     return path
 
 
-def exfilwatch_argv(ctx: Context, config: str, output: str) -> list[str]:
+def exfilwatch_argv(ctx: Context, mode: str, config: str, output: str) -> list[str]:
+    if mode == "run":  # its stdout sink goes to `output`
+        return [ctx.exfilwatch, "run", "--config", config]
     return [ctx.exfilwatch, "record", "--config", config, "--output", output]
 
 
@@ -519,16 +682,25 @@ class Launched:
     errpath: str
     spawned: float
     ready: float
+    state_dir: str | None = None
 
 
-def launch(ctx: Context, tool: str, tag: str, roots: Sequence[str], **cfg: Any) -> Launched:
+def launch(
+    ctx: Context,
+    place: Place,
+    tool: str,
+    tag: str,
+    roots: Sequence[str],
+    mode: str = "record",
+    **cfg: Any,
+) -> Launched:
     """Starts `tool` on `roots` and waits until it watches every directory. This machine may
     be shared with test runs that briefly lower fs.inotify.max_user_watches: a start that
     fails or watches too few directories is retried after a pause."""
-    want = sum(_count_dirs(ctx, r) for r in roots)
+    want = sum(_count_dirs(place, r) for r in roots)
     for attempt in range(1, LAUNCH_ATTEMPTS + 1):
         try:
-            run = _launch_once(ctx, tool, tag, roots, **cfg)
+            run = _launch_once(ctx, place, tool, tag, roots, mode, **cfg)
         except BenchError as exc:
             if attempt == LAUNCH_ATTEMPTS:
                 raise
@@ -543,33 +715,54 @@ def launch(ctx: Context, tool: str, tag: str, roots: Sequence[str], **cfg: Any) 
     raise BenchError(f"{tool} did not start")
 
 
-def _count_dirs(ctx: Context, root: str) -> int:
+def _count_dirs(place: Place, root: str) -> int:
     """Directories to watch under `root`, itself included (our trees' layouts are known)."""
-    if root == ctx.files_root:
+    if root == place.files_root:
         return 1 + FILE_DIRS
-    if root == ctx.dirs_root:
+    if root == place.dirs_root:
         return 1 + DIR_COUNT
     return 1 + sum(len(dirs) for _, dirs, _ in os.walk(root))
 
 
-def _launch_once(ctx: Context, tool: str, tag: str, roots: Sequence[str], **cfg: Any) -> Launched:
-    output = os.path.join(ctx.runs, f"{tag}.out")
-    errpath = os.path.join(ctx.runs, f"{tag}.err")
+def _launch_once(
+    ctx: Context,
+    place: Place,
+    tool: str,
+    tag: str,
+    roots: Sequence[str],
+    mode: str,
+    **cfg: Any,
+) -> Launched:
+    output = os.path.join(place.runs, f"{tag}.out")
+    errpath = os.path.join(place.runs, f"{tag}.err")
     remove_files(output, errpath)
+    state_dir: str | None = None
     if tool == "exfilwatch":
-        config = write_config(ctx, tag, roots, **cfg)
-        argv = exfilwatch_argv(ctx, config, output)
+        state_dir = os.path.join(place.runs, f"{tag}.state")
+        shutil.rmtree(state_dir, ignore_errors=True)  # fresh and empty: the agent makes it
+        config = write_config(ctx, place, tag, roots, mode=mode, state_dir=state_dir, **cfg)
+        argv = exfilwatch_argv(ctx, mode, config, output)
         ready_file, needle = output, EXFILWATCH_READY
     else:
         argv = inotifywait_argv(ctx, roots, output)
         ready_file, needle = errpath, INOTIFYWAIT_READY
-    with open(errpath, "wb") as errfh:
+    to_stdout = tool == "exfilwatch" and mode == "run"
+    with open(errpath, "wb") as errfh, open(output if to_stdout else os.devnull, "wb") as outfh:
         spawned = time.monotonic()
-        proc = ctx.cleanup.spawn(argv, stderr=errfh)
+        proc = ctx.cleanup.spawn(argv, stderr=errfh, stdout=outfh)
     ready = wait_for_text(
         proc, ready_file, needle, tool, errpath, READY_TIMEOUT, READY_POLL_SECONDS
     )
-    return Launched(proc, psutil.Process(proc.pid), output, errpath, spawned, ready)
+    return Launched(proc, psutil.Process(proc.pid), output, errpath, spawned, ready, state_dir)
+
+
+def discard(ctx: Context, run: Launched) -> None:
+    """A stopped run's output, stderr and state dir, unless --keep-output."""
+    if ctx.keep_output:
+        return
+    remove_files(run.output, run.errpath)
+    if run.state_dir is not None:
+        shutil.rmtree(run.state_dir, ignore_errors=True)
 
 
 def source_ready(path: str) -> dict[str, Any]:
@@ -583,13 +776,15 @@ def source_ready(path: str) -> dict[str, Any]:
 
 @dataclass
 class BurstRun:
+    place: str
     size: int
     workload: str
     tool: str
+    mode: str  # exfilwatch: record or run; inotifywait: ""
     queue: int
     expected: int
-    captured: int = 0
-    loss: int = 0
+    captured: int | None = 0  # run mode: `expected` when complete without loss, else None
+    loss: int | None = 0
     extra: int = 0
     loss_reported: bool = False
     loss_detail: str = ""
@@ -608,24 +803,42 @@ class BurstRun:
     load1: float = 0.0
     queue_note: str = ""
     stalled: bool = False
+    sentinel: bool | None = None  # run mode: the sentinel's alert arrived
     agent: dict[str, Any] = field(default_factory=dict)
 
 
+def tool_label(tool: str, mode: str) -> str:
+    return f"{tool} {mode}" if mode else tool
+
+
 def run_burst(
-    ctx: Context, tool: str, size: int, workload: str, queue: int, *, stall: bool = False
+    ctx: Context,
+    place: Place,
+    tool: str,
+    mode: str,
+    size: int,
+    workload: str,
+    queue: int,
+    *,
+    stall: bool = False,
 ) -> BurstRun:
     actions = WORKLOAD_ACTIONS[workload]
+    run_mode = tool == "exfilwatch" and mode == "run"
     os.sync()  # the previous write burst's dirty pages are not written back during this one
     for attempt in range(1, QUEUE_ATTEMPTS + 1):
         # The kernel fixes an instance's queue size when it is made. Another root process
         # (an agent under test) may raise the sysctl meanwhile: check it after "watching".
         in_effect = ctx.sysctl.set("max_queued_events", queue)
-        tag = f"{tool}-{workload}-{size}-q{in_effect}"
+        tag = f"{tool_label(tool, mode).replace(' ', '-')}-{workload}-{size}-q{in_effect}" + (
+            "-stalled" if stall else ""
+        )
         run = launch(
             ctx,
+            place,
             tool,
             tag,
-            [ctx.files_root],
+            [place.files_root],
+            mode,
             apply_sysctl=queue >= RAISED_QUEUE,
             heartbeat="1h",
         )
@@ -634,20 +847,29 @@ def run_burst(
             break
         progress(f"  max_queued_events changed to {after:,} while {tool} started: again")
         ctx.cleanup.stop(run.proc, STOP_TIMEOUT)
-    res = BurstRun(size, workload, tool, in_effect, expected=size * len(actions), stalled=stall)
+    res = BurstRun(
+        place.base,
+        size,
+        workload,
+        tool,
+        mode if tool == "exfilwatch" else "",
+        in_effect,
+        expected=size * len(actions),
+        stalled=stall,
+    )
     res.load1 = round(os.getloadavg()[0], 2)
     if after != in_effect:
         res.queue_note = f"sysctl was {after:,} when watching"
     cpu0 = cpu_seconds(run.ps)
-    tail = OutputTail(run.output, tool, actions)
+    tail = OutputTail(run.output, tool, actions, res.mode)
     tail.poll()
     base = tail.count
+    target = 1 if run_mode else res.expected  # run mode: the sentinel's alert
     if stall:
         run.proc.send_signal(signal.SIGSTOP)
-    gen = ctx.cleanup.spawn(
-        [PYTHON, os.path.abspath(__file__), "_generate", workload, ctx.files_root, str(size)],
-        stdout=subprocess.PIPE,
-    )
+    gen_argv = [PYTHON, os.path.abspath(__file__), "_generate", workload, place.files_root]
+    gen_argv += [str(size), *([place.sentinel] if run_mode else [])]
+    gen = ctx.cleanup.spawn(gen_argv, stdout=subprocess.PIPE)
     if stall:  # the tool sleeps through the whole burst, then catches up
         gen.wait()
         time.sleep(STALL_EXTRA_SECONDS)
@@ -655,6 +877,7 @@ def run_burst(
     launched = time.monotonic()
     deadline = launched + 60 + size / 500
     last_arrival: float | None = None
+    complete_at: float | None = None
     # "Quiet" means no new output and no CPU use: exfilwatch writes a batch's lines only when
     # the whole batch is done, which can take seconds on a busy machine.
     last_activity = launched
@@ -673,8 +896,8 @@ def run_burst(
                 cpu_prev, next_cpu = cpu_now, now + CPU_SAMPLE_SECONDS
         if gen_info is None and gen.poll() is not None:
             gen_info = _generator_result(gen)
-        if tail.count - base >= res.expected:
-            done = "complete"
+        if tail.count - base >= target:
+            done, complete_at = "complete", now
             break
         if gen_info is not None and now - max(last_activity, gen_info["end"]) >= (
             ctx.quiet_seconds
@@ -699,8 +922,10 @@ def run_burst(
     ctx.cleanup.forget(gen)
     stop_s, res.exit_code = ctx.cleanup.stop(run.proc, STOP_TIMEOUT)
     res.stop_s = round(stop_s, 2)
+    if run_mode:  # the tree keeps its 100,000 files (the agent's file watch budget)
+        remove_files(place.sentinel)
 
-    expected = set(workload_paths(ctx.files_root, size))
+    expected = set(workload_paths(place.files_root, size))
     if tool == "exfilwatch":
         counted = count_exfilwatch(run.output, expected, actions)
         res.loss_reported = bool(counted.loss_records)
@@ -712,34 +937,55 @@ def run_burst(
         )
         stopped = counted.health.get("agent_stopped", {})
         res.agent = {
-            k: stopped.get(k)
-            for k in ("drained", "unwritten", "queue_high_water", "dropped_total", "processed")
+            k: stopped.get(k) for k in ("drained", "unwritten", "dropped_total", "processed")
         }
+        lanes = stopped.get("lanes") or {}
+        res.agent["queue_high_water"] = stopped.get("queue_high_water") or max(
+            (lane.get("high_water") or 0 for lane in lanes.values()), default=None
+        )
+        res.agent["event_loss"] = res.loss_reported
         res.agent["watches"] = counted.health.get("source_ready", {}).get("watches")
-        if counted.last_timestamp:
-            res.read_s = round(epoch(counted.last_timestamp) - gen_info["start_wall"], 3)
+        acts = counted.health.get("source_actions", {})
+        res.agent["source_actions"] = {k: acts.get(k) for k in ("actions", "left_out")}
+        if counted.alerts:
+            res.agent["alerts"] = counted.alerts
         if "rescan_completed" in counted.health:
             res.agent["rescan"] = counted.health["rescan_completed"]
+        stamp = counted.sentinel_timestamp if run_mode else counted.last_timestamp
+        if stamp:
+            res.read_s = round(epoch(stamp) - gen_info["start_wall"], 3)
     else:
         counted = count_inotifywait(run.output, expected, actions)
         stderr_after = tail_text(run.errpath).lower()
         res.loss_reported = counted.overflow_lines > 0 or "overflow" in stderr_after
         if res.loss_reported:
             res.loss_detail = f"Q_OVERFLOW lines={counted.overflow_lines}"
-    res.captured = counted.captured
-    res.extra = counted.extra
-    res.loss = res.expected - res.captured
     res.burst_s = round(gen_info["end"] - gen_info["start"], 3)
     if res.burst_s > 0:
         res.generator_files_per_s = round(size / res.burst_s)
-    if last_arrival is not None:
-        elapsed = last_arrival - gen_info["start"]
-        res.elapsed_s = round(elapsed, 3)
-        res.drain_s = round(last_arrival - gen_info["end"], 3)
-        arrived = min(res.captured, res.captured_at_done)
-        res.events_per_s = round(arrived / elapsed) if elapsed > 0 else 0.0
-    if not ctx.keep_output:
-        remove_files(run.output, run.errpath)
+    if run_mode:
+        # No event lines: complete = the sentinel's alert arrived (every burst event was
+        # processed before it, in the tagged lane) and no event_loss record was written.
+        res.sentinel = bool(counted.sentinel_timestamp)
+        ok = res.sentinel and not res.loss_reported
+        res.captured = res.expected if ok else None
+        res.loss = 0 if ok else None
+        if complete_at is not None:
+            elapsed = complete_at - gen_info["start"]
+            res.elapsed_s = round(elapsed, 3)
+            res.drain_s = round(complete_at - gen_info["end"], 3)
+            res.events_per_s = round(res.expected / elapsed) if elapsed > 0 else 0.0
+    else:
+        res.captured = counted.captured
+        res.extra = counted.extra
+        res.loss = res.expected - counted.captured
+        if last_arrival is not None:
+            elapsed = last_arrival - gen_info["start"]
+            res.elapsed_s = round(elapsed, 3)
+            res.drain_s = round(last_arrival - gen_info["end"], 3)
+            arrived = min(counted.captured, res.captured_at_done)
+            res.events_per_s = round(arrived / elapsed) if elapsed > 0 else 0.0
+    discard(ctx, run)
     return res
 
 
@@ -754,42 +1000,58 @@ def _generator_result(gen: subprocess.Popen[bytes]) -> dict[str, Any]:
 
 
 def run_bursts(
-    ctx: Context, sizes: Sequence[int], workloads: Sequence[str], repeat: int, default_q: bool
+    ctx: Context,
+    modes: Sequence[str],
+    sizes: Sequence[int],
+    workloads: Sequence[str],
+    repeat: int,
+    default_q: bool,
 ) -> list[BurstRun]:
-    plan: list[tuple[str, int, bool]] = [
-        ("exfilwatch", RAISED_QUEUE, False),
-        ("inotifywait", RAISED_QUEUE, False),
-    ]
+    """Per size, workload and repeat, each place in turn (so a drift in the machine's load
+    hits every place alike): exfilwatch in each mode, inotifywait once."""
+    ew = [("exfilwatch", m) for m in modes]
+    iw = [("inotifywait", "")]
+    plan = [(t, m, RAISED_QUEUE, False) for t, m in ew + iw]
     if default_q:
-        plan += [("inotifywait", DEFAULT_QUEUE, False), ("exfilwatch", DEFAULT_QUEUE, False)]
-    stalls = [("inotifywait", DEFAULT_QUEUE, True), ("exfilwatch", DEFAULT_QUEUE, True)]
+        plan += [(t, m, DEFAULT_QUEUE, False) for t, m in iw + ew]
+    stalls = [(t, m, DEFAULT_QUEUE, True) for t, m in iw + ew]
     out: list[BurstRun] = []
     for size in sizes:
         for workload in workloads:
             for rep in range(repeat):
-                # The stalled runs are about who reports loss, not speed: once is enough.
-                for tool, queue, stall in plan + (stalls if default_q and rep == 0 else []):
-                    progress(
-                        f"burst {workload} {size:,} files: {tool}, max_queued_events {queue:,}"
-                        + (", stalled (SIGSTOP) during the burst" if stall else "")
-                    )
-                    r = run_burst(ctx, tool, size, workload, queue, stall=stall)
-                    progress(
-                        f"  captured {r.captured:,}/{r.expected:,} (loss {r.loss:,}, "
-                        f"reported {'yes' if r.loss_reported else 'no'}), "
-                        f"elapsed {r.elapsed_s} s, burst {r.burst_s} s, "
-                        f"{r.events_per_s:,.0f} ev/s, CPU {r.cpu_s} s, {r.done}"
-                        + (f", repeat {rep + 1}" if repeat > 1 else "")
-                    )
-                    out.append(r)
+                for place in ctx.places:
+                    # The stalled runs are about who reports loss, not speed: once is enough.
+                    for tool, mode, queue, stall in plan + (
+                        stalls if default_q and rep == 0 else []
+                    ):
+                        progress(
+                            f"burst {workload} {size:,} files in {place.base}: "
+                            f"{tool_label(tool, mode)}, max_queued_events {queue:,}"
+                            + (", stalled (SIGSTOP) during the burst" if stall else "")
+                        )
+                        r = run_burst(ctx, place, tool, mode, size, workload, queue, stall=stall)
+                        captured = "-" if r.captured is None else f"{r.captured:,}"
+                        loss = "?" if r.loss is None else f"{r.loss:,}"
+                        progress(
+                            f"  captured {captured}/{r.expected:,} (loss {loss}, "
+                            f"reported {'yes' if r.loss_reported else 'no'}"
+                            + (
+                                f", sentinel {'yes' if r.sentinel else 'no'}"
+                                if r.mode == "run"
+                                else ""
+                            )
+                            + f"), elapsed {r.elapsed_s} s, burst {r.burst_s} s, "
+                            f"{r.events_per_s:,.0f} ev/s, CPU {r.cpu_s} s, {r.done}"
+                            + (f", repeat {rep + 1}" if repeat > 1 else "")
+                        )
+                        out.append(r)
     return out
 
 
 def _pick(
     runs: Sequence[BurstRun],
-    size: int,
-    workload: str,
     tool: str,
+    mode: str,
     *,
     raised: bool,
     stalled: bool = False,
@@ -797,67 +1059,130 @@ def _pick(
     return [
         r
         for r in runs
-        if r.size == size
-        and r.workload == workload
-        and r.tool == tool
+        if r.tool == tool
+        and r.mode == mode
         and (r.queue >= RAISED_QUEUE) == raised
         and r.stalled == stalled
     ]
 
 
-def compare(runs: Sequence[BurstRun]) -> list[dict[str, Any]]:
-    """Per size and workload: exfilwatch / inotifywait on the raised queue (medians)."""
+def _captured_pct(runs: Sequence[BurstRun]) -> float | None:
+    """The worst run's captured %; None when a run's count is unknown (run mode, no sentinel
+    or a loss record)."""
+    if any(r.captured is None for r in runs):
+        return None
+    return round(100 * min(r.captured or 0 for r in runs) / runs[0].expected, 3)
+
+
+def _worst_loss(runs: Sequence[BurstRun]) -> int | None:
+    losses = [r.loss for r in runs]
+    return None if any(x is None for x in losses) else max(x or 0 for x in losses)
+
+
+def compare(runs: Sequence[BurstRun], modes: Sequence[str]) -> list[dict[str, Any]]:
+    """Per place, size, workload and mode: exfilwatch / inotifywait of the same place on the
+    raised queue (medians)."""
     out: list[dict[str, Any]] = []
-    keys = list(dict.fromkeys((r.size, r.workload) for r in runs))
-    for size, workload in keys:
-        ew = _pick(runs, size, workload, "exfilwatch", raised=True)
-        iw = _pick(runs, size, workload, "inotifywait", raised=True)
-        iw_def = _pick(runs, size, workload, "inotifywait", raised=False)
-        ew_def = _pick(runs, size, workload, "exfilwatch", raised=False)
-        iw_stall = _pick(runs, size, workload, "inotifywait", raised=False, stalled=True)
-        ew_stall = _pick(runs, size, workload, "exfilwatch", raised=False, stalled=True)
-        row: dict[str, Any] = {"size": size, "workload": workload}
-        if ew and iw:
-            ew_rate = statistics.median(r.events_per_s for r in ew)
-            iw_rate = statistics.median(r.events_per_s for r in iw)
-            ew_cpu = statistics.median(r.cpu_s for r in ew)
-            iw_cpu = statistics.median(r.cpu_s for r in iw)
-            row["rate_ratio"] = round(ew_rate / iw_rate, 3) if iw_rate else None
-            row["cpu_ratio"] = round(ew_cpu / iw_cpu, 2) if iw_cpu else None
-            row["exfilwatch_captured_pct"] = round(
-                100 * min(r.captured for r in ew) / ew[0].expected, 3
-            )
-            row["inotifywait_captured_pct"] = round(
-                100 * min(r.captured for r in iw) / iw[0].expected, 3
-            )
-            row["goal_capture_100"] = all(r.loss == 0 for r in ew)
-            row["goal_rate_ratio_0_8"] = (row["rate_ratio"] or 0) >= 0.8
-        if iw_def:
-            row["inotifywait_default_loss"] = max(r.loss for r in iw_def)
-            row["inotifywait_default_reported"] = any(r.loss_reported for r in iw_def)
-        if ew_def:
-            row["exfilwatch_default_loss"] = max(r.loss for r in ew_def)
-            row["exfilwatch_default_reported"] = any(r.loss_reported for r in ew_def)
-            row["goal_loss_reported"] = all(r.loss == 0 or r.loss_reported for r in ew_def)
-        if iw_stall:
-            row["inotifywait_stalled_loss"] = max(r.loss for r in iw_stall)
-            row["inotifywait_stalled_reported"] = any(r.loss_reported for r in iw_stall)
-        if ew_stall:
-            row["exfilwatch_stalled_loss"] = max(r.loss for r in ew_stall)
-            row["exfilwatch_stalled_reported"] = any(r.loss_reported for r in ew_stall)
-        out.append(row)
+    keys = list(dict.fromkeys((r.place, r.size, r.workload) for r in runs))
+    for place, size, workload in keys:
+        here = [r for r in runs if (r.place, r.size, r.workload) == (place, size, workload)]
+        iw = _pick(here, "inotifywait", "", raised=True)
+        iw_def = _pick(here, "inotifywait", "", raised=False)
+        iw_stall = _pick(here, "inotifywait", "", raised=False, stalled=True)
+        for mode in modes:
+            ew = _pick(here, "exfilwatch", mode, raised=True)
+            ew_def = _pick(here, "exfilwatch", mode, raised=False)
+            ew_stall = _pick(here, "exfilwatch", mode, raised=False, stalled=True)
+            row: dict[str, Any] = {
+                "place": place,
+                "size": size,
+                "workload": workload,
+                "mode": mode,
+            }
+            if ew and iw:
+                ew_rate = statistics.median(r.events_per_s for r in ew)
+                iw_rate = statistics.median(r.events_per_s for r in iw)
+                ew_cpu = statistics.median(r.cpu_s for r in ew)
+                iw_cpu = statistics.median(r.cpu_s for r in iw)
+                row["rate_ratio"] = round(ew_rate / iw_rate, 3) if iw_rate else None
+                row["cpu_ratio"] = round(ew_cpu / iw_cpu, 2) if iw_cpu else None
+                row["exfilwatch_captured_pct"] = _captured_pct(ew)
+                row["inotifywait_captured_pct"] = _captured_pct(iw)
+                row["goal_capture_100"] = all(r.loss == 0 for r in ew)
+                min_rate, max_cpu = GOALS[mode]
+                row["goal"] = f"ratio>={min_rate:g}" + (
+                    f", CPU<={max_cpu:g}" if max_cpu is not None else ""
+                )
+                row["goal_met"] = (row["rate_ratio"] or 0) >= min_rate and (
+                    max_cpu is None
+                    or (row["cpu_ratio"] is not None and row["cpu_ratio"] <= max_cpu)
+                )
+            if iw_def:
+                row["inotifywait_default_loss"] = _worst_loss(iw_def)
+                row["inotifywait_default_reported"] = any(r.loss_reported for r in iw_def)
+            if ew_def:
+                row["exfilwatch_default_loss"] = _worst_loss(ew_def)
+                row["exfilwatch_default_reported"] = any(r.loss_reported for r in ew_def)
+                row["goal_loss_reported"] = all(r.loss == 0 or r.loss_reported for r in ew_def)
+            if iw_stall:
+                row["inotifywait_stalled_loss"] = _worst_loss(iw_stall)
+                row["inotifywait_stalled_reported"] = any(r.loss_reported for r in iw_stall)
+            if ew_stall:
+                row["exfilwatch_stalled_loss"] = _worst_loss(ew_stall)
+                row["exfilwatch_stalled_reported"] = any(r.loss_reported for r in ew_stall)
+            out.append(row)
     return out
 
 
-def run_startup(ctx: Context, repeats: int) -> dict[str, Any]:
+def reference_place(places: Sequence[str]) -> str:
+    """The place the others are compared with: the first one not under /tmp (/srv in
+    ``--dir /srv/capb,/tmp/capb``), else the first."""
+    return next((p for p in places if not (p + "/").startswith("/tmp/")), places[0])
+
+
+def compare_places(comparison: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per other place, mode, workload and size: its events/s ratio / the reference place's
+    (goal >= 0.8: within 20%)."""
+    places = list(dict.fromkeys(c["place"] for c in comparison))
+    if len(places) < 2:
+        return []
+    ref = reference_place(places)
+    at = {
+        (c["place"], c["mode"], c["workload"], c["size"]): c.get("rate_ratio") for c in comparison
+    }
+    out: list[dict[str, Any]] = []
+    for place in places:
+        if place == ref:
+            continue
+        for (p, mode, workload, size), value in at.items():
+            if p != place:
+                continue
+            base = at.get((ref, mode, workload, size))
+            r = round(value / base, 3) if value is not None and base else None
+            out.append(
+                {
+                    "place": place,
+                    "reference": ref,
+                    "mode": mode,
+                    "workload": workload,
+                    "size": size,
+                    "ratio": r,
+                    "goal_within_20pct": r is not None and r >= PLACE_GOAL,
+                }
+            )
+    return out
+
+
+def run_startup(ctx: Context, place: Place, repeats: int) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {"exfilwatch": [], "inotifywait": []}
     for rep in range(repeats):
         for tool in ("exfilwatch", "inotifywait"):
             run = launch(
                 ctx,
+                place,
                 tool,
                 f"startup-{tool}",
-                [ctx.dirs_root],
+                [place.dirs_root],
                 apply_sysctl=True,
                 heartbeat="1h",
             )
@@ -872,11 +1197,10 @@ def run_startup(ctx: Context, repeats: int) -> dict[str, Any]:
                 entry["agent_seconds"] = ready.get("seconds")
                 entry["agent_watches"] = ready.get("watches")
             ctx.cleanup.stop(run.proc, STOP_TIMEOUT)
-            if not ctx.keep_output:
-                remove_files(run.output, run.errpath)
+            discard(ctx, run)
             progress(f"start-up {tool} ({rep + 1}/{repeats}): {entry}")
             runs[tool].append(entry)
-    result: dict[str, Any] = {"tree": ctx.dirs_root, "directories": DIR_COUNT, "runs": runs}
+    result: dict[str, Any] = {"tree": place.dirs_root, "directories": DIR_COUNT, "runs": runs}
     for tool, entries in runs.items():
         result[tool] = {
             "median_s": round(statistics.median(e["seconds"] for e in entries), 3),
@@ -895,11 +1219,13 @@ def run_startup(ctx: Context, repeats: int) -> dict[str, Any]:
     return result
 
 
-def run_idle(ctx: Context, seconds: float) -> dict[str, Any]:
-    roots = [ctx.files_root, ctx.dirs_root]
+def run_idle(ctx: Context, place: Place, seconds: float) -> dict[str, Any]:
+    roots = [place.files_root, place.dirs_root]
     ctx.sysctl.set("max_queued_events", RAISED_QUEUE)
-    ew = launch(ctx, "exfilwatch", "idle-exfilwatch", roots, apply_sysctl=True, heartbeat=None)
-    iw = launch(ctx, "inotifywait", "idle-inotifywait", roots)
+    ew = launch(
+        ctx, place, "exfilwatch", "idle-exfilwatch", roots, apply_sysctl=True, heartbeat=None
+    )
+    iw = launch(ctx, place, "inotifywait", "idle-inotifywait", roots)
     time.sleep(IDLE_SETTLE_SECONDS)
     procs = {"exfilwatch": ew, "inotifywait": iw}
     rss: dict[str, list[int]] = {name: [] for name in procs}
@@ -934,8 +1260,7 @@ def run_idle(ctx: Context, seconds: float) -> dict[str, Any]:
     result["goal_idle_0_5_pct"] = result["exfilwatch"]["pct_of_one_core"] <= 0.5
     for r in procs.values():
         ctx.cleanup.stop(r.proc, STOP_TIMEOUT)
-        if not ctx.keep_output:
-            remove_files(r.output, r.errpath)
+        discard(ctx, r)
     return result
 
 
@@ -962,16 +1287,20 @@ def print_report(results: dict[str, Any]) -> None:
             print("WARNING: agent/ changed while the bench ran; results mix two versions")
     bursts: list[dict[str, Any]] = results.get("bursts", [])
     if bursts:
-        print("\nBursts (each tool alone; queue = fs.inotify.max_queued_events)\n")
+        print(
+            "\nBursts (each tool alone; queue = fs.inotify.max_queued_events; run mode: "
+            "captured = expected when the sentinel's alert arrived with no event_loss)\n"
+        )
         rows = [
             [
+                b["place"],
                 b["size"],
                 b["workload"],
-                b["tool"] + (" stalled" if b["stalled"] else ""),
+                tool_label(b["tool"], b["mode"]) + (" stalled" if b["stalled"] else ""),
                 _queue(b["queue"]),
                 b["expected"],
                 b["captured"],
-                b["loss"],
+                "?" if b["loss"] is None else b["loss"],
                 b["loss_reported"],
                 b["burst_s"],
                 b["elapsed_s"],
@@ -988,6 +1317,7 @@ def print_report(results: dict[str, Any]) -> None:
         print(
             table(
                 [
+                    "place",
                     "files",
                     "load",
                     "tool",
@@ -1009,29 +1339,59 @@ def print_report(results: dict[str, Any]) -> None:
                 rows,
             )
         )
-        notes = [
-            f"  {b['tool']} {b['workload']} {b['size']:,} q={_queue(b['queue'])}"
-            f"{' stalled' if b['stalled'] else ''}: "
-            f"{b['loss_detail'] or '-'}; agent {b['agent']}"
-            for b in bursts
-            if b["tool"] == "exfilwatch"
-        ]
+        ew_runs = [b for b in bursts if b["tool"] == "exfilwatch"]
+        print("\nexfilwatch source actions (the source_actions health record), per mode:")
+        for mode in dict.fromkeys(b["mode"] for b in ew_runs):
+            acts = next(
+                b["agent"].get("source_actions") or {} for b in ew_runs if b["mode"] == mode
+            )
+            print(
+                f"  {mode}: actions {_listed(acts.get('actions'))}; "
+                f"left out {_listed(acts.get('left_out'))}"
+            )
         print("\nexfilwatch loss records and pipeline stats (agent_stopped):")
-        print("\n".join(notes))
+        for b in ew_runs:
+            a = b["agent"]
+            line = (
+                f"  {b['place']} {b['mode']} {b['workload']} {b['size']:,} "
+                f"q={_queue(b['queue'])}{' stalled' if b['stalled'] else ''}: "
+                f"processed {cell(a.get('processed'))}, dropped_total "
+                f"{cell(a.get('dropped_total'))}, event_loss {cell(a.get('event_loss'))}"
+            )
+            if b["mode"] == "run":
+                line += f", sentinel {cell(b['sentinel'])}"
+            if a.get("alerts"):
+                line += f", alerts {a['alerts']}"
+            if b["loss_detail"]:
+                line += f"; {b['loss_detail']}"
+            others = {
+                k: v
+                for k, v in a.items()
+                if k not in ("processed", "dropped_total", "event_loss", "alerts", "source_actions")
+            }
+            print(f"{line}; {others}")
         for b in bursts:
             if b["queue_note"]:
-                print(f"* {b['tool']} {b['workload']} {b['size']:,}: {b['queue_note']}")
-        print("\nComparison (exfilwatch / inotifywait, both at queue 1M; medians)\n")
+                print(
+                    f"* {b['place']} {tool_label(b['tool'], b['mode'])} {b['workload']} "
+                    f"{b['size']:,}: {b['queue_note']}"
+                )
+        print(
+            "\nComparison (exfilwatch / inotifywait of the same place, both at queue 1M; medians)\n"
+        )
         crow = [
             [
+                c["place"],
                 c["size"],
                 c["workload"],
+                c["mode"],
                 c.get("rate_ratio"),
                 c.get("cpu_ratio"),
                 c.get("exfilwatch_captured_pct"),
                 c.get("inotifywait_captured_pct"),
                 c.get("goal_capture_100"),
-                c.get("goal_rate_ratio_0_8"),
+                c.get("goal"),
+                c.get("goal_met"),
                 _loss(c, "inotifywait"),
                 _loss(c, "exfilwatch"),
                 _loss(c, "inotifywait", "stalled"),
@@ -1042,14 +1402,17 @@ def print_report(results: dict[str, Any]) -> None:
         print(
             table(
                 [
+                    "place",
                     "files",
                     "load",
+                    "mode",
                     "events/s ratio",
                     "CPU ratio",
                     "ew captured %",
                     "iw captured %",
                     "100% goal",
-                    ">=0.8 goal",
+                    "goal",
+                    "met",
                     "iw loss @16384 (reported)",
                     "ew loss @16384 (reported)",
                     "iw stalled",
@@ -1058,6 +1421,24 @@ def print_report(results: dict[str, Any]) -> None:
                 crow,
             )
         )
+        places = results.get("place_comparison") or []
+        if places:
+            print(
+                f"\nPlaces: events/s ratio at a place / the same at {places[0]['reference']} "
+                f"(goal >= {PLACE_GOAL:g}: within 20%)\n"
+            )
+            groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+            for p in places:
+                groups.setdefault((p["place"], p["mode"], p["workload"]), []).append(p)
+            for (place, mode, workload), ps in groups.items():
+                print(
+                    f"  {place} vs {ps[0]['reference']}, {mode} {workload}: "
+                    + ", ".join(
+                        f"{p['size']:,} files {cell(p['ratio'])} "
+                        f"({'yes' if p['goal_within_20pct'] else 'no'})"
+                        for p in ps
+                    )
+                )
     st = results.get("startup")
     if st:
         print(f"\nStart-up: time to watch {st['directories']:,} directories ({st['tree']})\n")
@@ -1125,10 +1506,20 @@ def print_report(results: dict[str, Any]) -> None:
 
 
 def _loss(c: dict[str, Any], tool: str, case: str = "default") -> str:
-    loss = c.get(f"{tool}_{case}_loss")
-    if loss is None:
+    """Loss (reported?); "?" when the count is unknown (run mode: an event_loss record or
+    no sentinel), "-" when there was no such run."""
+    key = f"{tool}_{case}_loss"
+    if key not in c:
         return "-"
-    return f"{loss:,} ({'yes' if c.get(f'{tool}_{case}_reported') else 'no'})"
+    loss = c[key]
+    shown = "?" if loss is None else f"{loss:,}"
+    return f"{shown} ({'yes' if c.get(f'{tool}_{case}_reported') else 'no'})"
+
+
+def _listed(v: Any) -> str:
+    if isinstance(v, list):
+        return ", ".join(str(x) for x in v) or "none"
+    return cell(v)
 
 
 # main ----------------------------------------------------------------------------------
@@ -1142,9 +1533,18 @@ choices:
   counted, exfilwatch does not report listings; captured = distinct (path, action) pairs;
   elapsed = generator start to the last event line's arrival (10 ms polls); CPU = the
   tool's user+system seconds from "watching" to "done"; the ratios are exfilwatch /
-  inotifywait with max_queued_events 1,048,576; runs at the kernel default 16,384
-  (exfilwatch with inotify.apply_sysctl: false) show which tool reports its loss;
-  trees under --dir are built once and kept; kernel settings are restored at exit.
+  inotifywait of the same place with max_queued_events 1,048,576; runs at the kernel
+  default 16,384 (exfilwatch with inotify.apply_sysctl: false) show which tool reports its
+  loss; trees under each --dir are built once and kept; kernel settings are restored at
+  exit.
+modes:
+  record = exfilwatch record (every event a JSON line); run = exfilwatch run with the shipped
+  rules and a bench rule on a sentinel file the generator writes last: the run is complete
+  when the sentinel's alert arrives, events/s = the burst's inotify events / elapsed, and
+  captured % = 100 when the alert arrived with no event_loss record. Every exfilwatch run
+  has a fresh state_dir (no downtime rescan). Goals: record ratio >= 0.8 and CPU ratio <= 3,
+  run ratio >= 0.6; another place's ratio / the reference place's (the first not under
+  /tmp) >= 0.8.
 """
 
 
@@ -1165,7 +1565,18 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("--dir", default=DEFAULT_DIR, help="bench directory (trees are kept)")
+    p.add_argument(
+        "--dir",
+        default=DEFAULT_DIR,
+        help="bench directories, comma-separated (e.g. /srv/capb,/tmp/capb): trees are built "
+        "and kept in each, and every burst runs in each (a `place`)",
+    )
+    p.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help="exfilwatch modes: record (every event a JSON line), run (shipped rules, alerts "
+        "and health only), or both",
+    )
     p.add_argument("--sizes", default="20000,100000", help="burst sizes in files (<= 100000)")
     p.add_argument("--workloads", default="write,read", help="write, read or both")
     p.add_argument("--repeat", type=int, default=1, help="runs per tool, size and workload")
@@ -1208,17 +1619,24 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["_generate"]:
-        if len(args_list) != 4:
-            print("usage: capture.py _generate write|read TREE N", file=sys.stderr)
+        if len(args_list) not in (4, 5):
+            print("usage: capture.py _generate write|read TREE N [SENTINEL]", file=sys.stderr)
             return 2
-        return generate(args_list[1], args_list[2], int(args_list[3]))
+        sentinel = args_list[4] if len(args_list) == 5 else None
+        return generate(args_list[1], args_list[2], int(args_list[3]), sentinel)
     args = _parser().parse_args(args_list)
     sizes = [20_000] if args.quick else [int(s) for s in args.sizes.split(",") if s.strip()]
     idle_seconds = 20.0 if args.quick else args.idle_seconds
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    bad = [w for w in workloads if w not in WORKLOAD_ACTIONS]
-    if bad or any(not 0 < s <= MAX_FILES for s in sizes):
-        print(f"workloads are write,read; sizes 1..{MAX_FILES}", file=sys.stderr)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    dirs = list(dict.fromkeys(os.path.abspath(d.strip()) for d in args.dir.split(",") if d.strip()))
+    bad = [w for w in workloads if w not in WORKLOAD_ACTIONS] + [m for m in modes if m not in MODES]
+    if bad or not modes or not dirs or any(not 0 < s <= MAX_FILES for s in sizes):
+        print(
+            f"workloads are write,read; modes record,run; sizes 1..{MAX_FILES}; "
+            "--dir one or more directories",
+            file=sys.stderr,
+        )
         return 2
     exfilwatch = shutil.which(args.exfilwatch)
     inotifywait = shutil.which(args.inotifywait)
@@ -1228,13 +1646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sysctl = Sysctl()
     if not sysctl.writable:
         progress("not root: kernel settings stay as they are; default-queue runs are skipped")
-    base = os.path.abspath(args.dir)
     ctx = Context(
-        base=base,
-        files_root=os.path.join(base, "files"),
-        dirs_root=os.path.join(base, "dirs"),
-        configs=os.path.join(base, "configs"),
-        runs=os.path.join(base, "runs"),
+        places=[Place.at(d) for d in dirs],
         exfilwatch=exfilwatch,
         inotifywait=inotifywait,
         sysctl=sysctl,
@@ -1247,29 +1660,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["machine"]["exfilwatch"] = exfilwatch
     with interruptible():
         try:
-            for d in (ctx.configs, ctx.runs):
-                os.makedirs(d, exist_ok=True)
+            for place in ctx.places:
+                for d in (place.configs, place.runs):
+                    os.makedirs(d, exist_ok=True)
             if sysctl.read("max_user_watches") < MIN_WATCHES:
                 sysctl.set("max_user_watches", MIN_WATCHES)
             results["kernel_at_start"] = {
                 n: sysctl.read(n) for n in ("max_queued_events", "max_user_watches")
             }
-            progress(f"trees under {base} (built once, reused)")
-            results["trees"] = {
-                "files": ensure_file_tree(ctx.files_root),
-                "dirs": ensure_dir_tree(ctx.dirs_root),
-            }
-            progress(f"trees: {results['trees']}")
+            results["trees"] = {}
+            for place in ctx.places:
+                progress(f"trees under {place.base} (built once, reused)")
+                results["trees"][place.base] = {
+                    "files": ensure_file_tree(place.files_root),
+                    "dirs": ensure_dir_tree(place.dirs_root),
+                }
+                progress(f"trees: {results['trees'][place.base]}")
             if not args.skip_bursts:
-                progress(f"warm-up read of {MAX_FILES:,} files: {warm_up(ctx.files_root):.1f} s")
+                if "run" in modes:
+                    for place in ctx.places:
+                        progress(f"bench rule (sentinel): {write_bench_rules(ctx, place)} ok")
+                for place in ctx.places:
+                    remove_files(place.sentinel)  # left by an interrupted run
+                    took = warm_up(place.files_root)
+                    progress(f"warm-up read of {MAX_FILES:,} files in {place.base}: {took:.1f} s")
                 default_q = not args.skip_default_queue and sysctl.writable
-                runs = run_bursts(ctx, sizes, workloads, args.repeat, default_q)
+                runs = run_bursts(ctx, modes, sizes, workloads, args.repeat, default_q)
                 results["bursts"] = [asdict(r) for r in runs]
-                results["comparison"] = compare(runs)
+                results["comparison"] = compare(runs, modes)
+                results["place_comparison"] = compare_places(results["comparison"])
+            # Start-up and idle: exfilwatch in record mode, in the first place.
             if not args.skip_startup:
-                results["startup"] = run_startup(ctx, args.startup_repeats)
+                results["startup"] = run_startup(ctx, ctx.places[0], args.startup_repeats)
             if not args.skip_idle:
-                results["idle"] = run_idle(ctx, idle_seconds)
+                results["idle"] = run_idle(ctx, ctx.places[0], idle_seconds)
         except BenchError as exc:
             progress(f"error: {exc}")
             return 1
