@@ -227,6 +227,7 @@ class ProcessTable:
         self._exited: OrderedDict[int, tuple[Proc, float]] = OrderedDict()
         self._missing: OrderedDict[int, None] = OrderedDict()
         self._by_path: dict[str, list[int]] = {}
+        self._nearest: dict[str, str | None] = {}  # directory -> nearest named ancestor
         self._users: dict[int, str | None] = {}
         self._lock = threading.Lock()
         self._own = os.getpid()
@@ -443,6 +444,8 @@ class ProcessTable:
         if proc.pid == self._own:
             return
         for path in set(proc.paths()):
+            if path not in self._by_path:
+                self._nearest.clear()  # a new key may be the nearest of cached directories
             self._by_path.setdefault(path, []).append(proc.pid)
 
     def _unindex(self, proc: Proc) -> None:
@@ -452,14 +455,37 @@ class ProcessTable:
                 pids.remove(proc.pid)
                 if not pids:
                     del self._by_path[path]
+                    self._nearest.clear()
+
+    def _nearest_key(self, directory: str) -> str | None:
+        """The nearest of `directory` and its ancestors that some process's arguments name;
+        cached per directory until the set of named paths changes (a burst of events in one
+        directory walks its ancestors once, not once per event)."""
+        if directory in self._nearest:
+            return self._nearest[directory]
+        cur = directory
+        found: str | None = None
+        while cur and cur != "/":
+            if cur in self._by_path:
+                found = cur
+                break
+            cur = cur[: cur.rfind("/")]
+        if len(self._nearest) >= _NEAREST_CAP:
+            self._nearest.clear()
+        self._nearest[directory] = found
+        return found
 
     def by_path(self, path: str) -> tuple[Proc, str] | None:
         """The newest process whose arguments (or working directory) name `path` or one of its
         parent directories; the nearest match wins. Returns (process, "cmdline")."""
         horizon = time.monotonic() - EXITED_TTL
         with self._lock:
-            cur = path
-            while cur and cur != "/":
+            if not self._by_path:
+                return None
+            cur: str | None = (
+                path if path != "/" and path in self._by_path else self._nearest_key(_parent(path))
+            )
+            while cur is not None:
                 pids = self._by_path.get(cur)
                 if pids:
                     found: list[Proc] = []
@@ -478,8 +504,16 @@ class ProcessTable:
                         parents = {c.ppid for c in found}
                         best = max(found, key=lambda c: (c.start, c.pid not in parents, c.pid))
                         return best, "cmdline"
-                cur = posixpath.dirname(cur)
+                cur = self._nearest_key(_parent(cur))  # every process there has exited
         return None
+
+
+_NEAREST_CAP = 4096
+
+
+def _parent(path: str) -> str:
+    """posixpath.dirname for the absolute, normalized paths events carry ("" above "/x")."""
+    return path[: path.rfind("/")]
 
 
 def _name_of(pid: int) -> str | None:

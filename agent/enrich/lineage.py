@@ -235,18 +235,20 @@ class LineageIndex:
         self._by_path[path] = entry
         self._sizes[entry.size] = self._sizes.get(entry.size, 0) + 1
         self._bucket(entry)[path] = entry
-        self._by_name.setdefault(os.path.basename(path), {})[path] = entry
-        self._dirs.setdefault(os.path.dirname(path), set()).add(path)
+        slash = path.rfind("/")
+        self._by_name.setdefault(path[slash + 1 :], {})[path] = entry
+        self._dirs.setdefault(path[:slash] or "/", set()).add(path)
 
     def _remove(self, entry: _Entry) -> None:
         path = entry.path
         del self._by_path[path]
+        slash = path.rfind("/")
         left = self._sizes.get(entry.size, 1) - 1
         if left:
             self._sizes[entry.size] = left
         else:
             self._sizes.pop(entry.size, None)
-        d = os.path.dirname(path)
+        d = path[:slash] or "/"
         paths = self._dirs.get(d)
         if paths is not None:
             paths.discard(path)
@@ -264,7 +266,7 @@ class LineageIndex:
                 same.pop(path, None)
                 if not same:
                     del self._by_digest[(entry.size, entry.digest)]
-        name = os.path.basename(path)
+        name = path[slash + 1 :]
         named = self._by_name.get(name)
         if named is not None:
             named.pop(path, None)

@@ -34,10 +34,17 @@ from agent.rules.model import Definitions, Override, Rule, RuleException
 Predicate = Callable[[Event], bool]
 
 
+# The engine indexes rules by the values of these fields a rule requires (event.action, and
+# the location class: a rule about removable media is never tried on a tagged-tree write).
+ACTION = "event.action"
+LOCATION = "exfilwatch.location.class"
+
+
 @dataclass(frozen=True)
 class Selection:
     match: Predicate
     actions: frozenset[str] | None  # event.action values it can match (None: any)
+    locations: frozenset[str] | None = None  # location classes it can match (None: any)
 
 
 @dataclass
@@ -50,6 +57,7 @@ class CompiledRule:
     generate: bool
     fingerprint: str
     condition_text: str = ""
+    locations: frozenset[str] | None = None  # location classes it can match (None: any)
 
     @property
     def id(self) -> str:
@@ -114,9 +122,11 @@ class _Compiler:
                 return None
             preds = tuple(p.match for p in found)
             union: frozenset[str] | None = frozenset()
+            places: frozenset[str] | None = frozenset()
             for p in found:
                 union = None if union is None or p.actions is None else union | p.actions
-            return Selection(lambda e: any(p(e) for p in preds), union)
+                places = None if places is None or p.locations is None else places | p.locations
+            return Selection(lambda e: any(p(e) for p in preds), union, places)
         if not isinstance(node, yaml.MappingNode):
             self.add(
                 file,
@@ -131,6 +141,7 @@ class _Compiler:
             return None
         matchers = []
         actions: frozenset[str] | None = None
+        locations: frozenset[str] | None = None
         ok = True
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
@@ -145,14 +156,16 @@ class _Compiler:
                 ok = False
                 continue
             matchers.append(m)
-            if m.field == "event.action" and m.equals is not None:
+            if m.field == ACTION and m.equals is not None:
                 actions = m.equals if actions is None else actions & m.equals
+            elif m.field == LOCATION and m.equals is not None:
+                locations = m.equals if locations is None else locations & m.equals
         if not ok:
             return None
         if len(matchers) == 1:
-            return Selection(matchers[0], actions)
+            return Selection(matchers[0], actions, locations)
         ms = tuple(matchers)
-        return Selection(lambda e: all(m(e) for m in ms), actions)
+        return Selection(lambda e: all(m(e) for m in ms), actions, locations)
 
     def compile_macros(self) -> None:
         for name, (node, where) in self.defs.macros.items():
@@ -162,7 +175,7 @@ class _Compiler:
 
     def condition(
         self, rule: Rule, selections: dict[str, Selection]
-    ) -> tuple[Predicate, frozenset[str] | None, str] | None:
+    ) -> tuple[Predicate, frozenset[str] | None, frozenset[str] | None, str] | None:
         file = rule.where.file
         assert rule.detection is not None and rule.condition is not None
         cond_node = rule.condition_node
@@ -189,18 +202,26 @@ class _Compiler:
                 )
         preds: dict[str, Predicate] = {}
         constraints: dict[str, frozenset[str] | None] = {}
+        places: dict[str, frozenset[str] | None] = {}
         for name in used:
             sel = selections.get(name) or self.macros.get(name)
             if sel is None:
                 return None  # its own problem was reported already
             preds[name] = sel.match
             constraints[name] = sel.actions
-        return compile_condition(tree, preds), required_values(tree, constraints), describe(tree)
+            places[name] = sel.locations
+        return (
+            compile_condition(tree, preds),
+            required_values(tree, constraints),
+            required_values(tree, places),
+            describe(tree),
+        )
 
     def rule(self, rule: Rule, generate: bool) -> CompiledRule | None:
         file = rule.where.file
         match: Predicate
         actions: frozenset[str] | None = None
+        locations: frozenset[str] | None = None
         text = ""
         if rule.detection is not None:
             selections: dict[str, Selection] = {}
@@ -224,7 +245,7 @@ class _Compiler:
             compiled = self.condition(rule, selections)
             if compiled is None or not ok:
                 return None
-            match, actions, text = compiled
+            match, actions, locations, text = compiled
         else:
             match = _never
         exceptions = []
@@ -267,6 +288,7 @@ class _Compiler:
             generate,
             fingerprint(rule),
             text,
+            locations,
         )
 
 

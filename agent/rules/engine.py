@@ -62,6 +62,9 @@ class _Sequence:
         self.samples: list[tuple[int, str]] = []
 
 
+_PLACE_CACHE = 1024
+
+
 class Engine:
     """Evaluates events against a compiled rule set; returns alert records."""
 
@@ -79,6 +82,10 @@ class Engine:
                     specific.setdefault(action, []).append(r)
         self._any = tuple(anywhere)
         self._by_action = {a: tuple(rs) + self._any for a, rs in specific.items()}
+        # (action, location class) -> the rules that can match it: most events are tried on
+        # only a few (a write in a tagged tree never on the removable-media rules). Bounded:
+        # a replayed file may hold any location text; past the cap it is filtered per event.
+        self._by_place: dict[tuple[str, str | None], tuple[CompiledRule, ...]] = {}
         # OrderedDicts: evicting the oldest entry at a cap is O(1) (a plain dict's first key
         # gets slower to find as deleted slots pile up at its front).
         self._windows: dict[str, OrderedDict[tuple[Any, ...], Any]] = {
@@ -91,9 +98,23 @@ class Engine:
 
     # evaluation ------------------------------------------------------------------------
 
+    def _candidates(self, action: str, location: str | None) -> tuple[CompiledRule, ...]:
+        place = location.lower() if location is not None else None
+        rules = tuple(
+            r
+            for r in self._by_action.get(action, self._any)
+            if r.locations is None or (place is not None and place in r.locations)
+        )
+        if len(self._by_place) < _PLACE_CACHE:
+            self._by_place[(action, location)] = rules
+        return rules
+
     def process(self, e: Event) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        for r in self._by_action.get(e.action, self._any):
+        rules = self._by_place.get((e.action, e.location))
+        if rules is None:
+            rules = self._candidates(e.action, e.location)
+        for r in rules:
             # Scope first: it is one comparison, and most users are on no watchlist.
             if r.scope and e.watchlist not in r.scope:
                 continue

@@ -187,6 +187,23 @@ def test_a_process_that_exited_is_still_found_by_the_path_it_named_for_a_while(
     table.poll()
     found = table.by_path(str(target))
     assert found is not None and found[0].pid == child.pid
+    # A file below a directory: the nearest ancestor some process names, cached per
+    # directory. A process naming a nearer one appears: the cached answer is dropped.
+    below = str(tmp_path / "sub" / "x.v")
+    before = table.by_path(below)
+    gate2 = Gate(tmp_path / "go2")
+    other = subprocess.Popen(["sh", "-c", 'read go < "$1"', "sh", str(gate2.path), str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 10
+        near = table.by_path(below)
+        while (near is None or near[0].pid != other.pid) and time.monotonic() < deadline:
+            table.poll()  # a stale cached answer would hold past the deadline
+            near = table.by_path(below)
+    finally:
+        finish(other, gate2)
+    table.poll()  # both processes have exited now
+    assert before is None or before[0].pid != other.pid
+    assert near is not None and near[0].pid == other.pid
     # Long gone, it takes no blame for a later write to the file.
     monkeypatch.setattr(attribution, "EXITED_TTL", 0.0)
     assert table.by_path(str(target)) is None

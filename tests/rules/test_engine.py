@@ -355,3 +355,58 @@ def test_an_alert_says_when_it_was_made_and_how_sure_the_agent_is_of_who_did_it(
     assert made["event"]["created"] == format_timestamp(T0 + 90 * S)
     assert made["event"]["created"] > made["@timestamp"]
     assert made["exfilwatch"]["attribution"] == {"confidence": "inferred", "method": "cmdline"}
+
+
+def test_a_rule_is_only_tried_where_its_location_can_match() -> None:
+    engine = Engine(
+        ruleset(
+            """\
+id: usb
+title: written to removable media
+level: low
+tags: [attack.exfiltration]
+detection:
+  selection: {event.action: closed_write, exfilwatch.location.class: [Removable, cloud_sync]}
+  condition: selection
+---
+id: anywhere
+title: written anywhere
+level: low
+tags: [attack.collection]
+detection:
+  selection: {event.action: closed_write}
+  condition: selection
+"""
+        )
+    )
+    usb = engine.process(
+        ev(
+            0,
+            event__action="closed_write",
+            file__path="/media/u/a",
+            **{"exfilwatch__location__class": "removable"},
+        )
+    )
+    assert sorted(a["rule"]["id"] for a in usb) == ["anywhere", "usb"]
+    tagged = engine.process(
+        ev(
+            1,
+            event__action="closed_write",
+            file__path="/srv/rnd/a",
+            **{"exfilwatch__location__class": "tagged"},
+        )
+    )
+    assert [a["rule"]["id"] for a in tagged] == ["anywhere"]
+    nowhere = engine.process(ev(2, event__action="closed_write", file__path="/x/a"))
+    assert [a["rule"]["id"] for a in nowhere] == ["anywhere"]
+    # The matcher ignores case; so does the index.
+    shouting = engine.process(
+        ev(
+            3,
+            event__action="closed_write",
+            file__path="/media/u/b",
+            **{"exfilwatch__location__class": "REMOVABLE"},
+        )
+    )
+    assert sorted(a["rule"]["id"] for a in shouting) == ["anywhere", "usb"]
+    assert [r.id for r in engine._by_place[("closed_write", "tagged")]] == ["anywhere"]
