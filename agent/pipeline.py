@@ -220,6 +220,7 @@ class Pipeline:
         self._health_unreported = 0
         self.processed = 0
         self.stats_taken = 0  # lstat calls: at most one per path and batch
+        self.batches = 0  # batches taken off the lanes (events per batch: processed / this)
         self.processed_by_lane = dict.fromkeys(LANES, 0)
         self._last_retry = 0.0
 
@@ -434,6 +435,7 @@ class Pipeline:
                     event = evolve(event, enrichment_skipped=worker.refused())
             ready.append(event)
         self.processed += len(batch)
+        self.batches += 1
         self.processed_by_lane[lane] += len(batch)
         self._finish(ready)
 
@@ -631,6 +633,7 @@ class Pipeline:
             "dropped_total": sum(q.dropped.values()),
             "processed": self.processed,
             "lstat_calls": self.stats_taken,
+            "batches": self.batches,
             "own_reads_dropped": self.own_reads_dropped,
             "health_dropped": self.health_dropped,
         }

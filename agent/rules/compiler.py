@@ -20,12 +20,15 @@ from agent.rules.condition import (
     Not,
     OneOf,
     Or,
+    Ref,
     compile_condition,
     describe,
+    every_of,
     expand,
     parse_condition,
     referenced,
     required_values,
+    some_of,
 )
 from agent.rules.loader import read_paths, read_text
 from agent.rules.matchers import MatcherError, compile_field
@@ -126,7 +129,7 @@ class _Compiler:
             for p in found:
                 union = None if union is None or p.actions is None else union | p.actions
                 places = None if places is None or p.locations is None else places | p.locations
-            return Selection(lambda e: any(p(e) for p in preds), union, places)
+            return Selection(preds[0] if len(preds) == 1 else some_of(preds), union, places)
         if not isinstance(node, yaml.MappingNode):
             self.add(
                 file,
@@ -164,8 +167,10 @@ class _Compiler:
             return None
         if len(matchers) == 1:
             return Selection(matchers[0], actions, locations)
-        ms = tuple(matchers)
-        return Selection(lambda e: all(m(e) for m in ms), actions, locations)
+        # The index already chose the rule by action and location: those tests pass for
+        # nearly every event tried, so the fields that can fail are tried first.
+        ms = tuple(sorted(matchers, key=lambda m: m.field in (ACTION, LOCATION)))
+        return Selection(every_of(ms), actions, locations)
 
     def compile_macros(self) -> None:
         for name, (node, where) in self.defs.macros.items():
@@ -211,7 +216,7 @@ class _Compiler:
             constraints[name] = sel.actions
             places[name] = sel.locations
         return (
-            compile_condition(tree, preds),
+            compile_condition(_locals_first(tree, frozenset(rule.detection)), preds),
             required_values(tree, constraints),
             required_values(tree, places),
             describe(tree),
@@ -290,6 +295,24 @@ class _Compiler:
             text,
             locations,
         )
+
+
+def _locals_first(node: Node, local: frozenset[str]) -> Node:
+    """The same condition, with the rule's own selections tried before macros in each `and`
+    (a macro such as file_landed or tagged_content holds for most events a rule is tried on;
+    the rule's own selection is what usually fails). Predicates are pure: order is free."""
+    match node:
+        case And(operands=operands):
+            parts = tuple(_locals_first(o, local) for o in operands)
+            return And(
+                tuple(sorted(parts, key=lambda o: not (isinstance(o, Ref) and o.name in local)))
+            )
+        case Or(operands=operands):
+            return Or(tuple(_locals_first(o, local) for o in operands))
+        case Not(operand=operand):
+            return Not(_locals_first(operand, local))
+        case _:
+            return node
 
 
 def _never(event: Event) -> bool:

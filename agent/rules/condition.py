@@ -415,7 +415,7 @@ def _simplify(node: Node) -> Node:
             assert_never(node)
 
 
-def _every(parts: tuple[Callable[[T], bool], ...]) -> Callable[[T], bool]:
+def every_of(parts: tuple[Callable[[T], bool], ...]) -> Callable[[T], bool]:
     if len(parts) == 2:
         first, second = parts
 
@@ -434,7 +434,7 @@ def _every(parts: tuple[Callable[[T], bool], ...]) -> Callable[[T], bool]:
     return every
 
 
-def _some(parts: tuple[Callable[[T], bool], ...]) -> Callable[[T], bool]:
+def some_of(parts: tuple[Callable[[T], bool], ...]) -> Callable[[T], bool]:
     if len(parts) == 2:
         first, second = parts
 
@@ -467,9 +467,9 @@ def _build(node: Node, predicates: Mapping[str, Callable[[T], bool]]) -> Callabl
 
             return negated
         case And(operands=operands):
-            return _every(tuple(_build(operand, predicates) for operand in operands))
+            return every_of(tuple(_build(operand, predicates) for operand in operands))
         case Or(operands=operands):
-            return _some(tuple(_build(operand, predicates) for operand in operands))
+            return some_of(tuple(_build(operand, predicates) for operand in operands))
         case OneOf() | AllOf():
             raise _unexpanded(node)
         case _:

@@ -9,7 +9,7 @@ from functools import partial
 from typing import Any
 
 from agent.alerts import build_alert
-from agent.events import Event, format_timestamp
+from agent.events import FIELDS, Event, format_timestamp
 from agent.rules.compiler import CompiledRule, RuleSet
 
 CapHit = Callable[[str, int, dict[str, Any]], None]
@@ -92,6 +92,7 @@ class Engine:
             cid: OrderedDict() for cid in ruleset.correlations
         }
         self._suppress: dict[str, OrderedDict[tuple[Any, ...], list[int]]] = {}
+        self._group_getters: dict[str, tuple[Callable[[Event], Any], ...]] = {}
         self._items = 0  # matches held in all counting windows, against caps.max_total_events
         self.matched = 0
         self.alerts = 0
@@ -169,7 +170,13 @@ class Engine:
         if corr.exceptions and self._excepted(corr, e):
             return None
         groups = self._windows[corr.id]
-        key = tuple(e.get(f) for f in c.group_by)
+        getters = self._group_getters.get(corr.id)
+        if getters is None:
+            getters = self._group_getters[corr.id] = tuple(FIELDS[f] for f in c.group_by)
+        if len(getters) == 2:
+            key: tuple[Any, ...] = (getters[0](e), getters[1](e))
+        else:
+            key = tuple([g(e) for g in getters])
         now = e.timestamp_us
         span = int(c.timespan * 1_000_000)
         state = groups.get(key)
