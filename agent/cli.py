@@ -242,12 +242,15 @@ def _run(config_path: str | None, duration: float | None, record_to: str | None)
 
     stop = threading.Event()
     reload = threading.Event()
+    wake = threading.Event()
 
     def on_stop(signum: int, frame: FrameType | None) -> None:
         stop.set()
+        wake.set()
 
     def on_hup(signum: int, frame: FrameType | None) -> None:
         reload.set()
+        wake.set()
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
@@ -257,7 +260,11 @@ def _run(config_path: str | None, duration: float | None, record_to: str | None)
     deadline = time.monotonic() + duration if duration else None
     try:
         while not stop.is_set():
-            stop.wait(0.5)  # a signal sets the event and ends the wait at once
+            # A signal's handler sets an event, which ends the wait at once; idle, the main
+            # thread wakes every 5 s only.
+            left = deadline - time.monotonic() if deadline is not None else 5.0
+            wake.wait(min(5.0, max(0.0, left)))
+            wake.clear()
             if reload.is_set():
                 reload.clear()
                 # Reopen first: the reload's own record then lands in the new file (logrotate

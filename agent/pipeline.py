@@ -30,6 +30,12 @@ _NO_STAT = frozenset({"deleted", "moved_out"})
 _MARKER_ACTIONS = frozenset({"created", "closed_write", "deleted", "moved_in", "moved_out"})
 _TREE_ACTIONS = frozenset({"deleted", "moved", "moved_out", "moved_in"})
 _HEALTH_CAP = 10_000
+_IDLE_SECONDS = 5.0
+_IDLE_RETRY_SECONDS = 0.5
+_S_IFMT = 0o170000
+_FILE_TYPES = {stat.S_IFLNK: "symlink", stat.S_IFDIR: "dir"}  # anything else: "other"
+_MODES = {m: f"{m:04o}" for m in range(0o10000)}  # permission bits -> "0644"
+_IDS_CAP = 4096  # uid/gid -> text, cleared past this many
 _STOP = object()
 
 
@@ -61,6 +67,7 @@ class LaneQueue:
         self._cond = threading.Condition()
         self.dropped = dict.fromkeys(LANES, 0)
         self._unreported: dict[tuple[str, str], int] = {}
+        self._woken = False
         self.high_water = dict.fromkeys(LANES, 0)
         self.waits = 0
 
@@ -134,8 +141,10 @@ class LaneQueue:
                 and not any(self._sizes.values())
                 and not self._unreported
                 and self._stop is None
+                and not self._woken
             ):
                 self._cond.wait(timeout)
+            self._woken = False
             if self._control:
                 return None, self._control.popleft()
             for lane in LANES:
@@ -148,6 +157,12 @@ class LaneQueue:
             if self._stop is not None:
                 return None, self._stop
             return None, None
+
+    def wake(self) -> None:
+        """End a consumer's idle wait now (a new rule set, an expiry to run)."""
+        with self._cond:
+            self._woken = True
+            self._cond.notify_all()
 
     def take_shed(self) -> dict[tuple[str, str], int]:
         with self._cond:
@@ -220,6 +235,7 @@ class Pipeline:
         self._health_unreported = 0
         self.processed = 0
         self.stats_taken = 0  # lstat calls: at most one per path and batch
+        self._ids: dict[int, str] = {}  # uid / gid -> its text
         self.batches = 0  # batches taken off the lanes (events per batch: processed / this)
         self.processed_by_lane = dict.fromkeys(LANES, 0)
         self._last_retry = 0.0
@@ -315,7 +331,10 @@ class Pipeline:
 
     def _run(self) -> None:
         while True:
-            lane, item = self.queue.get(timeout=0.5)
+            # Idle, the consumer wakes every few seconds only (or at once when woken); while
+            # a sink owes lines, twice a second for its retries.
+            idle = _IDLE_RETRY_SECONDS if self.router.owed() else _IDLE_SECONDS
+            lane, item = self.queue.get(timeout=idle)
             try:
                 self._turn(item)
             except Exception as exc:
@@ -395,7 +414,7 @@ class Pipeline:
 
     def _retry_sinks(self) -> None:
         now = time.monotonic()
-        if now - self._last_retry >= 0.5:
+        if now - self._last_retry >= _IDLE_RETRY_SECONDS:
             self._last_retry = now
             self.router.retry()
 
@@ -484,18 +503,22 @@ class Pipeline:
                     st = None
                 stats[path] = st
             if st is not None:
-                fmt = stat.S_IFMT(st.st_mode)
-                if fmt == stat.S_IFLNK:
-                    file_type = "symlink"
-                elif fmt == stat.S_IFDIR:
-                    file_type = "dir"
-                elif fmt != stat.S_IFREG:
-                    file_type = "other"
+                st_mode = st.st_mode
+                fmt = st_mode & _S_IFMT
+                if fmt != stat.S_IFREG:
+                    file_type = _FILE_TYPES.get(fmt, "other")
                 size = st.st_size
-                uid = str(st.st_uid)
-                gid = str(st.st_gid)
+                ids = self._ids
+                uid = ids.get(st.st_uid)
+                if uid is None:
+                    uid = ids[st.st_uid] = str(st.st_uid)
+                gid = ids.get(st.st_gid)
+                if gid is None:
+                    gid = ids[st.st_gid] = str(st.st_gid)
+                if len(ids) > _IDS_CAP:
+                    ids.clear()
                 inode = str(st.st_ino)
-                mode = f"{stat.S_IMODE(st.st_mode):04o}"
+                mode = _MODES[st_mode & 0o7777]
                 mtime = st.st_mtime_ns // 1000
                 if st.st_nlink > 1 and fmt == stat.S_IFREG:
                     nlink = st.st_nlink  # a second name elsewhere reaches the same content
@@ -567,6 +590,7 @@ class Pipeline:
     def request_expiry(self, now_us: int) -> None:
         """Ask the consumer to drop stale correlation groups at its next turn."""
         self._expire_at = now_us
+        self.queue.wake()
 
     def set_engine(self, engine: Engine) -> None:
         """Swap rule sets between two batches: intake never pauses, state of unchanged rules
@@ -577,6 +601,7 @@ class Pipeline:
             self.engine = engine
         else:
             self._next_engine = engine
+            self.queue.wake()
 
     def _install_engine(self) -> None:
         new, self._next_engine = self._next_engine, None

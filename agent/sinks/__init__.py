@@ -686,6 +686,11 @@ class Router:
             self._announce(step)
             return sum(route.owed() for route in self._routes)
 
+    def owed(self) -> int:
+        """Lines written to no sink yet (a failing sink's backlog)."""
+        with self._lock:
+            return sum(route.owed() for route in self._routes)
+
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per sink: lines owed (in total and by kind), failed writes, lines dropped."""
         with self._lock:

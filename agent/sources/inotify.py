@@ -116,6 +116,10 @@ _PATH_MAX = 4096
 _SKIPPED_CAP = 10_000
 # Directories a queue_full rescan lists one by one; past this it walks their whole roots.
 _DROP_DIRS_CAP = 4_096
+# A walk reads the kernel queue after every this many directories listed (each listing
+# queues up to four events of the agent's own), fewer when the kernel queue is small: at
+# most a sixteenth of it between two reads.
+_DRAIN_EVERY = 64
 # Events read from the kernel during a walk and held until it ends.
 _DEFERRED_CAP = 262_144
 # A rescan after queue_full drops waits for the stuck consumer this long, and twice as long
@@ -299,21 +303,15 @@ _READ_MAX = 1 << 20
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
-def _read_events(
-    ino: INotify, poller: select.poll, timeout: int
-) -> list[tuple[int, int, int, str]]:
-    """What the kernel queued, as plain (wd, mask, cookie, name) tuples: inotify_simple's
+def _read_events(ino: INotify) -> list[tuple[int, int, int, str]]:
+    """What the kernel has queued now, as plain (wd, mask, cookie, name) tuples: inotify_simple's
     reader builds a namedtuple per event and decodes each name through os.fsdecode, a third
-    of the reader's time in a burst. Waits up to `timeout` ms for the first event."""
+    of the reader's time in a burst. Never waits."""
     fd = ino.fileno()
     avail = array.array("i", [0])
     fcntl.ioctl(fd, termios.FIONREAD, avail, True)
     if not avail[0]:
-        if timeout == 0 or not poller.poll(timeout):
-            return []
-        fcntl.ioctl(fd, termios.FIONREAD, avail, True)
-        if not avail[0]:
-            return []
+        return []
     data = os.read(fd, min(avail[0], _READ_MAX))
     out: list[tuple[int, int, int, str]] = []
     append = out.append
@@ -444,6 +442,9 @@ class InotifySource:
         self._mounts_poll: select.poll | None = None
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._poller = select.poll()
+        self._wake_r = self._wake_w = -1
+        self._mounts_changed = False
+        self._drain_every = 1
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.counters = {
@@ -465,9 +466,15 @@ class InotifySource:
         limit = self.kernel.get("max_user_watches")
         if limit:
             self._file_budget = min(self._file_budget, limit // 2)  # directories first
+        queued = read_sysctl("max_queued_events") or 16_384
+        self._drain_every = max(1, min(_DRAIN_EVERY, queued // 64))
         self._ino = INotify()
         self._poller = select.poll()
         self._poller.register(self._ino.fileno(), select.POLLIN)
+        # A stop or a command wakes the reader at once through this pipe, so it can sleep
+        # until the next root check when nothing happens.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poller.register(self._wake_r, select.POLLIN)
         self._read_us = now_us()
         self._open_mounts()
         for root in self._roots:
@@ -477,12 +484,17 @@ class InotifySource:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._wakeup()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
         if self._ino is not None:
             self._ino.close()
             self._ino = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
         if self._mounts_file is not None:
             self._mounts_file.close()
             self._mounts_file = None
@@ -500,7 +512,7 @@ class InotifySource:
         if self._thread is None:
             apply()
             return
-        self._commands.put(apply)
+        self._command(apply)
         done.wait(timeout=30)
 
     def set_actions(self, actions: frozenset[str] | None) -> None:
@@ -516,7 +528,7 @@ class InotifySource:
         if self._thread is None:
             self._actions, self._tagged_mask, self._files_wanted = actions, mask, files
             return
-        self._commands.put(lambda: self._apply_actions(actions, mask, files))
+        self._command(lambda: self._apply_actions(actions, mask, files))
 
     def _apply_actions(self, actions: frozenset[str] | None, mask: int, files: bool) -> None:
         changed = mask != self._tagged_mask
@@ -555,7 +567,17 @@ class InotifySource:
         events over in pieces of at most BATCH that wait for room like any tagged batch.
         Requests with the same reason that are still pending are merged (earliest `since_us`)."""
         request = _Rescan(reason, since_us, scope="tagged")
-        self._commands.put(lambda: self._schedule(request))
+        self._command(lambda: self._schedule(request))
+
+    def _command(self, command: Callable[[], None]) -> None:
+        """Run `command` on the reader thread, soon (the reader is woken for it)."""
+        self._commands.put(command)
+        self._wakeup()
+
+    def _wakeup(self) -> None:
+        if self._wake_w >= 0:
+            with contextlib.suppress(OSError):  # full (already woken) or closed
+                os.write(self._wake_w, b"\0")
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -578,12 +600,21 @@ class InotifySource:
                 if self._deferred:  # read during a walk: older than anything still queued
                     deferred, self._deferred = self._deferred, []
                     self._handle(deferred)
-                # Idle wake-ups cost CPU on every workstation: a stop is seen within 0.25 s.
-                events = self._read(0 if self._deferred else 5 if self._pending else 250)
+                # Idle wake-ups cost CPU on every workstation: with nothing to do the reader
+                # sleeps until the next root check (a stop or a command wakes it at once).
+                if self._deferred:
+                    wait_ms = 0
+                elif self._pending:
+                    wait_ms = 5
+                else:
+                    wait_ms = max(1, int((next_check - time.monotonic()) * 1000))
+                events = self._read(wait_ms)
                 if events or self._pending:
                     self._handle(events)
                 if self._unmounted:
                     self._unmounts()
+                if self._mounts_changed:
+                    self._check_mounts()
                 while True:
                     try:
                         command = self._commands.get_nowait()
@@ -615,8 +646,20 @@ class InotifySource:
             self._report(record("source_error", type(exc).__name__, message=str(exc)))
 
     def _read(self, timeout: int) -> list[Any]:
+        """What the kernel queued; with nothing there, waits up to `timeout` ms for it, for a
+        wake-up (a stop, a command) or for a change of the mount table."""
         assert self._ino is not None
-        events = _read_events(self._ino, self._poller, timeout)
+        events = _read_events(self._ino)
+        if not events and timeout:
+            ready = self._poller.poll(timeout)
+            for fd, _ in ready:
+                if fd == self._wake_r:
+                    with contextlib.suppress(OSError):
+                        os.read(fd, 4096)  # emptied; non-blocking
+                elif self._mounts_file is not None and fd == self._mounts_file.fileno():
+                    self._mounts_changed = True
+            if ready:
+                events = _read_events(self._ino)
         if events and events[-1][1] & _Q_OVERFLOW:
             # The kernel queues the overflow last: what it lost came after the previous read.
             since = self._read_us - 1_000_000
@@ -1004,6 +1047,7 @@ class InotifySource:
         `retrying`: directories the watch limit still leaves out are not reported again."""
         problems = _Problems()
         added = 0
+        listed = 0
         limit_hit = False
         stack = [top]
         ex = root.excludes
@@ -1121,7 +1165,9 @@ class InotifySource:
             # In a home, hidden directories are the staging places: watched first, so a
             # large source tree beside them cannot use up the watch budget before them.
             stack.extend(hidden)
-            self._drain()
+            listed += 1
+            if not listed % self._drain_every:
+                self._drain()
         if retrying:
             problems.by_reason.pop("watch_limit", None)
         self._report_problems(root, problems)
@@ -1310,12 +1356,18 @@ class InotifySource:
         poller.register(fh.fileno(), select.POLLPRI | select.POLLERR)
         self._mounts_file = fh
         self._mounts_poll = poller
+        # The reader's own wait ends on a change too: mounts are seen at once, not at the next
+        # root check. Whichever poll sees a change first takes it (the kernel reports each
+        # change once per open file), so the reader's records it in _mounts_changed.
+        self._poller.register(fh.fileno(), select.POLLPRI | select.POLLERR)
         self._mounts = _mount_points()
 
     def _check_mounts(self, force: bool = False) -> set[str]:
         """A filesystem mounted or unmounted (lazily too) at a path inside a watched tree
         leaves the old watches on an inode no longer at that path: what is there now is
         watched instead, with a record. Returns the paths dealt with."""
+        if self._mounts_changed:
+            self._mounts_changed, force = False, True
         if self._mounts_poll is None or not (self._mounts_poll.poll(0) or force):
             return set()
         current = _mount_points()
@@ -1608,7 +1660,8 @@ class InotifySource:
             except OSError:
                 pass
             w.directories += 1
-            self._drain()
+            if not w.directories % self._drain_every:
+                self._drain()
 
     def _flush(self, w: _Walk) -> None:
         if w.out:

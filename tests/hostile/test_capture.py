@@ -485,6 +485,24 @@ def test_a_tmpfs_mounted_then_unmounted_inside_a_tree_is_a_record_each_time_and_
 
 
 @needs_mount
+def test_a_mount_inside_a_tree_is_seen_at_once_not_at_the_next_root_check(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    # The reader sleeps until its next root check (here an hour away) when nothing happens;
+    # a change of the mount table wakes it.
+    root = tmp_path / "rnd"
+    mnt = root / "mnt"
+    mnt.mkdir(parents=True)
+    start(run_agent, tmp_path, WatchSpec(str(root), ("rnd",)), root_check_interval=3600.0)
+    with tmpfs(mnt):
+        assert collector.wait_for(lambda c: bool(c.health("watch_mounted")), timeout=10)
+        (mnt / "on-tmpfs.v").write_text("x")
+        collector.wait_event("closed_write", mnt / "on-tmpfs.v", tags=("rnd",))
+        unmount(mnt)
+        assert collector.wait_for(lambda c: bool(c.health("watch_unmounted")), timeout=10)
+
+
+@needs_mount
 def test_a_lazy_unmount_of_a_busy_filesystem_inside_a_tree_is_a_record(
     tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
 ) -> None:
