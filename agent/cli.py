@@ -260,10 +260,12 @@ def _run(config_path: str | None, duration: float | None, record_to: str | None)
     deadline = time.monotonic() + duration if duration else None
     try:
         while not stop.is_set():
-            # A signal's handler sets an event, which ends the wait at once; idle, the main
-            # thread wakes every 5 s only.
-            left = deadline - time.monotonic() if deadline is not None else 5.0
-            wake.wait(min(5.0, max(0.0, left)))
+            # A signal's handler sets an event, which ends the wait at once (a lock wait is
+            # interrupted by signals): without a deadline the main thread never wakes idle.
+            if deadline is None:
+                wake.wait()
+            else:
+                wake.wait(max(0.0, deadline - time.monotonic()))
             wake.clear()
             if reload.is_set():
                 reload.clear()

@@ -161,7 +161,7 @@ class Config:
     marker_name: str = ".exfilwatch.yaml"
     heartbeat_interval: float = 60.0
     rescan_max_entries: int = 200_000
-    root_check_interval: float = 1.0
+    root_check_interval: float = 5.0
     rules_check_interval: float = 1.0
     inotify: InotifySettings = field(default_factory=InotifySettings)
     locations: LocationSettings = field(default_factory=LocationSettings)

@@ -30,7 +30,7 @@ _NO_STAT = frozenset({"deleted", "moved_out"})
 _MARKER_ACTIONS = frozenset({"created", "closed_write", "deleted", "moved_in", "moved_out"})
 _TREE_ACTIONS = frozenset({"deleted", "moved", "moved_out", "moved_in"})
 _HEALTH_CAP = 10_000
-_IDLE_SECONDS = 5.0
+_IDLE_SECONDS = 30.0
 _IDLE_RETRY_SECONDS = 0.5
 _S_IFMT = 0o170000
 _FILE_TYPES = {stat.S_IFLNK: "symlink", stat.S_IFDIR: "dir"}  # anything else: "other"
@@ -331,8 +331,9 @@ class Pipeline:
 
     def _run(self) -> None:
         while True:
-            # Idle, the consumer wakes every few seconds only (or at once when woken); while
-            # a sink owes lines, twice a second for its retries.
+            # Idle, the consumer wakes every 30 s only: whatever needs it (an item, a new rule
+            # set, an expiry, a shed count) wakes it at once; while a sink owes lines, twice a
+            # second for its retries.
             idle = _IDLE_RETRY_SECONDS if self.router.owed() else _IDLE_SECONDS
             lane, item = self.queue.get(timeout=idle)
             try:

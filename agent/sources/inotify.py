@@ -120,6 +120,8 @@ _DROP_DIRS_CAP = 4_096
 # queues up to four events of the agent's own), fewer when the kernel queue is small: at
 # most a sixteenth of it between two reads.
 _DRAIN_EVERY = 64
+# After a change of the mount table, the roots are checked this soon.
+_MOUNT_ROOT_CHECK_DELAY = 0.25
 # Events read from the kernel during a walk and held until it ends.
 _DEFERRED_CAP = 262_144
 # A rescan after queue_full drops waits for the stuck consumer this long, and twice as long
@@ -394,7 +396,7 @@ class InotifySource:
         settings: InotifySettings | None = None,
         marker_name: str = ".exfilwatch.yaml",
         rescan_max_entries: int = 200_000,
-        root_check_interval: float = 1.0,
+        root_check_interval: float = 5.0,
         caps: CapReporter | None = None,
         file_watch_max: int = FILE_WATCH_MAX,
     ) -> None:
@@ -614,7 +616,11 @@ class InotifySource:
                 if self._unmounted:
                     self._unmounts()
                 if self._mounts_changed:
+                    # A filesystem mounted over (or unmounted from) a root changes no watch:
+                    # the roots are checked soon, not at the next interval. Not at once: the
+                    # kernel's own events for it (IN_UNMOUNT) come first and say more.
                     self._check_mounts()
+                    next_check = min(next_check, time.monotonic() + _MOUNT_ROOT_CHECK_DELAY)
                 while True:
                     try:
                         command = self._commands.get_nowait()

@@ -100,7 +100,7 @@ class WatchdogSource:
         *,
         polling: bool = False,
         marker_name: str = ".exfilwatch.yaml",
-        root_check_interval: float = 1.0,
+        root_check_interval: float = 5.0,
         polling_interval: float = 1.0,
     ) -> None:
         self.name = "polling" if polling else "watchdog"

@@ -503,6 +503,19 @@ def test_a_mount_inside_a_tree_is_seen_at_once_not_at_the_next_root_check(
 
 
 @needs_mount
+def test_a_mount_over_a_root_is_seen_soon_not_at_the_next_root_check(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    root = tmp_path / "rnd"
+    root.mkdir()
+    start(run_agent, tmp_path, WatchSpec(str(root), ("rnd",)), root_check_interval=3600.0)
+    with tmpfs(root):
+        assert collector.wait_for(lambda c: bool(c.health("watch_root_changed")), timeout=10)
+        (root / "on-tmpfs.v").write_text("x")
+        collector.wait_event("closed_write", root / "on-tmpfs.v", tags=("rnd",))
+
+
+@needs_mount
 def test_a_lazy_unmount_of_a_busy_filesystem_inside_a_tree_is_a_record(
     tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
 ) -> None:
