@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from agent.sources.fanotify import FanotifyWatcher
     from agent.sources.mounts import MountWatcher
     from agent.sources.paths import Excludes
+    from agent.sources.procevents import ProcEvent, ProcEventsReader
 
 
 # A tagged tree to index: its path, its excludes, and how to find a directory's tags.
@@ -104,6 +106,7 @@ class Components:
     processes: ProcessTable | None = None
     attributor: Attributor | None = None
     fanotify: FanotifyWatcher | None = None
+    proc_events: ProcEventsReader | None = None
     mounts: MountWatcher | None = None
     extra: list[Component] = field(default_factory=list)
 
@@ -113,6 +116,7 @@ class Components:
             self.worker,
             self.lineage_builder,
             self.processes,
+            self.proc_events,
             self.fanotify,
             self.mounts,
             *self.extra,
@@ -129,6 +133,7 @@ def build(
     specs: Sequence[WatchSpec],
     *,
     mounts: MountWatcher | None = None,
+    on_started: Callable[[list[Proc]], None] | None = None,
 ) -> Components:
     """Construct (not start) every component for `config`; `specs` are the tagged trees plus
     the destinations found on this host, `mounts` the watcher that found the media."""
@@ -140,6 +145,7 @@ def build(
 
         destinations = Destinations(lineage, DestinationSettings())
     processes = attributor = fanotify = None
+    proc_events = None
     stages: list[Stage] = []
     if destinations is not None:
         stages.append(destinations)
@@ -147,6 +153,17 @@ def build(
         from agent.enrich.attribution import KNOWN_TOOLS, Attributor, ProcessTable
 
         processes = ProcessTable(report=report, tools=KNOWN_TOOLS)
+        if config.processes.source != "poll" and sys.platform.startswith("linux"):
+            from agent.sources.procevents import ProcEventsReader
+
+            table = processes
+
+            def started(events: list[ProcEvent]) -> None:
+                procs = table.on_kernel_events(events)
+                if procs and on_started is not None:
+                    on_started(procs)
+
+            proc_events = ProcEventsReader(started, report)
         exact = None
         if config.processes.fanotify != "off":
             fanotify, exact = _fanotify(config, processes, report)
@@ -206,6 +223,7 @@ def build(
         lineage_builder=lineage_builder,
         destinations=destinations,
         processes=processes,
+        proc_events=proc_events,
         attributor=attributor,
         fanotify=fanotify,
         mounts=mounts,

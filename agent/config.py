@@ -143,6 +143,10 @@ class ProcessSettings:
     # mounts holding the tagged trees (measured, bench/attribution.py), over the 1% budget
     # on a busy machine; `auto` buys 89% exact attribution for that.
     fanotify: str = "off"
+    # auto | kernel | poll: where process starts come from. kernel: the netlink process
+    # connector (root; every exec, at once); poll: reading the table every `interval`;
+    # auto: the connector when it can be used, else polling.
+    source: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,7 +347,7 @@ _TOP_KEYS = (
     "processes",
     "enrichment",
 )
-_PROCESS_KEYS = ("enabled", "interval", "attribution", "fanotify")
+_PROCESS_KEYS = ("enabled", "interval", "attribution", "fanotify", "source")
 _LOCATION_KEYS = (
     "enabled",
     "removable_patterns",
@@ -620,6 +624,10 @@ def _build(c: _Checker, root: yaml.Node | None) -> Config | None:
                     kw["fanotify"] = "on" if raw else "off"
                 else:
                     kw["fanotify"] = _choice(c, node, "processes.fanotify", ("auto", "on", "off"))
+            if "source" in m:
+                kw["source"] = _choice(
+                    c, m["source"], "processes.source", ("auto", "kernel", "poll")
+                )
             if all(v is not None for v in kw.values()):
                 values["processes"] = ProcessSettings(**kw)
 

@@ -47,7 +47,16 @@ _EVENT_TYPES: dict[str, tuple[str, ...]] = {
 }
 
 EVENT_DATASETS = frozenset({"exfilwatch.file", "exfilwatch.process"})
-SOURCES = ("inotify", "watchdog", "polling", "scan", "rescan", "process_poll", "test")
+SOURCES = (
+    "inotify",
+    "watchdog",
+    "polling",
+    "scan",
+    "rescan",
+    "process_poll",
+    "proc_connector",
+    "test",
+)
 
 
 class Event(msgspec.Struct, frozen=True, gc=False):
@@ -106,6 +115,11 @@ class Event(msgspec.Struct, frozen=True, gc=False):
     nlink: int | None = None
     # An archive listing cut short by a limit (members past it unknown).
     archive_truncated: bool | None = None
+    # The process as exec gave it (process connector): its argument vector, and its parent's
+    # executable and command line (an archiver started by a script names the script).
+    process_args: tuple[str, ...] = ()
+    process_parent_executable: str | None = None
+    process_parent_command_line: str | None = None
 
     @property
     def time(self) -> float:
@@ -203,6 +217,9 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "exfilwatch.enrichment.skipped": lambda e: e.enrichment_skipped,
     "exfilwatch.file.nlink": lambda e: e.nlink,
     "exfilwatch.archive.truncated": lambda e: e.archive_truncated,
+    "process.args": lambda e: e.process_args,
+    "process.parent.executable": lambda e: e.process_parent_executable,
+    "process.parent.command_line": lambda e: e.process_parent_command_line,
 }
 
 # Fields that hold a path: may carry bytes that are not UTF-8 (kept as surrogate escapes).
@@ -291,9 +308,16 @@ def _process(e: Event) -> dict[str, Any]:
         )
         if v is not None
     }
+    if e.process_args:
+        process["args"] = list(e.process_args)
     parent = {
         k: v
-        for k, v in (("pid", e.process_parent_pid), ("name", e.process_parent_name))
+        for k, v in (
+            ("pid", e.process_parent_pid),
+            ("name", e.process_parent_name),
+            ("executable", e.process_parent_executable),
+            ("command_line", e.process_parent_command_line),
+        )
         if v is not None
     }
     if parent:
@@ -512,6 +536,8 @@ class _User(_Ecs):
 class _Parent(_Ecs):
     pid: int | None = None
     name: str | None = None
+    executable: str | None = None
+    command_line: str | None = None
 
 
 class _Process(_Ecs):
@@ -520,6 +546,7 @@ class _Process(_Ecs):
     executable: str | None = None
     command_line: str | None = None
     working_directory: str | None = None
+    args: tuple[str, ...] = ()
     parent: _Parent | None = None
 
 
@@ -606,18 +633,32 @@ def _ecs_line(e: Event) -> _Line:
         or e.process_executable is not None
         or e.process_command_line is not None
         or e.process_working_directory is not None
+        or e.process_args
         or e.process_parent_pid is not None
         or e.process_parent_name is not None
+        or e.process_parent_executable is not None
+        or e.process_parent_command_line is not None
     ):
         parent = None
-        if e.process_parent_pid is not None or e.process_parent_name is not None:
-            parent = _Parent(e.process_parent_pid, e.process_parent_name)
+        if (
+            e.process_parent_pid is not None
+            or e.process_parent_name is not None
+            or e.process_parent_executable is not None
+            or e.process_parent_command_line is not None
+        ):
+            parent = _Parent(
+                e.process_parent_pid,
+                e.process_parent_name,
+                e.process_parent_executable,
+                e.process_parent_command_line,
+            )
         process = _Process(
             e.process_pid,
             e.process_name,
             e.process_executable,
             e.process_command_line,
             e.process_working_directory,
+            e.process_args,
             parent,
         )
     return _Line(
@@ -844,6 +885,13 @@ def from_dict(data: dict[str, Any]) -> Event:
         archive_truncated=_expect(
             _obj(custom, "archive").get("truncated"), bool, "exfilwatch.archive.truncated"
         ),
+        process_args=_str_tuple(process.get("args", []), "process.args"),
+        process_parent_executable=_expect(
+            _obj(process, "parent").get("executable"), str, "process.parent.executable"
+        ),
+        process_parent_command_line=_expect(
+            _obj(process, "parent").get("command_line"), str, "process.parent.command_line"
+        ),
     )
 
 
@@ -920,8 +968,11 @@ SETTABLE: dict[str, str] = {
     "exfilwatch.enrichment.skipped": "enrichment_skipped",
     "exfilwatch.file.nlink": "nlink",
     "exfilwatch.archive.truncated": "archive_truncated",
+    "process.args": "process_args",
+    "process.parent.executable": "process_parent_executable",
+    "process.parent.command_line": "process_parent_command_line",
 }
-_TUPLE_ATTRS = frozenset({"tags", "lineage_tags", "disguise"})
+_TUPLE_ATTRS = frozenset({"tags", "lineage_tags", "disguise", "process_args"})
 _BOOL_ATTRS = frozenset({"archive_truncated"})
 _INT_ATTRS = frozenset(
     {

@@ -30,7 +30,7 @@ from agent.sources.base import OPTIONAL_ACTIONS, needed_actions
 from agent.state import AgentState, PreviousRun
 
 if TYPE_CHECKING:
-    from agent.enrich.attribution import ProcessTable
+    from agent.enrich.attribution import Proc, ProcessTable
     from agent.enrich.lineage import LineageIndex
     from agent.sources.fanotify import FanotifyWatcher
     from agent.sources.mounts import MountInfo, MountWatcher
@@ -41,6 +41,9 @@ log = structlog.get_logger(__name__)
 # every 60 s when idle (a crash is then dated to within a minute; nothing changed in the
 # trees while idle, so the downtime rescan that follows finds the same files either way).
 STATE_CHECKPOINT_SECONDS = 30.0
+# With the kernel's process events, the process table is still read this often: what a
+# receive buffer overrun lost is found (as process_started events from process_poll).
+PROCESS_RECONCILE_SECONDS = 30.0
 STATE_CHECKPOINT_IDLE_SECONDS = 60.0
 # Keys a reload cannot change on a running agent (they shape objects made at start).
 _RESTART_KEYS = (
@@ -198,7 +201,13 @@ class Agent:
         self.caps = CapReporter(self._report)
         self._discover_destinations()
         parts = build(
-            self.config, self.router, self._report, self.caps, self.all_specs(), mounts=self.mounts
+            self.config,
+            self.router,
+            self._report,
+            self.caps,
+            self.all_specs(),
+            mounts=self.mounts,
+            on_started=self._kernel_started,
         )
         self.parts = parts
         self._report(
@@ -248,7 +257,11 @@ class Agent:
             (self.checkpoint, STATE_CHECKPOINT_SECONDS, "state_checkpoint"),
         ]
         if parts.processes is not None:
-            jobs.append((self.check_processes, self.config.processes.interval, "processes"))
+            kernel = parts.proc_events is not None and parts.proc_events in self._running
+            self._report_process_source(kernel)
+            # With the kernel's events the table is polled only to find what an overrun lost.
+            interval = PROCESS_RECONCILE_SECONDS if kernel else self.config.processes.interval
+            jobs.append((self.check_processes, interval, "processes"))
         if self.mounts is not None:
             jobs.append((self.check_mounts, self.config.locations.mount_check_interval, "mounts"))
         if self.config.rules:
@@ -260,6 +273,38 @@ class Agent:
             )
         self.scheduler.start()
         log.info("agent_started", source=parts.source.name, roots=len(self.config.watch))
+
+    def _report_process_source(self, kernel: bool) -> None:
+        """Say where process starts come from (kernel events, or polling and what it misses)."""
+        wanted = self.config.processes.source
+        if kernel:
+            self._report(
+                record("source_selected", "proc_connector", source="processes", setting=wanted)
+            )
+            return
+        if wanted == "kernel":
+            self._report(
+                record(
+                    "source_error",
+                    "proc_connector_unavailable",
+                    source="processes",
+                    required=True,
+                    hint="processes.source is kernel: run as root (CAP_NET_ADMIN) on Linux "
+                    "with CONFIG_PROC_EVENTS; polling instead",
+                )
+            )
+        self._report(
+            record(
+                "source_selected",
+                "process_poll",
+                source="processes",
+                setting=wanted,
+                interval=self.config.processes.interval,
+                hint=None
+                if wanted == "poll"
+                else "processes that live shorter than the poll interval can be missed",
+            )
+        )
 
     def _downtime(self, previous: PreviousRun | None, unknown: str | None) -> None:
         """Say how the previous run ended, and look for what changed while nobody watched."""
@@ -439,20 +484,33 @@ class Agent:
             return
         try:
             new = processes.poll()
-            if not new:
-                return
-            from agent.enrich.attribution import process_event
-
-            roots = [w.path.rstrip("/") + "/" for w in self.config.watch]
-
-            def tagged(path: str) -> bool:
-                return any((path + "/").startswith(r) for r in roots)
-
-            ts = now_us()
-            pipeline.emit_events([process_event(p, ts, tagged) for p in new])
+            if new:
+                self._emit_started(new, "process_poll")
         except Exception as exc:
             log.exception("process_check_failed")
             self._report(record("source_error", type(exc).__name__, stage="processes"))
+
+    def _kernel_started(self, procs: list[Proc]) -> None:
+        """Processes the kernel's process events saw exec (on the reader's thread)."""
+        try:
+            self._emit_started(procs, "proc_connector")
+        except Exception as exc:
+            log.exception("process_events_failed")
+            self._report(record("source_error", type(exc).__name__, stage="proc_events"))
+
+    def _emit_started(self, procs: list[Proc], source: str) -> None:
+        pipeline = self.pipeline
+        if pipeline is None:
+            return
+        from agent.enrich.attribution import process_event
+
+        roots = [w.path.rstrip("/") + "/" for w in self.config.watch]
+
+        def tagged(path: str) -> bool:
+            return any((path + "/").startswith(r) for r in roots)
+
+        ts = now_us()
+        pipeline.emit_events([process_event(p, ts, tagged, source=source) for p in procs])
 
     def stop(self, timeout: float = 1.8) -> bool:
         """Stop within `timeout` seconds, writing what is queued. True when nothing was left.

@@ -347,6 +347,9 @@ def test_the_fast_serializer_writes_exactly_what_the_general_one_does(
         masquerade=text,
         location=text,
         location_provider=text,
+        process_args=tags,
+        process_parent_executable=text,
+        process_parent_command_line=src,
     )
     assert event_line(attributed) == dumps(to_dict(attributed))
     assert Event.from_json(event_line(attributed)) == attributed

@@ -9,15 +9,18 @@ import pwd
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 from msgspec.structs import replace as evolve
 
 from agent.events import Event
 from agent.health import CapReporter, Reporter, record
+
+if TYPE_CHECKING:
+    from agent.sources.procevents import ProcEvent
 
 # Interpreters run scripts: their comm is the script's name, which is not masquerading.
 INTERPRETERS = (
@@ -59,6 +62,7 @@ RECENTLY_EXITED = 4_096
 # attributed well after it is gone (a short cp, a loaded pipeline), but a process long gone
 # must not take the blame for a later writer.
 EXITED_TTL = 30.0
+UNREAD_REPORT_SECONDS = 10.0
 CONSOLE_TTL = 10.0
 
 
@@ -77,6 +81,8 @@ class Proc:
     start: float
     parent_name: str | None
     masquerade: str | None
+    parent_exe: str | None = None
+    parent_cmdline: tuple[str, ...] = ()
 
     @property
     def command_line(self) -> str:
@@ -240,6 +246,11 @@ class ProcessTable:
         self.over_cap = 0
         self.new = 0
         self.errors = 0
+        self._forks: OrderedDict[int, int] = OrderedDict()  # pid -> parent, from fork events
+        self.exec_read = 0  # kernel exec events read from /proc in time
+        self.exec_unread = 0  # ... and those already gone
+        self._unread_unreported = 0
+        self._unread_reported_at = 0.0
 
     def __len__(self) -> int:
         return len(self._procs)
@@ -254,8 +265,11 @@ class ProcessTable:
             self._baseline_pending = self._poll() is None
 
     def stop(self) -> None:
-        """Nothing to release: the table is memory only. Safe twice and before start()."""
+        """Nothing to release: the table is memory only. Safe twice and before start().
+        Execs not read since the last report are reported now."""
         self._running = False
+        if self._unread_unreported:
+            self._report_unread(time.monotonic())
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -269,6 +283,8 @@ class ProcessTable:
             "polls": self.polls,
             "new": self.new,
             "errors": self.errors,
+            "exec_read": self.exec_read,
+            "exec_unread": self.exec_unread,
             "last_error": self._last_error,
         }
 
@@ -400,7 +416,11 @@ class ProcessTable:
             return None
         login = _login_uid(pid)
         parent = self._procs.get(ppid)
-        parent_name = parent.name if parent is not None else _name_of(ppid)
+        if parent is not None:
+            parent_name: str | None = parent.name
+            parent_exe, parent_cmdline = parent.exe, parent.cmdline
+        else:
+            parent_name, parent_exe, parent_cmdline = _image_of(ppid)
         masquerade = masquerade_of(name, exe, cmdline)
         if masquerade is None and exe is not None:
             tool = self._tools.identify(exe)
@@ -420,6 +440,181 @@ class ProcessTable:
             start,
             parent_name,
             masquerade,
+            parent_exe,
+            parent_cmdline,
+        )
+
+    def on_kernel_events(self, events: Sequence[ProcEvent]) -> list[Proc]:
+        """Apply the kernel's process events (agent/sources/procevents.py) as they come:
+        each exec is read from /proc at once (the only moment a process that lives for a
+        millisecond is still there to read), a fork copies its parent (until it execs, a
+        child runs its parent's program), an exit keeps the process for EXITED_TTL. Returns
+        the processes that exec'd: the process_started events. A process already gone when
+        its exec is read is counted (exec_unread) and known by its parent only."""
+        started: list[Proc] = []
+        now = time.monotonic()
+        for ev in events:
+            kind = ev.kind
+            if kind == "exec":
+                proc = self.read_exec(ev.pid)
+                if proc is None:
+                    self.exec_unread += 1
+                    self._unread_unreported += 1
+                    continue
+                self.exec_read += 1
+                with self._lock:
+                    old = self._procs.pop(proc.pid, None) or self._exited_pop(proc.pid)
+                    if old is not None:
+                        self._unindex(old)
+                    elif len(self._procs) >= self.max_procs:
+                        self.over_cap += 1
+                        self._caps.hit("process_table", self.max_procs, untracked=1)
+                        continue
+                    self._procs[proc.pid] = proc
+                    self._missing.pop(proc.pid, None)
+                    self._index(proc)
+                started.append(proc)
+            elif kind == "fork":
+                forks = self._forks
+                forks[ev.pid] = ev.ppid
+                if len(forks) > RECENTLY_EXITED:
+                    forks.popitem(last=False)
+                with self._lock:
+                    parent = self._procs.get(ev.ppid)
+                    if parent is None or len(self._procs) >= self.max_procs:
+                        continue
+                    old = self._procs.pop(ev.pid, None) or self._exited_pop(ev.pid)
+                    if old is not None:
+                        self._unindex(old)
+                    # Not indexed by paths: the parent is, and an exec follows.
+                    self._procs[ev.pid] = replace(
+                        parent,
+                        pid=ev.pid,
+                        ppid=ev.ppid,
+                        start=time.time(),
+                        parent_name=parent.name,
+                        parent_exe=parent.exe,
+                        parent_cmdline=parent.cmdline,
+                    )
+            elif kind == "exit":
+                with self._lock:
+                    proc = self._procs.pop(ev.pid, None)
+                    if proc is not None:
+                        self._exited[ev.pid] = (proc, now)
+                        self._expire_exited(now)
+            elif kind == "uid":
+                with self._lock:
+                    proc = self._procs.get(ev.pid)
+                if proc is not None and ev.ruid is not None and ev.ruid != proc.uid:
+                    changed = replace(proc, uid=ev.ruid, user=_username(ev.ruid, self._users))
+                    with self._lock:
+                        if self._procs.get(ev.pid) is proc:
+                            self._procs[ev.pid] = changed
+        self.new += len(started)
+        if self._unread_unreported and now - self._unread_reported_at >= UNREAD_REPORT_SECONDS:
+            self._report_unread(now)
+        return started
+
+    def _report_unread(self, now: float) -> None:
+        """Execs whose process was gone before /proc could be read: process_started events
+        that were not made. A loss, reported (at most every UNREAD_REPORT_SECONDS)."""
+        count, self._unread_unreported = self._unread_unreported, 0
+        self._unread_reported_at = now
+        self._report(
+            record(
+                "event_loss",
+                "process_exited_before_read",
+                dropped=count,
+                dropped_total=self.exec_unread,
+                read_total=self.exec_read,
+                hint="these processes exited before their arguments could be read: no "
+                "process_started event; their file events are attributed by parent or owner",
+            )
+        )
+
+    def _exited_pop(self, pid: int) -> Proc | None:
+        entry = self._exited.pop(pid, None)
+        return entry[0] if entry is not None else None
+
+    def _expire_exited(self, now: float) -> None:
+        exited = self._exited
+        while exited and (
+            len(exited) > RECENTLY_EXITED or now - next(iter(exited.values()))[1] > EXITED_TTL
+        ):
+            self._unindex(exited.popitem(last=False)[1][0])
+
+    def read_exec(self, pid: int) -> Proc | None:
+        """One process just after its exec, read straight from /proc in the order things
+        vanish when it exits (arguments and executable first): a `cp` lives about a
+        millisecond, and psutil's reads take several times longer than these. None when it
+        is gone already."""
+        base = f"/proc/{pid}/"
+        try:
+            with open(base + "cmdline", "rb") as fh:
+                raw = fh.read(_CMDLINE_MAX)
+            exe: str | None = os.readlink(base + "exe")
+        except OSError:
+            return None
+        if not raw:
+            return None  # a zombie: its memory (and arguments) are gone
+        cmdline = tuple(os.fsdecode(a) for a in raw.rstrip(b"\0").split(b"\0"))
+        try:
+            cwd: str | None = os.readlink(base + "cwd")
+        except OSError:
+            cwd = None
+        # What is read after the arguments may be gone already: a short process is still
+        # reported, with what could be read (its parent is known from the fork).
+        name = posixpath.basename(exe) if exe else os.fsdecode(raw.split(b"\0", 1)[0])
+        ppid = self._forks.get(pid, 0)
+        start = time.time()
+        uid = None
+        try:
+            with open(base + "stat", "rb") as fh:
+                stat_line = fh.read()
+            # "pid (comm) state ppid ... starttime (the 22nd)"; comm may hold spaces or ")".
+            close = stat_line.rfind(b")")
+            name = os.fsdecode(stat_line[stat_line.find(b"(") + 1 : close])
+            fields = stat_line[close + 2 :].split()
+            ppid = int(fields[1])
+            start = _boot_time() + int(fields[19]) / _CLK_TCK
+            with open(base + "status", "rb") as fh:
+                for line in fh.read().split(b"\n"):
+                    if line.startswith(b"Uid:"):
+                        uid = int(line.split()[1])
+                        break
+        except (OSError, ValueError, IndexError):
+            pass
+        if exe is not None and exe.endswith(" (deleted)"):
+            exe = exe[: -len(" (deleted)")]
+        login = _login_uid(pid)
+        with self._lock:
+            parent = self._procs.get(ppid)
+        if parent is not None:
+            parent_name: str | None = parent.name
+            parent_exe, parent_cmdline = parent.exe, parent.cmdline
+        else:
+            parent_name, parent_exe, parent_cmdline = _image_of(ppid)
+        masquerade = masquerade_of(name, exe, cmdline)
+        if masquerade is None and exe is not None:
+            tool = self._tools.identify(exe)
+            if tool is not None and tool != posixpath.basename(exe):
+                masquerade = f"renamed_binary:{tool}"
+        return Proc(
+            pid,
+            ppid,
+            name,
+            exe,
+            cmdline,
+            uid,
+            _username(uid, self._users),
+            login,
+            _username(login, self._users),
+            cwd,
+            start,
+            parent_name,
+            masquerade,
+            parent_exe,
+            parent_cmdline,
         )
 
     def get(self, pid: int) -> Proc | None:
@@ -514,6 +709,39 @@ _NEAREST_CAP = 4096
 def _parent(path: str) -> str:
     """posixpath.dirname for the absolute, normalized paths events carry ("" above "/x")."""
     return path[: path.rfind("/")]
+
+
+_CMDLINE_MAX = 64 * 1024  # bytes of arguments read (ARG_MAX can be far larger)
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_BOOT: list[float] = []
+
+
+def _boot_time() -> float:
+    """When the machine booted, as psutil gives it (create_time = boot + starttime ticks)."""
+    if not _BOOT:
+        _BOOT.append(psutil.boot_time())
+    return _BOOT[0]
+
+
+def _image_of(pid: int) -> tuple[str | None, str | None, tuple[str, ...]]:
+    """(name, executable, argument vector) of a process not in the table; what is readable."""
+    if pid <= 0:
+        return None, None, ()
+    try:
+        p = psutil.Process(pid)
+        with p.oneshot():
+            name = p.name()
+            try:
+                exe: str | None = p.exe() or None
+            except psutil.Error:
+                exe = None
+            try:
+                cmdline = tuple(p.cmdline())
+            except psutil.Error:
+                cmdline = ()
+    except psutil.Error:
+        return None, None, ()
+    return name, exe, cmdline
 
 
 def _name_of(pid: int) -> str | None:
@@ -674,6 +902,9 @@ def proc_fields(proc: Proc) -> dict[str, Any]:
         "process_working_directory": proc.cwd,
         "process_parent_pid": proc.ppid,
         "process_parent_name": proc.parent_name,
+        "process_args": proc.cmdline,
+        "process_parent_executable": proc.parent_exe,
+        "process_parent_command_line": " ".join(proc.parent_cmdline) or None,
         "user_name": proc.user,
         "user_id": str(proc.uid) if proc.uid is not None else None,
         "user_login_name": proc.login_user,
@@ -682,7 +913,9 @@ def proc_fields(proc: Proc) -> dict[str, Any]:
     }
 
 
-def process_event(proc: Proc, timestamp_us: int, tagged: Callable[[str], bool]) -> Event:
+def process_event(
+    proc: Proc, timestamp_us: int, tagged: Callable[[str], bool], *, source: str = "process_poll"
+) -> Event:
     """A process-started event. `file.path` is what the process works on when that is inside
     a tagged tree (an argument, else the working directory), else its executable."""
     path = next((p for p in proc.paths() if tagged(p)), None)
@@ -693,7 +926,7 @@ def process_event(proc: Proc, timestamp_us: int, tagged: Callable[[str], bool]) 
         "process_started",
         path or proc.exe or "/",
         category="process",
-        source="process_poll",
+        source=source,
         attribution="exact",
         attribution_method="process_table",
         **proc_fields(proc),

@@ -1,0 +1,125 @@
+"""Process starts from the kernel's process events: every exec, at once, with its arguments."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent.config import InotifySettings, ProcessSettings, WatchSpec
+from agent.events import Event
+from agent.service import Agent
+from tests.conftest import Collector, make_config
+
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process connector is Linux"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="the process connector needs root"),
+]
+
+
+def start(run_agent: Callable[..., Agent], tmp_path: Path, root: Path, **kw: object) -> Agent:
+    config = make_config(
+        [WatchSpec(str(root), ("chip",))],
+        tmp_path,
+        source="inotify",
+        inotify=InotifySettings(apply_sysctl=False),
+        processes=ProcessSettings(enabled=True, source="kernel", **kw),  # type: ignore[arg-type]
+    )
+    return run_agent(config)
+
+
+def started(collector: Collector, pid: int) -> list[Event]:
+    return [e for e in collector.events() if e.action == "process_started" and e.process_pid == pid]
+
+
+def test_a_short_copy_is_a_process_start_with_its_arguments_and_parent(
+    run_agent: Callable[..., Agent], collector: Collector, tmp_path: Path
+) -> None:
+    root = tmp_path / "rnd"
+    root.mkdir()
+    (root / "top.v").write_text("module top; endmodule\n")
+    start(run_agent, tmp_path, root)
+    said = collector.health("source_selected")
+    assert any(
+        h["event"]["reason"] == "proc_connector"
+        and h["exfilwatch"]["health"]["source"] == "processes"
+        for h in said
+    ), said
+    # Each cp copies the tagged file into a FIFO: it stays alive until the test reads it, so
+    # what is checked here is what the event carries, not the race with a cp that ends in a
+    # millisecond (bench/attribution.py measures that; a process gone before it is read is
+    # an event_loss record).
+    pids = []
+    for i in range(3):
+        fifo = tmp_path / f"out{i}"
+        os.mkfifo(fifo)
+        cp = subprocess.Popen(["cp", str(root / "top.v"), str(fifo)])
+        pids.append(cp.pid)
+        try:
+            assert collector.wait_for(lambda c, pid=cp.pid: bool(started(c, pid)), timeout=10)
+        finally:
+            with open(fifo, "rb") as fh:
+                assert fh.read() == b"module top; endmodule\n"
+            assert cp.wait(timeout=10) == 0
+    for pid in pids:
+        e = started(collector, pid)[-1]
+        assert e.source == "proc_connector" and e.process_name == "cp"
+        assert e.path == str(root / "top.v")  # the tagged file it names
+        assert e.process_args[:2] == ("cp", str(root / "top.v"))
+        assert e.process_executable is not None and e.process_executable.endswith("/cp")
+        assert e.process_parent_executable == os.path.realpath(sys.executable)
+        assert e.process_parent_command_line and "pytest" in e.process_parent_command_line
+        assert e.tags == ("chip",) and e.user_id == str(os.geteuid())
+
+
+def test_an_exec_without_a_fork_is_its_own_process_start(
+    run_agent: Callable[..., Agent], collector: Collector, tmp_path: Path
+) -> None:
+    root = tmp_path / "rnd"
+    root.mkdir()
+    (root / "top.v").write_text("x\n")
+    start(run_agent, tmp_path, root)
+    out = tmp_path / "x.tar"
+    # sh replaces itself with tar: same pid, a new program, no fork in between. The tar reads
+    # the names to pack from stdin until the test closes it, so it is alive when read.
+    proc = subprocess.Popen(
+        ["sh", "-c", 'exec tar -cf "$1" -C "$2" -T -', "sh", str(out), str(root)],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        assert collector.wait_for(
+            lambda c: any(e.process_name == "tar" for e in started(c, proc.pid)), timeout=10
+        )
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.write(b"top.v\n")
+        proc.stdin.close()
+        assert proc.wait(timeout=10) == 0
+    # The pid the test forked runs tar (sh, exec'd a moment before, may be gone too soon to
+    # be read: that is counted as a loss, never reported as tar).
+    tar = started(collector, proc.pid)[-1]
+    assert tar.process_name == "tar" and tar.source == "proc_connector"
+    assert tar.path == str(root)  # the tagged directory it works on (-C)
+    assert tar.process_args[:3] == ("tar", "-cf", str(out))
+
+
+def test_a_process_gone_before_it_is_read_is_a_reported_loss() -> None:
+    from agent.enrich.attribution import ProcessTable
+    from agent.sources.procevents import ProcEvent
+
+    records: list[dict[str, object]] = []
+    table = ProcessTable(report=records.append)
+    table.start()
+    done = subprocess.run(["true"], check=True)
+    assert done.returncode == 0
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: nothing is left in /proc to read
+    assert table.on_kernel_events([ProcEvent("exec", gone.pid, 0, 0)]) == []
+    assert table.exec_unread == 1
+    loss = [r for r in records if r["event"]["action"] == "event_loss"]  # type: ignore[index]
+    assert loss and loss[0]["event"]["reason"] == "process_exited_before_read"  # type: ignore[index]
+    assert loss[0]["exfilwatch"]["health"]["dropped"] == 1  # type: ignore[index]
