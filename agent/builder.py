@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from agent.sources.fanotify import FanotifyWatcher
     from agent.sources.mounts import MountWatcher
     from agent.sources.paths import Excludes
-    from agent.sources.procevents import ProcEvent, ProcEventsReader
+    from agent.sources.procevents import ProcEvent
+    from agent.sources.procsnap import ProcEventsProcess, Snapshot
 
 
 # A tagged tree to index: its path, its excludes, and how to find a directory's tags.
@@ -106,7 +107,7 @@ class Components:
     processes: ProcessTable | None = None
     attributor: Attributor | None = None
     fanotify: FanotifyWatcher | None = None
-    proc_events: ProcEventsReader | None = None
+    proc_events: ProcEventsProcess | None = None
     mounts: MountWatcher | None = None
     extra: list[Component] = field(default_factory=list)
 
@@ -154,16 +155,16 @@ def build(
 
         processes = ProcessTable(report=report, tools=KNOWN_TOOLS)
         if config.processes.source != "poll" and sys.platform.startswith("linux"):
-            from agent.sources.procevents import ProcEventsReader
+            from agent.sources.procsnap import ProcEventsProcess
 
             table = processes
 
-            def started(events: list[ProcEvent]) -> None:
-                procs = table.on_kernel_events(events)
+            def started(events: list[ProcEvent], snapshots: dict[int, Snapshot]) -> None:
+                procs = table.on_kernel_events(events, snapshots)
                 if procs and on_started is not None:
                     on_started(procs)
 
-            proc_events = ProcEventsReader(started, report)
+            proc_events = ProcEventsProcess(started, report)
         exact = None
         if config.processes.fanotify != "off":
             fanotify, exact = _fanotify(config, processes, report)

@@ -343,3 +343,17 @@ def test_config_check_command_exits_nonzero_and_prints_json(tmp_path: Path) -> N
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "ok (1 watched trees" in res.stdout
+
+
+def test_the_process_source_is_one_of_auto_kernel_poll(tmp_path: Path) -> None:
+    good, problems = check_text(
+        "watch:\n  - path: /tmp\nprocesses:\n  source: kernel\n", str(tmp_path / "a.yaml")
+    )
+    assert good is not None and good.processes.source == "kernel", problems
+    default, _ = check_text("watch:\n  - path: /tmp\n", str(tmp_path / "a.yaml"))
+    assert default is not None and default.processes.source == "auto"
+    bad, problems = check_text(
+        "watch:\n  - path: /tmp\nprocesses:\n  source: audit\n", str(tmp_path / "a.yaml")
+    )
+    assert bad is None
+    assert [(p.line, p.col, p.code) for p in problems] == [(4, 11, "CFG_VALUE")]

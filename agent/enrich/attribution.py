@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
@@ -9,7 +10,7 @@ import pwd
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -18,6 +19,7 @@ from msgspec.structs import replace as evolve
 
 from agent.events import Event
 from agent.health import CapReporter, Reporter, record
+from agent.sources.procsnap import Snapshot, read_snapshot
 
 if TYPE_CHECKING:
     from agent.sources.procevents import ProcEvent
@@ -444,7 +446,9 @@ class ProcessTable:
             parent_cmdline,
         )
 
-    def on_kernel_events(self, events: Sequence[ProcEvent]) -> list[Proc]:
+    def on_kernel_events(
+        self, events: Sequence[ProcEvent], snapshots: Mapping[int, Snapshot] | None = None
+    ) -> list[Proc]:
         """Apply the kernel's process events (agent/sources/procevents.py) as they come:
         each exec is read from /proc at once (the only moment a process that lives for a
         millisecond is still there to read), a fork copies its parent (until it execs, a
@@ -456,7 +460,8 @@ class ProcessTable:
         for ev in events:
             kind = ev.kind
             if kind == "exec":
-                proc = self.read_exec(ev.pid)
+                snap = snapshots.get(ev.pid) if snapshots else None
+                proc = self.from_snapshot(ev.pid, snap) if snap else self.read_exec(ev.pid)
                 if proc is None:
                     self.exec_unread += 1
                     self._unread_unreported += 1
@@ -545,48 +550,32 @@ class ProcessTable:
 
     def read_exec(self, pid: int) -> Proc | None:
         """One process just after its exec, read straight from /proc in the order things
-        vanish when it exits (arguments and executable first): a `cp` lives about a
-        millisecond, and psutil's reads take several times longer than these. None when it
-        is gone already."""
-        base = f"/proc/{pid}/"
-        try:
-            with open(base + "cmdline", "rb") as fh:
-                raw = fh.read(_CMDLINE_MAX)
-            exe: str | None = os.readlink(base + "exe")
-        except OSError:
-            return None
-        if not raw:
-            return None  # a zombie: its memory (and arguments) are gone
-        cmdline = tuple(os.fsdecode(a) for a in raw.rstrip(b"\0").split(b"\0"))
-        try:
-            cwd: str | None = os.readlink(base + "cwd")
-        except OSError:
-            cwd = None
-        # What is read after the arguments may be gone already: a short process is still
-        # reported, with what could be read (its parent is known from the fork).
-        name = posixpath.basename(exe) if exe else os.fsdecode(raw.split(b"\0", 1)[0])
+        vanish when it exits (see agent/sources/procsnap.py). None when it is gone."""
+        snap = read_snapshot(pid)
+        return self.from_snapshot(pid, snap) if snap is not None else None
+
+    def from_snapshot(self, pid: int, snap: Snapshot) -> Proc:
+        """The process that /proc/<pid> described in `snap` (read when it exec'd)."""
+        cmdline = tuple(os.fsdecode(a) for a in snap.cmdline.rstrip(b"\0").split(b"\0"))
+        exe = os.fsdecode(snap.exe) if snap.exe is not None else None
+        cwd = os.fsdecode(snap.cwd) if snap.cwd is not None else None
+        # What was read after the arguments may be missing: the process is still reported,
+        # with its parent from the fork event.
+        name = posixpath.basename(exe) if exe else (cmdline[0] if cmdline else "")
         ppid = self._forks.get(pid, 0)
         start = time.time()
-        uid = None
-        try:
-            with open(base + "stat", "rb") as fh:
-                stat_line = fh.read()
+        uid, login = snap.uid, snap.login_uid
+        line = snap.stat
+        if line:
             # "pid (comm) state ppid ... starttime (the 22nd)"; comm may hold spaces or ")".
-            close = stat_line.rfind(b")")
-            name = os.fsdecode(stat_line[stat_line.find(b"(") + 1 : close])
-            fields = stat_line[close + 2 :].split()
-            ppid = int(fields[1])
-            start = _boot_time() + int(fields[19]) / _CLK_TCK
-            with open(base + "status", "rb") as fh:
-                for line in fh.read().split(b"\n"):
-                    if line.startswith(b"Uid:"):
-                        uid = int(line.split()[1])
-                        break
-        except (OSError, ValueError, IndexError):
-            pass
+            close = line.rfind(b")")
+            with contextlib.suppress(ValueError, IndexError):
+                name = os.fsdecode(line[line.find(b"(") + 1 : close])
+                fields = line[close + 2 :].split()
+                ppid = int(fields[1])
+                start = _boot_time() + int(fields[19]) / _CLK_TCK
         if exe is not None and exe.endswith(" (deleted)"):
             exe = exe[: -len(" (deleted)")]
-        login = _login_uid(pid)
         with self._lock:
             parent = self._procs.get(ppid)
         if parent is not None:

@@ -253,12 +253,16 @@ class ProcEventsReader:
         report: Reporter,
         *,
         rcvbuf: int = 4 << 20,
+        coalesce: bool = True,
     ) -> None:
         if not 0 < rcvbuf <= 1 << 30:
             raise ValueError("rcvbuf must be between 1 byte and 1 GiB")
         self._on_events = on_events
         self._report = report
         self._rcvbuf = rcvbuf
+        # False: every datagram is handed over as soon as it is read, busy or not (the exec
+        # reader in a process of its own: each exec must be read before the process ends).
+        self._coalesce = coalesce
         self._sock: socket.socket | None = None
         self._stop_r = -1
         self._stop_w = -1
@@ -453,7 +457,7 @@ class ProcEventsReader:
                         window_start, window_count = now, 0
                     window_count += got
                     # Busy: let the next burst gather before reading it (see _BUSY_DATAGRAMS).
-                    busy = was_busy or window_count > _BUSY_DATAGRAMS
+                    busy = self._coalesce and (was_busy or window_count > _BUSY_DATAGRAMS)
                     if busy and stop_only.poll(_COALESCE_MS):
                         return
                 else:

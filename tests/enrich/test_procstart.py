@@ -123,3 +123,36 @@ def test_a_process_gone_before_it_is_read_is_a_reported_loss() -> None:
     loss = [r for r in records if r["event"]["action"] == "event_loss"]  # type: ignore[index]
     assert loss and loss[0]["event"]["reason"] == "process_exited_before_read"  # type: ignore[index]
     assert loss[0]["exfilwatch"]["health"]["dropped"] == 1  # type: ignore[index]
+
+
+def test_every_short_process_is_a_start_or_a_counted_loss(
+    run_agent: Callable[..., Agent], collector: Collector, tmp_path: Path
+) -> None:
+    # 20 copies that live about a millisecond each: each is a process_started event with its
+    # arguments, or (if it ended before it could be read) counted in an event_loss record.
+    root = tmp_path / "rnd"
+    root.mkdir()
+    (root / "top.v").write_text("x\n")
+    agent = start(run_agent, tmp_path, root)
+    pids = []
+    for i in range(20):
+        cp = subprocess.Popen(["cp", str(root / "top.v"), str(tmp_path / f"o{i}")])
+        assert cp.wait(timeout=10) == 0
+        pids.append(cp.pid)
+    table = agent.processes
+    assert table is not None
+
+    def accounted(c: Collector) -> bool:
+        seen = {e.process_pid for e in c.events() if e.action == "process_started"}
+        return len(set(pids) & seen) + table.exec_unread >= len(pids)
+
+    assert collector.wait_for(accounted, timeout=10)
+    agent.stop()  # reports what was not read yet
+    lost = sum(
+        h["exfilwatch"]["health"]["dropped"]
+        for h in collector.health("event_loss")
+        if h["event"]["reason"] == "process_exited_before_read"
+    )
+    assert lost == table.exec_unread
+    child = agent.parts.proc_events if agent.parts is not None else None
+    assert child is not None and child.stats()["running"] is False
