@@ -574,8 +574,6 @@ class ProcessTable:
                 fields = line[close + 2 :].split()
                 ppid = int(fields[1])
                 start = _boot_time() + int(fields[19]) / _CLK_TCK
-        if exe is not None and exe.endswith(" (deleted)"):
-            exe = exe[: -len(" (deleted)")]
         with self._lock:
             parent = self._procs.get(ppid)
         if parent is not None:
@@ -583,7 +581,9 @@ class ProcessTable:
             parent_exe, parent_cmdline = parent.exe, parent.cmdline
         else:
             parent_name, parent_exe, parent_cmdline = _image_of(ppid)
-        masquerade = masquerade_of(name, exe, cmdline)
+        masquerade = masquerade_of(name, exe, cmdline)  # " (deleted)" still on exe: a sign
+        if exe is not None and exe.endswith(" (deleted)"):
+            exe = exe[: -len(" (deleted)")]
         if masquerade is None and exe is not None:
             tool = self._tools.identify(exe)
             if tool is not None and tool != posixpath.basename(exe):

@@ -13,7 +13,7 @@ import pytest
 from agent.config import InotifySettings, ProcessSettings, WatchSpec
 from agent.events import Event
 from agent.service import Agent
-from tests.conftest import Collector, make_config
+from tests.conftest import REPO, Collector, make_config
 
 pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process connector is Linux"),
@@ -21,13 +21,16 @@ pytestmark = [
 ]
 
 
-def start(run_agent: Callable[..., Agent], tmp_path: Path, root: Path, **kw: object) -> Agent:
+def start(
+    run_agent: Callable[..., Agent], tmp_path: Path, root: Path, rules: tuple[str, ...] = ()
+) -> Agent:
     config = make_config(
         [WatchSpec(str(root), ("chip",))],
         tmp_path,
         source="inotify",
         inotify=InotifySettings(apply_sysctl=False),
-        processes=ProcessSettings(enabled=True, source="kernel", **kw),  # type: ignore[arg-type]
+        processes=ProcessSettings(enabled=True, source="kernel"),
+        rules=rules,
     )
     return run_agent(config)
 
@@ -156,3 +159,49 @@ def test_every_short_process_is_a_start_or_a_counted_loss(
     assert lost == table.exec_unread
     child = agent.parts.proc_events if agent.parts is not None else None
     assert child is not None and child.stats()["running"] is False
+
+
+def test_a_renamed_archiver_and_a_fake_kernel_thread_are_alerts(
+    run_agent: Callable[..., Agent], collector: Collector, tmp_path: Path
+) -> None:
+    import shutil
+
+    root = tmp_path / "rnd"
+    root.mkdir()
+    (root / "top.v").write_text("x\n")
+    hidden = tmp_path / ".x"
+    hidden.mkdir()
+    crond = hidden / "crond"
+    shutil.copy2(shutil.which("tar") or "/usr/bin/tar", crond)
+    start(run_agent, tmp_path, root, rules=(str(REPO / "rules"),))
+    runs = [
+        [str(crond), "-cf", str(tmp_path / "a.tar"), "-C", str(root), "-T", "-"],
+        ["bash", "-c", f'exec -a "[kworker/0:1]" tar -cf {tmp_path / "b.tar"} -C {root} -T -'],
+    ]
+    for argv in runs:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE)
+        try:
+            assert collector.wait_for(
+                lambda c, pid=proc.pid: any(e.masquerade for e in started(c, pid)), timeout=10
+            )
+        finally:
+            assert proc.stdin is not None
+            proc.stdin.write(b"top.v\n")
+            proc.stdin.close()
+            assert proc.wait(timeout=10) == 0
+    flags = sorted(
+        e.masquerade or ""
+        for e in collector.events()
+        if e.action == "process_started" and e.masquerade
+    )
+    assert "kernel_thread_name" in flags and "renamed_binary:tar" in flags
+    assert collector.wait_for(
+        lambda c: (
+            sum(
+                1
+                for r in c.records()
+                if r.get("rule", {}).get("id") == "exfil-masquerading-process"
+            )
+            >= 2
+        )
+    )
