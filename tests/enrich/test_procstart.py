@@ -46,12 +46,15 @@ def test_a_short_copy_is_a_process_start_with_its_arguments_and_parent(
     root.mkdir()
     (root / "top.v").write_text("module top; endmodule\n")
     start(run_agent, tmp_path, root)
-    said = collector.health("source_selected")
-    assert any(
-        h["event"]["reason"] == "proc_connector"
-        and h["exfilwatch"]["health"]["source"] == "processes"
-        for h in said
-    ), said
+    # Health records reach the sinks through the consumer: waited for, not read at once.
+    assert collector.wait_for(
+        lambda c: any(
+            h["event"]["reason"] == "proc_connector"
+            and h["exfilwatch"]["health"]["source"] == "processes"
+            for h in c.health("source_selected")
+        ),
+        timeout=10,
+    ), collector.health("source_selected")
     # Each cp copies the tagged file into a FIFO: it stays alive until the test reads it, so
     # what is checked here is what the event carries, not the race with a cp that ends in a
     # millisecond (bench/attribution.py measures that; a process gone before it is read is

@@ -94,6 +94,7 @@ def test_opens_and_writes_no_rule_uses_are_never_asked_of_the_kernel(
     agent = run_agent(config, kinds=frozenset({"health", "alert"}))
     source = agent.source
     assert isinstance(source, InotifySource)
+    assert collector.wait_for(lambda c: bool(c.health("source_actions")))
     said = collector.health("source_actions")
     left_out = said[-1]["exfilwatch"]["health"]["left_out"] if said else None
     assert left_out == ["attributes_changed", "modified", "opened"]
