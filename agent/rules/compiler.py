@@ -61,10 +61,10 @@ class CompiledRule:
     fingerprint: str
     condition_text: str = ""
     locations: frozenset[str] | None = None  # location classes it can match (None: any)
+    id: str = field(init=False)  # the rule's id, an attribute: read for every match
 
-    @property
-    def id(self) -> str:
-        return self.rule.id
+    def __post_init__(self) -> None:
+        self.id = self.rule.id
 
 
 @dataclass

@@ -93,6 +93,12 @@ class Engine:
         }
         self._suppress: dict[str, OrderedDict[tuple[Any, ...], list[int]]] = {}
         self._group_getters: dict[str, tuple[Callable[[Event], Any], ...]] = {}
+        # base rule id -> the correlations it feeds (compiled rules, not ids: one lookup less
+        # per match)
+        self._consumers: dict[str, tuple[CompiledRule, ...]] = {
+            rid: tuple(ruleset.correlations[c] for c in cids)
+            for rid, cids in ruleset.consumers.items()
+        }
         self._items = 0  # matches held in all counting windows, against caps.max_total_events
         self.matched = 0
         self.alerts = 0
@@ -128,8 +134,8 @@ class Engine:
                 alert = self._suppressed(r, e, partial(_single, r, e))
                 if alert is not None:
                     out.append(alert)
-            for cid in self.ruleset.consumers.get(r.id, ()):
-                alert = self._feed(self.ruleset.correlations[cid], r.id, e)
+            for corr in self._consumers.get(r.id, ()):
+                alert = self._feed(corr, r.id, e)
                 if alert is not None:
                     out.append(alert)
         self.alerts += len(out)
