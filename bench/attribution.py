@@ -1,15 +1,19 @@
 """Attribution benchmark: what process polling and attribution cost, which short-lived processes
-the default poll catches, and how often file events are attributed to the right process/user.
+the default poll catches, and how often file events are attributed to the right process/user;
+with the kernel's process events (processes.source kernel) against polling, which commands'
+execs are seen and what they cost.
 
-Usage (as root: the accuracy part creates a system user and runs commands with runuser, and
-fanotify needs CAP_SYS_ADMIN), with the interpreter of the environment exfilwatch is installed
-in (``.venv/bin/python`` in a checkout)::
+Usage (as root: the accuracy and execs parts create a system user and run commands with
+runuser, fanotify needs CAP_SYS_ADMIN and the process connector CAP_NET_ADMIN), with the
+interpreter of the environment exfilwatch is installed in (``.venv/bin/python`` in a
+checkout)::
 
-    python bench/attribution.py --quick           # about 5 minutes
-    python bench/attribution.py                   # about 15 minutes
+    python bench/attribution.py --quick           # about 7 minutes
+    python bench/attribution.py                   # about 20 minutes
     python bench/attribution.py --json            # JSON on stdout, no tables
     python bench/attribution.py --json r.json     # tables, and JSON in r.json
     python bench/attribution.py --parts cost,catch   # a subset of the parts
+    python bench/attribution.py --parts execs --quick  # about 1.5 minutes
 
 Progress goes to stderr; the result tables (or ``--json``) go to stdout.
 
@@ -17,7 +21,10 @@ Goals (from the issue): with 500 processes on the machine, process polling plus 
 the defaults costs <= 1% of one core (CPU seconds over wall seconds); a burst of 10,000 file
 events is attributed without stalling the pipeline; the shortest-lived process the default
 interval catches is measured; an accuracy benchmark reports the fraction of file events
-attributed exactly, inferred, and wrongly.
+attributed exactly, inferred, and wrongly. Issue "every process the moment it starts, and who
+did each file operation" (part execs): >= 99% of the commands' processes reported as
+process_started with their full argv, file events with the right user 100%, with the right
+process >= 95%, wrong 0%; the agent idle <= 1% of one core.
 
 Machine set-up (parts cost and catch)
     ``sleep 600`` children are started until ``psutil.pids()`` counts ``--procs`` (500)
@@ -65,7 +72,8 @@ catch
     The expectation for a process of lifetime T is about min(1, T / interval).
 
 accuracy
-    A system user ``exfilwatch-bench`` (created when missing, never removed) runs a mix of
+    A system user ``exfilwatch-bench`` (created when missing and then removed at the end of the
+    run; one that existed before is left alone) runs a mix of
     commands in a tree under /tmp (0777; five levels down, out of reach of the default /tmp
     staging watch of any other agent running on the machine, whose lineage hashing would read
     our files), two at a time, in random order, with cwd = the tree
@@ -101,12 +109,61 @@ accuracy
     reader's /proc snapshot of the pid came after the process was gone). Rows "user
     commands" (all but root's) and "overall".
 
+execs
+    The bench user runs ``--exec-runs`` (20) of each of cp, cp -r, tar cf, zip -r, gzip -c,
+    rm -f, rm -rf, mv, cat, shred -u, dd, base64, curl -T (to the closed port
+    http://127.0.0.1:9/: it fails at once, exit 7 is its success), rsync -a (to a path in the
+    tree) and ``sh -c 'exec tar cf ...'``, a command missing from the machine skipped with a
+    note, in random order, two at a time, cwd = the tree (src/opN: three files root owns;
+    dst/: the outputs, and the files and directories rm, rm -rf, mv and shred work on, owned
+    by the user), stdout to /dev/null, started as a user's shell starts them: by one of two
+    long-lived python3 "shells" (cwd the tree) that drop to the user's uid and gid (no other
+    groups) and then fork and exec each command they are sent (subprocess.Popen: its pid is
+    the command's), so the parent is the user's, as in a terminal (runuser would add a PAM
+    session, a root parent naming nothing, and a wrapper shell's exec; a fork of this root
+    process would be known as a root python until its exec is read). The shells' own
+    command lines name no file of the tree. The real agent runs in-process (as in accuracy:
+    inotify, no rules, lineage/locations off) in one round per setting: processes.source
+    kernel, poll (the baseline), and kernel with fanotify auto when fanotify works. A round
+    starts when the event of a file written in the tree reaches the sink, and ends when the
+    event of a file written after the last command does (the tagged lane is in order: all
+    before it is out).
+        exec table      per command, % of runs whose process appears in a process_started
+                        event at its pid with process.args equal to the argv it ran (for
+                        sh -c 'exec tar ...': tar's argv, at the pid sh had); in brackets %
+                        whose pid appears with any argv (sh -c 'exec tar': only the sh, tar
+                        was gone before it was read)
+        file events     per command and per operation (open = opened/closed_nowrite, write =
+                        modified/closed_write, delete = deleted/moved_out, rename = moved,
+                        create = created/moved_in, attrib = attributes_changed), % of the
+                        events of the command's files: user ok (user.name is the bench user),
+                        proc ok (process.pid is the command's pid or a child of it), WRONG
+                        (another process, or another user), none (attribution none), and the
+                        attribution methods used; "table": execs the kernel source read, and
+                        those gone before /proc could be read
+    Cost: a fresh agent (empty tree) per source, settled (a half second under 2% of a core),
+    then ``--duration`` seconds idle, then ``--duration`` seconds of a child (its own process
+    group, not counted) spawning /bin/true at ``--exec-rate`` (500) per second, measured
+    until the agent has read as many execs as were made (kernel) or polled once more (poll):
+        agent CPU s     this process (the agent's threads; the bench's only waits)
+        child CPU s     the procsnap child (stats()["pid"] of the component), user + system
+        % core          (agent + child) CPU over wall; "median 1 s" (idle): the median of
+                        one-second windows, what it costs while the machine's other processes
+                        are quiet
+        us CPU/exec     (agent + child) CPU over the execs made; "net of idle" subtracts the
+                        idle phase's rate over the same wall time
+        proc events     process_started events written; "execs read/new": execs the kernel
+                        source read (poll: new processes the polls found); "gone before
+                        read": execs whose process had exited before /proc could be read
+    The idle phase of the kernel source also pays for every exec elsewhere on the machine.
+
 Standard library and psutil only (and the agent itself).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import heapq
 import json
@@ -114,6 +171,8 @@ import os
 import queue
 import random
 import re
+import select
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -128,7 +187,9 @@ from typing import Any
 import psutil
 from common import (
     PYTHON,
+    BenchError,
     Cleanup,
+    cpu_seconds,
     emit,
     ensure_user,
     interruptible,
@@ -136,6 +197,7 @@ from common import (
     median,
     pct,
     progress,
+    remove_user,
     table,
 )
 from msgspec.structs import replace as evolve
@@ -361,6 +423,11 @@ class LineSink:
 
     def close(self) -> None:
         pass
+
+    def since(self, index: int) -> list[str]:
+        """The lines kept after the first `index`."""
+        with self._lock:
+            return self.lines[index:]
 
     def records(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -1141,8 +1208,10 @@ def accuracy_round(
     }
 
 
-def part_accuracy(args: argparse.Namespace, cleanup: Cleanup, fan_ok: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {"user": ensure_user(BENCH_USER), "rounds": []}
+def part_accuracy(
+    args: argparse.Namespace, cleanup: Cleanup, fan_ok: bool, user: dict[str, Any]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"user": user, "rounds": []}
     for bg_in_tree in (True, False):
         for mode in ["off"] + (["auto"] if fan_ok else []):
             progress(
@@ -1152,6 +1221,559 @@ def part_accuracy(args: argparse.Namespace, cleanup: Cleanup, fan_ok: bool) -> d
             out["rounds"].append(
                 accuracy_round(mode, bg_in_tree, args.ops_per_kind, args.seed + 3, cleanup)
             )
+    return out
+
+
+# part 4: execs ---------------------------------------------------------------------------
+
+# (kind, the program it needs): each run by the bench user on files of its own in the tree.
+EXEC_KINDS: tuple[tuple[str, str], ...] = (
+    ("cp", "cp"),
+    ("cp_r", "cp"),
+    ("tar", "tar"),
+    ("zip", "zip"),
+    ("gzip_c", "gzip"),
+    ("rm", "rm"),
+    ("rm_rf", "rm"),
+    ("mv", "mv"),
+    ("cat", "cat"),
+    ("shred_u", "shred"),
+    ("dd", "dd"),
+    ("base64", "base64"),
+    ("curl_T", "curl"),
+    ("rsync", "rsync"),
+    ("sh_exec_tar", "tar"),
+)
+# Exit codes a command ends with by design: curl uploads to a closed port (7: no connection).
+EXEC_OK_RC: dict[str, frozenset[int]] = {"curl_T": frozenset({7})}
+CLOSED_URL = "http://127.0.0.1:9/"
+USER_SHELL = r"""
+import json, os, subprocess, sys
+os.setgroups([])
+os.setgid(int(sys.argv[2]))
+os.setuid(int(sys.argv[1]))
+for line in sys.stdin:
+    p = subprocess.Popen(
+        json.loads(line),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _, err = p.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+    print(json.dumps([p.pid, p.returncode, err.decode(errors="replace")[-200:]]), flush=True)
+"""
+# inotify actions grouped as the issue counts them.
+OPERATIONS = {
+    "opened": "open",
+    "closed_nowrite": "open",
+    "modified": "write",
+    "closed_write": "write",
+    "deleted": "delete",
+    "moved_out": "delete",
+    "moved": "rename",
+    "created": "create",
+    "moved_in": "create",
+    "attributes_changed": "attrib",
+}
+OPERATION_NAMES = ("open", "write", "delete", "rename", "create", "attrib", "other")
+
+# /bin/true at a fixed rate (posix_spawn, no shell), for `duration` seconds: the exec load.
+SPAWNER = r"""
+import os, sys, time
+rate, duration = float(sys.argv[1]), float(sys.argv[2])
+env = {"PATH": "/usr/bin:/bin"}
+print("go", flush=True)
+n, t0 = 0, time.monotonic()
+while True:
+    now = time.monotonic() - t0
+    if now >= duration:
+        break
+    if n > now * rate:
+        time.sleep(min(n / rate - now, duration - now))
+        continue
+    os.waitpid(os.posix_spawn("/bin/true", ["true"], env), 0)
+    n += 1
+print("done", n, time.monotonic() - t0, flush=True)
+"""
+
+
+def bench_user(cleanup: Cleanup) -> dict[str, Any]:
+    """The unprivileged user commands run as: created when missing (and then removed at the
+    end of the run), left alone when it was there before."""
+    user = ensure_user(BENCH_USER)
+    if user["created"]:
+        cleanup.at_close(f"remove user {BENCH_USER}", lambda: remove_user(BENCH_USER))
+    return user
+
+
+@dataclass(slots=True)
+class ExecOp:
+    index: int
+    kind: str
+    argv: list[str]
+    expect: tuple[str, ...]  # the argv the process at `pid` ends up running
+    pid: int = 0
+    rc: int | None = None
+    err: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.rc not in EXEC_OK_RC.get(self.kind, frozenset({0}))
+
+
+def exec_op(kind: str, i: int) -> ExecOp:
+    src, dst = f"src/op{i:04d}", f"dst/op{i:04d}"
+    tar = ["tar", "cf", f"{dst}-sh.tar", src]
+    argv = {
+        "cp": ["cp", f"{src}/f0.txt", f"{dst}-cp.txt"],
+        "cp_r": ["cp", "-r", src, f"{dst}-tree"],
+        "tar": ["tar", "cf", f"{dst}.tar", src],
+        # zip and rsync write temporary files next to their output: a directory of the op's
+        "zip": ["zip", "-q", "-r", f"{dst}-zip/out.zip", src],
+        "gzip_c": ["gzip", "-c", f"{src}/f0.txt"],
+        "rm": ["rm", "-f", f"{dst}-rm.txt"],
+        "rm_rf": ["rm", "-rf", f"{dst}-rmrf"],
+        "mv": ["mv", f"{dst}-mv-a.txt", f"{dst}-mv-b.txt"],
+        "cat": ["cat", f"{src}/f0.txt", f"{src}/f1.txt"],
+        # shred renames the file to 0, 00, ... in its directory before removing it
+        "shred_u": ["shred", "-u", f"{dst}-shred/f.txt"],
+        "dd": ["dd", f"if={src}/f0.txt", f"of={dst}-dd.bin", "bs=4096", "status=none"],
+        "base64": ["base64", f"{src}/f0.txt"],
+        "curl_T": ["curl", "-sS", "--max-time", "5", "-T", f"{src}/f0.txt", CLOSED_URL],
+        "rsync": ["rsync", "-a", f"{src}/", f"{dst}-rsync/"],
+        "sh_exec_tar": ["sh", "-c", shlex.join(["exec", *tar])],
+    }[kind]
+    return ExecOp(i, kind, argv, tuple(tar if kind == "sh_exec_tar" else argv))
+
+
+def setup_exec_tree(root: str, ops: Sequence[ExecOp], uid: int, gid: int) -> None:
+    """src/opN (three files root owns, readable) for every command; in dst/ the files and
+    directories the user's commands remove, rename or write into, owned by the user."""
+    src, dst = os.path.join(root, "src"), os.path.join(root, "dst")
+    os.makedirs(src)
+    os.makedirs(dst)
+    os.chmod(dst, 0o777)  # noqa: S103 - the test user writes here
+
+    def mine(rel: str, text: str | None) -> None:
+        """dst/REL (a file with `text`, else a directory) and its parents below dst/, the
+        user's (rm -rf and shred need to write the directories too)."""
+        path = os.path.join(dst, rel)
+        if text is None:
+            os.makedirs(path, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as fh:
+                fh.write(text)
+        while path != dst:
+            os.chown(path, uid, gid)
+            path = os.path.dirname(path)
+
+    for op in ops:
+        n = f"op{op.index:04d}"
+        os.makedirs(os.path.join(src, n))
+        for k in range(3):
+            with open(os.path.join(src, n, f"f{k}.txt"), "w") as fh:
+                fh.write(f"op {op.index} file {k}\n" * 200)
+        for rel in {
+            "rm": [f"{n}-rm.txt"],
+            "mv": [f"{n}-mv-a.txt"],
+            "rm_rf": [f"{n}-rmrf/a.txt", f"{n}-rmrf/sub/b.txt"],
+            "shred_u": [f"{n}-shred/f.txt"],
+        }.get(op.kind, []):
+            mine(rel, "the user's own file\n" * 50)
+        if op.kind == "zip":
+            mine(f"{n}-zip", None)
+
+
+class UserShell:
+    """The bench user's shell: a python3 that drops to the user's uid and gid (no other
+    groups) and then starts each command it is sent as a shell does (one fork, one exec, cwd
+    the tree), reporting its pid, exit code and stderr. Commands have a parent of the user's,
+    as in a terminal; forked from this root process, a command whose exec the agent could not
+    read would be known as a root python (its parent's copy)."""
+
+    def __init__(self, root: str, user: dict[str, Any], cleanup: Cleanup) -> None:
+        self.cleanup = cleanup
+        self.proc = cleanup.spawn(
+            [USER_PYTHON, "-c", USER_SHELL, str(user["uid"]), str(user["gid"])],
+            cwd=root,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            group=True,
+        )
+
+    def run(self, op: ExecOp) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(op.argv).encode() + b"\n")
+        self.proc.stdin.flush()
+        op.pid, op.rc, op.err = json.loads(readline_by(self.proc, time.monotonic() + 60.0))
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5.0)
+        self.cleanup.kill_group(self.proc)
+
+
+def wait_for_line(sink: LineSink, path: str, timeout: float, rewrite: bool) -> float:
+    """Write `path` (a file in the watched tree) and wait until a line naming it reaches the
+    sink: the agent's file source is up (`rewrite`: written again every 0.5 s until then,
+    watches may still be being added), or everything queued before it was written out (one
+    tagged lane, in order). Returns the seconds it took; raises BenchError at the deadline."""
+    t0 = time.monotonic()
+    deadline, next_write, seen = t0 + timeout, t0, 0
+    while True:
+        now = time.monotonic()
+        if now >= next_write:
+            with open(path, "w") as fh:
+                fh.write("mark\n")
+            next_write = now + 0.5 if rewrite else float("inf")
+        new = sink.since(seen)
+        seen += len(new)
+        if any(path in line for line in new):
+            return time.monotonic() - t0
+        if now > deadline:
+            raise BenchError(f"no event for {path} within {timeout:g} s")
+        time.sleep(0.01)
+
+
+def procsnap_pid(agent: Agent) -> int | None:
+    """The pid of the agent's `python -m agent.sources.procsnap` child (None: polling)."""
+    parts = agent.parts
+    if parts is None or parts.proc_events is None:
+        return None
+    pid = parts.proc_events.stats().get("pid")
+    if isinstance(pid, int):
+        return pid
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if "agent.sources.procsnap" in child.cmdline():
+                return child.pid
+    return None
+
+
+def judge(e: Event, truth: set[int], user: str) -> tuple[str, bool, bool, bool]:
+    """classify()'s verdict, and whether the event names the right user, the right process
+    (the command's, or a child of it), and anyone wrong (another process, or another user,
+    the right process with another user included)."""
+    verdict, _ = classify(e, truth, user)
+    user_ok = e.user_name == user
+    proc_ok = e.process_pid is not None and (
+        e.process_pid in truth or e.process_parent_pid in truth
+    )
+    wrong = verdict.endswith("_wrong") or (
+        verdict != "none" and e.user_name is not None and e.user_name != user
+    )
+    return verdict, user_ok, proc_ok, wrong
+
+
+def execs_round(
+    source: str,
+    fan_mode: str,
+    kinds: Sequence[str],
+    runs: int,
+    seed: int,
+    user: dict[str, Any],
+    cleanup: Cleanup,
+) -> dict[str, Any]:
+    rng = random.Random(seed)
+    plan = [k for k in kinds for _ in range(runs)]
+    rng.shuffle(plan)
+    ops = [exec_op(k, i) for i, k in enumerate(plan)]
+    base = isolated(cleanup, "exfilwatch-bench-execs-")
+    root = os.path.join(base, "project")
+    state = os.path.join(base, "state")
+    os.makedirs(state)
+    setup_exec_tree(root, ops, user["uid"], user["gid"])
+    sink = LineSink(keep=True)
+    settings = ProcessSettings(enabled=True, interval=0.5, fanotify=fan_mode, source=source)
+    agent = Agent(
+        agent_config(root, state, settings), router=Router([(sink, frozenset({"event"}))])
+    )
+    cleanup.stoppables.append(agent)
+    agent.start()
+    kernel_active = procsnap_pid(agent) is not None
+    fan_active = agent.fanotify is not None
+    ready_s = wait_for_line(sink, os.path.join(root, "ready.txt"), 15.0, rewrite=True)
+    work: queue.Queue[ExecOp] = queue.Queue()
+    for op in ops:
+        work.put(op)
+
+    shells = [UserShell(root, user, cleanup) for _ in range(2)]
+
+    def worker(wrng: random.Random, shell: UserShell) -> None:
+        while True:
+            try:
+                op = work.get_nowait()
+            except queue.Empty:
+                return
+            time.sleep(wrng.uniform(0.0, 0.1))
+            shell.run(op)
+
+    threads = [
+        threading.Thread(target=worker, args=(random.Random(seed * 10 + k), shell), daemon=True)
+        for k, shell in enumerate(shells)
+    ]
+    t_ops = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ops_s = time.monotonic() - t_ops
+    for shell in shells:
+        shell.close()
+    drain_s = wait_for_line(sink, os.path.join(root, "done.txt"), 60.0, rewrite=False)
+    table_stats = agent.processes.stats() if agent.processes is not None else {}
+    agent.stop()
+    cleanup.stoppables.remove(agent)
+    events = [from_dict(r) for r in sink.records()]
+    by_index = {op.index: op for op in ops}
+    started: dict[int, list[tuple[str, ...]]] = {}
+    for e in events:
+        if e.action == "process_started" and e.process_pid is not None:
+            started.setdefault(e.process_pid, []).append(tuple(e.process_args))
+    execs: dict[str, Counter[str]] = {k: Counter() for k in kinds}
+    other_argv: list[dict[str, Any]] = []
+    for op in ops:
+        if not op.pid:
+            continue
+        c = execs[op.kind]
+        c["runs"] += 1
+        seen = started.get(op.pid, [])
+        c["pid_seen"] += bool(seen)
+        c["full_argv"] += op.expect in seen
+        if seen and op.expect not in seen and len(other_argv) < 10:
+            other_argv.append({"kind": op.kind, "expected": op.expect, "seen": seen[:3]})
+    files: dict[str, Counter[str]] = {k: Counter() for k in (*kinds, *OPERATION_NAMES)}
+    methods: dict[str, Counter[str]] = {}
+    wrong: Counter[tuple[str, str, str, str, str]] = Counter()
+    unmapped = 0
+    for e in events:
+        if e.category != "file":
+            continue
+        m = _PATH_OP.match(os.path.relpath(e.path, root))
+        if m is None:
+            unmapped += 1  # the ready/done marks, the tree's own directories
+            continue
+        op = by_index[int(m.group(1))]
+        verdict, user_ok, proc_ok, is_wrong = judge(e, {op.pid} - {0}, BENCH_USER)
+        method = e.attribution_method or "none"
+        for key in (op.kind, OPERATIONS.get(e.action, "other")):
+            c = files[key]
+            c["events"] += 1
+            c["user_ok"] += user_ok
+            c["process_ok"] += proc_ok
+            c["wrong"] += is_wrong
+            c["none"] += verdict == "none"
+            c[f"method:{method}"] += 1
+        methods.setdefault(method, Counter())["wrong" if is_wrong else "ok"] += 1
+        if is_wrong:
+            wrong[(op.kind, e.action, method, str(e.process_name), str(e.user_name))] += 1
+    failed = [op for op in ops if op.failed]
+    return {
+        "source": source,
+        "fanotify": fan_mode,
+        "kernel_active": kernel_active,
+        "fanotify_active": fan_active,
+        "ops": len(ops),
+        "ops_seconds": ops_s,
+        "ready_seconds": ready_s,
+        "drain_seconds": drain_s,
+        "failed_count": len(failed),
+        "failed_ops": [{"kind": op.kind, "rc": op.rc, "err": op.err} for op in failed[:10]],
+        "execs": {k: dict(v) for k, v in execs.items()},
+        "other_argv": other_argv,
+        "files": {k: dict(v) for k, v in files.items()},
+        "methods": {k: dict(v) for k, v in methods.items()},
+        "unmapped_events": unmapped,
+        "wrong_patterns": [
+            {"kind": k[0], "action": k[1], "method": k[2], "process": k[3], "user": k[4], "n": n}
+            for k, n in wrong.most_common(10)
+        ],
+        "process_table": {
+            k: table_stats.get(k) for k in ("polls", "new", "exec_read", "exec_unread")
+        },
+    }
+
+
+class AgentCPU:
+    """CPU seconds of the in-process agent (all of this process: the bench's own thread only
+    waits meanwhile) and of its procsnap child (user + system, each)."""
+
+    def __init__(self, agent: Agent) -> None:
+        pid = procsnap_pid(agent)
+        self.child = psutil.Process(pid) if pid is not None else None
+
+    def read(self) -> tuple[float, float]:
+        child = cpu_seconds(self.child, children=False) if self.child is not None else 0.0
+        return time.process_time(), child
+
+    def total(self) -> float:
+        return sum(self.read())
+
+
+def readline_by(proc: subprocess.Popen[bytes], deadline: float) -> str:
+    """A line of `proc`'s stdout, or BenchError when none came by `deadline` (monotonic)."""
+    assert proc.stdout is not None
+    while not select.select([proc.stdout], [], [], 0.1)[0]:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise BenchError(f"pid {proc.pid}: no output by the deadline")
+    return proc.stdout.readline().decode(errors="replace").strip()
+
+
+def exec_cost(source: str, duration: float, rate: float, cleanup: Cleanup) -> dict[str, Any]:
+    """The agent's CPU (and its child's) idle, then under `rate` execs/s, for `duration` s."""
+    base = cleanup.mkdtemp("exfilwatch-bench-execcost-")
+    root = os.path.join(base, "tree")
+    state = os.path.join(base, "state")
+    os.makedirs(root)
+    os.makedirs(state)
+    sink = LineSink(keep=False)
+    settings = ProcessSettings(enabled=True, interval=0.5, source=source)
+    agent = Agent(
+        agent_config(root, state, settings), router=Router([(sink, frozenset({"event"}))])
+    )
+    cleanup.stoppables.append(agent)
+    agent.start()
+    table = agent.processes
+    assert table is not None
+    cpu = AgentCPU(agent)
+    # Settled: start-up work (imports, the first read of every process) is over when a half
+    # second costs under 2% of a core.
+    settle_deadline = time.monotonic() + 15.0
+    settled = False
+    while not settled and time.monotonic() < settle_deadline:
+        c0, w0 = cpu.total(), time.perf_counter()
+        time.sleep(0.5)
+        settled = (cpu.total() - c0) / (time.perf_counter() - w0) < 0.02
+
+    def counters() -> tuple[float, float, float, int, int, int, int, int]:
+        a, c = cpu.read()
+        s = table.stats()
+        return (
+            time.perf_counter(),
+            a,
+            c,
+            sink.count,
+            s["exec_read"],
+            s["exec_unread"],
+            s["new"],
+            s["polls"],
+        )
+
+    def phase(
+        name: str,
+        before: tuple[Any, ...],
+        execs: int | None = None,
+        spawner_s: float = 0.0,
+        windows: Sequence[float] = (),
+    ) -> dict[str, Any]:
+        after = counters()
+        wall, agent_s, child_s = (after[i] - before[i] for i in range(3))
+        read, unread, new, polls = (after[i] - before[i] for i in range(4, 8))
+        out: dict[str, Any] = {
+            "source": source,
+            "kernel_active": cpu.child is not None,
+            "phase": name,
+            "wall_s": wall,
+            "agent_cpu_s": agent_s,
+            "child_cpu_s": child_s,
+            "core_pct": pct(agent_s + child_s, wall),
+            "core_pct_median_1s": median(windows) if windows else None,
+            "process_events": after[3] - before[3],
+            "kernel_execs_read": read,
+            "kernel_execs_unread": unread,
+            "polls": polls,
+            "new_processes": new,
+        }
+        if execs is not None:
+            idle = out_phases[0]
+            idle_rate = (idle["agent_cpu_s"] + idle["child_cpu_s"]) / idle["wall_s"]
+            out["execs"] = execs
+            out["execs_per_s"] = execs / spawner_s if spawner_s else float("nan")
+            out["us_cpu_per_exec"] = (agent_s + child_s) / max(1, execs) * 1e6
+            out["us_cpu_per_exec_net"] = (
+                (agent_s + child_s - idle_rate * wall) / max(1, execs) * 1e6
+            )
+        return out
+
+    out_phases: list[dict[str, Any]] = []
+    out: dict[str, Any] = {"source": source, "settled": settled, "phases": out_phases}
+    gc.collect()
+    before = counters()
+    # One-second windows too: their median is what the agent costs when the machine's other
+    # processes are quiet (their starts are work for both sources).
+    windows: list[float] = []
+    end = time.monotonic() + duration
+    last_cpu, last_wall = cpu.total(), time.perf_counter()
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(1.0, left))  # the measurement window itself
+        now_cpu, now_wall = cpu.total(), time.perf_counter()
+        windows.append(pct(now_cpu - last_cpu, now_wall - last_wall))
+        last_cpu, last_wall = now_cpu, now_wall
+    out_phases.append(phase("idle", before, windows=windows))
+    spawner = cleanup.spawn(
+        [PYTHON, "-c", SPAWNER, str(rate), str(duration)],
+        stdout=subprocess.PIPE,
+        cwd="/",
+        group=True,
+    )
+    readline_by(spawner, time.monotonic() + 15.0)  # "go"
+    before = counters()
+    done = readline_by(spawner, time.monotonic() + duration + 30.0).split()
+    execs, spawner_s = (int(done[1]), float(done[2])) if len(done) == 3 else (0, 0.0)
+    cleanup.kill_group(spawner)
+    # Caught up: the kernel source has read as many execs as were made (others on the machine
+    # count too), or the poll after the load ran.
+    polls_done = table.polls
+    catch_deadline = time.monotonic() + 10.0
+    while time.monotonic() < catch_deadline:
+        s = table.stats()
+        if cpu.child is not None:
+            if s["exec_read"] + s["exec_unread"] - before[4] - before[5] >= execs:
+                break
+        elif s["polls"] > polls_done:
+            break
+        time.sleep(0.01)
+    out_phases.append(phase(f"{rate:.0f} execs/s", before, execs, spawner_s))
+    agent.stop()
+    cleanup.stoppables.remove(agent)
+    return out
+
+
+def part_execs(
+    args: argparse.Namespace, cleanup: Cleanup, fan_ok: bool, user: dict[str, Any]
+) -> dict[str, Any]:
+    kinds = [k for k, tool in EXEC_KINDS if shutil.which(tool)]
+    skipped = {k: f"{tool} not installed" for k, tool in EXEC_KINDS if not shutil.which(tool)}
+    out: dict[str, Any] = {
+        "user": user,
+        "runs": args.exec_runs,
+        "kinds": kinds,
+        "skipped": skipped,
+        "rounds": [],
+        "cost": [],
+    }
+    rounds = [("kernel", "off"), ("poll", "off")] + ([("kernel", "auto")] if fan_ok else [])
+    for source, fan_mode in rounds:
+        progress(
+            f"execs: source {source}, fanotify {fan_mode}: {args.exec_runs} runs of each of "
+            f"{len(kinds)} commands"
+        )
+        out["rounds"].append(
+            execs_round(source, fan_mode, kinds, args.exec_runs, args.seed + 4, user, cleanup)
+        )
+    for source in ("kernel", "poll"):
+        progress(
+            f"execs: cost, source {source}: idle and {args.exec_rate:.0f} execs/s, "
+            f"{args.duration:.0f} s each"
+        )
+        out["cost"].append(exec_cost(source, args.duration, args.exec_rate, cleanup))
     return out
 
 
@@ -1415,6 +2037,171 @@ def report_accuracy(a: dict[str, Any]) -> list[str]:
     return out
 
 
+def _indent(text: str, n: int) -> str:
+    return "\n".join(" " * n + line for line in text.splitlines())
+
+
+def _pcts(c: dict[str, int], keys: Sequence[str]) -> list[str]:
+    n = c.get("events", 0)
+    return [f1(pct(c.get(k, 0), n)) if n else "-" for k in keys]
+
+
+def report_execs(x: dict[str, Any]) -> list[str]:
+    u = x["user"]
+    out = [
+        "",
+        f"Exec events and file attribution (user {u['name']} uid {u['uid']}, "
+        f"{'created' if u['created'] else 'existed'}; {x['runs']} runs of each command)",
+    ]
+    if x["skipped"]:
+        out.append(
+            "  skipped: " + ", ".join(f"{k} ({why})" for k, why in sorted(x["skipped"].items()))
+        )
+    rounds = x["rounds"]
+
+    def label(r: dict[str, Any]) -> str:
+        name = r["source"] if r["source"] == "poll" or r["kernel_active"] else "kernel(POLL!)"
+        return name + (f"+fan {r['fanotify']}" if r["fanotify"] != "off" else "")
+
+    out.append("")
+    out.append(
+        "  process_started with the command's full argv at its pid (goal >= 99%); "
+        "in brackets: its pid seen with any argv"
+    )
+    rows = []
+    for kind in [*x["kinds"], "all"]:
+        row: list[Any] = [kind]
+        for r in rounds:
+            e = r["execs"]
+            c = (
+                Counter(e.get(kind, {}))
+                if kind != "all"
+                else sum((Counter(v) for v in e.values()), Counter())
+            )
+            runs = c["runs"]
+            row.append(
+                f"{pct(c['full_argv'], runs):.0f}% ({pct(c['pid_seen'], runs):.0f}%) of {runs}"
+                if runs
+                else "-"
+            )
+        rows.append(row)
+    out.append(_indent(table(["command", *(label(r) for r in rounds)], rows), 4))
+    for r in rounds:
+        if r["other_argv"]:
+            out.append(f"    {label(r)}, seen with another argv (first): {r['other_argv'][:2]}")
+    cols = ("user_ok", "process_ok", "wrong", "none")
+    for r in rounds:
+        out.append("")
+        pt = r["process_table"]
+        out.append(
+            f"  File events, source {label(r)} (goal: user 100%, process >= 95%, wrong 0%): "
+            f"{r['ops']} commands in {r['ops_seconds']:.0f} s, {r['failed_count']} failed, "
+            f"{r['unmapped_events']} unmapped events; table: {pt['exec_read']} execs read, "
+            f"{pt['exec_unread']} gone before read, {pt['polls']} polls"
+        )
+        rows = []
+        total: Counter[str] = Counter()
+        for key in [*x["kinds"], "all commands", *OPERATION_NAMES]:
+            counts: dict[str, int] = dict(total) if key == "all commands" else r["files"][key]
+            if key in x["kinds"]:
+                total.update(counts)
+            elif key != "all commands" and not counts.get("events"):
+                continue
+            top = Counter(
+                {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("method:")}
+            ).most_common(3)
+            methods = ", ".join(f"{m} {f1(pct(v, counts.get('events', 0)))}" for m, v in top)
+            op_row = key in OPERATION_NAMES
+            rows.append(
+                [
+                    ("op " if op_row else "") + key,
+                    counts.get("events", 0),
+                    *_pcts(counts, cols),
+                    methods,
+                ]
+            )
+        out.append(
+            _indent(
+                table(
+                    [
+                        "command / op",
+                        "events",
+                        "user ok%",
+                        "proc ok%",
+                        "WRONG%",
+                        "none%",
+                        "methods",
+                    ],
+                    rows,
+                ),
+                4,
+            )
+        )
+        if r["wrong_patterns"]:
+            prow = [
+                [p["kind"], p["action"], p["method"], p["process"], p["user"], p["n"]]
+                for p in r["wrong_patterns"][:6]
+            ]
+            out.append("    wrong (most common):")
+            out.append(
+                _indent(
+                    table(["command", "action", "method", "process", "user", "events"], prow), 6
+                )
+            )
+        if r["failed_ops"]:
+            out.append(f"    failed commands (first): {r['failed_ops'][:3]}")
+    out.append("")
+    out.append(
+        "  Cost: the agent's process + its procsnap child, CPU over wall (goal idle <= 1% of a "
+        "core); the load's spawner not counted"
+    )
+    rows = []
+    for c in x["cost"]:
+        for ph in c["phases"]:
+            kernel = ph["kernel_active"]
+            rows.append(
+                [
+                    c["source"] if c["source"] == "poll" or kernel else "kernel(POLL!)",
+                    ph["phase"],
+                    f1(ph["wall_s"]),
+                    f"{ph['agent_cpu_s']:.3f}",
+                    f"{ph['child_cpu_s']:.3f}" if kernel else "-",
+                    f"{ph['core_pct']:.2f}",
+                    f"{ph['core_pct_median_1s']:.2f}" if ph["core_pct_median_1s"] else "-",
+                    f"{ph['execs_per_s']:.0f}" if "execs" in ph else "-",
+                    f"{ph['us_cpu_per_exec']:.0f}" if "execs" in ph else "-",
+                    f"{ph['us_cpu_per_exec_net']:.0f}" if "execs" in ph else "-",
+                    ph["process_events"],
+                    ph["kernel_execs_read"] if kernel else ph["new_processes"],
+                    ph["kernel_execs_unread"] if kernel else "-",
+                ]
+            )
+    out.append(
+        _indent(
+            table(
+                [
+                    "source",
+                    "phase",
+                    "wall s",
+                    "agent CPU s",
+                    "child CPU s",
+                    "% core",
+                    "median 1 s",
+                    "execs/s",
+                    "us CPU/exec",
+                    "net of idle",
+                    "proc events",
+                    "execs read/new",
+                    "gone before read",
+                ],
+                rows,
+            ),
+            4,
+        )
+    )
+    return out
+
+
 def report(result: dict[str, Any]) -> str:
     meta = result["meta"]
     fan = meta["fanotify"]
@@ -1435,12 +2222,14 @@ def report(result: dict[str, Any]) -> str:
         out += report_catch(result["catch"])
     if "accuracy" in result:
         out += report_accuracy(result["accuracy"])
+    if "execs" in result:
+        out += report_execs(result["execs"])
     return "\n".join(out)
 
 
 # main ------------------------------------------------------------------------------------
 
-PARTS = ("cost", "burst", "catch", "accuracy")
+PARTS = ("cost", "burst", "catch", "accuracy", "execs")
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -1456,6 +2245,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     ap.add_argument("--events", type=int, default=10_000, help="burst size")
     ap.add_argument("--catch-n", type=int, default=None, help="processes per lifetime (50)")
     ap.add_argument("--ops-per-kind", type=int, default=None, help="commands of each kind (20)")
+    ap.add_argument("--exec-runs", type=int, default=20, help="runs of each command (execs)")
+    ap.add_argument("--exec-rate", type=float, default=500.0, help="execs/s of the exec load")
     ap.add_argument("--fan-rate", type=float, default=1000.0, help="opens/s outside the tree")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
@@ -1509,8 +2300,11 @@ def main(argv: Sequence[str]) -> int:
                 result[name] = run()
             for p in list(cleanup.procs):  # the idle population goes before the accuracy part
                 cleanup.stop(p)
-            if "accuracy" in args.parts:
-                result["accuracy"] = part_accuracy(args, cleanup, fan_ok)
+            user = bench_user(cleanup) if {"accuracy", "execs"} & set(args.parts) else None
+            if "accuracy" in args.parts and user is not None:
+                result["accuracy"] = part_accuracy(args, cleanup, fan_ok, user)
+            if "execs" in args.parts and user is not None:
+                result["execs"] = part_execs(args, cleanup, fan_ok, user)
             result["meta"]["load1_end"] = os.getloadavg()[0]
         finally:
             cleanup.close()
