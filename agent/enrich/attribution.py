@@ -145,6 +145,9 @@ class KnownTools:
     def __init__(self, names: Iterable[str]) -> None:
         self._by_size: dict[int, list[tuple[str, str]]] = {}
         self._digests: dict[str, bytes | None] = {}
+        # An executable already judged, by identity: one big same-size binary run a thousand
+        # times (a user's own, or to load the agent) is hashed once, not a thousand times.
+        self._seen: OrderedDict[tuple[int, int, int, int], object] = OrderedDict()
         for name in names:
             for d in ("/usr/bin", "/bin", "/usr/sbin", "/sbin", "/usr/local/bin"):
                 path = os.path.join(d, name)
@@ -159,19 +162,33 @@ class KnownTools:
         if exe.startswith(self.SYSTEM_DIRS):
             return None
         try:
-            size = os.stat(exe).st_size
+            st = os.stat(exe)
         except OSError:
             return None
-        candidates = self._by_size.get(size)
+        candidates = self._by_size.get(st.st_size)
         if not candidates:
             return None
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        seen = self._seen.get(key, _UNSEEN)
+        if seen is not _UNSEEN:
+            return seen if isinstance(seen, str) else None
         digest = _file_digest(exe)
+        found = None
         for name, path in candidates:
             if path not in self._digests:
                 self._digests[path] = _file_digest(path)
             if digest is not None and digest == self._digests[path]:
-                return name
-        return None
+                found = name
+                break
+        self._seen[key] = found
+        while len(self._seen) > _SEEN_CAP:
+            with contextlib.suppress(KeyError):  # the poll thread may trim at the same time
+                self._seen.popitem(last=False)
+        return found
+
+
+_SEEN_CAP = 1024
+_UNSEEN = object()
 
 
 def _file_digest(path: str) -> bytes | None:
