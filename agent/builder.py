@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from agent.enrich.attribution import Attributor, Proc, ProcessTable
     from agent.enrich.destinations import Destinations
     from agent.enrich.lineage import LineageIndex
+    from agent.sources.fandirs import DirEventsWatcher
     from agent.sources.fanotify import FanotifyWatcher
     from agent.sources.mounts import MountWatcher
     from agent.sources.paths import Excludes
@@ -107,6 +108,7 @@ class Components:
     processes: ProcessTable | None = None
     attributor: Attributor | None = None
     fanotify: FanotifyWatcher | None = None
+    fanotify_dirs: DirEventsWatcher | None = None
     proc_events: ProcEventsProcess | None = None
     mounts: MountWatcher | None = None
     extra: list[Component] = field(default_factory=list)
@@ -119,6 +121,7 @@ class Components:
             self.processes,
             self.proc_events,
             self.fanotify,
+            self.fanotify_dirs,
             self.mounts,
             *self.extra,
             self.source,
@@ -145,7 +148,7 @@ def build(
         from agent.enrich.destinations import Destinations, DestinationSettings
 
         destinations = Destinations(lineage, DestinationSettings())
-    processes = attributor = fanotify = None
+    processes = attributor = fanotify = fanotify_dirs = None
     proc_events = None
     stages: list[Stage] = []
     if destinations is not None:
@@ -165,11 +168,15 @@ def build(
                     on_started(procs)
 
             proc_events = ProcEventsProcess(started, report)
-        exact = None
+        exact = dir_exact = None
         if config.processes.fanotify != "off":
             fanotify, exact = _fanotify(config, processes, report)
+        if config.processes.fanotify_dirs != "off":
+            fanotify_dirs, dir_exact = _fanotify_dirs(config, processes, report)
         if config.processes.attribution:
-            attributor = Attributor(processes, exact=exact)
+            from agent.enrich.attribution import first_of
+
+            attributor = Attributor(processes, exact=first_of(dir_exact, exact))
             stages.append(attributor)
     pipeline = Pipeline(
         router,
@@ -227,6 +234,7 @@ def build(
         proc_events=proc_events,
         attributor=attributor,
         fanotify=fanotify,
+        fanotify_dirs=fanotify_dirs,
         mounts=mounts,
     )
 
@@ -268,3 +276,26 @@ def _fanotify(
 
     watcher = FanotifyWatcher([w.path for w in config.watch], report=report)
     return watcher, kernel_lookup(watcher, processes)
+
+
+def _fanotify_dirs(
+    config: Config, processes: ProcessTable, report: Reporter
+) -> tuple[DirEventsWatcher | None, Callable[[str, str], Proc | None] | None]:
+    """Who created, deleted or renamed a file (fanotify directory-entry events on the
+    filesystems holding the trees) when it can run here, and the exact-pid lookup it gives."""
+    required = config.processes.fanotify_dirs == "on"
+    try:
+        from agent.sources.fandirs import DirEventsWatcher, available
+    except ImportError:
+        return None, None
+    ok, why = available()
+    if not ok:
+        if required:
+            report(record("source_error", why, source="fanotify_dirs", required=True))
+        else:
+            report(record("source_selected", why, source="fanotify_dirs", active=False))
+        return None, None
+    from agent.enrich.attribution import dir_kinds, kernel_lookup
+
+    watcher = DirEventsWatcher([w.path for w in config.watch], report=report)
+    return watcher, kernel_lookup(watcher, processes, dir_kinds)

@@ -143,6 +143,10 @@ class ProcessSettings:
     # mounts holding the tagged trees (measured, bench/attribution.py), over the 1% budget
     # on a busy machine; `auto` buys 89% exact attribution for that.
     fanotify: str = "off"
+    # auto | on | off: who created, deleted or renamed a file, from fanotify directory-entry
+    # events on the filesystems holding the trees (root; about 1 us of kernel time per
+    # creation or deletion anywhere on them, measured): on by default where it can run.
+    fanotify_dirs: str = "auto"
     # auto | kernel | poll: where process starts come from. kernel: the netlink process
     # connector (root; every exec, at once); poll: reading the table every `interval`;
     # auto: the connector when it can be used, else polling.
@@ -347,7 +351,7 @@ _TOP_KEYS = (
     "processes",
     "enrichment",
 )
-_PROCESS_KEYS = ("enabled", "interval", "attribution", "fanotify", "source")
+_PROCESS_KEYS = ("enabled", "interval", "attribution", "fanotify", "fanotify_dirs", "source")
 _LOCATION_KEYS = (
     "enabled",
     "removable_patterns",
@@ -617,13 +621,15 @@ def _build(c: _Checker, root: yaml.Node | None) -> Config | None:
                     kw[key] = c.scalar(m[key], bool, f"processes.{key}")
             if "interval" in m:
                 kw["interval"] = c.duration(m["interval"], "processes.interval")
-            if "fanotify" in m:
-                node = m["fanotify"]
+            for key in ("fanotify", "fanotify_dirs"):
+                if key not in m:
+                    continue
+                node = m[key]
                 raw = node_value(node) if isinstance(node, yaml.ScalarNode) else None
                 if isinstance(raw, bool):  # YAML 1.1 reads unquoted on/off as booleans
-                    kw["fanotify"] = "on" if raw else "off"
+                    kw[key] = "on" if raw else "off"
                 else:
-                    kw["fanotify"] = _choice(c, node, "processes.fanotify", ("auto", "on", "off"))
+                    kw[key] = _choice(c, node, f"processes.{key}", ("auto", "on", "off"))
             if "source" in m:
                 kw["source"] = _choice(
                     c, m["source"], "processes.source", ("auto", "kernel", "poll")

@@ -646,6 +646,9 @@ class Agent:
             self._apply_specs()
             if self.fanotify is not None:
                 self.fanotify.update([w.path for w in new.watch])
+            dirs = self.parts.fanotify_dirs if self.parts is not None else None
+            if dirs is not None:
+                dirs.update([w.path for w in new.watch])
             if new.rules:
                 ruleset, rule_problems = load_rules(new.rules, now_us())
                 self._rule_signature = rule_signature(new.rules)

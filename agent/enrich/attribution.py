@@ -65,6 +65,9 @@ RECENTLY_EXITED = 4_096
 # must not take the blame for a later writer.
 EXITED_TTL = 30.0
 UNREAD_REPORT_SECONDS = 10.0
+# Longest the consumer waits, in total per second, for a kernel watcher to read a record it
+# has queued (agent/sources/fandirs.py sync()).
+SYNC_BUDGET = 0.05
 CONSOLE_TTL = 10.0
 
 
@@ -784,7 +787,7 @@ class Attributor:
             return e
         proc: Proc | None = None
         method = ""
-        if self._exact is not None and e.action in _KERNEL_SEES:
+        if self._exact is not None:
             proc = self._exact(e.path, e.action)
             if proc is not None:
                 method = "fanotify"
@@ -845,6 +848,51 @@ _READS = frozenset({"opened", "closed_nowrite"})
 # fanotify (without FID reporting) sees opens, writes and closes; a deletion or rename is
 # not one of them, so the last writer of a path must not be blamed for its removal.
 _KERNEL_SEES = frozenset({"opened", "modified", "closed_write", "closed_nowrite", "created"})
+# The directory-entry watcher (agent/sources/fandirs.py) answers for creations, deletions and
+# renames: the inotify action -> its records for that path.
+_DIR_KINDS: dict[str, frozenset[str]] = {
+    "created": frozenset({"created"}),
+    "deleted": frozenset({"deleted"}),
+    "moved": frozenset({"moved_in"}),
+    "moved_in": frozenset({"moved_in"}),
+    "moved_out": frozenset({"moved_out"}),
+}
+
+
+def _access_kinds(action: str) -> frozenset[str] | None:
+    """The access watcher's records that answer for an action (a reader right after a
+    writer must not take the write: the kind of access is matched)."""
+    if action not in _KERNEL_SEES:
+        return None
+    if action in ("opened", "closed_nowrite"):
+        return _READS
+    return _CREATES if action == "created" else _WRITES
+
+
+def dir_kinds(action: str) -> frozenset[str] | None:
+    return _DIR_KINDS.get(action)
+
+
+def first_of(
+    *lookups: Callable[[str, str], Proc | None] | None,
+) -> Callable[[str, str], Proc | None] | None:
+    """One exact lookup from several (the first that knows wins), or None if none is given."""
+    found = tuple(f for f in lookups if f is not None)
+    if not found:
+        return None
+    if len(found) == 1:
+        return found[0]
+
+    def exact(path: str, action: str) -> Proc | None:
+        for lookup in found:
+            proc = lookup(path, action)
+            if proc is not None:
+                return proc
+        return None
+
+    return exact
+
+
 _WRITES_SEEN = frozenset({"created", "closed_write"})
 # fanotify cannot tell a read-open from a write-open: a scanner opening a file after its
 # writer closed it must not become the writer, so writes match writes only; a creation is
@@ -859,19 +907,36 @@ class Watcher(Protocol):
     def process_info(self, pid: int) -> tuple[str, int | None, int] | None: ...
 
 
-def kernel_lookup(watcher: Watcher, table: ProcessTable) -> Callable[[str, str], Proc | None]:
+def kernel_lookup(
+    watcher: Watcher,
+    table: ProcessTable,
+    kinds_of: Callable[[str], frozenset[str] | None] | None = None,
+) -> Callable[[str, str], Proc | None]:
     """Exact attribution from fanotify records: the pid the kernel reported for this path and
     kind of access; the process from the table, or from the snapshot fanotify took when the
-    process had already exited."""
+    process had already exited. `kinds_of(action)` says which of the watcher's records answer
+    for an action (None: it has none); by default, those of the access watcher."""
     users: dict[int, str | None] = {}
+    kinds_for = kinds_of or _access_kinds
+    sync = getattr(watcher, "sync", None)
+    waited = [0.0, time.monotonic()]  # seconds waited for the watcher in this second, since
 
     def exact(path: str, action: str) -> Proc | None:
-        # A reader right after a writer must not take the write: match the kind of access.
-        if action in ("opened", "closed_nowrite"):
-            kinds = _READS
-        else:
-            kinds = _CREATES if action == "created" else _WRITES
+        kinds = kinds_for(action)
+        if kinds is None:
+            return None
         access = watcher.lookup(path, actions=kinds)
+        if access is None and sync is not None:
+            # Its record may be queued but not read yet (two kernel queues, two readers):
+            # wait for the watcher to catch up, within a budget of SYNC_BUDGET s a second so
+            # a lagging watcher never holds the consumer for long.
+            now = time.monotonic()
+            if now - waited[1] >= 1.0:
+                waited[0], waited[1] = 0.0, now
+            if waited[0] < SYNC_BUDGET:
+                sync(SYNC_BUDGET - waited[0])
+                waited[0] += time.monotonic() - now
+                access = watcher.lookup(path, actions=kinds)
         if access is None:
             return None
         proc = table.get(access.pid)

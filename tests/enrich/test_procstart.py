@@ -208,3 +208,38 @@ def test_a_renamed_archiver_and_a_fake_kernel_thread_are_alerts(
             >= 2
         )
     )
+
+
+def test_who_deleted_and_who_renamed_a_tagged_file_is_exact(
+    run_agent: Callable[..., Agent], collector: Collector, tmp_path: Path
+) -> None:
+    from agent.sources.fandirs import available
+
+    ok, why = available()
+    if not ok:
+        pytest.skip(f"fanotify directory-entry events unavailable: {why}")
+    root = tmp_path / "rnd"
+    root.mkdir()
+    (root / "a.v").write_text("a\n")
+    (root / "b.v").write_text("b\n")
+    agent = start(run_agent, tmp_path, root)
+    assert agent.parts is not None and agent.parts.fanotify_dirs is not None
+    # One process per operation, so each has its own pid (inotify alone knows no pid).
+    mv = subprocess.Popen(["mv", str(root / "a.v"), str(root / "c.v")])
+    assert mv.wait(timeout=10) == 0
+    rm = subprocess.Popen(["rm", str(root / "b.v")])
+    assert rm.wait(timeout=10) == 0
+
+    def attributed(action: str, path: Path, pid: int) -> Callable[[Collector], bool]:
+        return lambda c: any(
+            e.action == action
+            and e.path == str(path)
+            and e.process_pid == pid
+            and e.attribution == "exact"
+            for e in c.events()
+        )
+
+    assert collector.wait_for(attributed("moved", root / "c.v", mv.pid), timeout=10)
+    assert collector.wait_for(attributed("deleted", root / "b.v", rm.pid), timeout=10)
+    deleted = next(e for e in collector.events() if e.action == "deleted")
+    assert deleted.process_name == "rm" and deleted.user_id == str(os.geteuid())
