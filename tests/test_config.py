@@ -357,3 +357,12 @@ def test_the_process_source_is_one_of_auto_kernel_poll(tmp_path: Path) -> None:
     )
     assert bad is None
     assert [(p.line, p.col, p.code) for p in problems] == [(4, 11, "CFG_VALUE")]
+
+
+def test_fanotify_dirs_takes_auto_on_off_and_yaml_booleans(tmp_path: Path) -> None:
+    for text, want in (("auto", "auto"), ("on", "on"), ("off", "off"), ('"off"', "off")):
+        config, problems = check_text(
+            f"watch:\n  - path: /tmp\nprocesses:\n  fanotify_dirs: {text}\n",
+            str(tmp_path / "a.yaml"),
+        )
+        assert config is not None and config.processes.fanotify_dirs == want, problems
