@@ -88,6 +88,7 @@ class Proc:
     masquerade: str | None
     parent_exe: str | None = None
     parent_cmdline: tuple[str, ...] = ()
+    forked: bool = False  # a copy of its parent made at fork, until its exec is read
 
     @property
     def command_line(self) -> str:
@@ -520,6 +521,7 @@ class ProcessTable:
                         parent_name=parent.name,
                         parent_exe=parent.exe,
                         parent_cmdline=parent.cmdline,
+                        forked=True,
                     )
             elif kind == "exit":
                 with self._lock:
@@ -940,9 +942,13 @@ def kernel_lookup(
         if access is None:
             return None
         proc = table.get(access.pid)
-        if proc is not None:
+        info = watcher.process_info(access.pid)
+        if proc is not None and not (proc.forked and info is not None and info[0] != proc.name):
             return proc
-        name, uid, ppid = watcher.process_info(access.pid) or ("", None, 0)
+        # Not in the table, or only as the copy of its parent made at its fork while the
+        # watcher saw it run another program (its exec not applied yet: a `rm` forked from
+        # a shell is not the shell): what the watcher read when the event came.
+        name, uid, ppid = info or ("", None, 0)
         login = None
         return Proc(
             access.pid,

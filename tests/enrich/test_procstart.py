@@ -241,5 +241,15 @@ def test_who_deleted_and_who_renamed_a_tagged_file_is_exact(
 
     assert collector.wait_for(attributed("moved", root / "c.v", mv.pid), timeout=10)
     assert collector.wait_for(attributed("deleted", root / "b.v", rm.pid), timeout=10)
-    deleted = next(e for e in collector.events() if e.action == "deleted")
+    deleted = next(
+        e
+        for e in collector.events()
+        if e.action == "deleted" and e.path == str(root / "b.v") and e.process_pid == rm.pid
+    )
     assert deleted.process_name == "rm" and deleted.user_id == str(os.geteuid())
+    others = [
+        (e.action, e.path, e.process_name, e.attribution_method)
+        for e in collector.events()
+        if e.action in ("deleted", "moved") and e.process_pid not in (mv.pid, rm.pid)
+    ]
+    assert not others, others
