@@ -942,6 +942,12 @@ def kernel_lookup(
         if access is None:
             return None
         proc = table.get(access.pid)
+        if proc is not None and proc.forked:
+            # Only the copy of its parent made at fork: its exec (if any) not applied yet.
+            # Still running, /proc says what it runs now.
+            now_running = table.read_exec(access.pid)
+            if now_running is not None:
+                return now_running
         info = watcher.process_info(access.pid)
         if proc is not None and not (proc.forked and info is not None and info[0] != proc.name):
             return proc
