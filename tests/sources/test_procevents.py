@@ -278,7 +278,9 @@ def test_an_exec_by_a_thread_reads_as_exit_then_exec_of_the_same_pid(
     reader: Callable[..., ProcEventsReader], seen: Seen
 ) -> None:
     # The kernel's own behaviour, pinned for consumers: the old leader's exit is reported
-    # before the exec that takes over its pid, so an exit followed by an exec is not the end.
+    # beside the exec that takes over its pid, so an exit is not always the end. The exec
+    # runs on the thread's CPU, the exit on the leader's: their order across CPUs is not
+    # fixed (seen both ways under load), so the kinds are compared as a multiset.
     reader()
     body = "import os, threading, time\n"
     body += "threading.Thread(target=os.execv, args=('/bin/true', ['true'])).start()\n"
@@ -286,7 +288,9 @@ def test_an_exec_by_a_thread_reads_as_exit_then_exec_of_the_same_pid(
     child = subprocess.Popen([sys.executable, "-c", body])
     assert child.wait(20) == 0
     settle(seen)
-    assert [e.kind for e in seen.of(child.pid)] == ["fork", "exec", "exit", "exec", "exit"]
+    kinds = [e.kind for e in seen.of(child.pid)]
+    assert kinds[:2] == ["fork", "exec"] and kinds[-1] == "exit"
+    assert sorted(kinds) == sorted(["fork", "exec", "exit", "exec", "exit"])
 
 
 @needs_kernel
