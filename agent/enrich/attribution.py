@@ -437,14 +437,45 @@ class ProcessTable:
                     cwd = None
         except psutil.Error:
             return None
-        login = _login_uid(pid)
-        parent = self._procs.get(ppid)
+        return self._assemble(
+            pid,
+            ppid=ppid,
+            name=name,
+            exe=exe,
+            cmdline=cmdline,
+            uid=uid,
+            login=_login_uid(pid),
+            cwd=cwd,
+            start=start,
+        )
+
+    def _assemble(
+        self,
+        pid: int,
+        *,
+        ppid: int,
+        name: str,
+        exe: str | None,
+        cmdline: tuple[str, ...],
+        uid: int | None,
+        login: int | None,
+        cwd: str | None,
+        start: float,
+        strip_deleted: bool = False,
+    ) -> Proc:
+        """A Proc from what was read of a process: its parent's program (from the table, else
+        /proc), its users' names, and whether it masquerades. With `strip_deleted`, a
+        " (deleted)" suffix (a sign of masquerade) is taken off the executable recorded."""
+        with self._lock:
+            parent = self._procs.get(ppid)
         if parent is not None:
             parent_name: str | None = parent.name
             parent_exe, parent_cmdline = parent.exe, parent.cmdline
         else:
             parent_name, parent_exe, parent_cmdline = _image_of(ppid)
         masquerade = masquerade_of(name, exe, cmdline)
+        if strip_deleted and exe is not None and exe.endswith(" (deleted)"):
+            exe = exe[: -len(" (deleted)")]
         if masquerade is None and exe is not None:
             tool = self._tools.identify(exe)
             if tool is not None and tool != posixpath.basename(exe):
@@ -596,36 +627,17 @@ class ProcessTable:
                 fields = line[close + 2 :].split()
                 ppid = int(fields[1])
                 start = _boot_time() + int(fields[19]) / _CLK_TCK
-        with self._lock:
-            parent = self._procs.get(ppid)
-        if parent is not None:
-            parent_name: str | None = parent.name
-            parent_exe, parent_cmdline = parent.exe, parent.cmdline
-        else:
-            parent_name, parent_exe, parent_cmdline = _image_of(ppid)
-        masquerade = masquerade_of(name, exe, cmdline)  # " (deleted)" still on exe: a sign
-        if exe is not None and exe.endswith(" (deleted)"):
-            exe = exe[: -len(" (deleted)")]
-        if masquerade is None and exe is not None:
-            tool = self._tools.identify(exe)
-            if tool is not None and tool != posixpath.basename(exe):
-                masquerade = f"renamed_binary:{tool}"
-        return Proc(
+        return self._assemble(
             pid,
-            ppid,
-            name,
-            exe,
-            cmdline,
-            uid,
-            _username(uid, self._users),
-            login,
-            _username(login, self._users),
-            cwd,
-            start,
-            parent_name,
-            masquerade,
-            parent_exe,
-            parent_cmdline,
+            ppid=ppid,
+            name=name,
+            exe=exe,
+            cmdline=cmdline,
+            uid=uid,
+            login=login,
+            cwd=cwd,
+            start=start,
+            strip_deleted=True,
         )
 
     def get(self, pid: int) -> Proc | None:
