@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from types import FrameType
 
 from agent import __version__
@@ -34,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the agent in the foreground")
     run.add_argument("--config", help=f"config file (default: {default_config_path()})")
     run.add_argument("--duration", type=float, help="stop after this many seconds")
+    run.add_argument(
+        "--format",
+        choices=["auto", "json", "pretty"],
+        help="stdout sinks: one readable line per alert (pretty), JSON lines (json), or pretty "
+        "on a terminal and JSON otherwise (auto, the default)",
+    )
 
     rec = sub.add_parser("record", help="write normalized file events as JSON lines")
     rec.add_argument("--config", help="config file giving the watched trees")
@@ -89,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure(args.log_level)
     if args.command == "run":
-        return _run(args.config, args.duration, record_to=None)
+        return _run(args.config, args.duration, record_to=None, fmt=args.format)
     if args.command == "record":
         return _run(args.config, args.duration, record_to=args.output)
     if args.command == "config" and args.config_command == "check":
@@ -196,7 +203,12 @@ def _config_check(path: str, fmt: str) -> int:
     return EXIT_OK
 
 
-def _run(config_path: str | None, duration: float | None, record_to: str | None) -> int:
+def _run(
+    config_path: str | None,
+    duration: float | None,
+    record_to: str | None,
+    fmt: str | None = None,
+) -> int:
     from agent.service import Agent
 
     path = config_path or default_config_path()
@@ -206,6 +218,9 @@ def _run(config_path: str | None, duration: float | None, record_to: str | None)
     if config is None:
         print(f"{path}: not started, fix the errors above", file=sys.stderr)
         return EXIT_PROBLEMS
+    if fmt is not None:
+        sinks = tuple(replace(s, format=fmt) if s.type == "stdout" else s for s in config.sinks)
+        config = replace(config, sinks=sinks)
     router = None
     if record_to not in (None, "-"):
         target = os.path.abspath(record_to)
@@ -244,7 +259,10 @@ def _run(config_path: str | None, duration: float | None, record_to: str | None)
     reload = threading.Event()
     wake = threading.Event()
 
+    reason = ["duration" if duration else "exited"]
+
     def on_stop(signum: int, frame: FrameType | None) -> None:
+        reason[0] = signal.Signals(signum).name
         stop.set()
         wake.set()
 
@@ -275,8 +293,11 @@ def _run(config_path: str | None, duration: float | None, record_to: str | None)
                 agent.reload()
             if deadline is not None and time.monotonic() >= deadline:
                 break
+    except BaseException as exc:
+        reason[0] = type(exc).__name__
+        raise
     finally:
-        drained = agent.stop()
+        drained = agent.stop(reason=reason[0])
         if router is not None:
             router.close()
     return EXIT_OK if drained else EXIT_PROBLEMS

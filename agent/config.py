@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,14 @@ REPO_CONFIG = REPO_ROOT / "config" / "agent.yaml"
 
 SENSITIVITY_LEVELS = ("low", "medium", "high", "critical")
 SOURCES = ("auto", "inotify", "watchdog", "polling")
-SINK_TYPES = ("stdout", "file")
+SINK_TYPES = ("stdout", "file", "syslog", "http")
+SYSLOG_PROTOCOLS = ("udp", "tcp", "tls", "relp")
+HTTP_FORMATS = ("json", "hec", "bulk")
+STDOUT_FORMATS = ("auto", "json", "pretty")
+# Alert levels (the rules' scale) a sink's min_severity names; health records compare by
+# log.level: info 1, warning 47, error 73.
+SEVERITY_LEVELS = {"informational": 1, "low": 21, "medium": 47, "high": 73, "critical": 99}
+OUTBOX_SYNC = ("full", "normal")
 RECORD_KINDS = ("alert", "health", "event")
 MAX_CONFIG_BYTES = 1 << 20
 HOME_DEPTH_MAX = 16
@@ -80,6 +88,59 @@ class SinkSpec:
     type: str
     path: str | None = None
     records: frozenset[str] = frozenset({"alert", "health"})
+    min_severity: int = 0  # alerts and health below it are not sent (events always are)
+    format: str | None = None  # stdout: auto | json | pretty; http: json | hec | bulk
+    address: str | None = None  # syslog: HOST:PORT
+    protocol: str = "udp"  # syslog: udp | tcp | tls
+    url: str | None = None  # http
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify: bool = True
+    timeout: float = 10.0
+    facility: str = "local0"  # syslog
+    index: str | None = None  # http bulk and hec
+    sourcetype: str = "exfilwatch"  # http hec
+    # Credentials: from a file (0600/0400, the agent's) or the environment, never inline.
+    token_file: str | None = None
+    token_env: str | None = None
+    username: str | None = None
+    password_file: str | None = None
+    password_env: str | None = None
+    max_bytes: int | None = None  # file: rotate past this size
+    keep: int = 5  # file: rotated files kept
+    fsync: bool = True  # file: fdatasync each batch of alerts before the outbox lets it go
+
+    @property
+    def label(self) -> str:
+        """How messages name the sink (never a credential)."""
+        where = self.path or self.address or _redact_url(self.url)
+        return f"{self.type}:{where}" if where else self.type
+
+
+def _redact_url(url: str | None) -> str | None:
+    """scheme://host[:port]/path: user info and the query (which may carry a token) dropped."""
+    if url is None:
+        return None
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(url)
+        host = u.hostname or ""
+        port = f":{u.port}" if u.port else ""
+    except ValueError:
+        return "(invalid url)"
+    return f"{u.scheme}://{host}{port}{u.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxSettings:
+    """The durable outbox under state_dir (see docs/sinks.md)."""
+
+    enabled: bool = True
+    max_records: int = 1_000_000
+    max_bytes: int = 512 * 1024 * 1024
+    sync: str = "full"  # full: fsync each commit; normal: survive a crash, not a power loss
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +237,10 @@ class Config:
     lineage: LineageSettings = field(default_factory=LineageSettings)
     processes: ProcessSettings = field(default_factory=ProcessSettings)
     enrichment: EnrichmentSettings = field(default_factory=EnrichmentSettings)
+    outbox: OutboxSettings = field(default_factory=OutboxSettings)
+    # Prometheus metrics: a node_exporter textfile and/or a loopback endpoint HOST:PORT.
+    metrics_textfile: str | None = None
+    metrics_listen: str | None = None
 
 
 def default_config_path() -> str:
@@ -350,7 +415,11 @@ _TOP_KEYS = (
     "lineage",
     "processes",
     "enrichment",
+    "outbox",
+    "metrics",
 )
+_OUTBOX_KEYS = ("enabled", "max_records", "max_bytes", "sync")
+_METRICS_KEYS = ("textfile", "listen")
 _PROCESS_KEYS = ("enabled", "interval", "attribution", "fanotify", "fanotify_dirs", "source")
 _LOCATION_KEYS = (
     "enabled",
@@ -365,7 +434,63 @@ _LOCATION_KEYS = (
 _LINEAGE_KEYS = ("enabled", "max_files", "hash_max_bytes", "io_budget_bytes")
 _ENRICHMENT_KEYS = ("queue_size", "per_user_queue", "max_delay", "io_budget_bytes", "cpu_budget")
 _WATCH_KEYS = ("path", "tags", "sensitivity", "recursive", "exclude")
-_SINK_KEYS = ("type", "path", "records")
+_SINK_KEYS = (
+    "type",
+    "path",
+    "records",
+    "min_severity",
+    "format",
+    "address",
+    "protocol",
+    "url",
+    "ca_file",
+    "cert_file",
+    "key_file",
+    "verify",
+    "timeout",
+    "facility",
+    "index",
+    "sourcetype",
+    "token_file",
+    "token_env",
+    "username",
+    "password_file",
+    "password_env",
+    "max_bytes",
+    "keep",
+    "fsync",
+)
+# Which keys each sink type takes besides type, records and min_severity.
+_SINK_TYPE_KEYS = {
+    "stdout": ("format",),
+    "file": ("path", "max_bytes", "keep", "fsync"),
+    "syslog": (
+        "address",
+        "protocol",
+        "ca_file",
+        "cert_file",
+        "key_file",
+        "verify",
+        "timeout",
+        "facility",
+    ),
+    "http": (
+        "url",
+        "format",
+        "ca_file",
+        "cert_file",
+        "key_file",
+        "verify",
+        "timeout",
+        "index",
+        "sourcetype",
+        "token_file",
+        "token_env",
+        "username",
+        "password_file",
+        "password_env",
+    ),
+}
 _INOTIFY_KEYS = ("max_queued_events", "max_user_watches", "apply_sysctl")
 
 
@@ -426,6 +551,17 @@ def _sink_entry(c: _Checker, node: yaml.Node, index: int) -> SinkSpec | None:
             nearest(kind, SINK_TYPES) or f"one of {', '.join(SINK_TYPES)}",
         )
         return None
+    if not isinstance(kind, str):
+        return None
+    takes = _SINK_TYPE_KEYS[kind]
+    for key, value_node in m.items():
+        if key not in ("type", "records", "min_severity") and key not in takes:
+            c.add(
+                value_node,
+                "CFG_VALUE",
+                f"{what}: a {kind} sink takes no '{key}'",
+                f"remove '{key}' (a {kind} sink takes: {', '.join(takes) or 'no options'})",
+            )
     path = None
     if kind == "file":
         if "path" not in m:
@@ -434,8 +570,6 @@ def _sink_entry(c: _Checker, node: yaml.Node, index: int) -> SinkSpec | None:
         path = c.path(m["path"], f"{what}.path")
         if path is not None:
             _sink_file(c, m["path"], path, what)
-    elif "path" in m:
-        c.add(m["path"], "CFG_VALUE", f"{what}: a {kind} sink takes no path", "remove 'path'")
     records: frozenset[str] = frozenset({"alert", "health"})
     if "records" in m:
         given = c.string_list(m["records"], f"{what}.records")
@@ -451,9 +585,169 @@ def _sink_entry(c: _Checker, node: yaml.Node, index: int) -> SinkSpec | None:
             if not given:
                 c.add(m["records"], "CFG_VALUE", f"{what}.records is empty")
             records = frozenset(r for r in given if r in RECORD_KINDS)
-    if not isinstance(kind, str) or (kind == "file" and path is None):
+    kw: dict[str, Any] = {}
+    if "min_severity" in m:
+        level = _choice(c, m["min_severity"], f"{what}.min_severity", tuple(SEVERITY_LEVELS))
+        if level is not None:
+            kw["min_severity"] = SEVERITY_LEVELS[level]
+    ok = _sink_options(c, node, m=m, kind=kind, what=what, kw=kw)
+    if kind == "file" and path is None:
         return None
-    return SinkSpec(kind, path, records)
+    return SinkSpec(kind, path, records, **kw) if ok else None
+
+
+def _sink_options(
+    c: _Checker,
+    node: yaml.Node,
+    *,
+    m: dict[str, yaml.Node],
+    kind: str,
+    what: str,
+    kw: dict[str, Any],
+) -> bool:
+    """The type-specific keys of a sink into `kw`; False when a required one is missing."""
+    before = len(c.problems)
+    if kind == "stdout" and "format" in m:
+        kw["format"] = _choice(c, m["format"], f"{what}.format", STDOUT_FORMATS)
+    if kind == "file":
+        if "max_bytes" in m:
+            kw["max_bytes"] = c.positive_int(m["max_bytes"], f"{what}.max_bytes", 4096)
+        if "keep" in m:
+            kw["keep"] = c.positive_int(m["keep"], f"{what}.keep", 1, 1000)
+        if "fsync" in m:
+            kw["fsync"] = c.scalar(m["fsync"], bool, f"{what}.fsync")
+    if kind == "syslog":
+        if "address" not in m:
+            c.add(node, "CFG_REQUIRED", f"{what} (syslog) needs an 'address'", "HOST:PORT")
+            return False
+        kw["address"] = _address(c, m["address"], f"{what}.address")
+        if "protocol" in m:
+            kw["protocol"] = _choice(c, m["protocol"], f"{what}.protocol", SYSLOG_PROTOCOLS)
+        if "facility" in m:
+            kw["facility"] = _choice(c, m["facility"], f"{what}.facility", SYSLOG_FACILITIES)
+    if kind == "http":
+        if "url" not in m:
+            c.add(node, "CFG_REQUIRED", f"{what} (http) needs a 'url'")
+            return False
+        kw["url"] = _url(c, m["url"], f"{what}.url")
+        if "format" in m:
+            kw["format"] = _choice(c, m["format"], f"{what}.format", HTTP_FORMATS)
+        for key in ("index", "sourcetype", "username", "token_env", "password_env"):
+            if key in m:
+                kw[key] = c.scalar(m[key], str, f"{what}.{key}")
+        for key in ("token_file", "password_file"):
+            if key in m:
+                kw[key] = c.path(m[key], f"{what}.{key}")
+                if kw[key] is not None:
+                    _secret_file(c, m[key], kw[key], f"{what}.{key}")
+        for env in ("token_env", "password_env"):
+            name = kw.get(env)
+            if isinstance(name, str) and name not in os.environ:
+                c.add(
+                    m[env],
+                    "CFG_SECRET_MISSING",
+                    f"{what}.{env}: the environment has no {name}",
+                    f"set {name} in the agent's environment (e.g. systemd EnvironmentFile=)",
+                    severity=WARNING,
+                )
+        if kw.get("format") == "hec" and not ("token_file" in kw or "token_env" in kw):
+            c.add(
+                node,
+                "CFG_REQUIRED",
+                f"{what}: Splunk HEC needs a token",
+                "token_file: /etc/exfilwatch/hec.token (mode 0600), or token_env",
+            )
+        if ("password_file" in kw or "password_env" in kw) and "username" not in kw:
+            c.add(node, "CFG_REQUIRED", f"{what}: a password needs a 'username'")
+    if kind in ("syslog", "http"):
+        for key in ("ca_file", "cert_file", "key_file"):
+            if key in m:
+                kw[key] = c.path(m[key], f"{what}.{key}")
+                if kw[key] is not None and not os.path.isfile(kw[key]):
+                    c.add(m[key], "CFG_VALUE", f"{what}.{key}: no such file {kw[key]}")
+        if "key_file" in kw and kw["key_file"] is not None:
+            _secret_file(c, m["key_file"], kw["key_file"], f"{what}.key_file")
+        if "verify" in m:
+            kw["verify"] = c.scalar(m["verify"], bool, f"{what}.verify")
+            if kw["verify"] is False:
+                c.add(
+                    m["verify"],
+                    "CFG_TLS_UNVERIFIED",
+                    f"{what}.verify is false: anyone on the path can read or forge alerts",
+                    "give the collector's CA with ca_file instead",
+                    severity=WARNING,
+                )
+        if "timeout" in m:
+            kw["timeout"] = c.duration(m["timeout"], f"{what}.timeout")
+    return len(errors_only(c.problems[before:])) == 0 and all(v is not None for v in kw.values())
+
+
+SYSLOG_FACILITIES = tuple(
+    ["kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron"]
+    + ["authpriv", "ftp"]
+    + [f"local{i}" for i in range(8)]
+)
+
+
+def _address(c: _Checker, node: yaml.Node, what: str) -> str | None:
+    value = c.scalar(node, str, what)
+    if not isinstance(value, str):
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        c.add(node, "CFG_VALUE", f"{what} must be HOST:PORT, not {value!r}", "e.g. 127.0.0.1:514")
+        return None
+    return value
+
+
+def _url(c: _Checker, node: yaml.Node, what: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    value = c.scalar(node, str, what)
+    if not isinstance(value, str):
+        return None
+    try:
+        u = urlsplit(value)
+        ok = u.scheme in ("http", "https") and bool(u.hostname)
+        _ = u.port
+    except ValueError:
+        ok = False
+    if not ok:
+        c.add(node, "CFG_VALUE", f"{what} must be an http:// or https:// URL")
+        return None
+    if u.username or u.password:
+        c.add(
+            node,
+            "CFG_SECRET_INLINE",
+            f"{what} carries credentials; the config is readable by more people than a secret",
+            "move them to token_file / password_file (or *_env)",
+        )
+        return None
+    if u.scheme == "http" and u.hostname not in ("127.0.0.1", "localhost", "::1"):
+        c.add(
+            node,
+            "CFG_TLS_OFF",
+            f"{what} is plain http to another host: alerts and credentials travel readable",
+            "use https://",
+            severity=WARNING,
+        )
+    return value
+
+
+def _secret_file(c: _Checker, node: yaml.Node, path: str, what: str) -> None:
+    """A credential file must exist and be readable by its owner only (0600 or 0400)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        c.add(node, "CFG_SECRET_MISSING", f"{what}: cannot read {path}: {exc.strerror}")
+        return
+    if st.st_mode & 0o077:
+        c.add(
+            node,
+            "CFG_UNSAFE_SECRET",
+            f"{what}: {path} has mode {st.st_mode & 0o777:04o}; others could read the secret",
+            f"chmod 0600 {shlex.quote(path)}",
+        )
 
 
 def _sink_file(c: _Checker, node: yaml.Node, path: str, what: str) -> None:
@@ -636,6 +930,49 @@ def _build(c: _Checker, root: yaml.Node | None) -> Config | None:
                 )
             if all(v is not None for v in kw.values()):
                 values["processes"] = ProcessSettings(**kw)
+
+    if "outbox" in top:
+        m = c.mapping(top["outbox"], _OUTBOX_KEYS, "outbox")
+        if m is not None:
+            kw = {}
+            if "enabled" in m:
+                kw["enabled"] = c.scalar(m["enabled"], bool, "outbox.enabled")
+            if "max_records" in m:
+                kw["max_records"] = c.positive_int(m["max_records"], "outbox.max_records", 1000)
+            if "max_bytes" in m:
+                kw["max_bytes"] = c.positive_int(m["max_bytes"], "outbox.max_bytes", 1 << 20)
+            if "sync" in m:
+                kw["sync"] = _choice(c, m["sync"], "outbox.sync", OUTBOX_SYNC)
+            if all(v is not None for v in kw.values()):
+                values["outbox"] = OutboxSettings(**kw)
+
+    if "metrics" in top:
+        m = c.mapping(top["metrics"], _METRICS_KEYS, "metrics")
+        if m is not None:
+            if "textfile" in m:
+                textfile = c.path(m["textfile"], "metrics.textfile")
+                if textfile is not None and not textfile.endswith(".prom"):
+                    c.add(
+                        m["textfile"],
+                        "CFG_VALUE",
+                        "metrics.textfile must end in .prom: node_exporter reads no other file",
+                        "e.g. /var/lib/node_exporter/textfile_collector/exfilwatch.prom",
+                    )
+                    textfile = None
+                values["metrics_textfile"] = textfile
+            if "listen" in m:
+                listen = _address(c, m["listen"], "metrics.listen")
+                host = listen.rpartition(":")[0].strip("[]") if listen else None
+                if listen is not None and host not in ("127.0.0.1", "localhost", "::1"):
+                    c.add(
+                        m["listen"],
+                        "CFG_VALUE",
+                        "metrics.listen must be a loopback address: the metrics name what is "
+                        "watched",
+                        "e.g. 127.0.0.1:9101; let node_exporter or a local proxy expose it",
+                    )
+                    listen = None
+                values["metrics_listen"] = listen
 
     if errors_only(c.problems):
         return None

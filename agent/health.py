@@ -66,6 +66,9 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "sink_error": ("state", "error"),
     "enrichment_skipped": ("metric", "warning"),
     "sink_recovered": ("state", "info"),
+    # The outbox's disk refused a write (full, read-only): records wait in memory meanwhile.
+    "outbox_error": ("state", "error"),
+    "outbox_recovered": ("state", "info"),
     "source_actions": ("state", "info"),
 }
 

@@ -558,6 +558,7 @@ class Pipeline:
         engine = self.engine
         lines: list[str] = []
         alerts: list[str] = []
+        severities: list[int] = []
         want_lines = self.router.wants("event")
         for event in events:
             if want_lines:
@@ -565,10 +566,11 @@ class Pipeline:
             if engine is not None:
                 for alert in engine.process(event):
                     alerts.append(dumps(stamp_created(alert)))
+                    severities.append(int(alert["event"].get("severity") or 0))
         if lines:
             self.router.write("event", lines)
         if alerts:
-            self.router.write("alert", alerts)
+            self.router.write("alert", alerts, severities)
 
     def _ready(self, e: Event) -> Event:
         # A process working on a tagged directory (`tar -C /srv/rnd/nova`) gets that

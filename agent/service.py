@@ -21,10 +21,12 @@ from agent.config import Config, WatchSpec, check_file
 from agent.diagnostics import Problem, errors_only
 from agent.events import format_timestamp
 from agent.health import CapReporter, now_us, record
+from agent.metrics import Metrics
 from agent.pipeline import Pipeline
 from agent.rules.compiler import RuleSet, load_rules
 from agent.rules.engine import Engine
 from agent.sinks import Router, SinkOpenError
+from agent.sinks.outbox import OUTBOX_DIR, Outbox
 from agent.sources import Source
 from agent.sources.base import OPTIONAL_ACTIONS, needed_actions
 from agent.state import AgentState, PreviousRun
@@ -65,8 +67,13 @@ class Agent:
         self, config: Config, router: Router | None = None, own_paths: Sequence[str] = ()
     ) -> None:
         self.config = config
-        self.router = router or Router.from_specs(config.sinks)
+        self._outbox_problem: dict[str, Any] | None = None
+        self.router = router or Router.from_specs(
+            config.sinks, outbox=self._open_outbox(config), threaded=True
+        )
         self._own_router = router is None
+        self.metrics: Metrics | None = None
+        self._rate_at = (time.monotonic(), 0, 0)  # for events/s and alerts/s in the heartbeat
         self.scheduler: BackgroundScheduler | None = None
         self.caps: CapReporter | None = None
         self._started = 0.0
@@ -95,6 +102,32 @@ class Agent:
         self._actions_known = False
         self._checkpoint_processed = -1
         self._checkpoint_at = 0.0
+
+    def _open_outbox(self, config: Config) -> Outbox | None:
+        """The outbox under state_dir; in memory (and said so at start) when it cannot be
+        opened there, since an agent that delivers without a disk queue beats one that stops."""
+        if not config.outbox.enabled:
+            return None
+        settings = config.outbox
+        try:
+            os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+            return Outbox(
+                os.path.join(config.state_dir, OUTBOX_DIR),
+                max_rows=settings.max_records,
+                max_bytes=settings.max_bytes,
+                sync=settings.sync,
+            )
+        except OSError as exc:
+            log.exception("outbox_error", error=str(exc))
+            self._outbox_problem = record(
+                "outbox_error",
+                _errno_name(exc),
+                error=str(exc),
+                state_dir=config.state_dir,
+                hint="alerts are kept in memory only until the state directory is usable; "
+                "they are lost if the agent stops",
+            )
+            return None
 
     def load_rules(self) -> bool:
         """Read and compile the configured rules before start; False (and problems) when bad."""
@@ -196,6 +229,21 @@ class Agent:
     def start(self) -> None:
         """Build every component from the config, then start them bottom-up."""
         self._started = time.monotonic()
+        if self._own_router:
+            self.router.start()
+        if self._outbox_problem is not None:
+            self._report(self._outbox_problem)
+        if self.config.metrics_textfile or self.config.metrics_listen:
+            self.metrics = Metrics(
+                self.stats,
+                textfile=self.config.metrics_textfile,
+                listen=self.config.metrics_listen,
+            )
+            try:
+                self.metrics.start()
+            except (OSError, ValueError) as exc:
+                self._report(record("source_error", type(exc).__name__, component="metrics"))
+                self.metrics = None
         if self.config.rules and self._loaded_rules is None and not self._rule_problems:
             self.load_rules()
         self.caps = CapReporter(self._report)
@@ -216,6 +264,7 @@ class Agent:
                 None,
                 version=__version__,
                 pid=os.getpid(),
+                outbox=self.router.outbox.stats(),
                 config=self.config.source_file,
                 roots=[w.path for w in self.config.watch],
                 source_setting=self.config.source,
@@ -512,7 +561,7 @@ class Agent:
         ts = now_us()
         pipeline.emit_events([process_event(p, ts, tagged, source=source) for p in procs])
 
-    def stop(self, timeout: float = 1.8) -> bool:
+    def stop(self, timeout: float = 1.8, reason: str = "stopped") -> bool:
         """Stop within `timeout` seconds, writing what is queued. True when nothing was left.
         Components stop in the reverse of their start order: producers first, the consumer
         (which drains what they queued) last."""
@@ -553,7 +602,9 @@ class Agent:
             self._report(
                 record(
                     "agent_stopped",
-                    None if drained else "drain_timeout",
+                    reason if drained else "drain_timeout",
+                    stop_reason=reason,
+                    outbox_backlog=self.router.outbox.backlog(),
                     drained=drained,
                     unwritten=unwritten,
                     **pipeline.stats(),
@@ -561,6 +612,9 @@ class Agent:
             )
         self._running = []
         self._save_state(self.state.stopped)
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         if self._own_router:
             self.router.close()
         log.info("agent_stopped", drained=drained)
@@ -583,6 +637,19 @@ class Agent:
             except Exception as exc:  # a broken counter must not cost the heartbeat
                 out[component.name] = {"error": type(exc).__name__}
         out["sinks"] = self.router.stats()
+        out["outbox"] = self.router.outbox.stats()
+        out["version"] = __version__
+        if self._ruleset is not None:
+            out["ruleset"] = {"sha256": self._ruleset.sha256, "rules": len(self._ruleset.rules)}
+        out["alerts"] = self.router.alerts
+        now = time.monotonic()
+        processed = self.pipeline.processed if self.pipeline is not None else 0
+        at, before, alerts_before = self._rate_at
+        if now > at:
+            out["events_per_s"] = round((processed - before) / (now - at), 2)
+            out["alerts_per_s"] = round((self.router.alerts - alerts_before) / (now - at), 3)
+        self._rate_at = (now, processed, self.router.alerts)
+        out["max_user_watches"] = _max_user_watches()
         if self.parts is not None:
             out["markers"] = self.parts.resolver.store.stats()
         if self.pipeline is not None and self.pipeline.engine is not None:
@@ -601,6 +668,11 @@ class Agent:
 
     def heartbeat(self) -> None:
         self._report(record("heartbeat", None, **self.stats()))
+        if self.metrics is not None and self.config.metrics_textfile:
+            try:
+                self.metrics.write_textfile()
+            except OSError as exc:
+                log.exception("metrics_textfile_failed", error=str(exc))
 
     def reload(self) -> bool:
         """Re-read the config file. A bad file keeps the running config and says why."""
@@ -685,6 +757,14 @@ def rule_signature(paths: tuple[str, ...] | list[str]) -> tuple[Any, ...]:
             continue
         out.append((f, st.st_size, st.st_mtime_ns, st.st_ino))
     return tuple(out)
+
+
+def _max_user_watches() -> int | None:
+    try:
+        with open("/proc/sys/fs/inotify/max_user_watches", encoding="ascii") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return None
 
 
 def _errno_name(exc: OSError) -> str:

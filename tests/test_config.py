@@ -51,7 +51,7 @@ def test_every_problem_is_reported_in_one_pass_with_location_code_and_hint(
         f"{path}:5:18 CFG_VALUE unknown sensitivity 'secret' "
         "(hint: one of low, medium, high, critical)",
         f"{path}:6:16 CFG_TYPE watch[1].recursive must be true or false, not 'maybe'",
-        f"{path}:8:11 CFG_UNKNOWN_SINK unknown sink type 'syslgo' (hint: one of stdout, file)",
+        f"{path}:8:11 CFG_UNKNOWN_SINK unknown sink type 'syslgo' (hint: did you mean 'syslog'?)",
         f"{path}:9:5 CFG_REQUIRED sinks[1] (file) needs a 'path'",
         f"{path}:10:13 CFG_VALUE queue_size must be at least 1000",
         f"{path}:11:21 CFG_DURATION heartbeat_interval: not a duration: 'soon' "

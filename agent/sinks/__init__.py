@@ -8,22 +8,26 @@ import fcntl
 import itertools
 import os
 import pwd
+import random
 import shlex
 import stat
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import IO, Any, Protocol
 
+import msgspec
 import structlog
 
 from agent.config import SinkSpec
 from agent.events import dumps
 from agent.health import record
+from agent.sinks.errors import DeliveryError
+from agent.sinks.outbox import Outbox, Row
 
 log = structlog.get_logger(__name__)
 
@@ -434,11 +438,19 @@ class FileSink:
     """Appends JSON lines to a file, opened (and reopened) by `open_sink_file`.
 
     A write is all-or-nothing: when the disk fills part-way through, the file is cut back to
-    where it was, so a reader never sees half a line and a retry never duplicates one."""
+    where it was, so a reader never sees half a line and a retry never duplicates one. With
+    `max_bytes`, a write that would pass it first rotates the file (`alerts.jsonl` ->
+    `alerts.jsonl.1` -> ... `.<keep>`, the oldest deleted), for hosts without logrotate."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(
+        self, path: str, *, max_bytes: int | None = None, keep: int = 5, fsync: bool = True
+    ) -> None:
         self.name = f"file:{path}"
         self.path = path
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self.fsync = fsync
+        self.rotations = 0
         self._fd = open_sink_file(path)
 
     def fileno(self) -> int:
@@ -446,8 +458,11 @@ class FileSink:
 
     def write(self, lines: Sequence[str]) -> None:
         data = ("\n".join(lines) + "\n").encode("ascii")
-        view = memoryview(data)
         size = os.fstat(self._fd).st_size
+        if self.max_bytes is not None and size and size + len(data) > self.max_bytes:
+            self._rotate()
+            size = 0
+        view = memoryview(data)
         try:
             while view:
                 written = os.write(self._fd, view)
@@ -459,6 +474,21 @@ class FileSink:
                 except OSError as exc:
                     log.exception("sink_truncate_failed", sink=self.name, size=size, error=str(exc))
             raise
+
+    def sync(self) -> None:
+        """The lines written so far are on disk (called before the outbox lets alerts go)."""
+        if self.fsync:
+            os.fdatasync(self._fd)
+
+    def _rotate(self) -> None:
+        """Shift the numbered files up by one (the directory passed the sink checks: only
+        root or the agent can change names in it), then start a new file."""
+        for n in range(self.keep - 1, 0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{self.path}.{n}", f"{self.path}.{n + 1}")
+        os.replace(self.path, f"{self.path}.1")
+        self.rotations += 1
+        self.reopen()
 
     def reopen(self) -> None:
         """After log rotation moved the file away: write to a new file at the same path."""
@@ -485,9 +515,72 @@ class StreamSink:
         self._stream.flush()
 
 
+def _secret(file: str | None, env: str | None, what: str) -> str | None:
+    """A credential from its file (first line, whitespace trimmed) or environment variable."""
+    if file is not None:
+        with open(file, encoding="utf-8") as fh:
+            value = fh.readline().strip()
+        if not value:
+            raise DeliveryError("secret_empty", f"the {what} file {file} is empty")
+        return value
+    if env is not None:
+        value = os.environ.get(env, "").strip()
+        if not value:
+            raise DeliveryError("secret_missing", f"the environment has no {what} in {env}")
+        return value
+    return None
+
+
+def _stdout(spec: SinkSpec) -> Sink:
+    from agent.sinks.pretty import PrettySink  # only when asked for
+
+    fmt = spec.format or "auto"
+    if fmt == "pretty" or (fmt == "auto" and sys.stdout.isatty()):
+        return PrettySink(sys.stdout)
+    return StreamSink(sys.stdout)
+
+
+def _file(spec: SinkSpec) -> Sink:
+    return FileSink(spec.path or "", max_bytes=spec.max_bytes, keep=spec.keep, fsync=spec.fsync)
+
+
+def _syslog(spec: SinkSpec) -> Sink:
+    from agent.sinks.syslog import SyslogSink
+
+    return SyslogSink(
+        spec.address or "",
+        spec.protocol,
+        facility=spec.facility,
+        ca_file=spec.ca_file,
+        verify=spec.verify,
+        cert_file=spec.cert_file,
+        key_file=spec.key_file,
+        timeout=spec.timeout,
+    )
+
+
+def _http(spec: SinkSpec) -> Sink:
+    from agent.sinks.http import HttpSink
+
+    return HttpSink(
+        spec.url or "",
+        spec.format or "json",
+        token=_secret(spec.token_file, spec.token_env, "token"),
+        username=spec.username,
+        password=_secret(spec.password_file, spec.password_env, "password"),
+        ca_file=spec.ca_file,
+        verify=spec.verify,
+        timeout=spec.timeout,
+        index=spec.index,
+        sourcetype=spec.sourcetype,
+    )
+
+
 SINKS: dict[str, Callable[[SinkSpec], Sink]] = {
-    "stdout": lambda spec: StreamSink(sys.stdout),
-    "file": lambda spec: FileSink(spec.path or ""),
+    "stdout": _stdout,
+    "file": _file,
+    "syslog": _syslog,
+    "http": _http,
 }
 
 
@@ -522,17 +615,19 @@ class SinkOpenError(Exception):
         return out
 
 
-def open_sinks(specs: Sequence[SinkSpec]) -> list[tuple[Sink, frozenset[str]]]:
-    """Every sink of a config, opened, or none: SinkOpenError lists each one that failed."""
-    opened: list[tuple[Sink, frozenset[str]]] = []
+def open_sinks(specs: Sequence[SinkSpec]) -> list[tuple[Sink, frozenset[str], int]]:
+    """Every sink of a config, opened, or none: SinkOpenError lists each one that failed.
+    (A network sink connects at its first write: a collector that is down does not stop the
+    agent, its records wait in the outbox.)"""
+    opened: list[tuple[Sink, frozenset[str], int]] = []
     failures: list[tuple[str, Exception]] = []
     for spec in specs:
         try:
-            opened.append((make_sink(spec), spec.records))
-        except (OSError, UnsafeSinkError) as exc:
-            failures.append((f"{spec.type}:{spec.path}" if spec.path else spec.type, exc))
+            opened.append((make_sink(spec), spec.records, spec.min_severity))
+        except (OSError, UnsafeSinkError, ValueError) as exc:
+            failures.append((spec.label, exc))
     if failures:
-        for sink, _ in opened:
+        for sink, _, _ in opened:
             try:
                 sink.close()
             except OSError as exc:
@@ -546,6 +641,8 @@ def _reason(exc: Exception) -> str:
     there is no errno (a closed stream)."""
     if isinstance(exc, UnsafeSinkError):
         return exc.code
+    if isinstance(exc, DeliveryError):
+        return exc.reason
     if isinstance(exc, OSError) and exc.errno is not None:
         return errno.errorcode.get(exc.errno, f"errno_{exc.errno}")
     return type(exc).__name__
@@ -557,350 +654,395 @@ def _error_text(exc: Exception) -> str:
     return str(exc)
 
 
-@dataclass
-class _Pass:
-    """One locked pass of the router: its time, and the health records it has to announce."""
+# The router -----------------------------------------------------------------------------------
+#
+# Alerts and health records ("durable" kinds) go into the outbox first; each sink then reads
+# what it takes from the outbox after its cursor, in order, and acknowledges by moving the
+# cursor. File events are too many for a disk queue (a checkout makes 100,000 in seconds):
+# each sink owes them from a bounded in-memory queue, and a drop there is reported.
 
-    now: float
-    notes: list[dict[str, Any]] = field(default_factory=list)
+DURABLE = frozenset({"alert", "health"})
+BATCH = 1000  # lines per sink write
+JITTER = 0.5  # a retry waits between (1 - JITTER) and 1 times the backoff
+CLOSE_TIMEOUT = 2.0
+# log.level of a health record -> the severity its sink filter compares (rules' scale).
+LEVEL_SEVERITY: Mapping[str, int] = MappingProxyType({"info": 1, "warning": 47, "error": 73})
+
+
+class _Level(msgspec.Struct):
+    level: str | None = None
+
+
+class _EventHead(msgspec.Struct):
+    severity: int | None = None
+
+
+class _Head(msgspec.Struct):
+    event: _EventHead | None = None
+    log: _Level | None = None
+
+
+_HEAD = msgspec.json.Decoder(_Head)
+
+
+def severity_of(line: str) -> int:
+    """The severity a sink's `min_severity` compares: an alert's `event.severity`, else the
+    record's log.level (info 1, warning 47, error 73); 0 when the line says neither."""
+    try:
+        head = _HEAD.decode(line)
+    except msgspec.DecodeError:  # ValidationError is one
+        return 0
+    if head.event is not None and head.event.severity is not None:
+        return head.event.severity
+    if head.log is not None and head.log.level is not None:
+        return LEVEL_SEVERITY.get(head.log.level, 0)
+    return 0
 
 
 @dataclass(eq=False)
 class _Route:
-    """One sink, the kinds it takes, and what it owes while it fails."""
+    """One sink: the kinds it takes, how far it has the outbox, the events it owes, and the
+    state of its current outage."""
 
     sink: Sink
     kinds: frozenset[str]
-    # kind -> (sequence, line), oldest first. One deque per kind so each kind has its own cap;
-    # the router-wide sequence number restores the order across kinds when they are written.
-    pending: dict[str, deque[tuple[int, str]]] = field(default_factory=dict)
+    min_severity: int = 0
+    cursor: int = 0  # every durable record up to this id that the sink takes, it has
+    events: deque[str] = field(default_factory=deque)
+    io: threading.Lock = field(default_factory=threading.Lock)  # one write at a time
+    thread: threading.Thread | None = None
     errors: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
+    delivered: int = 0
+    dropped: int = 0  # events, at the in-memory cap
+    last_reason: str | None = None
     backoff: float = 0.0  # 0 while healthy
     next_retry: float = 0.0
     unreported_failures: int = 0
     error_reported: float | None = None
-    unreported_drops: dict[str, int] = field(default_factory=dict)
-    drop_reported: dict[str, float] = field(default_factory=dict)
-    # The current outage, for the sink_recovered record.
+    unreported_drops: int = 0
+    drop_reported: float | None = None
     outage_since: float | None = None
     outage_failures: int = 0
     outage_dropped: int = 0
+    outage_late: int = 0
 
-    def owed(self) -> int:
-        return sum(len(q) for q in self.pending.values())
+    @property
+    def name(self) -> str:
+        return self.sink.name
 
-    def head(self, limit: int) -> tuple[list[str], dict[str, int]]:
-        """Up to `limit` owed lines in the order they were written, and how many of each kind."""
-        iters: dict[str, Iterator[tuple[int, str]]] = {
-            k: iter(q) for k, q in self.pending.items() if q
-        }
-        heads = {k: next(it) for k, it in iters.items()}
-        lines: list[str] = []
-        taken = dict.fromkeys(heads, 0)
-        while heads and len(lines) < limit:
-            kind = min(heads, key=lambda k: heads[k][0])
-            lines.append(heads[kind][1])
-            taken[kind] += 1
-            following = next(iters[kind], None)
-            if following is None:
-                del heads[kind]
-            else:
-                heads[kind] = following
-        return lines, taken
+    @property
+    def durable(self) -> frozenset[str]:
+        return self.kinds & DURABLE
+
+
+RouteSpec = tuple[Sink, frozenset[str]] | tuple[Sink, frozenset[str], int]
 
 
 class Router:
-    """Sends each record kind (alert, health, event) to the sinks that take it.
+    """Sends each record kind (alert, health, event) to the sinks that take it, at least once.
 
-    A sink that fails keeps what it was given in a bounded pending buffer and gets it, in order,
-    when it works again (retried with backoff, by the next write or by `retry()`); meanwhile a
-    `sink_error` health record tells the other sinks, and stderr, that it is failing.
+    Alerts and health records are in the durable outbox before any sink is tried and leave it
+    when every sink that takes them has them. A sink that fails is retried with exponential
+    backoff and jitter; meanwhile a `sink_error` health record (at most one per sink per
+    interval) tells the other sinks that it is failing, and `sink_recovered` ends the outage.
 
-    The bottom component of the agent: it reports its own health records straight to the
-    sinks that take them (there is nothing below it to report through)."""
+    Threaded (the agent): each sink has its own delivery thread, so a collector that times out
+    never holds up the pipeline. Inline (tests, benches, `replay`): the writer's thread
+    delivers, and `retry()` runs due retries; the same steps either way.
+
+    The bottom component of the agent: it reports its own health records through itself."""
 
     name = "sinks"
 
     def __init__(
         self,
-        routes: Sequence[tuple[Sink, frozenset[str]]],
+        routes: Sequence[RouteSpec],
         *,
+        outbox: Outbox | None = None,
+        threaded: bool = False,
         pending_caps: Mapping[str, int] | None = None,
         error_interval: float = ERROR_INTERVAL,
         retry_initial: float = RETRY_INITIAL,
         retry_max: float = RETRY_MAX,
+        jitter: float = JITTER,
         clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
-        self._routes = [_Route(sink, kinds) for sink, kinds in routes]
-        self._caps = {**PENDING_CAPS, **(pending_caps or {})}
+        self.outbox = outbox if outbox is not None else Outbox(None)
+        self._routes = [self._route(spec) for spec in routes]
+        self._threaded = threaded
+        self._event_cap = {**PENDING_CAPS, **(pending_caps or {})}["event"]
         self._error_interval = error_interval
         self._retry_initial = retry_initial
         self._retry_max = retry_max
+        self._jitter = jitter
         self._clock = clock
-        self._seq = itertools.count()
+        self._rng = rng or random.Random()  # noqa: S311 - retry jitter, not a secret
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stopping = False
+        self._started = False
         self.errors = 0
+        self.alerts = 0
+        lost = self.outbox.register(r.name for r in self._routes if r.durable)
+        self._cursors_from_outbox()
+        self._announce([self._lost_by_removal(name, n) for name, n in lost.items()])
+
+    @staticmethod
+    def _route(spec: RouteSpec) -> _Route:
+        sink, kinds = spec[0], spec[1]
+        severity = spec[2] if len(spec) > 2 else 0
+        return _Route(sink, kinds, severity)
+
+    def _cursors_from_outbox(self) -> None:
+        for route in self._routes:
+            route.cursor = self.outbox.cursor(route.name) or 0
+
+    @classmethod
+    def from_specs(
+        cls, specs: Sequence[SinkSpec], *, outbox: Outbox | None = None, **options: Any
+    ) -> Router:
+        """A router for a config's sinks; SinkOpenError when any of them cannot be opened."""
+        return cls(open_sinks(specs), outbox=outbox, **options)
+
+    # component -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Sinks open when they are made (a bad path fails the config check, not a run)."""
+        """Threaded: one delivery thread per sink (records written before start wait in the
+        outbox). Inline: nothing to start."""
+        with self._lock:
+            self._started = True
+            if self._threaded:
+                for route in self._routes:
+                    self._spawn(route)
 
     def stop(self) -> None:
         self.close()
 
-    @classmethod
-    def from_specs(cls, specs: Sequence[SinkSpec], **options: Any) -> Router:
-        """A router for a config's sinks; SinkOpenError when any of them cannot be opened."""
-        return cls(open_sinks(specs), **options)
+    def _spawn(self, route: _Route) -> None:
+        route.thread = threading.Thread(
+            target=self._work, args=(route,), name=f"sink:{route.name}"[:60], daemon=True
+        )
+        route.thread.start()
 
     def wants(self, kind: str) -> bool:
         return any(kind in route.kinds for route in self._routes)
 
-    def write(self, kind: str, lines: Sequence[str]) -> None:
+    # writing ---------------------------------------------------------------------------------
+
+    def write(
+        self, kind: str, lines: Sequence[str], severities: Sequence[int] | None = None
+    ) -> None:
+        """Hand records of one kind to the sinks: alerts and health into the outbox (one commit),
+        events into each sink's bounded queue. Delivered at once (inline) or by the sinks'
+        threads."""
         if not lines:
             return
-        with self._lock:
-            step = _Pass(self._clock())
-            for route in self._routes:
-                if kind not in route.kinds:
-                    continue
-                if route.owed() and step.now >= route.next_retry:
-                    self._flush(route, step)
-                if route.owed():
-                    # Behind a backlog: queued after it, so the sink still gets lines in order.
-                    self._queue(route, kind, lines, step)
-                else:
-                    self._attempt(route, kind, lines, step)
-            self._announce(step)
+        if kind in DURABLE:
+            sev = severities if severities is not None else [severity_of(x) for x in lines]
+            self.outbox.append(kind, list(zip(sev, lines, strict=True)))
+            if kind == "alert":
+                self.alerts += len(lines)
+            notes = self.outbox.take_notes()
+        else:
+            with self._lock:
+                notes = [n for r in self._routes if kind in r.kinds for n in self._owe(r, lines)]
+        self._announce(notes)
+        self._kick()
 
-    def retry(self) -> int:
-        """Retry each failing sink whose backoff has run out; the lines still owed after it.
-
-        Meant for the pipeline's idle tick, so a sink that recovers while nothing is written
-        still gets its backlog."""
-        with self._lock:
-            step = _Pass(self._clock())
-            for route in self._routes:
-                if route.owed() and step.now >= route.next_retry:
-                    self._flush(route, step)
-            self._announce(step)
-            return sum(route.owed() for route in self._routes)
-
-    def owed(self) -> int:
-        """Lines written to no sink yet (a failing sink's backlog)."""
-        with self._lock:
-            return sum(route.owed() for route in self._routes)
-
-    def stats(self) -> dict[str, dict[str, Any]]:
-        """Per sink: lines owed (in total and by kind), failed writes, lines dropped."""
-        with self._lock:
-            out: dict[str, dict[str, Any]] = {}
-            for i, route in enumerate(self._routes):
-                name = route.sink.name if route.sink.name not in out else f"{route.sink.name}#{i}"
-                out[name] = {
-                    "pending": route.owed(),
-                    "pending_by_kind": {k: len(q) for k, q in route.pending.items() if q},
-                    "errors": route.errors,
-                    "dropped": sum(route.dropped.values()),
-                    "dropped_by_kind": dict(route.dropped),
-                }
-            return out
-
-    def replace(self, specs: Sequence[SinkSpec]) -> None:
-        """Swap in new sinks between two writes (a reload), closing the old ones.
-
-        A sink that stays (same name) keeps its backlog and its error state. Every new sink is
-        opened first: when one cannot be, SinkOpenError is raised and the old sinks stay."""
-        fresh = open_sinks(specs)
-        with self._lock:
-            step = _Pass(self._clock())
-            old = {route.sink.name: route for route in self._routes}
-            closing: list[Sink] = []
-            routes: list[_Route] = []
-            for sink, kinds in fresh:
-                route = old.pop(sink.name, None)
-                if route is None:
-                    route = _Route(sink, kinds)
-                else:
-                    closing.append(route.sink)
-                    route.sink, route.kinds = sink, kinds
-                    route.next_retry = step.now  # the new file or stream may well work
-                routes.append(route)
-            for route in old.values():
-                closing.append(route.sink)
-                if route.owed():
-                    step.notes.append(self._lost(route, "sink_removed"))
-            self._routes = routes
-            self._announce(step)
-        for sink in closing:
-            try:
-                sink.close()
-            except OSError as exc:
-                log.exception("sink_close_failed", sink=sink.name, error=str(exc))
-
-    def reopen(self) -> None:
-        """Every file sink opens its path again (SIGHUP after logrotate renamed the file).
-
-        A file that cannot be reopened is a sink_error record; the sink keeps writing to the
-        file it had open, which is better than writing nowhere."""
-        with self._lock:
-            step = _Pass(self._clock())
-            for route in self._routes:
-                if not isinstance(route.sink, FileSink):
-                    continue
-                try:
-                    route.sink.reopen()
-                except (OSError, UnsafeSinkError) as exc:
-                    route.errors += 1
-                    self.errors += 1
-                    # Not rate-limited: it happens once per SIGHUP, and says something a write
-                    # error would not (the sink is still on the rotated file).
-                    step.notes.append(
-                        self._error_record(route, "reopen", None, exc, failures=1, now=step.now)
-                    )
-                else:
-                    # A new file may have room where the old one had none: retry at once.
-                    route.next_retry = step.now
-            self._announce(step)
-
-    def close(self) -> None:
-        """One last try for every backlog, whatever the backoff, then close every sink."""
-        with self._lock:
-            step = _Pass(self._clock())
-            for route in self._routes:
-                if route.owed():
-                    self._flush(route, step)
-            step.notes.extend(
-                self._lost(route, "sink_closed") for route in self._routes if route.owed()
-            )
-            self._announce(step)
-            for route in self._routes:
-                try:
-                    route.sink.close()
-                except OSError as exc:
-                    log.exception("sink_close_failed", sink=route.sink.name, error=str(exc))
-
-    # internals, called with the lock held ----------------------------------------------------
-
-    def _attempt(self, route: _Route, kind: str, lines: Sequence[str], step: _Pass) -> None:
-        try:
-            route.sink.write(lines)
-        except (OSError, ValueError) as exc:
-            at = len(step.notes)
-            self._queue(route, kind, lines, step)
-            self._failed(route, kind, exc, step, at)
-
-    def _flush(self, route: _Route, step: _Pass) -> None:
-        """Write what the sink owes, oldest first; on success, report that it recovered."""
-        late = 0
-        while True:
-            lines, taken = route.head(_CHUNK)
-            if not lines:
-                break
-            try:
-                route.sink.write(lines)
-            except (OSError, ValueError) as exc:
-                first = min(taken, key=lambda k: route.pending[k][0][0])
-                self._failed(route, first, exc, step, len(step.notes))
-                return
-            for kind, n in taken.items():
-                queue = route.pending[kind]
-                for _ in range(n):
-                    queue.popleft()
-            late += len(lines)
-        since = route.outage_since if route.outage_since is not None else step.now
-        data = {
-            "sink": route.sink.name,
-            "delivered_late": late,
-            "failures": route.outage_failures,
-            "dropped": route.outage_dropped,
-            "outage_s": round(step.now - since, 3),
-        }
-        route.pending.clear()
-        route.backoff = route.next_retry = 0.0
-        route.outage_since = None
-        route.outage_failures = route.outage_dropped = 0
-        log.info("sink_recovered", **data)
-        step.notes.append(record("sink_recovered", None, **data))
-
-    def _queue(self, route: _Route, kind: str, lines: Sequence[str], step: _Pass) -> None:
-        queue = route.pending.setdefault(kind, deque())
-        queue.extend((next(self._seq), line) for line in lines)
-        cap = self._caps.get(kind, self._caps["event"])
-        excess = len(queue) - cap
+    def _owe(self, route: _Route, lines: Sequence[str]) -> list[dict[str, Any]]:
+        """Queue events for a sink; past the cap, the oldest are dropped and reported."""
+        route.events.extend(lines)
+        excess = len(route.events) - self._event_cap
         if excess <= 0:
-            return
+            return []
         for _ in range(excess):
-            queue.popleft()
-        route.dropped[kind] = route.dropped.get(kind, 0) + excess
+            route.events.popleft()
+        route.dropped += excess
         route.outage_dropped += excess
-        route.unreported_drops[kind] = route.unreported_drops.get(kind, 0) + excess
-        last = route.drop_reported.get(kind)
-        if last is not None and step.now - last < self._error_interval:
-            return
-        route.drop_reported[kind] = step.now
-        dropped = route.unreported_drops.pop(kind)
-        log.error("sink_backlog_full", sink=route.sink.name, kind=kind, dropped=dropped, cap=cap)
-        step.notes.append(
+        route.unreported_drops += excess
+        now = self._clock()
+        if route.drop_reported is not None and now - route.drop_reported < self._error_interval:
+            return []
+        route.drop_reported = now
+        dropped, route.unreported_drops = route.unreported_drops, 0
+        log.error("sink_backlog_full", sink=route.name, kind="event", dropped=dropped)
+        return [
             record(
                 "event_loss",
                 "sink_backlog_full",
-                sink=route.sink.name,
-                kind=kind,
+                sink=route.name,
+                kind="event",
                 dropped=dropped,
-                dropped_total=route.dropped[kind],
-                cap=cap,
-                hint="the sink has been failing for a while; the oldest owed lines were dropped",
+                dropped_total=route.dropped,
+                cap=self._event_cap,
+                hint="the sink has been failing or slow; the oldest owed file events were "
+                "dropped (alerts and health wait in the outbox)",
             )
-        )
+        ]
 
-    def _failed(self, route: _Route, kind: str, exc: Exception, step: _Pass, at: int) -> None:
-        """Count a failed write, back off, and report it (at most once per interval)."""
+    def _announce(self, notes: list[dict[str, Any]]) -> None:
+        """The router's and the outbox's own health records go where health goes, through the
+        outbox like any other. Terminates: what a failure here reports is rate-limited."""
+        for _ in range(4):
+            if not notes:
+                return
+            lines = [dumps(n) for n in notes]
+            self.outbox.append("health", [(severity_of(x), x) for x in lines])
+            notes = self.outbox.take_notes()
+
+    def _kick(self) -> None:
+        if self._threaded and self._started:
+            with self._wake:
+                self._wake.notify_all()
+        else:
+            self._pump(force=False)
+
+    def _pump(self, *, force: bool, healthy_only: bool = False) -> None:
+        """Inline delivery: step every sink with due work until none progresses."""
+        for _ in range(64):
+            progressed = False
+            for route in list(self._routes):
+                if healthy_only and route.outage_since is not None:
+                    continue
+                if self._due(route, self._clock(), force=force) and self._step(route):
+                    progressed = True
+            if not progressed:
+                return
+
+    def _has_work(self, route: _Route) -> bool:
+        return bool(route.events) or (bool(route.durable) and self.outbox.last_id() > route.cursor)
+
+    def _due(self, route: _Route, now: float, *, force: bool) -> bool:
+        return self._has_work(route) and (force or now >= route.next_retry)
+
+    # delivering ------------------------------------------------------------------------------
+
+    def _step(self, route: _Route) -> bool:
+        """One batch to one sink; True when something was delivered or skipped past."""
+        if not route.io.acquire(blocking=False):
+            return False
+        try:
+            with self._lock:
+                events = list(itertools.islice(route.events, BATCH))
+            rows: list[Row] = []
+            covered = route.cursor
+            if route.durable and len(events) < BATCH:
+                rows, covered = self.outbox.read(
+                    route.cursor, route.durable, route.min_severity, BATCH - len(events)
+                )
+            lines = events + [r.line for r in rows]
+            if lines:
+                try:
+                    route.sink.write(lines)
+                    if rows:
+                        _sync(route.sink)
+                except (OSError, ValueError) as exc:
+                    first = "event" if events else rows[0].kind
+                    with self._lock:
+                        notes = self._failed(route, exc, first)
+                    self._announce(notes)
+                    return False
+        finally:
+            route.io.release()
+        with self._lock:
+            for _ in range(len(events)):
+                route.events.popleft()
+            route.delivered += len(lines)
+            notes = self._recovered(route, len(lines)) if route.outage_since is not None else []
+        moved = covered > route.cursor
+        if moved:
+            route.cursor = covered
+            self.outbox.ack(route.name, covered)
+            notes += self.outbox.take_notes()
+        self._announce(notes)
+        return bool(lines) or moved
+
+    def _work(self, route: _Route) -> None:
+        """A sink's delivery thread: waits for work (or its retry time), delivers, repeats."""
+        while True:
+            with self._wake:
+                while not self._stopping:
+                    now = self._clock()
+                    if self._due(route, now, force=False) and not route.io.locked():
+                        break
+                    wait = route.next_retry - now if route.backoff else 5.0
+                    self._wake.wait(max(min(wait, 5.0), 0.01))
+                    if route not in self._routes:
+                        return
+                if self._stopping:
+                    return
+            try:
+                if not self._step(route):
+                    self.outbox.retry()
+            except Exception:
+                # Nothing may end a delivery thread (its sink would never get another line).
+                log.exception("sink_thread_error", sink=route.name)
+                with self._lock:
+                    route.next_retry = self._clock() + self._retry_initial
+                    route.backoff = route.backoff or self._retry_initial
+
+    def _failed(self, route: _Route, exc: Exception, kind: str) -> list[dict[str, Any]]:
+        """Count a failed write, back off (with jitter), report at most once per interval."""
+        now = self._clock()
         route.errors += 1
         self.errors += 1
         route.unreported_failures += 1
         route.outage_failures += 1
+        route.last_reason = _reason(exc)
         if route.outage_since is None:
-            route.outage_since = step.now
+            route.outage_since = now
         route.backoff = (
             min(route.backoff * 2, self._retry_max) if route.backoff else self._retry_initial
         )
-        route.next_retry = step.now + route.backoff
-        if (
-            route.error_reported is not None
-            and step.now - route.error_reported < self._error_interval
-        ):
-            return
-        route.error_reported = step.now
+        wait = route.backoff * (1.0 - self._jitter * self._rng.random())
+        route.next_retry = now + wait
+        if route.error_reported is not None and now - route.error_reported < self._error_interval:
+            return []
+        route.error_reported = now
         failures, route.unreported_failures = route.unreported_failures, 0
-        # Before any event_loss the same write caused: the cause first, then the consequence.
-        step.notes.insert(
-            at, self._error_record(route, "write", kind, exc, failures=failures, now=step.now)
-        )
+        return [self._error_record(route, "write", exc, failures=failures, now=now, kind=kind)]
+
+    def _recovered(self, route: _Route, delivered: int) -> list[dict[str, Any]]:
+        now = self._clock()
+        since = route.outage_since if route.outage_since is not None else now
+        data = {
+            "sink": route.name,
+            "failures": route.outage_failures,
+            "dropped": route.outage_dropped,
+            "outage_s": round(now - since, 3),
+            "first_batch": delivered,
+        }
+        route.backoff = route.next_retry = 0.0
+        route.outage_since = None
+        route.outage_failures = route.outage_dropped = 0
+        route.error_reported = None
+        route.unreported_failures = 0
+        log.info("sink_recovered", **data)
+        return [record("sink_recovered", None, **data)]
 
     def _error_record(
         self,
         route: _Route,
         op: str,
-        kind: str | None,
         exc: Exception,
         *,
         failures: int,
         now: float,
+        kind: str | None = None,
     ) -> dict[str, Any]:
         reason, error = _reason(exc), _error_text(exc)
-        pending = route.owed()
+        pending = self._behind(route)
         log.error(
             "sink_error",
-            sink=route.sink.name,
+            sink=route.name,
             op=op,
-            kind=kind,
             reason=reason,
             error=error,
             pending=pending,
             failures=failures,
         )
-        data: dict[str, Any] = {"sink": route.sink.name, "op": op}
+        data: dict[str, Any] = {"sink": route.name, "op": op}
         if kind is not None:
             data["kind"] = kind
         if pending:
@@ -915,29 +1057,203 @@ class Router:
             errors_total=route.errors,
         )
 
+    def _behind(self, route: _Route) -> int:
+        """Records a sink still owes: its events, and outbox ids past its cursor (of any kind,
+        an upper bound: cheap, no disk read)."""
+        durable = max(self.outbox.last_id() - route.cursor, 0) if route.durable else 0
+        return len(route.events) + durable
+
+    # the rest of the component -----------------------------------------------------------------
+
+    def retry(self) -> int:
+        """Retry what is due (inline), or nudge the outbox and the threads; lines still owed."""
+        self.outbox.retry()
+        self._announce(self.outbox.take_notes())
+        if self._threaded and self._started:
+            self._kick()
+        else:
+            self._pump(force=False)
+        return self.owed()
+
+    def owed(self) -> int:
+        """Records some sink does not have yet."""
+        with self._lock:
+            events = sum(len(r.events) for r in self._routes)
+        return events + self.outbox.backlog()
+
+    def stats(self) -> dict[str, Any]:
+        """Per sink: owed, delivered, failed writes, dropped events, up or failing."""
+        with self._lock:
+            routes = list(self._routes)
+        out: dict[str, Any] = {}
+        for i, route in enumerate(routes):
+            name = route.name if route.name not in out else f"{route.name}#{i}"
+            out[name] = {
+                "pending": self._behind(route),
+                "pending_events": len(route.events),
+                "delivered": route.delivered,
+                "errors": route.errors,
+                "dropped": route.dropped,
+                "up": route.outage_since is None,
+                "last_error": route.last_reason,
+                "min_severity": route.min_severity,
+                **_sink_counters(route.sink),
+            }
+        return out
+
+    def replace(self, specs: Sequence[SinkSpec]) -> None:
+        """Swap in new sinks (a reload), closing the old ones. A sink that stays (same name)
+        keeps its cursor, events owed and error state. Every new sink is opened first: when one
+        cannot be, SinkOpenError is raised and the old sinks stay."""
+        fresh = open_sinks(specs)
+        closing: list[_Route] = []
+        with self._wake:
+            old = {route.name: route for route in self._routes}
+            routes: list[_Route] = []
+            spawn: list[_Route] = []
+            for spec in fresh:
+                new = self._route(spec)
+                route = old.pop(new.name, None)
+                if route is None:
+                    routes.append(new)
+                    spawn.append(new)
+                    continue
+                with route.io:
+                    closing.append(_Route(route.sink, route.kinds))
+                    route.sink, route.kinds, route.min_severity = (
+                        new.sink,
+                        new.kinds,
+                        new.min_severity,
+                    )
+                route.next_retry = self._clock()  # the new file or stream may well work
+                routes.append(route)
+            notes: list[dict[str, Any]] = []
+            for route in old.values():
+                closing.append(route)
+                if route.events:
+                    notes.append(self._lost(route, "sink_removed"))
+            self._routes = routes
+            self._wake.notify_all()
+        lost = self.outbox.register(r.name for r in routes if r.durable)
+        self._cursors_from_outbox()
+        notes += [self._lost_by_removal(name, n) for name, n in lost.items()]
+        if self._threaded and self._started:
+            for route in spawn:
+                self._spawn(route)
+        for route in closing:
+            if route.thread is not None:
+                route.thread.join(CLOSE_TIMEOUT)
+            with route.io:
+                _close(route.sink)
+        self._announce(notes)
+        self._kick()
+
+    def reopen(self) -> None:
+        """Every file sink opens its path again (SIGHUP after logrotate renamed the file).
+
+        A file that cannot be reopened is a sink_error record; the sink keeps writing to the
+        file it had open, which is better than writing nowhere."""
+        notes: list[dict[str, Any]] = []
+        for route in list(self._routes):
+            if not isinstance(route.sink, FileSink):
+                continue
+            with route.io:
+                try:
+                    route.sink.reopen()
+                except (OSError, UnsafeSinkError) as exc:
+                    with self._lock:
+                        route.errors += 1
+                        self.errors += 1
+                        route.last_reason = _reason(exc)
+                        # Not rate-limited: once per SIGHUP, and it says something a write
+                        # error would not (the sink is still on the rotated file).
+                        notes.append(
+                            self._error_record(route, "reopen", exc, failures=1, now=self._clock())
+                        )
+                else:
+                    route.next_retry = self._clock()  # the new file may have room: retry now
+        self._announce(notes)
+        self._kick()
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """One last try for every sink whatever its backoff, then close them. Alerts and health
+        not delivered stay in the outbox for the next start (on disk); only owed file events
+        (and, with an outbox in memory, every owed record) are lost, and reported as such."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+            threads = [r.thread for r in self._routes if r.thread is not None]
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(deadline - time.monotonic(), 0.05))
+        for route in self._routes:
+            route.thread = None
+        # One last try for the sinks that work; one in an outage is not waited for again (a
+        # collector that hangs would hold up the stop by its timeout): its alerts stay in the
+        # outbox for the next start.
+        self._pump(force=True, healthy_only=True)
+        notes = [self._lost(r, "sink_closed") for r in self._routes if self._owes(r)]
+        if notes:
+            self._announce(notes)
+            self._pump(force=True, healthy_only=True)
+        for route in self._routes:
+            with route.io:
+                _close(route.sink)
+        self.outbox.close()
+
+    def _owes(self, route: _Route) -> bool:
+        if route.events:
+            return True
+        return self.outbox.path is None and bool(route.durable) and self._has_work(route)
+
     def _lost(self, route: _Route, reason: str) -> dict[str, Any]:
-        by_kind = {k: len(q) for k, q in route.pending.items() if q}
-        log.error("sink_backlog_lost", sink=route.sink.name, reason=reason, lost=by_kind)
+        by_kind = {"event": len(route.events)} if route.events else {}
+        if self.outbox.path is None and route.durable:
+            rows, _ = self.outbox.read(route.cursor, route.durable, route.min_severity, 1 << 30)
+            for row in rows:
+                by_kind[row.kind] = by_kind.get(row.kind, 0) + 1
+        log.error("sink_backlog_lost", sink=route.name, reason=reason, lost=by_kind)
         return record(
             "event_loss",
             reason,
-            sink=route.sink.name,
+            sink=route.name,
             dropped=sum(by_kind.values()),
             dropped_by_kind=by_kind,
         )
 
-    def _announce(self, step: _Pass) -> None:
-        """The router's own health records go to every sink that takes health: written now to a
-        working one, queued behind the backlog of a failing one (its SIEM learns why, later).
+    @staticmethod
+    def _lost_by_removal(name: str, behind: int) -> dict[str, Any]:
+        log.error("sink_backlog_lost", sink=name, reason="sink_removed", behind=behind)
+        return record(
+            "event_loss",
+            "sink_removed",
+            sink=name,
+            dropped=behind,
+            hint="a sink left the config with records it had not acknowledged (an upper "
+            "bound: records of kinds it did not take are counted too)",
+        )
 
-        Terminates: a sink that fails here joins the queued ones, and what that failure reports
-        is rate-limited."""
-        while step.notes:
-            line = dumps(step.notes.pop(0))
-            for route in self._routes:
-                if "health" not in route.kinds:
-                    continue
-                if route.owed():
-                    self._queue(route, "health", [line], step)
-                else:
-                    self._attempt(route, "health", [line], step)
+
+def _sync(sink: Sink) -> None:
+    """Make a batch of alerts durable in the sink before the outbox lets it go (a file sink
+    fsyncs; a network sink's write already waited for its receiver)."""
+    sync = getattr(sink, "sync", None)
+    if sync is not None:
+        sync()
+
+
+def _close(sink: Sink) -> None:
+    try:
+        sink.close()
+    except OSError as exc:
+        log.exception("sink_close_failed", sink=sink.name, error=str(exc))
+
+
+def _sink_counters(sink: Sink) -> dict[str, Any]:
+    """A network sink's own counters (requests, reconnects, truncated...)."""
+    out: dict[str, Any] = {}
+    for key in ("requests", "sent", "reconnects", "truncated", "last_status", "rotations"):
+        value = getattr(sink, key, None)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            out[key] = value
+    return out

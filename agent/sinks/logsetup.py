@@ -25,6 +25,8 @@ def configure(level: str = "info", json_logs: bool | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # WriteLogger writes each line with its newline in one call: a log line and an alert
+        # printed on the same terminal by another thread never share a line.
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )

@@ -52,6 +52,8 @@ CONFIG_OBJECTS = {
     "_LINEAGE_KEYS": "/$defs/lineage",
     "_PROCESS_KEYS": "/$defs/processes",
     "_ENRICHMENT_KEYS": "/$defs/enrichment",
+    "_OUTBOX_KEYS": "/$defs/outbox",
+    "_METRICS_KEYS": "/$defs/metrics",
 }
 # Maps the loader checks with a literal key tuple inside a method (nothing to import).
 RULE_INLINE_OBJECTS = (

@@ -147,74 +147,86 @@ def test_a_full_filesystem_is_a_sink_error_and_every_line_arrives_once_in_order_
         assert actions(out) == ["sink_error", "sink_recovered"]
         assert records[110]["event"]["action"] == "sink_error", "right after the failed batch"
         (recovered,) = collector.health("sink_recovered")
-        assert recovered["exfilwatch"]["health"]["delivered_late"] == 106
+        assert recovered["exfilwatch"]["health"]["first_batch"] == 106
         assert recovered["exfilwatch"]["health"]["failures"] == 1
         assert router.stats()[f"file:{out}"]["pending"] == 0
     finally:
         router.close()
 
 
-def test_the_backlog_keeps_the_order_across_kinds_and_its_sink_error_comes_after_the_cause(
+def events(first: int, count: int) -> list[str]:
+    return [dumps({"event": {"kind": "event"}, "n": n}) for n in range(first, first + count)]
+
+
+def test_a_backlog_keeps_the_order_of_each_kind_and_its_sink_error_comes_after_the_cause(
     tmp_path: Path,
 ) -> None:
+    """Alerts and health come from the outbox in the order they were written; file events
+    from the sink's own queue, in theirs (the two streams are not interleaved by time)."""
     clock = Clock()
     path = full_file(tmp_path)
     router = Router(
         [(full(FileSink(str(path))), frozenset({"alert", "health", "event"}))], clock=clock
     )
     try:
-        router.write("event", ['{"event":{"kind":"event"},"n":0}'])
-        router.write("alert", alerts(1, 2500))  # more than one chunk
-        router.write("event", ['{"event":{"kind":"event"},"n":2501}'])
+        router.write("event", events(0, 1))
+        router.write("alert", alerts(1, 2500))  # more than one batch
+        router.write("event", events(2501, 1))
         mend(router, path)
         router.write("alert", alerts(2502, 1))
 
         records = lines_of(path)
-        assert [r["n"] for r in records if "n" in r] == list(range(2503))
-        assert [r["event"]["action"] for r in records if "n" not in r] == [
+        numbered = [r["n"] for r in records if "n" in r]
+        assert sorted(numbered) == list(range(2503)), "every line once"
+        assert [n for n in numbered if n in (0, 2501)] == [0, 2501]
+        assert [n for n in numbered if n not in (0, 2501)] == [*range(1, 2501), 2502]
+        durable = [r for r in records if r["event"]["kind"] != "event"]
+        assert [r["event"]["action"] for r in durable if "n" not in r] == [
             "sink_error",
             "sink_recovered",
         ]
-        assert "n" not in records[1], "the sink_error follows the write that failed"
+        assert durable[0]["event"]["action"] == "sink_error", "the event's write failed first"
     finally:
         router.close()
 
 
-def test_lines_owed_past_the_cap_drop_the_oldest_with_an_event_loss_record(
+def test_file_events_owed_past_the_cap_drop_the_oldest_with_an_event_loss_record(
     tmp_path: Path,
 ) -> None:
+    """File events wait in memory (alerts and health wait in the outbox, tests/sinks/
+    test_outbox.py): past the cap the oldest go, counted and reported."""
     clock = Clock()
     collector = Collector()
     path = full_file(tmp_path)
     router = Router(
-        [(full(FileSink(str(path))), frozenset({"alert"})), (collector, HEALTH)],
-        pending_caps={"alert": 5},
+        [(full(FileSink(str(path))), frozenset({"event"})), (collector, HEALTH)],
+        pending_caps={"event": 5},
         clock=clock,
     )
     try:
         for first in (0, 3, 6):
-            router.write("alert", alerts(first, 3))
+            router.write("event", events(first, 3))
         (loss,) = collector.health("event_loss")
         assert loss["event"]["reason"] == "sink_backlog_full"
-        assert loss["exfilwatch"]["health"] == {
+        health = loss["exfilwatch"]["health"]
+        assert {k: health[k] for k in ("sink", "kind", "dropped", "dropped_total", "cap")} == {
             "sink": f"file:{path}",
-            "kind": "alert",
+            "kind": "event",
             "dropped": 1,
             "dropped_total": 1,
             "cap": 5,
-            "hint": loss["exfilwatch"]["health"]["hint"],
         }
         clock.now += 10.0
-        router.write("alert", alerts(9, 1))
+        router.write("event", events(9, 1))
         later = collector.health("event_loss")[-1]["exfilwatch"]["health"]
         assert (later["dropped"], later["dropped_total"]) == (4, 5), "a running count"
         assert router.stats()[f"file:{path}"]["dropped"] == 5
 
         mend(router, path)
         assert router.retry() == 0
-        assert alert_numbers(path) == [5, 6, 7, 8, 9], "the newest lines, in order"
+        assert [r["n"] for r in lines_of(path)] == [5, 6, 7, 8, 9], "the newest, in order"
         recovered = collector.health("sink_recovered")[0]["exfilwatch"]["health"]
-        assert (recovered["delivered_late"], recovered["dropped"]) == (5, 5)
+        assert (recovered["first_batch"], recovered["dropped"]) == (5, 5)
     finally:
         router.close()
 
@@ -251,7 +263,7 @@ def test_retry_backs_off_from_one_second_doubling_to_thirty_and_resets_on_succes
     clock = Clock()
     path = full_file(tmp_path)
     sink = full(FileSink(str(path)))
-    router = Router([(sink, frozenset({"alert"}))], clock=clock)
+    router = Router([(sink, frozenset({"alert"}))], clock=clock, jitter=0.0)
     name = f"file:{path}"
 
     def attempts_after(wait: float) -> int:
@@ -279,6 +291,31 @@ def test_retry_backs_off_from_one_second_doubling_to_thirty_and_resets_on_succes
         router.write("alert", alerts(2, 1))
         assert attempts_after(0.75) == 10, "after a success the backoff starts at 1 s again"
         assert attempts_after(0.25) == 11
+    finally:
+        router.close()
+
+
+def test_retries_are_jittered_between_half_and_all_of_the_backoff(tmp_path: Path) -> None:
+    """Equal jitter: a fleet of agents whose collector came back does not retry in step."""
+    clock = Clock()
+    path = full_file(tmp_path)
+    router = Router([(full(FileSink(str(path))), frozenset({"alert"}))], clock=clock)
+    name = f"file:{path}"
+    try:
+        router.write("alert", alerts(0, 1))
+        waits = []
+        backoff = 1.0
+        for _ in range(40):
+            before = router.stats()[name]["errors"]
+            waited = 0.0
+            while router.stats()[name]["errors"] == before:
+                clock.now += 0.05
+                waited += 0.05
+                router.retry()
+            waits.append(waited / backoff)
+            backoff = min(backoff * 2, 30.0)
+        assert all(0.45 <= w <= 1.05 for w in waits), waits
+        assert max(waits) - min(waits) > 0.1, "not all the same wait"
     finally:
         router.close()
 
