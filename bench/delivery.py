@@ -159,7 +159,7 @@ def outage(work: str, seconds: float, rate: float) -> dict[str, Any]:
                 router.write("alert", [pool[sent % len(pool)]], [73])
                 sent += 1
             time.sleep(0.01)
-        disk = sum(os.path.getsize(db + s) for s in ("", "-wal", "-shm") if os.path.exists(db + s))
+        disk = sum(os.path.getsize(os.path.join(db, n)) for n in os.listdir(db))
         rss_growth = rss_bytes() - rss_before
         backlog = router.outbox.backlog()
         collector.up = True

@@ -665,6 +665,7 @@ DURABLE = frozenset({"alert", "health"})
 BATCH = 1000  # lines per sink write
 JITTER = 0.5  # a retry waits between (1 - JITTER) and 1 times the backoff
 CLOSE_TIMEOUT = 2.0
+IDLE_TICK = 5.0  # an idle delivery thread's wake-up: cursors to disk, the outbox's disk retried
 # log.level of a health record -> the severity its sink filter compares (rules' scale).
 LEVEL_SEVERITY: Mapping[str, int] = MappingProxyType({"info": 1, "warning": 47, "error": 73})
 
@@ -959,21 +960,23 @@ class Router:
         return bool(lines) or moved
 
     def _work(self, route: _Route) -> None:
-        """A sink's delivery thread: waits for work (or its retry time), delivers, repeats."""
+        """A sink's delivery thread: waits for work (or its retry time), delivers, repeats.
+        Idle, it wakes every 5 s to write the outbox's cursors and retry its disk."""
         while True:
             with self._wake:
-                while not self._stopping:
-                    now = self._clock()
-                    if self._due(route, now, force=False) and not route.io.locked():
-                        break
-                    wait = route.next_retry - now if route.backoff else 5.0
-                    self._wake.wait(max(min(wait, 5.0), 0.01))
-                    if route not in self._routes:
-                        return
-                if self._stopping:
+                if self._stopping or route not in self._routes:
                     return
+                now = self._clock()
+                due = self._due(route, now, force=False) and not route.io.locked()
+                idle = False
+                if not due:
+                    wait = route.next_retry - now if route.backoff else IDLE_TICK
+                    idle = not self._wake.wait(max(min(wait, IDLE_TICK), 0.01))
+                    if self._stopping or route not in self._routes:
+                        return
+                    due = self._due(route, self._clock(), force=False)
             try:
-                if not self._step(route):
+                if (due and not self._step(route)) or (idle and not due):
                     self.outbox.retry()
             except Exception:
                 # Nothing may end a delivery thread (its sink would never get another line).

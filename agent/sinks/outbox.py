@@ -665,7 +665,8 @@ class Outbox:
         with self._write_lock:
             self._store([])
         with self._lock:
-            self._flush_cursors()
+            if time.monotonic() - self._flushed_at >= PRUNE_INTERVAL:
+                self._flush_cursors()
 
     def take_notes(self) -> list[Report]:
         """Health records the outbox has to say (disk failures, recoveries, drops)."""
