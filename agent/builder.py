@@ -13,6 +13,7 @@ from agent.components import Component
 from agent.config import Config, WatchSpec
 from agent.enrich.ownreads import OwnReads
 from agent.enrich.tags import TagResolver
+from agent.enrich.watchlist import WatchlistStage
 from agent.enrich.worker import EnrichmentWorker, WorkerSettings
 from agent.health import CapReporter, Reporter, record
 from agent.pipeline import Pipeline, Stage
@@ -111,6 +112,7 @@ class Components:
     fanotify_dirs: DirEventsWatcher | None = None
     proc_events: ProcEventsProcess | None = None
     mounts: MountWatcher | None = None
+    watchlist: WatchlistStage | None = None
     extra: list[Component] = field(default_factory=list)
 
     def ordered(self) -> list[Component]:
@@ -178,6 +180,8 @@ def build(
 
             attributor = Attributor(processes, exact=first_of(dir_exact, exact))
             stages.append(attributor)
+    watchlist = WatchlistStage()  # last: it looks at the user attribution found
+    stages.append(watchlist)
     pipeline = Pipeline(
         router,
         resolver,
@@ -236,6 +240,7 @@ def build(
         fanotify=fanotify,
         fanotify_dirs=fanotify_dirs,
         mounts=mounts,
+        watchlist=watchlist,
     )
 
 

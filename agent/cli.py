@@ -88,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
         "--recursive", "-r", action="store_true", help="and those of every directory under it"
     )
     forget.add_argument("--config", help="config whose state_dir to change")
+
+    from agent import watchlist_cli
+
+    watchlist_cli.add_parser(sub)
     return p
 
 
@@ -119,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rules_cli.replay(args.events, paths)
     if args.command == "markers" and args.markers_command in ("list", "forget"):
         return _markers(args)
+    if args.command == "watchlist":
+        from agent import watchlist_cli
+
+        return watchlist_cli.run(args)
     parser.print_help(sys.stderr if args.command is None else sys.stdout)
     return EXIT_USAGE if args.command is None else EXIT_OK
 

@@ -134,6 +134,18 @@ def _redact_url(url: str | None) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class WatchlistSettings:
+    """The departure watchlist (docs/offboarding.md): defaults for `watchlist add` and
+    `import`, and how HR's e-mail addresses become local user names."""
+
+    days_before: int = 90  # the watch starts this many days before the notice
+    days_after: int = 30  # and ends this many days after the last working day
+    user_map: tuple[tuple[str, str], ...] = ()  # (e-mail in lower case, user name)
+    local_part: bool = True  # an unmapped alice@corp.example is the local user alice
+    check_interval: float = 1.0  # how often the running agent looks for changes
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxSettings:
     """The durable outbox under state_dir (see docs/sinks.md)."""
 
@@ -238,6 +250,7 @@ class Config:
     processes: ProcessSettings = field(default_factory=ProcessSettings)
     enrichment: EnrichmentSettings = field(default_factory=EnrichmentSettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
+    watchlist: WatchlistSettings = field(default_factory=WatchlistSettings)
     # Prometheus metrics: a node_exporter textfile and/or a loopback endpoint HOST:PORT.
     metrics_textfile: str | None = None
     metrics_listen: str | None = None
@@ -417,7 +430,9 @@ _TOP_KEYS = (
     "enrichment",
     "outbox",
     "metrics",
+    "watchlist",
 )
+_WATCHLIST_KEYS = ("days_before", "days_after", "user_map", "local_part", "check_interval")
 _OUTBOX_KEYS = ("enabled", "max_records", "max_bytes", "sync")
 _METRICS_KEYS = ("textfile", "listen")
 _PROCESS_KEYS = ("enabled", "interval", "attribution", "fanotify", "fanotify_dirs", "source")
@@ -680,6 +695,24 @@ def _sink_options(
         if "timeout" in m:
             kw["timeout"] = c.duration(m["timeout"], f"{what}.timeout")
     return len(errors_only(c.problems[before:])) == 0 and all(v is not None for v in kw.values())
+
+
+def _user_map(c: _Checker, node: yaml.Node) -> tuple[tuple[str, str], ...] | None:
+    """watchlist.user_map: {e-mail: local user name}."""
+    if not isinstance(node, yaml.MappingNode):
+        c.add(node, "CFG_TYPE", "watchlist.user_map must be a mapping", "alice@corp.example: alice")
+        return None
+    out: list[tuple[str, str]] = []
+    for key_node, value_node in node.value:
+        email = c.scalar(key_node, str, "an e-mail in watchlist.user_map")
+        user = c.scalar(value_node, str, "a user name in watchlist.user_map")
+        if not isinstance(email, str) or not isinstance(user, str):
+            continue
+        if "@" not in email:
+            c.add(key_node, "CFG_VALUE", f"'{email}' in watchlist.user_map is not an e-mail")
+            continue
+        out.append((email.lower(), user))
+    return tuple(out)
 
 
 SYSLOG_FACILITIES = tuple(
@@ -945,6 +978,22 @@ def _build(c: _Checker, root: yaml.Node | None) -> Config | None:
                 kw["sync"] = _choice(c, m["sync"], "outbox.sync", OUTBOX_SYNC)
             if all(v is not None for v in kw.values()):
                 values["outbox"] = OutboxSettings(**kw)
+
+    if "watchlist" in top:
+        m = c.mapping(top["watchlist"], _WATCHLIST_KEYS, "watchlist")
+        if m is not None:
+            kw = {}
+            for key in ("days_before", "days_after"):
+                if key in m:
+                    kw[key] = c.positive_int(m[key], f"watchlist.{key}", 0, 3650)
+            if "local_part" in m:
+                kw["local_part"] = c.scalar(m["local_part"], bool, "watchlist.local_part")
+            if "check_interval" in m:
+                kw["check_interval"] = c.duration(m["check_interval"], "watchlist.check_interval")
+            if "user_map" in m:
+                kw["user_map"] = _user_map(c, m["user_map"])
+            if all(v is not None for v in kw.values()):
+                values["watchlist"] = WatchlistSettings(**kw)
 
     if "metrics" in top:
         m = c.mapping(top["metrics"], _METRICS_KEYS, "metrics")

@@ -96,6 +96,8 @@ class Event(msgspec.Struct, frozen=True, gc=False):
     location: str | None = None
     location_provider: str | None = None
     watchlist: str | None = None
+    # Days to the listed user's last working day (0 on it, negative after).
+    watchlist_days: int | None = None
     lineage_origin: str | None = None
     lineage_tags: tuple[str, ...] = ()
     archive_tagged: int | None = None
@@ -210,6 +212,7 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "exfilwatch.location.class": lambda e: e.location,
     "exfilwatch.location.provider": lambda e: e.location_provider,
     "exfilwatch.watchlist.status": lambda e: e.watchlist,
+    "exfilwatch.watchlist.days_to_last_day": lambda e: e.watchlist_days,
     "exfilwatch.lineage.origin_path": lambda e: e.lineage_origin,
     "exfilwatch.lineage.origin_tags": lambda e: e.lineage_tags,
     "exfilwatch.archive.tagged_members": lambda e: e.archive_tagged,
@@ -382,8 +385,12 @@ def to_dict(e: Event) -> dict[str, Any]:
     attribution = _attribution(e)
     if attribution:
         custom["attribution"] = attribution
-    if e.watchlist is not None:
-        custom["watchlist"] = {"status": e.watchlist}
+    if e.watchlist is not None or e.watchlist_days is not None:
+        custom["watchlist"] = {
+            k: v
+            for k, v in (("status", e.watchlist), ("days_to_last_day", e.watchlist_days))
+            if v is not None
+        }
     lineage: dict[str, Any] = {}
     if e.lineage_origin is not None:
         text, r = text_and_raw(e.lineage_origin)
@@ -486,7 +493,8 @@ class _Attribution(_Ecs):
 
 
 class _Watchlist(_Ecs):
-    status: str
+    status: str | None = None
+    days_to_last_day: int | None = None
 
 
 class _Lineage(_Ecs):
@@ -707,7 +715,9 @@ def _ecs_line(e: Event) -> _Line:
             or e.user_login_id is not None
             or e.masquerade is not None
             else None,
-            _Watchlist(e.watchlist) if e.watchlist is not None else None,
+            _Watchlist(e.watchlist, e.watchlist_days)
+            if e.watchlist is not None or e.watchlist_days is not None
+            else None,
             lineage,
             _Archive(e.archive_tagged, e.archive_truncated)
             if e.archive_tagged is not None or e.archive_truncated is not None
@@ -861,6 +871,11 @@ def from_dict(data: dict[str, Any]) -> Event:
         watchlist=_expect(
             _obj(custom, "watchlist").get("status"), str, "exfilwatch.watchlist.status"
         ),
+        watchlist_days=_expect(
+            _obj(custom, "watchlist").get("days_to_last_day"),
+            int,
+            "exfilwatch.watchlist.days_to_last_day",
+        ),
         lineage_origin=path_value(
             "exfilwatch.lineage.origin_path", _obj(custom, "lineage").get("origin_path")
         ),
@@ -954,6 +969,7 @@ SETTABLE: dict[str, str] = {
     "exfilwatch.location.class": "location",
     "exfilwatch.location.provider": "location_provider",
     "exfilwatch.watchlist.status": "watchlist",
+    "exfilwatch.watchlist.days_to_last_day": "watchlist_days",
     "exfilwatch.lineage.origin_path": "lineage_origin",
     "exfilwatch.lineage.origin_tags": "lineage_tags",
     "exfilwatch.archive.tagged_members": "archive_tagged",
@@ -984,6 +1000,7 @@ _INT_ATTRS = frozenset(
         "archive_tagged",
         "process_parent_pid",
         "nlink",
+        "watchlist_days",
     }
 )
 

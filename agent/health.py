@@ -68,6 +68,12 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "sink_recovered": ("state", "info"),
     # The outbox's disk refused a write (full, read-only): records wait in memory meanwhile.
     "outbox_error": ("state", "error"),
+    # The watchlist file was read (entries, active), refused (problems; the last good list
+    # stays), and a user's watch window opened or closed.
+    "watchlist_loaded": ("state", "info"),
+    "watchlist_rejected": ("state", "error"),
+    "watchlist_entered": ("state", "warning"),
+    "watchlist_left": ("state", "info"),
     "outbox_recovered": ("state", "info"),
     "source_actions": ("state", "info"),
 }

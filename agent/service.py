@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import os
 import threading
@@ -14,11 +15,11 @@ import psutil
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from agent import __version__
+from agent import __version__, watchlist
 from agent.builder import Components, build
 from agent.components import Component
 from agent.config import Config, WatchSpec, check_file
-from agent.diagnostics import Problem, errors_only
+from agent.diagnostics import Problem, check_permissions, errors_only
 from agent.events import format_timestamp
 from agent.health import CapReporter, now_us, record
 from agent.metrics import Metrics
@@ -100,6 +101,9 @@ class Agent:
         self._ruleset: RuleSet | None = None
         self._actions: frozenset[str] | None = None
         self._actions_known = False
+        self._watchlist_signature: tuple[int, ...] | None = (-1,)
+        self._watchlist_entries: list[watchlist.Entry] = []
+        self._watchlist_day: dt.date | None = None
         self._checkpoint_processed = -1
         self._checkpoint_at = 0.0
 
@@ -128,6 +132,88 @@ class Agent:
                 "they are lost if the agent stops",
             )
             return None
+
+    def check_watchlist(self) -> None:
+        """Pick up watchlist changes (the file's identity changed) and window edges (the day
+        changed): events then carry the new statuses. A bad file keeps the last good list."""
+        try:
+            self._check_watchlist()
+        except Exception as exc:
+            # A scheduled job must not fail silently inside the scheduler's own log.
+            log.exception("watchlist_check_failed")
+            self._report(record("source_error", type(exc).__name__, component="watchlist"))
+
+    def _check_watchlist(self) -> None:
+        parts = self.parts
+        if parts is None or parts.watchlist is None:
+            return
+        path = watchlist.store_path(self.config.state_dir)
+        try:
+            st = os.stat(path)
+            signature: tuple[int, ...] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            signature = None
+        today = dt.date.today()
+        changed = signature != self._watchlist_signature
+        if changed:
+            self._watchlist_signature = signature
+            entries, problems = self._load_watchlist(path, signature is not None)
+            if entries is None:
+                errors = errors_only(problems)
+                log.error("watchlist_rejected", problems=len(errors))
+                self._report(
+                    record(
+                        "watchlist_rejected",
+                        errors[0].code if errors else "WL_INVALID",
+                        file=path,
+                        problems=[str(p) for p in errors[:20]],
+                        kept_entries=len(self._watchlist_entries),
+                        hint="the last good list stays in force; fix the file or use "
+                        "`exfilwatch watchlist` to rewrite it",
+                    )
+                )
+                changed = False
+            else:
+                self._watchlist_entries = entries
+        if not changed and today == self._watchlist_day:
+            return
+        self._watchlist_day = today
+        before = parts.watchlist.active
+        now = watchlist.active(self._watchlist_entries, today)
+        parts.watchlist.set(now)
+        if changed:
+            self._report(
+                record(
+                    "watchlist_loaded",
+                    None,
+                    file=path,
+                    entries=len(self._watchlist_entries),
+                    active=len(now),
+                )
+            )
+        for user in sorted(now.keys() - before.keys()):
+            status = now[user]
+            self._report(
+                record(
+                    "watchlist_entered",
+                    status.type,
+                    user=user,
+                    last_day=status.last_day.isoformat(),
+                    days_to_last_day=status.days_to_last_day,
+                )
+            )
+        for user in sorted(before.keys() - now.keys()):
+            self._report(record("watchlist_left", before[user].type, user=user))
+
+    def _load_watchlist(
+        self, path: str, exists: bool
+    ) -> tuple[list[watchlist.Entry] | None, list[Problem]]:
+        if not exists:
+            return [], []
+        unsafe = errors_only(check_permissions(path, "WL"))
+        if unsafe:
+            return None, unsafe
+        return watchlist.load(path)
 
     def load_rules(self) -> bool:
         """Read and compile the configured rules before start; False (and problems) when bad."""
@@ -313,6 +399,8 @@ class Agent:
             jobs.append((self.check_processes, interval, "processes"))
         if self.mounts is not None:
             jobs.append((self.check_mounts, self.config.locations.mount_check_interval, "mounts"))
+        self.check_watchlist()
+        jobs.append((self.check_watchlist, self.config.watchlist.check_interval, "watchlist"))
         if self.config.rules:
             jobs.append((self.check_rules, self.config.rules_check_interval, "rules_check"))
             jobs.append((self.expire_windows, 60.0, "window_expiry"))

@@ -54,6 +54,7 @@ CONFIG_OBJECTS = {
     "_ENRICHMENT_KEYS": "/$defs/enrichment",
     "_OUTBOX_KEYS": "/$defs/outbox",
     "_METRICS_KEYS": "/$defs/metrics",
+    "_WATCHLIST_KEYS": "/$defs/watchlist",
 }
 # Maps the loader checks with a literal key tuple inside a method (nothing to import).
 RULE_INLINE_OBJECTS = (
