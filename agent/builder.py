@@ -17,6 +17,7 @@ from agent.enrich.watchlist import WatchlistStage
 from agent.enrich.worker import EnrichmentWorker, WorkerSettings
 from agent.health import CapReporter, Reporter, record
 from agent.pipeline import Pipeline, Stage
+from agent.risk import OffHours
 from agent.sinks import Router
 from agent.sources import Source, make_source
 
@@ -180,6 +181,8 @@ def build(
 
             attributor = Attributor(processes, exact=first_of(dir_exact, exact))
             stages.append(attributor)
+    if config.working_hours is not None:
+        stages.append(OffHours(config.working_hours))
     watchlist = WatchlistStage()  # last: it looks at the user attribution found
     stages.append(watchlist)
     pipeline = Pipeline(
@@ -192,6 +195,7 @@ def build(
         },
         stages=stages,
         content=destinations,
+        risk=config.risk,
     )
     if lineage is not None:
         own_reads = OwnReads(on_cap=caps.hit)

@@ -120,7 +120,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = args.rules or rules_cli.config_rule_paths(args.config)
         if paths is None:
             return EXIT_PROBLEMS
-        return rules_cli.replay(args.events, paths)
+        risk = None
+        if args.config:
+            config, problems = check_file(args.config)
+            if config is None:
+                print(format_problems(errors_only(problems)), file=sys.stderr)
+                return EXIT_PROBLEMS
+            risk = config.risk
+        return rules_cli.replay(args.events, paths, risk)
     if args.command == "markers" and args.markers_command in ("list", "forget"):
         return _markers(args)
     if args.command == "watchlist":

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import os
 import shlex
+import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -25,6 +28,7 @@ from agent.diagnostics import (
     nearest,
     node_value,
 )
+from agent.risk import DAYS, DEFAULT_BANDS, DEFAULT_WEIGHTS, RiskSettings, WorkingHours
 from agent.units import parse_duration
 
 SYSTEM_CONFIG = "/etc/exfilwatch/agent.yaml"
@@ -251,6 +255,9 @@ class Config:
     enrichment: EnrichmentSettings = field(default_factory=EnrichmentSettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     watchlist: WatchlistSettings = field(default_factory=WatchlistSettings)
+    # None: events carry no off-hours flag (set it to score off-hours activity).
+    working_hours: WorkingHours | None = None
+    risk: RiskSettings = field(default_factory=RiskSettings)
     # Prometheus metrics: a node_exporter textfile and/or a loopback endpoint HOST:PORT.
     metrics_textfile: str | None = None
     metrics_listen: str | None = None
@@ -431,7 +438,11 @@ _TOP_KEYS = (
     "outbox",
     "metrics",
     "watchlist",
+    "working_hours",
+    "risk",
 )
+_WORKING_HOURS_KEYS = ("days", "start", "end", "timezone")
+_RISK_KEYS = ("weights", "bands")
 _WATCHLIST_KEYS = ("days_before", "days_after", "user_map", "local_part", "check_interval")
 _OUTBOX_KEYS = ("enabled", "max_records", "max_bytes", "sync")
 _METRICS_KEYS = ("textfile", "listen")
@@ -695,6 +706,108 @@ def _sink_options(
         if "timeout" in m:
             kw["timeout"] = c.duration(m["timeout"], f"{what}.timeout")
     return len(errors_only(c.problems[before:])) == 0 and all(v is not None for v in kw.values())
+
+
+def _working_hours(c: _Checker, node: yaml.Node) -> WorkingHours | None:
+    m = c.mapping(node, _WORKING_HOURS_KEYS, "working_hours")
+    if m is None:
+        return None
+    kw: dict[str, Any] = {}
+    before = len(c.problems)
+    if "days" in m:
+        days = c.string_list(m["days"], "working_hours.days")
+        if days is not None:
+            for d in days:
+                if d not in DAYS:
+                    c.add(
+                        m["days"],
+                        "CFG_VALUE",
+                        f"unknown day '{d}' in working_hours.days",
+                        nearest(d, DAYS) or f"any of {', '.join(DAYS)}",
+                    )
+            kw["days"] = tuple(d for d in DAYS if d in days)
+    for key in ("start", "end"):
+        if key in m:
+            text = c.scalar(m[key], str, f"working_hours.{key}")
+            try:
+                kw[key] = dt.time.fromisoformat(text) if isinstance(text, str) else None
+            except ValueError:
+                kw[key] = None
+            if kw[key] is None:
+                c.add(m[key], "CFG_VALUE", f"working_hours.{key} must be a time", 'e.g. "08:00"')
+    if "timezone" in m:
+        zone = c.scalar(m["timezone"], str, "working_hours.timezone")
+        if isinstance(zone, str):
+            try:
+                zoneinfo.ZoneInfo(zone)
+                kw["timezone"] = zone
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                c.add(
+                    m["timezone"],
+                    "CFG_VALUE",
+                    f"unknown time zone '{zone}'",
+                    "an IANA name such as Europe/Berlin or America/New_York",
+                )
+    if len(c.problems) > before:
+        return None
+    hours = WorkingHours(**kw)
+    if hours.start == hours.end:
+        c.add(node, "CFG_VALUE", "working_hours.start and end are the same time")
+        return None
+    return hours
+
+
+def _risk(c: _Checker, node: yaml.Node) -> RiskSettings | None:
+    m = c.mapping(node, _RISK_KEYS, "risk")
+    if m is None:
+        return None
+    before = len(c.problems)
+    weights = dict(DEFAULT_WEIGHTS)
+    if "weights" in m:
+        w = m["weights"]
+        if not isinstance(w, yaml.MappingNode):
+            c.add(w, "CFG_TYPE", "risk.weights must be a mapping", "departing: 4")
+        else:
+            for key_node, value_node in w.value:
+                name = c.scalar(key_node, str, "a factor in risk.weights")
+                value = c.scalar(value_node, int, f"risk.weights.{name}")
+                if not isinstance(name, str) or not isinstance(value, int):
+                    continue
+                if name not in DEFAULT_WEIGHTS and not name.startswith(
+                    ("watchlist.", "location.", "sensitivity.")
+                ):
+                    c.add(
+                        key_node,
+                        "CFG_VALUE",
+                        f"unknown risk factor '{name}'",
+                        nearest(name, tuple(DEFAULT_WEIGHTS))
+                        or "watchlist.<type>, location.<class>, sensitivity.<level>, off_hours",
+                    )
+                elif not -10 <= value <= 10:
+                    c.add(value_node, "CFG_VALUE", f"risk.weights.{name} must be -10 to 10")
+                else:
+                    weights[name] = value
+    bands = DEFAULT_BANDS
+    if "bands" in m:
+        b = m["bands"]
+        parsed: list[tuple[int, int]] = []
+        if not isinstance(b, yaml.SequenceNode):
+            c.add(b, "CFG_TYPE", "risk.bands must be a list", "[{score: 5, raise: 1}]")
+        else:
+            for item in b.value:
+                band = c.mapping(item, ("score", "raise"), "a risk band")
+                if band is None or "score" not in band or "raise" not in band:
+                    if band is not None:
+                        c.add(item, "CFG_REQUIRED", "a risk band needs 'score' and 'raise'")
+                    continue
+                score = c.positive_int(band["score"], "risk band score", 1, 100)
+                levels = c.positive_int(band["raise"], "risk band raise", 1, 4)
+                if score is not None and levels is not None:
+                    parsed.append((score, levels))
+        bands = tuple(sorted(parsed))
+    if len(c.problems) > before:
+        return None
+    return RiskSettings(MappingProxyType(weights), bands)
 
 
 def _user_map(c: _Checker, node: yaml.Node) -> tuple[tuple[str, str], ...] | None:
@@ -994,6 +1107,16 @@ def _build(c: _Checker, root: yaml.Node | None) -> Config | None:
                 kw["user_map"] = _user_map(c, m["user_map"])
             if all(v is not None for v in kw.values()):
                 values["watchlist"] = WatchlistSettings(**kw)
+
+    if "working_hours" in top:
+        hours = _working_hours(c, top["working_hours"])
+        if hours is not None:
+            values["working_hours"] = hours
+
+    if "risk" in top:
+        risk = _risk(c, top["risk"])
+        if risk is not None:
+            values["risk"] = risk
 
     if "metrics" in top:
         m = c.mapping(top["metrics"], _METRICS_KEYS, "metrics")

@@ -98,6 +98,7 @@ class Event(msgspec.Struct, frozen=True, gc=False):
     watchlist: str | None = None
     # Days to the listed user's last working day (0 on it, negative after).
     watchlist_days: int | None = None
+    off_hours: bool | None = None  # outside the configured working hours
     lineage_origin: str | None = None
     lineage_tags: tuple[str, ...] = ()
     archive_tagged: int | None = None
@@ -213,6 +214,7 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "exfilwatch.location.provider": lambda e: e.location_provider,
     "exfilwatch.watchlist.status": lambda e: e.watchlist,
     "exfilwatch.watchlist.days_to_last_day": lambda e: e.watchlist_days,
+    "exfilwatch.off_hours": lambda e: e.off_hours,
     "exfilwatch.lineage.origin_path": lambda e: e.lineage_origin,
     "exfilwatch.lineage.origin_tags": lambda e: e.lineage_tags,
     "exfilwatch.archive.tagged_members": lambda e: e.archive_tagged,
@@ -391,6 +393,8 @@ def to_dict(e: Event) -> dict[str, Any]:
             for k, v in (("status", e.watchlist), ("days_to_last_day", e.watchlist_days))
             if v is not None
         }
+    if e.off_hours is not None:
+        custom["off_hours"] = e.off_hours
     lineage: dict[str, Any] = {}
     if e.lineage_origin is not None:
         text, r = text_and_raw(e.lineage_origin)
@@ -524,6 +528,7 @@ class _Custom(_Ecs):
     location: _Location | None = None
     attribution: _Attribution | None = None
     watchlist: _Watchlist | None = None
+    off_hours: bool | None = None
     lineage: _Lineage | None = None
     archive: _Archive | None = None
     file: _Nlink | None = None
@@ -718,6 +723,7 @@ def _ecs_line(e: Event) -> _Line:
             _Watchlist(e.watchlist, e.watchlist_days)
             if e.watchlist is not None or e.watchlist_days is not None
             else None,
+            e.off_hours,
             lineage,
             _Archive(e.archive_tagged, e.archive_truncated)
             if e.archive_tagged is not None or e.archive_truncated is not None
@@ -876,6 +882,7 @@ def from_dict(data: dict[str, Any]) -> Event:
             int,
             "exfilwatch.watchlist.days_to_last_day",
         ),
+        off_hours=_expect(custom.get("off_hours"), bool, "exfilwatch.off_hours"),
         lineage_origin=path_value(
             "exfilwatch.lineage.origin_path", _obj(custom, "lineage").get("origin_path")
         ),
@@ -970,6 +977,7 @@ SETTABLE: dict[str, str] = {
     "exfilwatch.location.provider": "location_provider",
     "exfilwatch.watchlist.status": "watchlist",
     "exfilwatch.watchlist.days_to_last_day": "watchlist_days",
+    "exfilwatch.off_hours": "off_hours",
     "exfilwatch.lineage.origin_path": "lineage_origin",
     "exfilwatch.lineage.origin_tags": "lineage_tags",
     "exfilwatch.archive.tagged_members": "archive_tagged",
@@ -989,7 +997,7 @@ SETTABLE: dict[str, str] = {
     "process.parent.command_line": "process_parent_command_line",
 }
 _TUPLE_ATTRS = frozenset({"tags", "lineage_tags", "disguise", "process_args"})
-_BOOL_ATTRS = frozenset({"archive_truncated"})
+_BOOL_ATTRS = frozenset({"archive_truncated", "off_hours"})
 _INT_ATTRS = frozenset(
     {
         "timestamp_us",

@@ -20,6 +20,7 @@ from agent.enrich.tags import TagResolver
 from agent.enrich.worker import ContentStage, EnrichmentWorker
 from agent.events import Event, dumps, event_line
 from agent.health import record
+from agent.risk import RiskSettings, score_alert
 from agent.rules.engine import Engine
 from agent.sinks import Router
 from agent.sources.base import LANE_OF, LANES, RawEvent
@@ -209,8 +210,10 @@ class Pipeline:
         stages: Sequence[Stage] = (),
         content: ContentStage | None = None,
         source_name: str = "inotify",
+        risk: RiskSettings | None = None,
     ) -> None:
         self.router = router
+        self.risk = risk
         self.resolver = resolver
         caps = dict.fromkeys(LANES, queue_size) if isinstance(queue_size, int) else dict(queue_size)
         self.queue = LaneQueue(caps)
@@ -565,6 +568,8 @@ class Pipeline:
                 lines.append(event_line(event))
             if engine is not None:
                 for alert in engine.process(event):
+                    if self.risk is not None:
+                        score_alert(alert, event, self.risk)
                     alerts.append(dumps(stamp_created(alert)))
                     severities.append(int(alert["event"].get("severity") or 0))
         if lines:

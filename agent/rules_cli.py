@@ -18,6 +18,7 @@ from agent.alerts import stamp_created
 from agent.config import check_file, default_config_path
 from agent.diagnostics import Problem, errors_only, format_problems
 from agent.events import SETTABLE, Event, dumps, read_jsonl
+from agent.risk import RiskSettings, score_alert
 from agent.rules.compiler import fingerprint, load_rules
 from agent.rules.engine import Engine
 from agent.rules.testing import coverage, run_all
@@ -130,14 +131,15 @@ def test(paths: Sequence[str], require_tests: bool) -> int:
     return 1 if failed or missing else 0
 
 
-def replay(events_path: str, paths: Sequence[str]) -> int:
+def replay(events_path: str, paths: Sequence[str], risk: RiskSettings | None = None) -> int:
     """Alerts for recorded events: the same the live agent emits for that stream.
 
     The file is read a line at a time and each alert written when it is made, so memory stays
     flat however long the recording. A bad line is reported where it is and skipped; the
     other lines still alert, and the exit code (1) says that some line was bad."""
+    risk = risk or RiskSettings()
     if events_path == "-":
-        return _replay(sys.stdin.buffer, "<stdin>", paths)
+        return _replay(sys.stdin.buffer, "<stdin>", paths, risk)
     try:
         stream = open(events_path, "rb")  # noqa: SIM115 - closed by the with below
     except OSError as exc:
@@ -145,7 +147,7 @@ def replay(events_path: str, paths: Sequence[str]) -> int:
         print(problem, file=sys.stderr)
         return 1
     with stream:
-        return _replay(stream, events_path, paths)
+        return _replay(stream, events_path, paths, risk)
 
 
 # An event line is a few KiB (a 4 KiB path, escaped, beside its raw form). A longer line is
@@ -208,7 +210,7 @@ def _records(stream: IO[bytes], file: str) -> Iterator[Event | Problem]:
                 yield Problem(file, lineno, 1, "EVT_FIELD", f"{field} holds a lone surrogate")
 
 
-def _replay(stream: IO[bytes], file: str, paths: Sequence[str]) -> int:
+def _replay(stream: IO[bytes], file: str, paths: Sequence[str], risk: RiskSettings) -> int:
     records = _records(stream, file)
     bad = events = alerts = 0
     # Rules are loaded at the first event's time (list and exception expiry): peek at it,
@@ -236,6 +238,7 @@ def _replay(stream: IO[bytes], file: str, paths: Sequence[str]) -> int:
             events += 1
             for alert in engine.process(item):
                 alerts += 1
+                score_alert(alert, item, risk)
                 out.write(dumps(stamp_created(alert)) + "\n")
         out.flush()
     except BrokenPipeError:

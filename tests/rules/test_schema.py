@@ -55,6 +55,8 @@ CONFIG_OBJECTS = {
     "_OUTBOX_KEYS": "/$defs/outbox",
     "_METRICS_KEYS": "/$defs/metrics",
     "_WATCHLIST_KEYS": "/$defs/watchlist",
+    "_WORKING_HOURS_KEYS": "/$defs/working_hours",
+    "_RISK_KEYS": "/$defs/risk",
 }
 # Maps the loader checks with a literal key tuple inside a method (nothing to import).
 RULE_INLINE_OBJECTS = (
