@@ -71,6 +71,8 @@ ACTIONS: dict[str, tuple[str, str]] = {
     # The watchlist file was read (entries, active), refused (problems; the last good list
     # stays), and a user's watch window opened or closed.
     "watchlist_loaded": ("state", "info"),
+    # Correlation windows and suppression of the previous run, resumed at start.
+    "engine_state_restored": ("state", "info"),
     "watchlist_rejected": ("state", "error"),
     "watchlist_entered": ("state", "warning"),
     "watchlist_left": ("state", "info"),

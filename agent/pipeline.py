@@ -220,6 +220,8 @@ class Pipeline:
         # How long a source waits for room in the tagged lane before its batch is cut.
         self.backpressure = 2.0
         self._expire_at: int | None = None
+        self._state_wanted: threading.Event | None = None
+        self._state: dict[str, Any] | None = None
         self.engine: Engine | None = None
         self.stages: tuple[Stage, ...] = tuple(stages)
         self.content = content
@@ -386,6 +388,10 @@ class Pipeline:
                     hint="health records were dropped while the consumer was stuck",
                 )
             )
+        if self._state_wanted is not None:
+            done, self._state_wanted = self._state_wanted, None
+            self._state = self.engine.export_state() if self.engine is not None else None
+            done.set()
         if self._expire_at is not None and self.engine is not None:
             # Engine state is touched by this thread only: expiry runs here, not in the
             # scheduler's thread (a dict changing size mid-iteration would be the result).
@@ -594,6 +600,20 @@ class Pipeline:
             sequence=self._sequence,
             hostname=self._hostname,
         )
+
+    def engine_state(self, timeout: float = 5.0) -> dict[str, Any] | None:
+        """The engine's correlation and suppression state (see Engine.export_state), taken on
+        the consumer's thread between two items; directly when the consumer is not running.
+        None when there is no engine or the consumer did not answer in time."""
+        if self._thread is None:
+            return self.engine.export_state() if self.engine is not None else None
+        done = threading.Event()
+        self._state_wanted = done
+        self.queue.wake()
+        if not done.wait(timeout):
+            return None
+        state, self._state = self._state, None
+        return state
 
     def request_expiry(self, now_us: int) -> None:
         """Ask the consumer to drop stale correlation groups at its next turn."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import json
 import os
 import threading
 import time
@@ -30,7 +31,7 @@ from agent.sinks import Router, SinkOpenError
 from agent.sinks.outbox import OUTBOX_DIR, Outbox
 from agent.sources import Source
 from agent.sources.base import OPTIONAL_ACTIONS, needed_actions
-from agent.state import AgentState, PreviousRun
+from agent.state import AgentState, PreviousRun, write_private
 
 if TYPE_CHECKING:
     from agent.enrich.attribution import Proc, ProcessTable
@@ -48,6 +49,8 @@ STATE_CHECKPOINT_SECONDS = 30.0
 # receive buffer overrun lost is found (as process_started events from process_poll).
 PROCESS_RECONCILE_SECONDS = 30.0
 STATE_CHECKPOINT_IDLE_SECONDS = 60.0
+ENGINE_STATE_FILE = "engine.state.json"
+ENGINE_STATE_MAX_BYTES = 64 * 1024 * 1024
 # Keys a reload cannot change on a running agent (they shape objects made at start).
 _RESTART_KEYS = (
     "source",
@@ -243,6 +246,8 @@ class Agent:
             )
             return False
         engine = Engine(ruleset, on_cap=self._engine_cap)
+        if initial:
+            self._restore_engine_state(engine)
         self.pipeline.set_engine(engine)
         self._ruleset = ruleset
         self._update_actions()
@@ -489,6 +494,54 @@ class Agent:
             return
         self._checkpoint_processed, self._checkpoint_at = processed, now
         self._save_state(self.state.checkpoint)
+        if pipeline is not None:
+            self.save_engine_state(pipeline.engine_state())
+
+    def _restore_engine_state(self, engine: Engine) -> None:
+        """Correlation windows and suppression of the previous run, for rules that did not
+        change: half a threshold before a restart and half after is one alert."""
+        path = os.path.join(self.config.state_dir, ENGINE_STATE_FILE)
+        try:
+            with open(path, "rb") as fh:
+                data = json.loads(fh.read(ENGINE_STATE_MAX_BYTES + 1))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            self._report(
+                record(
+                    "engine_state_restored",
+                    "unreadable",
+                    file=path,
+                    error=str(exc)[:200],
+                    hint="correlations start empty; the file is replaced at the next checkpoint",
+                )
+            )
+            return
+        restored = engine.import_state(data, now_us())
+        self._report(record("engine_state_restored", None, file=path, **restored))
+
+    def save_engine_state(self, state: dict[str, Any] | None) -> None:
+        """Write the engine's state (atomically, 0600); too large a state keeps only the
+        suppression (reported)."""
+        if state is None:
+            return
+        path = os.path.join(self.config.state_dir, ENGINE_STATE_FILE)
+        text = json.dumps(state, ensure_ascii=True, separators=(",", ":"))
+        if len(text) > ENGINE_STATE_MAX_BYTES:
+            self._report(
+                record(
+                    "cap_reached",
+                    "engine_state_size",
+                    cap=ENGINE_STATE_MAX_BYTES,
+                    size=len(text),
+                    hint="correlation windows are not saved; suppression is",
+                )
+            )
+            text = json.dumps({**state, "windows": {}}, ensure_ascii=True, separators=(",", ":"))
+        try:
+            write_private(path, text.encode("ascii"))
+        except OSError as exc:
+            self._report(record("source_error", _errno_name(exc), stage="engine_state", path=path))
 
     def _save_state(self, step: Callable[[int], None]) -> None:
         try:
@@ -699,6 +752,8 @@ class Agent:
                 )
             )
         self._running = []
+        if pipeline is not None and pipeline.engine is not None:
+            self.save_engine_state(pipeline.engine.export_state())
         self._save_state(self.state.stopped)
         if self.metrics is not None:
             self.metrics.stop()

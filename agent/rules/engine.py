@@ -63,6 +63,7 @@ class _Sequence:
 
 
 _PLACE_CACHE = 1024
+STATE_VERSION = 1
 
 
 class Engine:
@@ -357,6 +358,132 @@ class Engine:
                 self._suppress[rid] = keys
         return kept
 
+    def export_state(self) -> dict[str, Any]:
+        """Correlation windows and suppression as plain data (JSON-ready; file names may hold
+        lone surrogates, which json.dumps escapes), keyed by rule id with the rule's
+        fingerprint, so a restart resumes only rules that did not change. Call on the thread
+        that feeds the engine."""
+        windows: dict[str, Any] = {}
+        for cid, groups in self._windows.items():
+            rows: list[Any] = []
+            for key, st in groups.items():
+                if isinstance(st, _Sequence):
+                    rows.append(
+                        [list(key), "seq", st.first, st.step, [list(x) for x in st.samples]]
+                    )
+                else:
+                    rows.append([list(key), "win", [list(x) for x in st.items]])
+            if rows:
+                windows[cid] = {
+                    "fingerprint": self.ruleset.correlations[cid].fingerprint,
+                    "groups": rows,
+                }
+        every = {**self.ruleset.rules, **self.ruleset.correlations}
+        suppress: dict[str, Any] = {}
+        for rid, keys in self._suppress.items():
+            if keys and rid in every:
+                suppress[rid] = {
+                    "fingerprint": every[rid].fingerprint,
+                    "keys": [[list(k), until, count] for k, (until, count) in keys.items()],
+                }
+        return {"version": STATE_VERSION, "windows": windows, "suppress": suppress}
+
+    def import_state(self, data: Any, now_us: int) -> dict[str, int]:
+        """Resume from `export_state` output: rules whose fingerprint still matches get their
+        groups back (expired matches dropped, caps applied); anything malformed is skipped.
+        Returns what was restored and what was not."""
+        out = {"groups": 0, "matches": 0, "suppressed_keys": 0, "skipped_rules": 0, "bad": 0}
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            out["bad"] += 1
+            return out
+        windows = data.get("windows")
+        windows = windows if isinstance(windows, dict) else {}
+        for cid, saved in windows.items():
+            corr = self.ruleset.correlations.get(cid)
+            if (
+                corr is None
+                or not isinstance(saved, dict)
+                or saved.get("fingerprint") != corr.fingerprint
+            ):
+                out["skipped_rules"] += 1
+                continue
+            c = corr.rule.correlation
+            assert c is not None
+            span = int(c.timespan * 1_000_000)
+            groups = self._windows[cid]
+            for row in saved.get("groups", []):
+                try:
+                    restored = self._restore_group(c, row, now_us - span)
+                except (TypeError, ValueError, IndexError):
+                    out["bad"] += 1
+                    continue
+                if restored is None:
+                    continue
+                key, st = restored
+                if len(groups) >= self.caps.max_groups:
+                    break
+                n = len(st.items) if isinstance(st, _Window) else 0
+                if self._items + n > self.caps.max_total_events:
+                    break
+                groups[key] = st
+                self._items += n
+                out["groups"] += 1
+                out["matches"] += n if n else 1
+        every = {**self.ruleset.rules, **self.ruleset.correlations}
+        suppress = data.get("suppress")
+        suppress = suppress if isinstance(suppress, dict) else {}
+        for rid, saved in suppress.items():
+            rule = every.get(rid)
+            if (
+                rule is None
+                or not isinstance(saved, dict)
+                or saved.get("fingerprint") != rule.fingerprint
+            ):
+                out["skipped_rules"] += 1
+                continue
+            keys = self._suppress.setdefault(rid, OrderedDict())
+            for row in saved.get("keys", []):
+                good = isinstance(row, list) and len(row) == 3
+                key_list, until, count = row if good else (None, None, None)
+                if not (isinstance(key_list, list) and isinstance(until, int)) or not isinstance(
+                    count, int
+                ):
+                    out["bad"] += 1
+                    continue
+                if until < now_us and not count:
+                    continue
+                if len(keys) >= self.caps.max_suppress_keys:
+                    break
+                keys[_tuplify(key_list)] = [until, count]
+                out["suppressed_keys"] += 1
+        return out
+
+    def _restore_group(
+        self, c: Any, row: Any, cutoff: int
+    ) -> tuple[tuple[Any, ...], _Window | _Sequence] | None:
+        key = _tuplify(row[0])
+        if not isinstance(key, tuple):
+            raise TypeError("key")
+        if row[1] == "seq":
+            first, step, samples = int(row[2]), int(row[3]), row[4]
+            if first < cutoff or not 0 < step < len(c.rules):
+                return None
+            seq = _Sequence(first)
+            seq.step = step
+            seq.samples = [(int(t), str(p)) for t, p in samples][: self.caps.sample_paths]
+            return key, seq
+        win = _Window()
+        for t, p, size, value in row[2][-self.caps.max_events :]:
+            if int(t) < cutoff:
+                continue
+            v = _tuplify(value)
+            win.items.append((int(t), str(p), int(size), v))
+            if v is not None:
+                win.values[v] = win.values.get(v, 0) + 1
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    win.total += v
+        return (key, win) if win.items else None
+
     def stats(self) -> dict[str, Any]:
         return {
             "rules": len(self.ruleset.rules),
@@ -373,6 +500,13 @@ class Engine:
 
 def _single(r: CompiledRule, e: Event, suppressed: int) -> dict[str, Any]:
     return build_alert(r.rule, e, suppressed=suppressed)
+
+
+def _tuplify(value: Any) -> Any:
+    """JSON gave lists where the engine keeps tuples (hashable group keys and values)."""
+    if isinstance(value, list):
+        return tuple(_tuplify(v) for v in value)
+    return value
 
 
 def _last(state: Any) -> int:
