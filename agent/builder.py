@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -197,6 +198,11 @@ def build(
         content=destinations,
         risk=config.risk,
     )
+    if config.pseudonymize:
+        from agent.privacy import KEY_FILE, Pseudonyms, load_or_make_key
+
+        os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+        pipeline.pseudonyms = Pseudonyms(load_or_make_key(os.path.join(config.state_dir, KEY_FILE)))
     if lineage is not None:
         own_reads = OwnReads(on_cap=caps.hit)
         lineage.own_reads = own_reads

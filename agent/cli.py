@@ -92,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     from agent import watchlist_cli
 
     watchlist_cli.add_parser(sub)
+    pseudo = sub.add_parser("pseudonym", help="who a pseudonymized user name stands for")
+    pseudo_sub = pseudo.add_subparsers(dest="pseudonym_command", metavar="SUBCOMMAND")
+    reveal = pseudo_sub.add_parser("reveal", help="the user behind u-... (needs the key)")
+    reveal.add_argument("pseudonyms", nargs="+", metavar="PSEUDONYM")
+    reveal.add_argument("--config", help="config whose state_dir holds pseudonym.key")
     return p
 
 
@@ -130,12 +135,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rules_cli.replay(args.events, paths, risk)
     if args.command == "markers" and args.markers_command in ("list", "forget"):
         return _markers(args)
+    if args.command == "pseudonym" and args.pseudonym_command == "reveal":
+        return _reveal(args.pseudonyms, args.config)
     if args.command == "watchlist":
         from agent import watchlist_cli
 
         return watchlist_cli.run(args)
     parser.print_help(sys.stderr if args.command is None else sys.stdout)
     return EXIT_USAGE if args.command is None else EXIT_OK
+
+
+def _reveal(pseudonyms: Sequence[str], config_path: str | None) -> int:
+    """Try every account of the host and every watchlist entry against the key."""
+    import pwd
+
+    from agent import watchlist
+    from agent.privacy import KEY_FILE, Pseudonyms
+
+    path = config_path or default_config_path()
+    config, problems = check_file(path)
+    if config is None:
+        print(format_problems(errors_only(problems)), file=sys.stderr)
+        return EXIT_PROBLEMS
+    key_path = os.path.join(config.state_dir, KEY_FILE)
+    try:
+        with open(key_path, encoding="ascii") as fh:
+            names = Pseudonyms(bytes.fromhex(fh.readline().strip()))
+    except (OSError, ValueError) as exc:
+        print(f"{key_path}: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    candidates = {p.pw_name for p in pwd.getpwall()} | {str(p.pw_uid) for p in pwd.getpwall()}
+    entries, _ = watchlist.load(watchlist.store_path(config.state_dir))
+    candidates |= {e.user for e in entries or []}
+    status = EXIT_OK
+    for pseudonym in pseudonyms:
+        found = names.reveal(pseudonym, candidates)
+        if found:
+            print(f"{pseudonym}  {', '.join(_shown(f) for f in found)}")
+        else:
+            print(f"{pseudonym}  (no account of this host or the watchlist)", file=sys.stderr)
+            status = EXIT_PROBLEMS
+    return status
 
 
 def _shown(text: str) -> str:
@@ -289,7 +329,13 @@ def _run(
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
 
-    agent.start()
+    try:
+        agent.start()
+    except (PermissionError, ValueError) as exc:
+        # A key or store the agent refuses (privacy.pseudonymize with a key others can read).
+        agent.stop(reason="start_failed")
+        print(f"{path}: not started: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
     deadline = time.monotonic() + duration if duration else None
     try:
         while not stop.is_set():

@@ -258,6 +258,7 @@ class Config:
     # None: events carry no off-hours flag (set it to score off-hours activity).
     working_hours: WorkingHours | None = None
     risk: RiskSettings = field(default_factory=RiskSettings)
+    pseudonymize: bool = False  # privacy.pseudonymize: keyed pseudonyms for user names
     # Prometheus metrics: a node_exporter textfile and/or a loopback endpoint HOST:PORT.
     metrics_textfile: str | None = None
     metrics_listen: str | None = None
@@ -440,7 +441,9 @@ _TOP_KEYS = (
     "watchlist",
     "working_hours",
     "risk",
+    "privacy",
 )
+_PRIVACY_KEYS = ("pseudonymize",)
 _WORKING_HOURS_KEYS = ("days", "start", "end", "timezone")
 _RISK_KEYS = ("weights", "bands")
 _WATCHLIST_KEYS = ("days_before", "days_after", "user_map", "local_part", "check_interval")
@@ -1107,6 +1110,13 @@ def _build(c: _Checker, root: yaml.Node | None) -> Config | None:
                 kw["user_map"] = _user_map(c, m["user_map"])
             if all(v is not None for v in kw.values()):
                 values["watchlist"] = WatchlistSettings(**kw)
+
+    if "privacy" in top:
+        m = c.mapping(top["privacy"], _PRIVACY_KEYS, "privacy")
+        if m is not None and "pseudonymize" in m:
+            flag = c.scalar(m["pseudonymize"], bool, "privacy.pseudonymize")
+            if flag is not None:
+                values["pseudonymize"] = flag
 
     if "working_hours" in top:
         hours = _working_hours(c, top["working_hours"])

@@ -20,6 +20,7 @@ from agent.enrich.tags import TagResolver
 from agent.enrich.worker import ContentStage, EnrichmentWorker
 from agent.events import Event, dumps, event_line
 from agent.health import record
+from agent.privacy import Pseudonyms
 from agent.risk import RiskSettings, score_alert
 from agent.rules.engine import Engine
 from agent.sinks import Router
@@ -214,6 +215,7 @@ class Pipeline:
     ) -> None:
         self.router = router
         self.risk = risk
+        self.pseudonyms: Pseudonyms | None = None  # set by the builder (privacy.pseudonymize)
         self.resolver = resolver
         caps = dict.fromkeys(LANES, queue_size) if isinstance(queue_size, int) else dict(queue_size)
         self.queue = LaneQueue(caps)
@@ -432,6 +434,8 @@ class Pipeline:
         # A health record that is an alert (marker_tampered) goes where alerts go: a SIEM's
         # alert queue reads the alert route.
         kind = "alert" if rec["event"].get("kind") == "alert" else "health"
+        if self.pseudonyms is not None:
+            self.pseudonyms.record(rec)
         self.router.write(kind, [dumps(rec)])
 
     def _process(self, lane: str, batch: list[RawEvent]) -> None:
@@ -569,13 +573,16 @@ class Pipeline:
         alerts: list[str] = []
         severities: list[int] = []
         want_lines = self.router.wants("event")
+        hide = self.pseudonyms
         for event in events:
             if want_lines:
-                lines.append(event_line(event))
+                lines.append(event_line(event if hide is None else hide.event(event)))
             if engine is not None:
                 for alert in engine.process(event):
                     if self.risk is not None:
                         score_alert(alert, event, self.risk)
+                    if hide is not None:
+                        hide.record(alert)
                     alerts.append(dumps(stamp_created(alert)))
                     severities.append(int(alert["event"].get("severity") or 0))
         if lines:

@@ -57,6 +57,7 @@ CONFIG_OBJECTS = {
     "_WATCHLIST_KEYS": "/$defs/watchlist",
     "_WORKING_HOURS_KEYS": "/$defs/working_hours",
     "_RISK_KEYS": "/$defs/risk",
+    "_PRIVACY_KEYS": "/$defs/privacy",
 }
 # Maps the loader checks with a literal key tuple inside a method (nothing to import).
 RULE_INLINE_OBJECTS = (
