@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.components import Component
 from agent.config import Config, WatchSpec
+from agent.enrich.history import UserHistory
 from agent.enrich.ownreads import OwnReads
 from agent.enrich.tags import TagResolver
 from agent.enrich.watchlist import WatchlistStage
@@ -115,6 +116,7 @@ class Components:
     proc_events: ProcEventsProcess | None = None
     mounts: MountWatcher | None = None
     watchlist: WatchlistStage | None = None
+    history: UserHistory | None = None
     extra: list[Component] = field(default_factory=list)
 
     def ordered(self) -> list[Component]:
@@ -184,8 +186,10 @@ def build(
             stages.append(attributor)
     if config.working_hours is not None:
         stages.append(OffHours(config.working_hours))
-    watchlist = WatchlistStage()  # last: it looks at the user attribution found
+    watchlist = WatchlistStage()  # after attribution: it looks at the user found
     stages.append(watchlist)
+    history = UserHistory()
+    stages.append(history)
     pipeline = Pipeline(
         router,
         resolver,
@@ -251,6 +255,7 @@ def build(
         fanotify_dirs=fanotify_dirs,
         mounts=mounts,
         watchlist=watchlist,
+        history=history,
     )
 
 

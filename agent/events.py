@@ -99,6 +99,10 @@ class Event(msgspec.Struct, frozen=True, gc=False):
     # Days to the listed user's last working day (0 on it, negative after).
     watchlist_days: int | None = None
     off_hours: bool | None = None  # outside the configured working hours
+    # Per-user egress memory (enrich/history.py): a destination the user never used before,
+    # and today's copies against the user's usual.
+    history_first_use: bool | None = None
+    history_ratio: float | None = None
     lineage_origin: str | None = None
     lineage_tags: tuple[str, ...] = ()
     archive_tagged: int | None = None
@@ -215,6 +219,8 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "exfilwatch.watchlist.status": lambda e: e.watchlist,
     "exfilwatch.watchlist.days_to_last_day": lambda e: e.watchlist_days,
     "exfilwatch.off_hours": lambda e: e.off_hours,
+    "exfilwatch.history.first_use": lambda e: e.history_first_use,
+    "exfilwatch.history.ratio": lambda e: e.history_ratio,
     "exfilwatch.lineage.origin_path": lambda e: e.lineage_origin,
     "exfilwatch.lineage.origin_tags": lambda e: e.lineage_tags,
     "exfilwatch.archive.tagged_members": lambda e: e.archive_tagged,
@@ -395,6 +401,12 @@ def to_dict(e: Event) -> dict[str, Any]:
         }
     if e.off_hours is not None:
         custom["off_hours"] = e.off_hours
+    if e.history_first_use is not None or e.history_ratio is not None:
+        custom["history"] = {
+            k: v
+            for k, v in (("first_use", e.history_first_use), ("ratio", e.history_ratio))
+            if v is not None
+        }
     lineage: dict[str, Any] = {}
     if e.lineage_origin is not None:
         text, r = text_and_raw(e.lineage_origin)
@@ -501,6 +513,11 @@ class _Watchlist(_Ecs):
     days_to_last_day: int | None = None
 
 
+class _History(_Ecs):
+    first_use: bool | None = None
+    ratio: float | None = None
+
+
 class _Lineage(_Ecs):
     origin_path: str | None = None
     origin_tags: tuple[str, ...] = ()
@@ -529,6 +546,7 @@ class _Custom(_Ecs):
     attribution: _Attribution | None = None
     watchlist: _Watchlist | None = None
     off_hours: bool | None = None
+    history: _History | None = None
     lineage: _Lineage | None = None
     archive: _Archive | None = None
     file: _Nlink | None = None
@@ -724,6 +742,9 @@ def _ecs_line(e: Event) -> _Line:
             if e.watchlist is not None or e.watchlist_days is not None
             else None,
             e.off_hours,
+            _History(e.history_first_use, e.history_ratio)
+            if e.history_first_use is not None or e.history_ratio is not None
+            else None,
             lineage,
             _Archive(e.archive_tagged, e.archive_truncated)
             if e.archive_tagged is not None or e.archive_truncated is not None
@@ -773,6 +794,15 @@ def dumps(record: dict[str, Any]) -> str:
     if out.isascii() and b"\x7f" not in out:
         return out.decode("ascii")
     return json.dumps(record, ensure_ascii=True, separators=(",", ":"))
+
+
+def _number(value: Any, where: str) -> float | None:
+    """A JSON number as a float (an integral ratio may have been written as 3)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{where} has the wrong type")
+    return float(value)
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
@@ -883,6 +913,10 @@ def from_dict(data: dict[str, Any]) -> Event:
             "exfilwatch.watchlist.days_to_last_day",
         ),
         off_hours=_expect(custom.get("off_hours"), bool, "exfilwatch.off_hours"),
+        history_first_use=_expect(
+            _obj(custom, "history").get("first_use"), bool, "exfilwatch.history.first_use"
+        ),
+        history_ratio=_number(_obj(custom, "history").get("ratio"), "exfilwatch.history.ratio"),
         lineage_origin=path_value(
             "exfilwatch.lineage.origin_path", _obj(custom, "lineage").get("origin_path")
         ),
@@ -978,6 +1012,8 @@ SETTABLE: dict[str, str] = {
     "exfilwatch.watchlist.status": "watchlist",
     "exfilwatch.watchlist.days_to_last_day": "watchlist_days",
     "exfilwatch.off_hours": "off_hours",
+    "exfilwatch.history.first_use": "history_first_use",
+    "exfilwatch.history.ratio": "history_ratio",
     "exfilwatch.lineage.origin_path": "lineage_origin",
     "exfilwatch.lineage.origin_tags": "lineage_tags",
     "exfilwatch.archive.tagged_members": "archive_tagged",
@@ -997,7 +1033,8 @@ SETTABLE: dict[str, str] = {
     "process.parent.command_line": "process_parent_command_line",
 }
 _TUPLE_ATTRS = frozenset({"tags", "lineage_tags", "disguise", "process_args"})
-_BOOL_ATTRS = frozenset({"archive_truncated", "off_hours"})
+_BOOL_ATTRS = frozenset({"archive_truncated", "off_hours", "history_first_use"})
+_FLOAT_ATTRS = frozenset({"history_ratio"})
 _INT_ATTRS = frozenset(
     {
         "timestamp_us",
@@ -1036,6 +1073,11 @@ def event_from_fields(values: dict[str, Any], timestamp_us: int = 0) -> Event:
         elif attr in _INT_ATTRS:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{dotted} must be an integer")
+        elif attr in _FLOAT_ATTRS:
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ValueError(f"{dotted} must be a number")
+                value = float(value)
         elif value is not None and not isinstance(value, str):
             if attr in ("uid", "gid", "inode", "user_id", "user_login_id") and isinstance(
                 value, int

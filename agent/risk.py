@@ -27,7 +27,9 @@ DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 # factor -> weight. `watchlist.<type>` for the user's watchlist type (a custom type counts as
 # `watchlist.other`), `location.<class>` for where the file went, `sensitivity.<level>` for
-# the file's (or its origin's) sensitivity, `off_hours` outside working hours.
+# the file's (or its origin's) sensitivity, `off_hours` outside working hours,
+# `history.first_use` a destination the user never used, `history.above_baseline` at least
+# ABOVE_BASELINE times the user's usual daily egress copies (enrich/history.py).
 DEFAULT_WEIGHTS: Mapping[str, int] = MappingProxyType(
     {
         "watchlist.departing": 4,
@@ -42,8 +44,11 @@ DEFAULT_WEIGHTS: Mapping[str, int] = MappingProxyType(
         "sensitivity.critical": 3,
         "sensitivity.high": 1,
         "off_hours": 2,
+        "history.first_use": 2,
+        "history.above_baseline": 2,
     }
 )
+ABOVE_BASELINE = 3.0  # today's egress copies at least this many times the user's usual
 # (score at least, levels raised): the highest band reached applies.
 DEFAULT_BANDS: tuple[tuple[int, int], ...] = ((5, 1), (9, 2))
 
@@ -74,6 +79,10 @@ def factors(event: Event, weights: Mapping[str, int]) -> list[tuple[str, int]]:
         found.append(f"sensitivity.{event.sensitivity}")
     if event.off_hours:
         found.append("off_hours")
+    if event.history_first_use:
+        found.append("history.first_use")
+    if event.history_ratio is not None and event.history_ratio >= ABOVE_BASELINE:
+        found.append("history.above_baseline")
     return [(name, weights[name]) for name in found if weights.get(name)]
 
 

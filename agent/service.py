@@ -50,6 +50,7 @@ STATE_CHECKPOINT_SECONDS = 30.0
 PROCESS_RECONCILE_SECONDS = 30.0
 STATE_CHECKPOINT_IDLE_SECONDS = 60.0
 ENGINE_STATE_FILE = "engine.state.json"
+HISTORY_FILE = "history.state.json"
 ENGINE_STATE_MAX_BYTES = 64 * 1024 * 1024
 # Keys a reload cannot change on a running agent (they shape objects made at start).
 _RESTART_KEYS = (
@@ -349,6 +350,7 @@ class Agent:
             on_started=self._kernel_started,
         )
         self.parts = parts
+        self._restore_history()
         self._report(
             record(
                 "agent_started",
@@ -496,6 +498,7 @@ class Agent:
         self._save_state(self.state.checkpoint)
         if pipeline is not None:
             self.save_engine_state(pipeline.engine_state())
+        self.save_history()
 
     def _restore_engine_state(self, engine: Engine) -> None:
         """Correlation windows and suppression of the previous run, for rules that did not
@@ -519,6 +522,33 @@ class Agent:
             return
         restored = engine.import_state(data, now_us())
         self._report(record("engine_state_restored", None, file=path, **restored))
+
+    def save_history(self) -> None:
+        """The per-user egress memory (destinations used, daily counts), 0600, atomically."""
+        history = self.parts.history if self.parts is not None else None
+        if history is None:
+            return
+        path = os.path.join(self.config.state_dir, HISTORY_FILE)
+        data = json.dumps(history.export_state(), ensure_ascii=True, separators=(",", ":"))
+        try:
+            write_private(path, data.encode("ascii"))
+        except OSError as exc:
+            self._report(record("source_error", _errno_name(exc), stage="history", path=path))
+
+    def _restore_history(self) -> None:
+        history = self.parts.history if self.parts is not None else None
+        if history is None:
+            return
+        path = os.path.join(self.config.state_dir, HISTORY_FILE)
+        try:
+            with open(path, "rb") as fh:
+                data = json.loads(fh.read(ENGINE_STATE_MAX_BYTES + 1))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("history_unreadable", path=path, error=str(exc)[:200])
+            return
+        history.import_state(data)
 
     def save_engine_state(self, state: dict[str, Any] | None) -> None:
         """Write the engine's state (atomically, 0600); too large a state keeps only the
@@ -754,6 +784,7 @@ class Agent:
         self._running = []
         if pipeline is not None and pipeline.engine is not None:
             self.save_engine_state(pipeline.engine.export_state())
+        self.save_history()
         self._save_state(self.state.stopped)
         if self.metrics is not None:
             self.metrics.stop()
@@ -795,6 +826,8 @@ class Agent:
         out["max_user_watches"] = _max_user_watches()
         if self.parts is not None:
             out["markers"] = self.parts.resolver.store.stats()
+            if self.parts.history is not None:
+                out["history"] = self.parts.history.stats()
         if self.pipeline is not None and self.pipeline.engine is not None:
             out["engine"] = self.pipeline.engine.stats()
         if self.caps is not None and self.caps.hits:

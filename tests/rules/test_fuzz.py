@@ -498,6 +498,8 @@ def _settable_values(name: str) -> st.SearchStrategy[Any]:
         return st.booleans()
     if "int" in kind:
         return st.integers(0, 2**40)
+    if "float" in kind:
+        return st.floats(0, 1e6) | st.integers(0, 100)
     if name == "event.action":
         return st.sampled_from(FILE_ACTIONS)
     if name in ("file.uid", "file.gid", "user.id"):
