@@ -92,6 +92,16 @@ def _parser() -> argparse.ArgumentParser:
     from agent import watchlist_cli
 
     watchlist_cli.add_parser(sub)
+    rep = sub.add_parser("report", help="one person's alerts as an HTML page or JSON")
+    rep.add_argument("--user", required=True, help="the user name (as in user.name)")
+    rep.add_argument("--since", help="first day, YYYY-MM-DD")
+    rep.add_argument("--until", help="last day, YYYY-MM-DD")
+    rep.add_argument(
+        "--alerts", nargs="+", help="alert logs (default: the config's file sinks and rotations)"
+    )
+    rep.add_argument("--html", metavar="OUT.html", help="write a self-contained HTML page")
+    rep.add_argument("--format", choices=["json"], help="print the report's data as JSON")
+    rep.add_argument("--config", help="config whose file sinks hold the alerts")
     pseudo = sub.add_parser("pseudonym", help="who a pseudonymized user name stands for")
     pseudo_sub = pseudo.add_subparsers(dest="pseudonym_command", metavar="SUBCOMMAND")
     reveal = pseudo_sub.add_parser("reveal", help="the user behind u-... (needs the key)")
@@ -135,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rules_cli.replay(args.events, paths, risk)
     if args.command == "markers" and args.markers_command in ("list", "forget"):
         return _markers(args)
+    if args.command == "report":
+        return _report(args)
     if args.command == "pseudonym" and args.pseudonym_command == "reveal":
         return _reveal(args.pseudonyms, args.config)
     if args.command == "watchlist":
@@ -143,6 +155,61 @@ def main(argv: Sequence[str] | None = None) -> int:
         return watchlist_cli.run(args)
     parser.print_help(sys.stderr if args.command is None else sys.stdout)
     return EXIT_USAGE if args.command is None else EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    """`report --user`: the alert logs, filtered to one person, as HTML or JSON."""
+    import datetime as dt
+    import json
+
+    from agent import report
+    from agent.privacy import KEY_FILE, Pseudonyms
+
+    if not args.html and not args.format:
+        print("report: give --html OUT.html or --format json", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        since = dt.date.fromisoformat(args.since) if args.since else None
+        until = dt.date.fromisoformat(args.until) if args.until else None
+    except ValueError as exc:
+        print(f"report: {exc} (dates are YYYY-MM-DD)", file=sys.stderr)
+        return EXIT_USAGE
+    aliases: list[str] = []
+    paths = args.alerts
+    if paths is None or args.config:
+        path = args.config or default_config_path()
+        config, problems = check_file(path)
+        if config is None:
+            print(format_problems(errors_only(problems)), file=sys.stderr)
+            return EXIT_PROBLEMS
+        if paths is None:
+            paths = [
+                s.path for s in config.sinks if s.type == "file" and s.path and "alert" in s.records
+            ]
+        key = os.path.join(config.state_dir, KEY_FILE)
+        if config.pseudonymize and os.path.exists(key):
+            with open(key, encoding="ascii") as fh:
+                aliases.append(Pseudonyms(bytes.fromhex(fh.readline().strip()))(args.user))
+    files = report.alert_files(paths)
+    if not files:
+        print(
+            f"report: no alert log found in {', '.join(paths) or '(no file sinks)'}",
+            file=sys.stderr,
+        )
+        return EXIT_PROBLEMS
+    data = report.build(
+        report.read_alerts(files), args.user, aliases=aliases, since=since, until=until
+    )
+    data["sources"] = files
+    if args.format == "json":
+        print(json.dumps(data, indent=2))
+    if args.html:
+        # The page names a person and what they did: only its owner reads it.
+        fd = os.open(args.html, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(report.render_html(data))
+        print(f"{args.html}: {data['alerts']} alerts of {args.user}", file=sys.stderr)
+    return EXIT_OK
 
 
 def _reveal(pseudonyms: Sequence[str], config_path: str | None) -> int:
