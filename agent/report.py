@@ -42,19 +42,34 @@ def alert_files(paths: Iterable[str], keep: int = 20) -> list[str]:
 
 
 def read_alerts(files: Sequence[str]) -> Iterator[dict[str, Any]]:
-    """Alert records from JSON-lines files; other records and lines that do not parse are
-    skipped (a log also holds health records)."""
+    """Alert records from JSON-lines files, and the `media_mounted` records beside them (what
+    the device was: label, vendor, model, serial); other records and lines that do not parse
+    are skipped."""
     for path in files:
         with open(path, encoding="utf-8", errors="replace") as fh:
             for line in fh:
-                if '"alert"' not in line:
+                if '"alert"' not in line and '"media_mounted"' not in line:
                     continue
                 try:
                     rec = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(rec, dict) and _get(rec, "event", "kind") == "alert":
+                if not isinstance(rec, dict):
+                    continue
+                if _get(rec, "event", "kind") == "alert" or (
+                    _get(rec, "event", "action") == "media_mounted"
+                ):
                     yield rec
+
+
+def _device(media: dict[str, dict[str, Any]], path: str) -> dict[str, Any] | None:
+    """The mounted medium a path is on (the longest mount point above it)."""
+    best = None
+    for mountpoint, info in media.items():
+        under = path == mountpoint or path.startswith(mountpoint.rstrip("/") + "/")
+        if under and (best is None or len(mountpoint) > len(best[0])):
+            best = (mountpoint, info)
+    return best[1] if best else None
 
 
 def _get(rec: Any, *keys: str) -> Any:
@@ -87,13 +102,20 @@ def build(
     levels: Counter[str] = Counter()
     files: Counter[str] = Counter()
     destinations: Counter[str] = Counter()
-    devices: Counter[str] = Counter()
+    devices: Counter[tuple[str, str, str]] = Counter()
     factors: Counter[str] = Counter()
     timeline: list[dict[str, Any]] = []
-    total = 0
+    media: dict[str, dict[str, Any]] = {}  # mount point -> the media_mounted record's data
+    mine: list[dict[str, Any]] = []  # first every record (a mount may be logged after)
     for rec in records:
-        if not _is_user(rec, names):
-            continue
+        if _get(rec, "event", "action") == "media_mounted":
+            info = _get(rec, "exfilwatch", "health")
+            if isinstance(info, dict) and isinstance(info.get("mountpoint"), str):
+                media[info["mountpoint"]] = info
+        elif _is_user(rec, names):
+            mine.append(rec)
+    total = 0
+    for rec in mine:
         stamp = str(rec.get("@timestamp", ""))
         day = stamp[:10]
         try:
@@ -120,7 +142,13 @@ def build(
         if isinstance(cls, str) and cls != "tagged":
             destinations[f"{cls}:{provider}" if provider else cls] += 1
             if cls == "removable":
-                devices[str(provider or "(no label)")] += 1
+                seen = _device(media, path) if isinstance(path, str) else None
+                label = str(provider or (seen or {}).get("label") or "(no label)")
+                serial = str((seen or {}).get("serial") or "")
+                model = " ".join(
+                    str(x) for x in ((seen or {}).get("vendor"), (seen or {}).get("model")) if x
+                )
+                devices[(label, serial, model)] += 1
         risk = _get(rec, "exfilwatch", "risk") or {}
         found = risk.get("factors", []) if isinstance(risk, dict) else []
         names_found = [
@@ -166,7 +194,10 @@ def build(
         "top_destinations": [
             {"destination": k, "alerts": n} for k, n in destinations.most_common(TOP)
         ],
-        "removable_devices": [{"label": k, "alerts": n} for k, n in devices.most_common(TOP)],
+        "removable_devices": [
+            {"label": label, "serial": serial or None, "model": model or None, "alerts": n}
+            for (label, serial, model), n in devices.most_common(TOP)
+        ],
         "risk_factors": [{"factor": k, "alerts": n} for k, n in factors.most_common()],
         "generated": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
@@ -250,8 +281,11 @@ def render_html(data: dict[str, Any]) -> str:
         "top-destinations",
     )
     devices = _table(
-        ["Removable device (label)", "Alerts"],
-        ((_e(d["label"]), d["alerts"]) for d in data["removable_devices"]),
+        ["Removable device (label)", "Serial", "Vendor and model", "Alerts"],
+        (
+            (_e(d["label"]), _e(d["serial"] or "-"), _e(d["model"] or "-"), d["alerts"])
+            for d in data["removable_devices"]
+        ),
         "removable-devices",
     )
     factors = _table(

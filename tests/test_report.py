@@ -60,6 +60,23 @@ def log(tmp_path: Path) -> Path:
         alert("2026-12-03", 9, "jo", file={"path": EVIL}, rule={"id": "x", "name": "<b>bold</b>"})
     )
     lines.append('{"event":{"kind":"metric","action":"heartbeat"}}')  # health: skipped
+    lines.append(
+        dumps(
+            {
+                "@timestamp": "2026-11-30T09:00:00Z",
+                "event": {"kind": "event", "action": "media_mounted"},
+                "exfilwatch": {
+                    "health": {
+                        "mountpoint": "/media/jo/USB",
+                        "label": "KINGSTON",
+                        "serial": "E0D55EA574D1F4B0",
+                        "vendor": "Kingston",
+                        "model": "DataTraveler 3.0",
+                    }
+                },
+            }
+        )
+    )
     lines.append("not json at all")
     path.write_text("\n".join(lines) + "\n")
     (tmp_path / "alerts.jsonl.1").write_text(alert("2026-11-30", 1, "jo") + "\n")  # rotated
@@ -72,7 +89,14 @@ def test_the_json_report_has_the_users_alerts_per_day_files_and_devices(log: Pat
     data = json.loads(done.stdout)
     assert data["alerts"] == 10, "3 + 6 on the log, 1 in the rotated file; none of kim's"
     assert [d["alerts"] for d in data["daily"]] == [1, 3, 0, 6]
-    assert data["removable_devices"] == [{"label": "KINGSTON", "alerts": 10}]
+    assert data["removable_devices"] == [
+        {
+            "label": "KINGSTON",
+            "serial": "E0D55EA574D1F4B0",
+            "model": "Kingston DataTraveler 3.0",
+            "alerts": 10,
+        }
+    ]
     assert {"factor": "watchlist.departing", "alerts": 10} in data["risk_factors"]
     assert data["top_files"][0]["alerts"] >= 1
     since = cli("report", "--user", "jo", "--alerts", str(log), "--format", "json",
@@ -117,7 +141,7 @@ def test_the_html_page_renders_offline_in_chromium_with_the_chart_and_escaped_na
     assert dom.count('class="day"') == 4, "one bar per day, the empty day included"
     assert 'data-day="2026-12-03" data-alerts="6"' in dom
     assert "Tagged copy to removable media" in dom and "watchlist.departing (+4)" in dom
-    assert "KINGSTON" in dom
+    assert "KINGSTON" in dom and "E0D55EA574D1F4B0" in dom
     assert "&lt;script&gt;document.title='pwned'&lt;/script&gt;" in dom, "the name is text"
     assert "&lt;b&gt;bold&lt;/b&gt;" in dom
     assert "<title>exfilwatch departure report: jo</title>" in dom, "no script ran"
