@@ -68,7 +68,9 @@ def test_half_a_threshold_before_a_restart_and_half_after_is_one_alert(agent_run
     assert saved["windows"]["ten-dat-files"]["groups"], "the open window is on disk"
 
     restart(agent_run)
-    agent_run.wait(lambda: agent_run.health("engine_state_restored"), "the state restored")
+    # The state is restored before the tree is watched: wait for the watch, or the files
+    # below would be made before it and come back as `rescanned`, not `created`.
+    agent_run.wait(lambda: len(agent_run.health("source_ready")) == 3, "the third start")
     restored = agent_run.health("engine_state_restored")[-1]["exfilwatch"]["health"]
     assert (restored["groups"], restored["matches"]) == (1, 5)
     assert not alerts(agent_run, "ten-dat-files")
