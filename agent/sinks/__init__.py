@@ -665,7 +665,8 @@ DURABLE = frozenset({"alert", "health"})
 BATCH = 1000  # lines per sink write
 JITTER = 0.5  # a retry waits between (1 - JITTER) and 1 times the backoff
 CLOSE_TIMEOUT = 2.0
-IDLE_TICK = 5.0  # an idle delivery thread's wake-up: cursors to disk, the outbox's disk retried
+IDLE_TICK = 5.0  # an idle delivery thread's wake-up while the outbox's disk is failing
+IDLE_TICK_QUIET = 30.0  # and otherwise (cursors to disk)
 # log.level of a health record -> the severity its sink filter compares (rules' scale).
 LEVEL_SEVERITY: Mapping[str, int] = MappingProxyType({"info": 1, "warning": 47, "error": 73})
 
@@ -885,12 +886,19 @@ class Router:
     def _announce(self, notes: list[dict[str, Any]]) -> None:
         """The router's and the outbox's own health records go where health goes, through the
         outbox like any other. Terminates: what a failure here reports is rate-limited."""
+        appended = False
         for _ in range(4):
             if not notes:
-                return
+                break
             lines = [dumps(n) for n in notes]
             self.outbox.append("health", [(severity_of(x), x) for x in lines])
+            appended = True
             notes = self.outbox.take_notes()
+        if appended and self._threaded and self._started:
+            # From a sink's own thread (sink_recovered, sink_error): the other sinks' threads
+            # must hear of it now, not at their next idle tick.
+            with self._wake:
+                self._wake.notify_all()
 
     def _kick(self) -> None:
         if self._threaded and self._started:
@@ -970,8 +978,11 @@ class Router:
                 due = self._due(route, now, force=False) and not route.io.locked()
                 idle = False
                 if not due:
-                    wait = route.next_retry - now if route.backoff else IDLE_TICK
-                    idle = not self._wake.wait(max(min(wait, IDLE_TICK), 0.01))
+                    # Idle, a sink's thread wakes every 30 s (cursors to disk); every 5 s while
+                    # the outbox holds records its disk refused.
+                    tick = IDLE_TICK if self.outbox.unsaved() else IDLE_TICK_QUIET
+                    wait = route.next_retry - now if route.backoff else tick
+                    idle = not self._wake.wait(max(min(wait, tick), 0.01))
                     if self._stopping or route not in self._routes:
                         return
                     due = self._due(route, self._clock(), force=False)

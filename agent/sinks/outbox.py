@@ -674,6 +674,11 @@ class Outbox:
             notes, self._notes = self._notes, []
             return notes
 
+    def unsaved(self) -> int:
+        """Records kept in memory because the disk refused them."""
+        with self._lock:
+            return len(self._unsaved)
+
     def backlog(self) -> int:
         with self._lock:
             return self._rows
