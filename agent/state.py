@@ -101,7 +101,7 @@ class AgentState:
 
 def write_private(path: str, data: bytes) -> None:
     """A file only the agent reads: its directory made 0700 when missing, the file written
-    0600 to a temporary name, fsynced, then renamed over the old one."""
+    0600 to a temporary name, fsynced, renamed over the old one, the directory fsynced."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -118,3 +118,13 @@ def write_private(path: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    fsync_dir(os.path.dirname(path))
+
+
+def fsync_dir(path: str) -> None:
+    """A rename or a new file in `path` survives a power loss."""
+    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

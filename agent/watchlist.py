@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from agent.diagnostics import ERROR, Problem, at, compose_yaml, nearest, node_value
+from agent.state import write_private
 
 WATCHLIST_FILE = "watchlist.yaml"
 LOCK_FILE = ".watchlist.lock"
@@ -271,25 +272,8 @@ def locked(state_dir: str) -> Iterator[None]:
 
 
 def save(path: str, entries: Iterable[Entry]) -> None:
-    """Atomically: a temporary file (0600) in the same directory, fsync, rename, dir fsync."""
-    directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, dump(entries).encode("ascii"))
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Atomically, 0600: a temporary file, fsync, rename, directory fsync."""
+    write_private(path, dump(entries).encode("ascii"))
 
 
 # HR connector CSV ------------------------------------------------------------------------------

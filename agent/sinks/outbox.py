@@ -40,6 +40,7 @@ from typing import Any
 import structlog
 
 from agent.health import record
+from agent.state import fsync_dir, write_private
 
 log = structlog.get_logger(__name__)
 
@@ -371,7 +372,7 @@ class Outbox:
         self._fd = os.open(seg.path, flags, 0o600)
         seg.size = os.fstat(self._fd).st_size
         if self.sync == "full":
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
 
     def _disk_failed(self, exc: OSError) -> None:
         self.disk_errors += 1
@@ -630,7 +631,7 @@ class Outbox:
             cursors[_DROPPED] = self._dropped_upto
         if cursors != self._saved_cursors:
             try:
-                _write_atomic(os.path.join(self.path, CURSORS_FILE), json.dumps(cursors))
+                write_private(os.path.join(self.path, CURSORS_FILE), json.dumps(cursors).encode())
             except OSError as exc:
                 self._disk_failed(exc)
                 return
@@ -702,25 +703,6 @@ class Outbox:
                 "recovered_at_start": self.recovered_at_start,
                 "sync": self.sync,
             }
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, text.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _reason(exc: OSError) -> str:
