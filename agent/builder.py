@@ -188,7 +188,7 @@ def build(
         stages.append(OffHours(config.working_hours))
     watchlist = WatchlistStage()  # after attribution: it looks at the user found
     stages.append(watchlist)
-    history = UserHistory()
+    history = UserHistory(on_cap=caps.hit)
     stages.append(history)
     pipeline = Pipeline(
         router,

@@ -21,6 +21,7 @@ import datetime as dt
 import statistics
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from msgspec.structs import replace as evolve
@@ -50,9 +51,10 @@ class UserHistory:
 
     name = "history"
 
-    def __init__(self) -> None:
+    def __init__(self, on_cap: Callable[..., None] | None = None) -> None:
         self._users: OrderedDict[str, _User] = OrderedDict()
         self._lock = threading.Lock()
+        self._on_cap = on_cap  # CapReporter.hit: a cap reached is a cap_reached record
         self.over_cap = 0
 
     def __call__(self, e: Event, /) -> Event:
@@ -64,14 +66,19 @@ class UserHistory:
             user = self._users.get(e.user_name)
             if user is None:
                 if len(self._users) >= USERS_CAP:
-                    self._users.popitem(last=False)
+                    self._users.popitem(last=False)  # the least recently active user
                     self.over_cap += 1
+                    if self._on_cap is not None:
+                        self._on_cap("history_users", USERS_CAP)
                 user = self._users[e.user_name] = _User()
             else:
                 self._users.move_to_end(e.user_name)
             first = where not in user.destinations
-            if first and len(user.destinations) < DESTINATIONS_CAP:
-                user.destinations[where] = day
+            if first:
+                if len(user.destinations) < DESTINATIONS_CAP:
+                    user.destinations[where] = day
+                elif self._on_cap is not None:
+                    self._on_cap("history_destinations", DESTINATIONS_CAP, user=e.user_name)
             counts = user.days.setdefault(day, [0, 0])
             counts[0] += 1
             counts[1] += e.size or 0

@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import pytest
+
 from agent.enrich.history import MIN_ACTIVE_DAYS, UserHistory
 from agent.events import Event
 from agent.risk import RiskSettings, factors
@@ -61,3 +63,17 @@ def test_the_memory_survives_a_restart() -> None:
     assert again(copy(1)).history_first_use is False, "known from before the restart"
     assert again.import_state({"version": 99}) == 0
     assert again.import_state({"version": 1, "users": {"x": {"days": {"y": [1]}}}}) == 1
+
+
+def test_a_full_memory_drops_the_least_recent_user_and_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agent.enrich import history
+
+    monkeypatch.setattr(history, "USERS_CAP", 2)
+    hits: list[tuple[str, int]] = []
+    h = UserHistory(on_cap=lambda name, cap, **data: hits.append((name, cap)))
+    for user in ("a", "b", "c"):
+        h(copy(0, user=user))
+    assert hits == [("history_users", 2)]
+    assert h(copy(1, user="a")).history_first_use is True, "a was forgotten"
