@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -20,7 +19,7 @@ from agent.health import record
 from agent.sinks import FileSink, Router
 from agent.sinks.outbox import Outbox
 from tests.conftest import Collector
-from tests.sinks.test_router import fill, needs_tmpfs
+from tests.sinks.test_router import fill, needs_tmpfs, tmpfs
 
 HEALTH = frozenset({"health"})
 ALERT = frozenset({"alert"})
@@ -246,17 +245,9 @@ def test_sinks_have_their_own_threads_so_a_stuck_sink_never_holds_up_the_writer(
 
 @pytest.fixture
 def tiny_state(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs as state_dir: a disk that fills up. Always unmounted."""
-    target = tmp_path / "state"
-    target.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(target)], check=True
-    )
-    try:
+    """A 256 KiB tmpfs as state_dir: a disk that fills up."""
+    with tmpfs(tmp_path / "state", "256k") as target:
         yield target
-    finally:
-        if subprocess.run(["umount", str(target)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(target)], check=False)
 
 
 @needs_tmpfs

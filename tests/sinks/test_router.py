@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -80,19 +81,26 @@ def mend(router: Router, path: Path) -> None:
     router.reopen()
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 64 KiB tmpfs; always unmounted."""
-    target = tmp_path / "fs"
+@contextlib.contextmanager
+def tmpfs(target: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs mounted at `target` (made here): a filesystem that fills up. Always
+    unmounted."""
     target.mkdir()
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(target)], check=True
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(target)], check=True
     )
     try:
         yield target
     finally:
         if subprocess.run(["umount", str(target)], check=False).returncode != 0:
             subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs."""
+    with tmpfs(tmp_path / "fs", "64k") as target:
+        yield target
 
 
 def fill(filler: Path, leave: int = 0) -> None:
