@@ -1012,14 +1012,21 @@ class _DirWatcher:
     something in them changed. `ok` is False when inotify is not available (then the caller
     polls)."""
 
-    MASK = 0x8 | 0x80 | 0x40 | 0x100 | 0x200 | 0x4  # close_write moved_to/from create delete attrib
-
     def __init__(self, dirs: Sequence[str]) -> None:
         self._ino: Any = None
+        mask = 0
         try:
-            from inotify_simple import INotify
+            from inotify_simple import INotify, flags
 
             self._ino = INotify()
+            mask = (
+                flags.CLOSE_WRITE
+                | flags.MOVED_TO
+                | flags.MOVED_FROM
+                | flags.CREATE
+                | flags.DELETE
+                | flags.ATTRIB
+            )
         except (OSError, ImportError):
             self._ino = None
         watched = 0
@@ -1027,7 +1034,7 @@ class _DirWatcher:
             if self._ino is None:
                 break
             try:
-                self._ino.add_watch(d, self.MASK)
+                self._ino.add_watch(d, mask)
                 watched += 1
             except OSError:
                 continue  # missing for now: the safety poll covers it
