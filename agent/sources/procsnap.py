@@ -34,6 +34,7 @@ _FRAME = struct.Struct("=I")
 _FRAME_MAX = 64 << 20  # a frame larger than this is a broken child, not a batch
 _CMDLINE_MAX = 64 * 1024  # bytes of arguments read (ARG_MAX can be far larger)
 _START_TIMEOUT = 5.0
+_IMAGE_RETRIES = 3  # reads of the arguments while the process keeps exec'ing another image
 
 
 class Snapshot(NamedTuple):
@@ -51,25 +52,39 @@ def read_snapshot(pid: int) -> Snapshot | None:
     """/proc/<pid> read in the order things vanish when a process exits (its memory, so its
     arguments, first). None when the arguments are gone already (a zombie has none)."""
     base = f"/proc/{pid}/"
-    try:
-        with open(base + "cmdline", "rb", buffering=0) as fh:
-            cmdline = fh.read(_CMDLINE_MAX)
-    except OSError:
-        return None
+    link = base.encode() + b"exe"
+    # The program before and after the arguments: a shell that execs its last command
+    # (`bash -c "cp a b"`) replaces its image within microseconds, and arguments of one image
+    # with the program of the next look like a masquerade. A change means read again.
+    exe: bytes | None = _readlink(link)
+    stat: bytes | None = None
+    cmdline = b""
+    for _ in range(_IMAGE_RETRIES):
+        try:
+            with open(base + "cmdline", "rb", buffering=0) as fh:
+                cmdline = fh.read(_CMDLINE_MAX)
+        except OSError:
+            return None
+        if not cmdline:  # a zombie, or mid-exec (no memory yet): a new image means read again
+            after = _readlink(link)
+            if after is None or after == exe:
+                return None
+            exe = after
+            continue
+        try:
+            with open(base + "stat", "rb", buffering=0) as fh:
+                stat = fh.read()  # comm: the name, compared with the arguments' argv[0]
+        except OSError:
+            stat = None
+        after = _readlink(link)
+        if after == exe or after is None:  # the same image, or gone (what was read stands)
+            break
+        exe = after
     if not cmdline:
         return None
-    try:
-        exe: bytes | None = os.readlink(base.encode() + b"exe")
-    except OSError:
-        exe = None
-    try:
-        cwd: bytes | None = os.readlink(base.encode() + b"cwd")
-    except OSError:
-        cwd = None
-    stat = uid = login = None
+    cwd = _readlink(base.encode() + b"cwd")
+    uid = login = None
     with contextlib.suppress(OSError, ValueError, IndexError):
-        with open(base + "stat", "rb", buffering=0) as fh:
-            stat = fh.read()
         with open(base + "status", "rb", buffering=0) as fh:
             for line in fh.read().split(b"\n"):
                 if line.startswith(b"Uid:"):
@@ -79,6 +94,13 @@ def read_snapshot(pid: int) -> Snapshot | None:
             value = int(fh.read().strip())
             login = None if value == 4294967295 else value  # unset: no login session
     return Snapshot(cmdline, exe, cwd, stat, uid, login)
+
+
+def _readlink(path: bytes) -> bytes | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
 
 
 # -- the child ---------------------------------------------------------------------------
