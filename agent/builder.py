@@ -152,8 +152,14 @@ def build(
     destinations = None
     if lineage is not None or config.locations.enabled:
         from agent.enrich.destinations import Destinations, DestinationSettings
+        from agent.enrich.repos import RepoIndex
 
-        destinations = Destinations(lineage, DestinationSettings())
+        destinations = Destinations(
+            lineage,
+            DestinationSettings(decode_max_bytes=config.enrichment.decode_max_bytes),
+            resolve_dir=resolver.resolve_dir,
+            repos=RepoIndex(lambda: [w.path for w in config.watch]),
+        )
     processes = attributor = fanotify = fanotify_dirs = None
     proc_events = None
     stages: list[Stage] = []
@@ -184,6 +190,11 @@ def build(
 
             attributor = Attributor(processes, exact=first_of(dir_exact, exact))
             stages.append(attributor)
+    if config.trusted:
+        from agent.enrich.trusted import TrustedStage
+
+        # After attribution: a copy tool's destination is read from its arguments.
+        stages.append(TrustedStage(config.trusted, mounts.kind_of if mounts else None))
     if config.working_hours is not None:
         stages.append(OffHours(config.working_hours))
     watchlist = WatchlistStage()  # after attribution: it looks at the user found

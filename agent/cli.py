@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
         help="fail when a rule lacks a positive or a negative test",
     )
 
+    cover = rules_sub.add_parser(
+        "coverage", help="print the ATT&CK techniques the rules detect, as a Markdown table"
+    )
+    cover.add_argument("paths", nargs="*", help="files or directories (default: config rules)")
+    cover.add_argument("--config", help="config whose 'rules' to use when no paths are given")
+
     replay = sub.add_parser("replay", help="evaluate recorded events, print alerts as JSON lines")
     replay.add_argument("events", help="a JSON-lines file from `exfilwatch record` (- for stdin)")
     replay.add_argument("--rules", nargs="+", help="rule files or directories (default: config)")
@@ -120,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args.config, args.duration, record_to=args.output)
     if args.command == "config" and args.config_command == "check":
         return _config_check(args.file or default_config_path(), args.format)
-    if args.command == "rules" and args.rules_command in ("validate", "test"):
+    if args.command == "rules" and args.rules_command in ("validate", "test", "coverage"):
         from agent import rules_cli
 
         paths = args.paths or rules_cli.config_rule_paths(args.config)
@@ -128,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_PROBLEMS
         if args.rules_command == "validate":
             return rules_cli.validate(paths, args.format, args.show)
+        if args.rules_command == "coverage":
+            return rules_cli.attack_coverage(paths)
         return rules_cli.test(paths, args.require_tests)
     if args.command == "replay":
         from agent import rules_cli

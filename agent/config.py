@@ -207,6 +207,8 @@ class EnrichmentSettings:
     max_delay: float = 1.0  # then the event goes on unenriched (exfilwatch.enrichment.skipped)
     io_budget_bytes: int = 64 * 1024 * 1024  # bytes read per second, all files together
     cpu_budget: float = 0.25  # CPU-seconds per second
+    # Encoded, mailed and split copies are decoded to find their origin: bytes per file.
+    decode_max_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +230,28 @@ class ProcessSettings:
     # connector (root; every exec, at once); poll: reading the table every `interval`;
     # auto: the connector when it can be used, else polling.
     source: str = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedDestination:
+    """A sanctioned destination (README, "Trusted destinations"): exactly one of a path (a
+    directory and everything below it), a removable device (by filesystem label or serial), a
+    network share (its mount source, //server/share or server:/export) or a sync provider."""
+
+    reason: str
+    path: str | None = None
+    label: str | None = None
+    serial: str | None = None
+    share: str | None = None
+    provider: str | None = None
+
+    @property
+    def name(self) -> str:
+        for kind in ("path", "label", "serial", "share", "provider"):
+            value = getattr(self, kind)
+            if value is not None:
+                return f"{kind}:{value}"
+        return "?"
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +281,7 @@ class Config:
     watchlist: WatchlistSettings = field(default_factory=WatchlistSettings)
     # None: events carry no off-hours flag (set it to score off-hours activity).
     working_hours: WorkingHours | None = None
+    trusted: tuple[TrustedDestination, ...] = ()
     risk: RiskSettings = field(default_factory=RiskSettings)
     pseudonymize: bool = False  # privacy.pseudonymize: keyed pseudonyms for user names
     # Prometheus metrics: a node_exporter textfile and/or a loopback endpoint HOST:PORT.
@@ -442,7 +467,10 @@ _TOP_KEYS = (
     "working_hours",
     "risk",
     "privacy",
+    "trusted",
 )
+_TRUSTED_KEYS = ("path", "device", "share", "provider", "reason")
+_DEVICE_KEYS = ("label", "serial")
 _PRIVACY_KEYS = ("pseudonymize",)
 _WORKING_HOURS_KEYS = ("days", "start", "end", "timezone")
 _RISK_KEYS = ("weights", "bands")
@@ -461,7 +489,14 @@ _LOCATION_KEYS = (
     "exclude",
 )
 _LINEAGE_KEYS = ("enabled", "max_files", "hash_max_bytes", "io_budget_bytes")
-_ENRICHMENT_KEYS = ("queue_size", "per_user_queue", "max_delay", "io_budget_bytes", "cpu_budget")
+_ENRICHMENT_KEYS = (
+    "queue_size",
+    "per_user_queue",
+    "max_delay",
+    "io_budget_bytes",
+    "cpu_budget",
+    "decode_max_bytes",
+)
 _WATCH_KEYS = ("path", "tags", "sensitivity", "recursive", "exclude")
 _SINK_KEYS = (
     "type",
@@ -709,6 +744,63 @@ def _sink_options(
         if "timeout" in m:
             kw["timeout"] = c.duration(m["timeout"], f"{what}.timeout")
     return len(errors_only(c.problems[before:])) == 0 and all(v is not None for v in kw.values())
+
+
+def _trusted(c: _Checker, node: yaml.Node) -> tuple[TrustedDestination, ...] | None:
+    if not isinstance(node, yaml.SequenceNode):
+        c.add(node, "CFG_TYPE", "trusted must be a list of destinations", "- path: /backup/rnd")
+        return None
+    out: list[TrustedDestination] = []
+    ok = True
+    for i, item in enumerate(node.value):
+        what = f"trusted[{i}]"
+        m = c.mapping(item, _TRUSTED_KEYS, what)
+        if m is None:
+            ok = False
+            continue
+        kinds = [k for k in ("path", "device", "share", "provider") if k in m]
+        if len(kinds) != 1:
+            c.add(
+                item,
+                "CFG_VALUE",
+                f"{what} needs exactly one of path, device, share, provider",
+                "e.g. path: /backup/rnd, device: {label: BACKUP-01}, share: //nas/rnd, "
+                "provider: onedrive",
+            )
+            ok = False
+            continue
+        reason = c.scalar(m["reason"], str, f"{what}.reason") if "reason" in m else None
+        if not reason:
+            c.add(
+                item,
+                "CFG_REQUIRED",
+                f"{what} needs a 'reason' (why this destination is sanctioned)",
+                "reason: nightly backup, ticket INC-1234",
+            )
+            ok = False
+            continue
+        kind = kinds[0]
+        kw: dict[str, Any] = {}
+        if kind == "path":
+            kw["path"] = c.path(m["path"], f"{what}.path")
+        elif kind == "device":
+            d = c.mapping(m["device"], _DEVICE_KEYS, f"{what}.device")
+            if d is None or len(d) != 1:
+                if d is not None:
+                    c.add(m["device"], "CFG_VALUE", f"{what}.device needs label or serial")
+                ok = False
+                continue
+            ((key, value),) = d.items()
+            kw[key] = c.scalar(value, str, f"{what}.device.{key}")
+        else:
+            kw[kind] = c.scalar(m[kind], str, f"{what}.{kind}")
+            if kind == "provider" and isinstance(kw[kind], str):
+                kw[kind] = kw[kind].lower()
+        if any(not isinstance(v, str) or not v for v in kw.values()):
+            ok = False
+            continue
+        out.append(TrustedDestination(reason, **kw))
+    return tuple(out) if ok else None
 
 
 def _working_hours(c: _Checker, node: yaml.Node) -> WorkingHours | None:
@@ -1045,7 +1137,7 @@ def _build(c: _Checker, root: yaml.Node | None) -> Config | None:
         m = c.mapping(top["enrichment"], _ENRICHMENT_KEYS, "enrichment")
         if m is not None:
             kw = {}
-            for key in ("queue_size", "per_user_queue", "io_budget_bytes"):
+            for key in ("queue_size", "per_user_queue", "io_budget_bytes", "decode_max_bytes"):
                 if key in m:
                     kw[key] = c.positive_int(m[key], f"enrichment.{key}")
             if "max_delay" in m:
@@ -1117,6 +1209,11 @@ def _build(c: _Checker, root: yaml.Node | None) -> Config | None:
             flag = c.scalar(m["pseudonymize"], bool, "privacy.pseudonymize")
             if flag is not None:
                 values["pseudonymize"] = flag
+
+    if "trusted" in top:
+        trusted = _trusted(c, top["trusted"])
+        if trusted is not None:
+            values["trusted"] = trusted
 
     if "working_hours" in top:
         hours = _working_hours(c, top["working_hours"])

@@ -127,6 +127,14 @@ class Event(msgspec.Struct, frozen=True, gc=False):
     process_args: tuple[str, ...] = ()
     process_parent_executable: str | None = None
     process_parent_command_line: str | None = None
+    # A sanctioned destination (config `trusted:`): shipped rules skip it, a summary counts it.
+    location_trusted: bool | None = None
+    # The tagged origin's sensitivity, and how the copy was made when it is not a plain copy
+    # (decoded base64/hex/uuencode, a MIME attachment, split chunks, a git bundle or clone).
+    lineage_sensitivity: str | None = None
+    lineage_via: str | None = None
+    # A tagged file overwritten in place: same_size (dd conv=notrunc, shred).
+    overwrite: str | None = None
 
     @property
     def time(self) -> float:
@@ -231,6 +239,10 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "process.args": lambda e: e.process_args,
     "process.parent.executable": lambda e: e.process_parent_executable,
     "process.parent.command_line": lambda e: e.process_parent_command_line,
+    "exfilwatch.location.trusted": lambda e: e.location_trusted,
+    "exfilwatch.lineage.origin_sensitivity": lambda e: e.lineage_sensitivity,
+    "exfilwatch.lineage.via": lambda e: e.lineage_via,
+    "exfilwatch.file.overwrite": lambda e: e.overwrite,
 }
 
 # Fields that hold a path: may carry bytes that are not UTF-8 (kept as surrogate escapes).
@@ -386,7 +398,13 @@ def to_dict(e: Event) -> dict[str, Any]:
             if r is not None:
                 raw[_PATH_NAMES[attr]] = r
     location = {
-        k: v for k, v in (("class", e.location), ("provider", e.location_provider)) if v is not None
+        k: v
+        for k, v in (
+            ("class", e.location),
+            ("provider", e.location_provider),
+            ("trusted", e.location_trusted),
+        )
+        if v is not None
     }
     if location:
         custom["location"] = location
@@ -415,6 +433,10 @@ def to_dict(e: Event) -> dict[str, Any]:
             raw["exfilwatch.lineage.origin_path"] = r
     if e.lineage_tags:
         lineage["origin_tags"] = list(e.lineage_tags)
+    if e.lineage_sensitivity is not None:
+        lineage["origin_sensitivity"] = e.lineage_sensitivity
+    if e.lineage_via is not None:
+        lineage["via"] = e.lineage_via
     if lineage:
         custom["lineage"] = lineage
     archive: dict[str, Any] = {}
@@ -424,8 +446,10 @@ def to_dict(e: Event) -> dict[str, Any]:
         archive["truncated"] = e.archive_truncated
     if archive:
         custom["archive"] = archive
-    if e.nlink is not None:
-        custom["file"] = {"nlink": e.nlink}
+    if e.nlink is not None or e.overwrite is not None:
+        custom["file"] = {
+            k: v for k, v in (("nlink", e.nlink), ("overwrite", e.overwrite)) if v is not None
+        }
     if e.disguise:
         custom["disguise"] = list(e.disguise)
     if e.enrichment_skipped is not None:
@@ -498,6 +522,7 @@ class _EcsFile(_Ecs):
 class _Location(_Ecs):
     class_: str | None = msgspec.field(default=None, name="class")
     provider: str | None = None
+    trusted: bool | None = None
 
 
 class _Attribution(_Ecs):
@@ -521,6 +546,8 @@ class _History(_Ecs):
 class _Lineage(_Ecs):
     origin_path: str | None = None
     origin_tags: tuple[str, ...] = ()
+    origin_sensitivity: str | None = None
+    via: str | None = None
 
 
 class _Archive(_Ecs):
@@ -529,7 +556,8 @@ class _Archive(_Ecs):
 
 
 class _Nlink(_Ecs):
-    nlink: int
+    nlink: int | None = None
+    overwrite: str | None = None
 
 
 class _Enrichment(_Ecs):
@@ -642,14 +670,19 @@ def _ecs_line(e: Event) -> _Line:
             raw = raw or {}
             raw["exfilwatch.root"] = r
     lineage = None
-    if e.lineage_origin is not None or e.lineage_tags:
+    if (
+        e.lineage_origin is not None
+        or e.lineage_tags
+        or e.lineage_sensitivity is not None
+        or e.lineage_via is not None
+    ):
         origin = e.lineage_origin
         if origin is not None:
             origin, r = text_and_raw(origin)
             if r is not None:
                 raw = raw or {}
                 raw["exfilwatch.lineage.origin_path"] = r
-        lineage = _Lineage(origin, e.lineage_tags)
+        lineage = _Lineage(origin, e.lineage_tags, e.lineage_sensitivity, e.lineage_via)
     category = e.category
     dataset = _DATASETS.get(category)
     if dataset is None:
@@ -722,8 +755,10 @@ def _ecs_line(e: Event) -> _Line:
             e.sensitivity,
             src,
             root,
-            _Location(e.location, e.location_provider)
-            if e.location is not None or e.location_provider is not None
+            _Location(e.location, e.location_provider, e.location_trusted)
+            if e.location is not None
+            or e.location_provider is not None
+            or e.location_trusted is not None
             else None,
             _Attribution(
                 e.attribution,
@@ -749,7 +784,9 @@ def _ecs_line(e: Event) -> _Line:
             _Archive(e.archive_tagged, e.archive_truncated)
             if e.archive_tagged is not None or e.archive_truncated is not None
             else None,
-            _Nlink(e.nlink) if e.nlink is not None else None,
+            _Nlink(e.nlink, e.overwrite)
+            if e.nlink is not None or e.overwrite is not None
+            else None,
             e.disguise,
             _Enrichment(e.enrichment_skipped) if e.enrichment_skipped is not None else None,
             raw,
@@ -948,6 +985,16 @@ def from_dict(data: dict[str, Any]) -> Event:
         process_parent_command_line=_expect(
             _obj(process, "parent").get("command_line"), str, "process.parent.command_line"
         ),
+        location_trusted=_expect(
+            _obj(custom, "location").get("trusted"), bool, "exfilwatch.location.trusted"
+        ),
+        lineage_sensitivity=_expect(
+            _obj(custom, "lineage").get("origin_sensitivity"),
+            str,
+            "exfilwatch.lineage.origin_sensitivity",
+        ),
+        lineage_via=_expect(_obj(custom, "lineage").get("via"), str, "exfilwatch.lineage.via"),
+        overwrite=_expect(_obj(custom, "file").get("overwrite"), str, "exfilwatch.file.overwrite"),
     )
 
 
@@ -1031,9 +1078,13 @@ SETTABLE: dict[str, str] = {
     "process.args": "process_args",
     "process.parent.executable": "process_parent_executable",
     "process.parent.command_line": "process_parent_command_line",
+    "exfilwatch.location.trusted": "location_trusted",
+    "exfilwatch.lineage.origin_sensitivity": "lineage_sensitivity",
+    "exfilwatch.lineage.via": "lineage_via",
+    "exfilwatch.file.overwrite": "overwrite",
 }
 _TUPLE_ATTRS = frozenset({"tags", "lineage_tags", "disguise", "process_args"})
-_BOOL_ATTRS = frozenset({"archive_truncated", "off_hours", "history_first_use"})
+_BOOL_ATTRS = frozenset({"archive_truncated", "off_hours", "history_first_use", "location_trusted"})
 _FLOAT_ATTRS = frozenset({"history_ratio"})
 _INT_ATTRS = frozenset(
     {

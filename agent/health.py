@@ -73,6 +73,7 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "watchlist_loaded": ("state", "info"),
     # Correlation windows and suppression of the previous run, resumed at start.
     "engine_state_restored": ("state", "info"),
+    "trusted_activity": ("metric", "info"),
     "watchlist_rejected": ("state", "error"),
     "watchlist_entered": ("state", "warning"),
     "watchlist_left": ("state", "info"),

@@ -32,6 +32,7 @@ _NO_STAT = frozenset({"deleted", "moved_out"})
 _MARKER_ACTIONS = frozenset({"created", "closed_write", "deleted", "moved_in", "moved_out"})
 _TREE_ACTIONS = frozenset({"deleted", "moved", "moved_out", "moved_in"})
 _HEALTH_CAP = 10_000
+TRUSTED_SUMMARY_ROWS = 50  # rule/user/place rows in one trusted_activity record
 _IDLE_SECONDS = 30.0
 _IDLE_RETRY_SECONDS = 0.5
 _S_IFMT = 0o170000
@@ -399,10 +400,33 @@ class Pipeline:
             # scheduler's thread (a dict changing size mid-iteration would be the result).
             expire_at, self._expire_at = self._expire_at, None
             self.engine.expire(expire_at)
+            self._report_trusted()
+        elif item is _STOP:
+            self._report_trusted()
         if item is None:
             if self._next_engine is not None:
                 self._install_engine()
             self._retry_sinks()
+
+    def _report_trusted(self) -> None:
+        """What rules matched at trusted destinations since the last summary (they neither
+        alerted nor fed correlations there): one record, so trusted volume stays visible."""
+        engine = self.engine
+        if engine is None:
+            return
+        counts = engine.take_trusted()
+        if counts:
+            self._write_health(
+                record(
+                    "trusted_activity",
+                    "summary",
+                    matches=sum(c["matches"] for c in counts),
+                    bytes=sum(c.get("bytes", 0) for c in counts),
+                    matches_total=engine.trusted_matched,
+                    by=counts[:TRUSTED_SUMMARY_ROWS],
+                    rows_left_out=max(0, len(counts) - TRUSTED_SUMMARY_ROWS),
+                )
+            )
 
     def _report_shed(self) -> None:
         shed = self.queue.take_shed()

@@ -1,4 +1,4 @@
-"""`exfilwatch rules validate|test` and `exfilwatch replay`."""
+"""`exfilwatch rules validate|test|coverage` and `exfilwatch replay`."""
 
 from __future__ import annotations
 
@@ -64,6 +64,18 @@ def validate(paths: Sequence[str], fmt: str, show: str | None) -> int:
             f"ok: {len(ruleset.rules)} rules, {len(ruleset.correlations)} correlations, "
             f"{len(ruleset.disabled)} disabled, from {len(ruleset.files)} files"
         )
+    return 0
+
+
+def attack_coverage(paths: Sequence[str]) -> int:
+    """The ATT&CK coverage table of the rules (docs/rules.md holds the shipped packs')."""
+    from agent.rules.coverage import markdown
+
+    ruleset, problems = load_rules(paths, _now_us())
+    if ruleset is None:
+        print(format_problems(problems), file=sys.stderr)
+        return 1
+    print(markdown(ruleset), end="")
     return 0
 
 

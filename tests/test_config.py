@@ -250,7 +250,8 @@ def test_every_bad_lane_cap_enrichment_bound_and_home_setting_is_located_in_one_
         f"{path}:11:20 CFG_VALUE enrichment.io_budget_bytes must be at least 1",
         f"{path}:12:15 CFG_VALUE enrichment.cpu_budget must be more than 0 and at most 1",
         f"{path}:13:3 CFG_UNKNOWN_KEY unknown key 'colour' in enrichment "
-        "(hint: allowed: queue_size, per_user_queue, max_delay, io_budget_bytes, cpu_budget)",
+        "(hint: allowed: queue_size, per_user_queue, max_delay, io_budget_bytes, cpu_budget, "
+        "decode_max_bytes)",
     ]
 
 

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from msgspec.structs import replace as evolve
 
 from agent.enrich.archives import HashLimits, MemberDigest, archive_kind, inspect_archive
 from agent.enrich.disguise import (
+    deceptive_directory,
     encoding,
     extension_changed,
     read_head,
     strip_wrapper_extension,
     type_mismatch,
 )
-from agent.enrich.lineage import LineageIndex
+from agent.enrich.lineage import LineageIndex, bytes_digest
+from agent.enrich.repos import RepoIndex
+from agent.enrich.tags import Resolved, higher
+from agent.enrich.unwrap import (
+    DEFAULT_DECODE_MAX_BYTES,
+    ChunkSets,
+    decode,
+    looks_like_mail,
+    read_bounded,
+)
 from agent.events import Event
 
 _LANDED = frozenset({"closed_write", "moved_in", "moved", "rescanned"})
@@ -29,6 +41,9 @@ class DestinationSettings:
     archive_max_members: int = 10_000
     archive_max_seconds: float = 0.5
     disguise: bool = True
+    # Encoded (base64, hex, uuencode), mailed (MIME) and split copies are decoded or joined
+    # to find their tagged origin; at most this many bytes of a file (or a chunk set).
+    decode_max_bytes: int = DEFAULT_DECODE_MAX_BYTES
 
 
 class Destinations:
@@ -42,10 +57,26 @@ class Destinations:
 
     name = "destinations"
 
-    def __init__(self, lineage: LineageIndex | None, settings: DestinationSettings) -> None:
+    def __init__(
+        self,
+        lineage: LineageIndex | None,
+        settings: DestinationSettings,
+        resolve_dir: Callable[[str], Resolved] | None = None,
+        repos: RepoIndex | None = None,
+    ) -> None:
         self.lineage = lineage
         self.settings = settings
-        self.counters = {"copies": 0, "archives": 0, "disguised": 0}
+        # Tags and sensitivity in force for a tagged directory (asked only for a copy found).
+        self.resolve_dir = resolve_dir
+        self.repos = repos
+        self.counters = {
+            "copies": 0,
+            "archives": 0,
+            "disguised": 0,
+            "unwrapped": 0,
+            "repositories": 0,
+        }
+        self.chunks = ChunkSets()
 
     def __call__(self, e: Event) -> Event:
         if e.category != "file":
@@ -54,6 +85,9 @@ class Destinations:
             return self._tagged(e)
         if e.file_type != "file" or not _landed(e):
             return e
+        deceptive = deceptive_directory(e.path) if self.settings.disguise else None
+        if deceptive is not None and deceptive not in e.disguise:
+            e = evolve(e, disguise=(*e.disguise, deceptive))
         lineage = self.lineage
         if lineage is None:
             return e
@@ -71,6 +105,9 @@ class Destinations:
         changes: dict[str, Any] = {"lineage_origin": origin.path}
         if origin.tags:
             changes["lineage_tags"] = origin.tags
+        sensitivity = self._sensitivity(origin.path)
+        if sensitivity is not None:
+            changes["lineage_sensitivity"] = sensitivity
         if (
             self.settings.disguise
             and e.action == "moved"
@@ -99,6 +136,21 @@ class Destinations:
         read = 0
         origin_path = e.lineage_origin
         origin_tags: tuple[str, ...] = e.lineage_tags
+        head = read_head(e.path) if (self.settings.disguise or self.settings.archives) else None
+        if head is not None:
+            read += len(head)
+        repos, resolve = self.repos, self.resolve_dir
+        if repos is not None and resolve is not None and origin_path is None:
+            # A repository's refs or pack, first: they are also byte copies of single files
+            # in the tagged .git, but what left is the whole history.
+            repo = repos.origin(e.path, head)
+            if repo is not None:
+                origin_path, changes["lineage_via"] = repo
+                origin_tags = resolve(origin_path).tags
+                level = resolve(origin_path).sensitivity
+                if level is not None:
+                    changes["lineage_sensitivity"] = level
+                self.counters["repositories"] += 1
         if lineage is not None and origin_path is None and e.size:
             before = lineage.stats["hashed_bytes"]
             origin = lineage.find_copy(e.path, e.size)
@@ -106,10 +158,14 @@ class Destinations:
             if origin is not None:
                 origin_path, origin_tags = origin.path, origin.tags
                 self.counters["copies"] += 1
-        head = read_head(e.path) if (self.settings.disguise or self.settings.archives) else None
         signals: list[str] = list(e.disguise)
-        if head is not None:
-            read += len(head)
+        if lineage is not None and origin_path is None and e.size:
+            found, via, cost = self._unwrapped(e, head)
+            read += cost
+            if found is not None:
+                origin_path, origin_tags = found.path, found.tags
+                self.counters["unwrapped"] += 1
+                changes["lineage_via"] = via
         if head is not None and self.settings.disguise:
             if type_mismatch(e.extension, head):
                 signals.append("type_mismatch")
@@ -126,6 +182,7 @@ class Destinations:
             if kind is not None:
                 tagged = 0
                 tags: dict[str, None] = {}
+                member_paths: list[str] = []  # the first few, for their sensitivity
 
                 def member(name: str, size: int, digest: MemberDigest) -> None:
                     # By name and size first (no reading); else by content, for a member
@@ -137,6 +194,8 @@ class Destinations:
                     if entry is not None:
                         tagged += 1
                         tags.update(dict.fromkeys(entry.tags))
+                        if len(member_paths) < ARCHIVE_SAMPLE:
+                            member_paths.append(entry.path)
 
                 before = lineage.stats["hashed_bytes"]
                 info = inspect_archive(
@@ -160,10 +219,19 @@ class Destinations:
                         changes["archive_truncated"] = True
                     if tagged and not origin_tags:
                         origin_tags = tuple(tags)
+                    if tagged and origin_path is None:
+                        level = None
+                        for member_path in member_paths:
+                            level = higher(level, self._sensitivity(member_path))
+                        if level is not None:
+                            changes["lineage_sensitivity"] = level
                     if info.encrypted and "encrypted" not in signals:
                         signals.append("encrypted")
         if origin_path is not None and origin_path != e.lineage_origin:
             changes["lineage_origin"] = origin_path
+            sensitivity = changes.get("lineage_sensitivity") or self._sensitivity(origin_path)
+            if sensitivity is not None:
+                changes["lineage_sensitivity"] = sensitivity
         if origin_tags and origin_tags != e.lineage_tags:
             changes["lineage_tags"] = origin_tags
         if len(signals) > len(e.disguise):
@@ -171,11 +239,64 @@ class Destinations:
             changes["disguise"] = tuple(dict.fromkeys(signals))
         return (evolve(e, **changes) if changes else e), read
 
+    def _unwrapped(self, e: Event, head: bytes | None) -> tuple[Any, str | None, int]:
+        """(tagged entry, via, bytes read) when the file carries a tagged file's content
+        encoded, as a mail attachment, or as the last of a set of split chunks."""
+        lineage = self.lineage
+        assert lineage is not None and e.size
+        limit = self.settings.decode_max_bytes
+        hash_max = lineage.hash_max_bytes
+        chunks = self.chunks.add(e.path, e.size)
+        if chunks is not None and len(chunks) > 1:
+            total = sum(size for _, size in chunks)
+            if total <= limit and lineage.has_size(total):
+                parts = [read_bounded(path, size) for path, size in chunks]
+                got = [p for p in parts if p is not None]
+                if sum(len(p) for p in got) == total and len(got) == len(chunks):
+                    joined = b"".join(got)
+                    entry = lineage.match_member_content(
+                        total, lambda: bytes_digest(joined, hash_max)
+                    )
+                    if entry is not None:
+                        return entry, "split", total
+        if (
+            head is None
+            or e.size > limit
+            or not (encoding(head) == "encoded" or looks_like_mail(head))
+        ):
+            return None, None, 0
+        data = read_bounded(e.path, limit)
+        if data is None:
+            return None, None, 0
+        for kind, payload in decode(data, head):
+            entry = lineage.match_member_content(
+                len(payload), partial(bytes_digest, payload, hash_max)
+            )
+            if entry is not None:
+                return entry, kind, len(data)
+        return None, None, len(data)
+
+    def _sensitivity(self, origin_path: str) -> str | None:
+        resolve = self.resolve_dir
+        if resolve is None:
+            return None
+        return resolve(origin_path.rsplit("/", 1)[0] or "/").sensitivity
+
     def _tagged(self, e: Event) -> Event:
         """Keep the index current from the tagged trees' own events; flag renames that
         change a tagged file's extension."""
         lineage = self.lineage
+        overwrite = None
         if lineage is not None:
+            if (
+                e.action == "closed_write"
+                and e.file_type == "file"
+                and e.size
+                and lineage.size_of(e.path) == e.size
+            ):
+                # Written in place to the byte count it had (dd conv=notrunc, shred): the
+                # shape of destruction that a size or truncation check does not see.
+                overwrite = "same_size"
             if e.action in _GONE:
                 if e.file_type == "dir" or e.file_type is None:
                     lineage.remove_tree(e.path)
@@ -186,7 +307,13 @@ class Destinations:
             elif (
                 e.file_type == "file"
                 and e.size is not None
-                and e.action in ("closed_write", "moved_in", "moved", "created", "rescanned")
+                and (
+                    e.action in ("closed_write", "moved_in", "moved", "rescanned")
+                    # A creation seen live is followed by its closed_write: only files found
+                    # by a scan are complete when created (and a same-size overwrite is a
+                    # write to a file the index knew before it).
+                    or (e.action == "created" and e.source != "inotify")
+                )
             ):
                 lineage.add(e.path, e.size, (e.mtime_us or 0) * 1000, e.tags)
             if e.action == "moved" and e.src_path is not None:
@@ -202,6 +329,8 @@ class Destinations:
             and extension_changed(e.src_path, e.path)
         ):
             return evolve(e, disguise=("extension_changed",))
+        if overwrite is not None:
+            return evolve(e, overwrite=overwrite)
         return e
 
 

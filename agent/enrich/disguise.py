@@ -61,6 +61,7 @@ _HEX = b"0123456789abcdefABCDEF"
 _UUENCODE = re.compile(rb"\s*begin(?:-base64)? [0-7]{3,4} [^\r\n]+\r?\n")
 # xxd, hexdump -C, od -A x -t x1: an offset, then at least four groups of hex digits.
 _HEX_DUMP_LINE = re.compile(rb"[0-9a-fA-F]{6,16}:? +(?:[0-9a-fA-F]{2,8} +){3,}[0-9a-fA-F]{2,8}")
+_HEX_BYTES_LINE = re.compile(rb"\s*(?:[0-9a-fA-F]{2}\s+){3,}[0-9a-fA-F]{2}\s*")
 _MIN_ENCODED = 256
 
 _TEXT = frozenset({"text", "pem", "pgp-armor"})
@@ -135,7 +136,11 @@ _ALIASES = {
 }
 # Atomic saves write `name.tmp` (or rsync's `.name.XXXXXX`) and rename it over `name`;
 # backups rename `name` to `name.bak` or `name~`. Neither disguises anything.
-_TEMP_SUFFIXES = frozenset({"tmp", "temp", "swp", "part", "partial", "crdownload", "new"})
+_TEMP_SUFFIXES = frozenset(
+    {"tmp", "temp", "swp", "swx", "part", "partial", "crdownload", "new", "lock", "download"}
+)
+_SEPARATORS = re.compile(r"[._~-]+")
+_MKSTEMP = re.compile(r"[a-z]{0,8}[._-]?([A-Za-z0-9]{6})")
 _BACKUP_SUFFIXES = frozenset({"bak", "backup", "orig", "old", "save"})
 _EXT_TOKEN = re.compile(r"[a-z0-9][a-z0-9_+-]{0,9}")
 _RSYNC_TOKEN = re.compile(r"[A-Za-z0-9]{6}")
@@ -380,6 +385,11 @@ def _first_line(head: bytes) -> bytes:
 def _is_hex(head: bytes) -> bool:
     first = _first_line(head)
     plain = not first.translate(None, _HEX)
+    if not plain and _HEX_BYTES_LINE.fullmatch(first.rstrip(b"\r")):
+        # od -An -tx1 and similar: hex bytes separated by spaces, no offsets.
+        lines = _lines(_body(head))
+        spaced = sum(1 for line in lines if _HEX_BYTES_LINE.fullmatch(line.rstrip(b"\r")))
+        return len(lines) >= 8 and spaced * 10 >= len(lines) * 9
     if not plain and not _HEX_DUMP_LINE.match(first):
         return False
     body = _body(head)
@@ -523,17 +533,71 @@ def _split_extension(name: str) -> tuple[str, str | None]:
     return base[: hidden + len(stem)], _ALIASES.get(ext, ext)
 
 
-def extension_changed(src_path: str, dst_path: str) -> bool:
-    """True when a rename changes the file's extension (case-insensitive; adding or removing
-    one counts). Atomic saves (`x.txt.tmp` -> `x.txt`, rsync's `.x.txt.Ab12Cd` -> `x.txt`)
-    and backups (`x.txt` -> `x.txt.bak` / `x.txt~`) are not changes."""
+def _temporary_token(token: str) -> bool:
+    """A name part that tools generate for a temporary file: a temp word (tmp, lock, swp,
+    part...), a pid or counter (digits), or a random suffix (mkstemp's XXXXXX: letters mixed
+    with digits or case). A plain lowercase word (gds, v, pdf) is an extension, not this."""
+    t = token.lower()
+    if t in _TEMP_SUFFIXES or t.startswith(("tmp", "temp")):
+        return True
+    if any(c.isdigit() for c in token):
+        return True
+    return len(token) >= 6 and token.isalnum() and not (token.islower() or token.isupper())
+
+
+def _temporary_remainder(rest: str) -> bool:
+    """`rest` (what a temp name adds to the final one: "tmp.1234", "lock", "Ab12Cd") consists
+    of temporary tokens only."""
+    parts = [p for p in _SEPARATORS.split(rest) if p]
+    return bool(parts) and all(_temporary_token(p) for p in parts)
+
+
+def _temporary_name(name: str) -> bool:
+    """A name made for a temporary file, with no real extension: `tmp_pack_Ab12Cd`,
+    `.tmp-9829-x`, `tmp1234` (git, mkstemp, sync clients write these and rename them into
+    place)."""
+    base = name.lstrip(".")
+    if _split_extension(name)[1] not in (None, *_TEMP_SUFFIXES):
+        return False
+    first = _SEPARATORS.split(base, 1)[0].lower()
+    if first.startswith(("tmp", "temp")) or base.lower().startswith(("tmp", "temp")):
+        return True
+    # mkstemp's names: a short tool prefix and six random letters and digits (sed -i writes
+    # sedQLNEpz, perl -i and many editors similar ones).
+    m = _MKSTEMP.fullmatch(base)
+    return m is not None and _temporary_token(m.group(1))
+
+
+def atomic_replace(src_path: str, dst_path: str) -> bool:
+    """True when a rename puts a temporary file into place (an atomic save): the final name
+    plus a temporary remainder (`x.c.tmp.1234`, `.x.c.swp`, git's `index.lock`, rsync's
+    `.x.c.Ab12Cd`), or a temporary name with no real extension (`tmp_pack_Ab12Cd`)."""
     src = src_path.rsplit("/", 1)[-1]
     dst = dst_path.rsplit("/", 1)[-1]
-    if src.startswith(dst + "."):
-        token = src[len(dst) + 1 :]
-        if token.lower() in _TEMP_SUFFIXES:
-            return False
+    if not dst:
+        return False
     if src.startswith("." + dst + ".") and _RSYNC_TOKEN.fullmatch(src[len(dst) + 2 :]):
+        return True  # rsync's .name.XXXXXX, whatever letters the six are
+    bare = src.lstrip(".")
+    for stem in (bare, src):
+        if (
+            stem.startswith(dst)
+            and len(stem) > len(dst)
+            and stem[len(dst)] in "._-~"
+            and _temporary_remainder(stem[len(dst) + 1 :])
+        ):
+            return True
+    return _temporary_name(src)
+
+
+def extension_changed(src_path: str, dst_path: str) -> bool:
+    """True when a rename changes the file's extension (case-insensitive; adding or removing
+    one counts). Atomic saves (`x.txt.tmp` -> `x.txt`, rsync's `.x.txt.Ab12Cd` -> `x.txt`,
+    git's `index.lock` -> `index`, `tmp_pack_Ab12Cd` -> `pack-1.pack`) and backups (`x.txt`
+    -> `x.txt.bak` / `x.txt~`) are not changes."""
+    src = src_path.rsplit("/", 1)[-1]
+    dst = dst_path.rsplit("/", 1)[-1]
+    if atomic_replace(src, dst):
         return False
     if dst.startswith(src + ".") and dst[len(src) + 1 :].lower() in _BACKUP_SUFFIXES:
         return False
@@ -549,3 +613,28 @@ def strip_wrapper_extension(name: str) -> str | None:
     if not dot or ext.lower() not in _WRAPPERS or not stem.strip("."):
         return None
     return f"{head}{slash}{stem}"
+
+
+_TRASH = re.compile(r"\.Trash(?:-\d+)?")
+
+
+def deceptive_directory(path: str) -> str | None:
+    """Whether a directory on the way to `path` is named to be overlooked: "deceptive_name"
+    for dots and spaces only (`...`, `.. `), leading or trailing whitespace (`"... "`: T1036.006)
+    or control and invisible characters; "deceptive_location" for a trash directory
+    (`.Trash-1000`) anywhere but at the top of a mounted filesystem, where desktops make them
+    (T1036.005; ~/.local/share/Trash is named differently). None for ordinary names."""
+    return _deceptive_dir(path.rpartition("/")[0])
+
+
+@lru_cache(maxsize=4096)  # by directory: files land in few directories, many times
+def _deceptive_dir(directory: str) -> str | None:
+    parts = directory.split("/")[1:]
+    for i, part in enumerate(parts):
+        if not part or part in (".", ".."):
+            continue
+        if part.strip(". ") == "" or part != part.strip() or not part.isprintable():
+            return "deceptive_name"
+        if _TRASH.fullmatch(part) and not os.path.ismount("/" + "/".join(parts[:i])):
+            return "deceptive_location"
+    return None

@@ -100,6 +100,19 @@ def content_digest(path: str, size: int, hash_max_bytes: int) -> bytes | None:
         os.close(fd)
 
 
+def bytes_digest(data: bytes, hash_max_bytes: int) -> bytes:
+    """`content_digest` of a file holding `data` (decoded or joined content, in memory)."""
+    size = len(data)
+    h = hashlib.blake2b(digest_size=20)
+    h.update(size.to_bytes(8, "little"))
+    if size <= hash_max_bytes:
+        h.update(data)
+    else:
+        for offset in (0, size // 2, max(0, size - SAMPLE_BYTES)):
+            h.update(data[offset : offset + SAMPLE_BYTES])
+    return h.digest()
+
+
 def hashed_bytes(size: int, hash_max_bytes: int) -> int:
     return size if size <= hash_max_bytes else 3 * SAMPLE_BYTES
 
@@ -377,6 +390,11 @@ class LineageIndex:
             if found is not None and found == digest:
                 return entry
         return None
+
+    def size_of(self, path: str) -> int | None:
+        """The indexed size of the tagged file at `path` (before the event being handled)."""
+        entry = self._by_path.get(path)
+        return entry.size if entry is not None else None
 
     def lookup(self, path: str) -> Origin | None:
         """The indexed tagged file at `path`, if any."""

@@ -351,6 +351,7 @@ def fingerprint(rule: Rule) -> str:
         "condition": rule.condition,
         "correlation": plain(rule.correlation),
         "scope": list(rule.scope),
+        "match_trusted": rule.match_trusted,
     }
     data = json.dumps(body, sort_keys=True, default=str).encode()
     return hashlib.sha256(data).hexdigest()[:16]

@@ -63,6 +63,7 @@ class _Sequence:
 
 
 _PLACE_CACHE = 1024
+TRUSTED_KEYS = 1000  # rule/user/place combinations counted between two summaries
 STATE_VERSION = 1
 
 
@@ -103,6 +104,10 @@ class Engine:
         self._items = 0  # matches held in all counting windows, against caps.max_total_events
         self.matched = 0
         self.alerts = 0
+        # (rule id, user, location class, provider) -> [matches, bytes] at trusted destinations
+        # since the last `take_trusted`: what would have alerted or fed a correlation there.
+        self._trusted: dict[tuple[str, str | None, str | None, str | None], list[int]] = {}
+        self.trusted_matched = 0
 
     # evaluation ------------------------------------------------------------------------
 
@@ -130,6 +135,9 @@ class Engine:
                 continue
             if r.exceptions and self._excepted(r, e):
                 continue
+            if e.location_trusted and not r.rule.match_trusted:
+                self._count_trusted(r.id, e)
+                continue
             self.matched += 1
             if r.generate:
                 alert = self._suppressed(r, e, partial(_single, r, e))
@@ -141,6 +149,41 @@ class Engine:
                     out.append(alert)
         self.alerts += len(out)
         return out
+
+    def _count_trusted(self, rule_id: str, e: Event) -> None:
+        self.trusted_matched += 1
+        key = (rule_id, e.user_name, e.location, e.location_provider)
+        slot = self._trusted.get(key)
+        if slot is None:
+            if len(self._trusted) >= TRUSTED_KEYS:
+                key = (rule_id, None, None, "(more destinations and users)")
+                slot = self._trusted.setdefault(key, [0, 0])
+            else:
+                slot = self._trusted[key] = [0, 0]
+        slot[0] += 1
+        slot[1] += e.size or 0
+
+    def take_trusted(self) -> list[dict[str, Any]]:
+        """Matches at trusted destinations since the last call, per rule, user and place (so a
+        trusted destination cannot hide volume); empties the count."""
+        counts, self._trusted = self._trusted, {}
+        return [
+            {
+                k: v
+                for k, v in (
+                    ("rule", rid),
+                    ("user", user),
+                    ("location", location),
+                    ("provider", provider),
+                    ("matches", n),
+                    ("bytes", size),
+                )
+                if v is not None
+            }
+            for (rid, user, location, provider), (n, size) in sorted(
+                counts.items(), key=lambda kv: (-kv[1][0], str(kv[0]))
+            )
+        ]
 
     @staticmethod
     def _excepted(r: CompiledRule, e: Event) -> bool:
@@ -343,6 +386,8 @@ class Engine:
     def adopt(self, old: Engine) -> int:
         """Carry correlation and suppression state over from `old` for unchanged rules."""
         kept = 0
+        self._trusted, old._trusted = old._trusted, {}
+        self.trusted_matched += old.trusted_matched
         old_all = {**old.ruleset.rules, **old.ruleset.correlations}
         for cid in self._windows:
             prev = old.ruleset.correlations.get(cid)

@@ -57,6 +57,7 @@ _RULE_KEYS = (
     "detection",
     "correlation",
     "generate",
+    "match_trusted",
     "scope",
     "exceptions",
     "suppress",
@@ -635,6 +636,7 @@ class _Reader:
         for key, parse in (
             ("enabled", lambda n: self.boolean(n, "enabled")),
             ("generate", lambda n: self.boolean(n, "generate")),
+            ("match_trusted", lambda n: self.boolean(n, "match_trusted")),
             ("author", lambda n: self.text(n, "author")),
             ("references", lambda n: self.strings(n, "references")),
             ("tags", self.tags),

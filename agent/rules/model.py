@@ -93,6 +93,9 @@ class Rule:
     condition_node: Any = field(default=None, compare=False, repr=False)
     correlation: Correlation | None = None
     generate: bool | None = None  # None: default (base rules of a correlation do not alert)
+    # Also match events at trusted destinations (exfilwatch.location.trusted); by default
+    # such matches are only counted (the trusted_activity health record).
+    match_trusted: bool = False
     scope: tuple[str, ...] = ()  # watchlist statuses the rule is limited to
     exceptions: tuple[RuleException, ...] = ()
     suppress: Suppress | None = None

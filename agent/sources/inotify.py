@@ -48,10 +48,12 @@ MASK = (
     | F.EXCL_UNLINK
 )
 # Places that are not tagged trees (removable media, sync folders, staging) only matter for
-# what lands there: the kernel is asked for nothing else, so reads, attribute changes and
-# deletions there never reach the queue (the reader's cheap filter drops the rest).
+# what lands there, and for the evidence removed from them (deleted archives and shell
+# histories, see evidence_name): reads and attribute changes are never asked for, and the
+# reader's cheap filter drops every other delete before the queue.
 EGRESS_MASK = (
     F.CREATE
+    | F.DELETE
     | F.MOVED_FROM
     | F.MOVED_TO
     | F.CLOSE_WRITE
@@ -80,6 +82,43 @@ _CLOSE_NOWRITE, _CREATE, _DELETE = int(F.CLOSE_NOWRITE), int(F.CREATE), int(F.DE
 _ONLYDIR, _DONT_FOLLOW = int(F.ONLYDIR), int(F.DONT_FOLLOW)
 _MOVED_FROM, _MOVED_TO, _ATTRIB = int(F.MOVED_FROM), int(F.MOVED_TO), int(F.ATTRIB)
 _NOT_LANDED = _MODIFY | _OPEN | _CLOSE_NOWRITE | _ATTRIB | _DELETE
+# Deletes reported outside the tagged trees: archives and shell histories, what an insider
+# removes to cover their tracks (rules/antiforensics.yaml).
+_EVIDENCE_SUFFIXES = (
+    ".zip",
+    ".7z",
+    ".rar",
+    ".tar",
+    ".tgz",
+    ".gz",
+    ".bz2",
+    ".xz",
+    ".tbz2",
+    ".txz",
+    ".zst",
+    ".cpio",
+    ".bundle",
+)
+_EVIDENCE_NAMES = frozenset(
+    {
+        ".bash_history",
+        ".zsh_history",
+        ".zhistory",
+        ".history",
+        ".sh_history",
+        ".ksh_history",
+        "fish_history",
+        ".python_history",
+        ".mysql_history",
+        ".psql_history",
+    }
+)
+
+
+def evidence_name(name: str) -> bool:
+    return name in _EVIDENCE_NAMES or name.lower().endswith(_EVIDENCE_SUFFIXES)
+
+
 # The kernel bits of the actions only rules or event sinks use (see set_actions).
 _OPTIONAL_BITS = {
     "opened": _OPEN,
@@ -734,8 +773,14 @@ class InotifySource:
                 self._unmounted.append((dirpath, root))
                 continue
             isdir = bool(mask & _ISDIR)
-            if loc != "tagged" and (mask & _NOT_LANDED or (mask & _CREATE and not isdir)):
-                filtered += 1  # outside tagged trees a new empty file says nothing yet
+            if (
+                loc != "tagged"
+                and (mask & _NOT_LANDED or (mask & _CREATE and not isdir))
+                and not (mask & _DELETE and not isdir and evidence_name(name))
+            ):
+                # Outside tagged trees a new empty file says nothing yet, nor does a delete,
+                # except of the evidence an insider removes (an archive, a shell history).
+                filtered += 1
                 continue
             if (isdir and mask & _DIR_READ) or (name == marker and mask & _DIR_READ):
                 continue  # directory listings and the agent's own marker reads

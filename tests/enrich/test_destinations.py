@@ -218,7 +218,7 @@ def test_encrypted_output_is_flagged_and_traced_by_name(world: World) -> None:
         disguise=("encrypted",),
         lineage_origin=str(world.rnd / "chip" / "m7.v"),
     )
-    assert world.collector.wait_for(lambda c: bool(world.alerts("exfil-encoded-tagged")))
+    assert world.collector.wait_for(lambda c: bool(world.alerts("exfil-encrypted-tagged")))
 
 
 @needs_mount

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from agent.enrich.disguise import (
     EXPECTED,
+    deceptive_directory,
     encoding,
     extension_changed,
     read_head,
@@ -261,6 +262,22 @@ def test_mismatch_follows_container_families() -> None:
         ("/d/top.v", "/d/top.v~", False),
         ("/d/.bashrc", "/d/.profile", False),
         ("/d/Makefile.tmp", "/d/Makefile", False),
+        # Atomic saves and git's lock files are not disguises.
+        ("/d/.mod2.c.tmp.1234", "/d/mod2.c", False),
+        ("/d/.top.v.abcdef", "/d/top.v", False),
+        ("/d/HEAD.lock", "/d/HEAD", False),
+        ("/d/index.lock", "/d/index", False),
+        ("/d/tmp_pack_lNn4Xc", "/d/.tmp-9829-pack-9685.pack", False),
+        ("/d/tmp_obj_a1B2c3", "/d/4b825dc642cb6eb9a060e54bf8d69288fbee4904", False),
+        ("/d/report.pdf.crdownload", "/d/report.pdf", False),
+        ("/d/sedQLNEpz", "/d/mod3.c", False),
+        ("/d/design", "/d/design.jpg", True),
+        ("/d/.~lock.report.docx#", "/d/x.docx", True),
+        # A real extension in the removed part is still a change: a two-step disguise
+        # (design.gds -> cat.jpg.gds -> cat.jpg) is seen at the second step.
+        ("/d/cat.jpg.gds", "/d/cat.jpg", True),
+        ("/d/tmp_1.gds", "/d/cat.jpg", True),
+        ("/d/design.gds", "/d/tmp_design", True),
     ],
 )
 def test_extension_changed(src: str, dst: str, changed: bool) -> None:
@@ -314,3 +331,23 @@ def test_magic_prefixes_with_garbage_never_raise(prefix: bytes, rest: bytes) -> 
     head = prefix + rest
     sniff(head)
     encoding(head)
+
+
+@pytest.mark.parametrize(
+    ("path", "signal"),
+    [
+        ("/tmp/... /a.c", "deceptive_name"),
+        ("/tmp/.. /a.c", "deceptive_name"),
+        ("/tmp/work /a.c", "deceptive_name"),
+        ("/tmp/a\u200bb/a.c", "deceptive_name"),
+        ("/tmp/.Trash-1000/files/a.c", "deceptive_location"),
+        ("/tmp/.Trash/a.c", "deceptive_location"),
+        ("/.Trash-1000/a.c", None),  # at the top of a mounted filesystem: where desktops put it
+        ("/home/al/.local/share/Trash/files/a.c", None),
+        ("/tmp/.stash/a.c", None),
+        ("/tmp/work/a.c", None),
+        ("/tmp/... ", None),  # the file's own name is not a directory
+    ],
+)
+def test_deceptive_directories(path: str, signal: str | None) -> None:
+    assert deceptive_directory(path) == signal

