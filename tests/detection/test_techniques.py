@@ -177,6 +177,8 @@ def test_a_bundle_and_a_bare_clone_of_a_tagged_repository_are_recognised(ws: Wor
     )
     assert lineage(alert)["origin_path"] == str(ws.rnd)
     assert technique(alert) == ["T1560", "T1213.003"]
+    read = ws.wait_alert("exfil-repository-read")  # git bundle on the tagged repository
+    assert read["process"]["args"][:2] == ["git", "bundle"]
     ws.sh(f"git clone -q --bare --no-local {ws.rnd} {ws.stage / 'rnd.git'}")
     alert = ws.wait_alert("exfil-repository-clone")
     assert lineage(alert)["origin_path"] == str(ws.rnd)
