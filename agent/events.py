@@ -133,8 +133,13 @@ class Event(msgspec.Struct, frozen=True, gc=False):
     # (decoded base64/hex/uuencode, a MIME attachment, split chunks, a git bundle or clone).
     lineage_sensitivity: str | None = None
     lineage_via: str | None = None
-    # A tagged file overwritten in place: same_size (dd conv=notrunc, shred).
+    # A tagged file written over: same_size (dd conv=notrunc, shred), rewritten (in place,
+    # another size), replaced (a new file renamed over it).
     overwrite: str | None = None
+    # A delete in a tagged tree: files of its directory deleted by then (10-minute window),
+    # and their share of the directory's files.
+    dir_deleted: int | None = None
+    dir_deleted_share: float | None = None
 
     @property
     def time(self) -> float:
@@ -243,6 +248,8 @@ FIELDS: dict[str, Callable[[Event], Any]] = {
     "exfilwatch.lineage.origin_sensitivity": lambda e: e.lineage_sensitivity,
     "exfilwatch.lineage.via": lambda e: e.lineage_via,
     "exfilwatch.file.overwrite": lambda e: e.overwrite,
+    "exfilwatch.directory.deleted": lambda e: e.dir_deleted,
+    "exfilwatch.directory.deleted_share": lambda e: e.dir_deleted_share,
 }
 
 # Fields that hold a path: may carry bytes that are not UTF-8 (kept as surrogate escapes).
@@ -452,6 +459,12 @@ def to_dict(e: Event) -> dict[str, Any]:
         }
     if e.disguise:
         custom["disguise"] = list(e.disguise)
+    if e.dir_deleted is not None or e.dir_deleted_share is not None:
+        custom["directory"] = {
+            k: v
+            for k, v in (("deleted", e.dir_deleted), ("deleted_share", e.dir_deleted_share))
+            if v is not None
+        }
     if e.enrichment_skipped is not None:
         custom["enrichment"] = {"skipped": e.enrichment_skipped}
     if raw:
@@ -564,6 +577,11 @@ class _Enrichment(_Ecs):
     skipped: str
 
 
+class _Directory(_Ecs):
+    deleted: int | None = None
+    deleted_share: float | None = None
+
+
 class _Custom(_Ecs):
     source: str
     tags: tuple[str, ...] = ()
@@ -579,6 +597,7 @@ class _Custom(_Ecs):
     archive: _Archive | None = None
     file: _Nlink | None = None
     disguise: tuple[str, ...] = ()
+    directory: _Directory | None = None
     enrichment: _Enrichment | None = None
     raw: dict[str, str] | None = None
 
@@ -788,6 +807,9 @@ def _ecs_line(e: Event) -> _Line:
             if e.nlink is not None or e.overwrite is not None
             else None,
             e.disguise,
+            _Directory(e.dir_deleted, e.dir_deleted_share)
+            if e.dir_deleted is not None or e.dir_deleted_share is not None
+            else None,
             _Enrichment(e.enrichment_skipped) if e.enrichment_skipped is not None else None,
             raw,
         ),
@@ -995,6 +1017,12 @@ def from_dict(data: dict[str, Any]) -> Event:
         ),
         lineage_via=_expect(_obj(custom, "lineage").get("via"), str, "exfilwatch.lineage.via"),
         overwrite=_expect(_obj(custom, "file").get("overwrite"), str, "exfilwatch.file.overwrite"),
+        dir_deleted=_expect(
+            _obj(custom, "directory").get("deleted"), int, "exfilwatch.directory.deleted"
+        ),
+        dir_deleted_share=_number(
+            _obj(custom, "directory").get("deleted_share"), "exfilwatch.directory.deleted_share"
+        ),
     )
 
 
@@ -1082,10 +1110,12 @@ SETTABLE: dict[str, str] = {
     "exfilwatch.lineage.origin_sensitivity": "lineage_sensitivity",
     "exfilwatch.lineage.via": "lineage_via",
     "exfilwatch.file.overwrite": "overwrite",
+    "exfilwatch.directory.deleted": "dir_deleted",
+    "exfilwatch.directory.deleted_share": "dir_deleted_share",
 }
 _TUPLE_ATTRS = frozenset({"tags", "lineage_tags", "disguise", "process_args"})
 _BOOL_ATTRS = frozenset({"archive_truncated", "off_hours", "history_first_use", "location_trusted"})
-_FLOAT_ATTRS = frozenset({"history_ratio"})
+_FLOAT_ATTRS = frozenset({"history_ratio", "dir_deleted_share"})
 _INT_ATTRS = frozenset(
     {
         "timestamp_us",
@@ -1097,6 +1127,7 @@ _INT_ATTRS = frozenset(
         "process_parent_pid",
         "nlink",
         "watchlist_days",
+        "dir_deleted",
     }
 )
 

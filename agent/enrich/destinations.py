@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -33,6 +34,8 @@ from agent.events import Event
 _LANDED = frozenset({"closed_write", "moved_in", "moved", "rescanned"})
 _GONE = frozenset({"deleted", "moved_out"})
 ARCHIVE_SAMPLE = 10
+DIR_DELETE_WINDOW_US = 600_000_000  # deletes in one directory counted together: 10 minutes
+DIR_DELETE_DIRS = 10_000  # directories remembered for that
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class Destinations:
             "repositories": 0,
         }
         self.chunks = ChunkSets()
+        # directory -> (files deleted in the window, when the window began), bounded
+        self._dir_deletes: OrderedDict[str, tuple[int, int]] = OrderedDict()
 
     def __call__(self, e: Event) -> Event:
         if e.category != "file":
@@ -286,17 +291,18 @@ class Destinations:
         """Keep the index current from the tagged trees' own events; flag renames that
         change a tagged file's extension."""
         lineage = self.lineage
-        overwrite = None
+        changes: dict[str, Any] = {}
         if lineage is not None:
-            if (
-                e.action == "closed_write"
-                and e.file_type == "file"
-                and e.size
-                and lineage.size_of(e.path) == e.size
-            ):
-                # Written in place to the byte count it had (dd conv=notrunc, shred): the
-                # shape of destruction that a size or truncation check does not see.
-                overwrite = "same_size"
+            known = lineage.size_of(e.path)  # before this event updates the index
+            if known is not None and e.file_type == "file":
+                if e.action == "closed_write" and e.size:
+                    # Written in place to the byte count it had (dd conv=notrunc, shred): the
+                    # shape of destruction that a size or truncation check does not see.
+                    changes["overwrite"] = "same_size" if known == e.size else "rewritten"
+                elif e.action == "moved" and e.src_path != e.path:
+                    changes["overwrite"] = "replaced"  # a new file renamed over it
+            if e.action == "deleted" and known is not None:
+                changes.update(self._directory_deletes(e, lineage))
             if e.action in _GONE:
                 if e.file_type == "dir" or e.file_type is None:
                     lineage.remove_tree(e.path)
@@ -328,10 +334,27 @@ class Destinations:
             and e.file_type == "file"
             and extension_changed(e.src_path, e.path)
         ):
-            return evolve(e, disguise=("extension_changed",))
-        if overwrite is not None:
-            return evolve(e, overwrite=overwrite)
-        return e
+            changes["disguise"] = ("extension_changed",)
+        return evolve(e, **changes) if changes else e
+
+    def _directory_deletes(self, e: Event, lineage: LineageIndex) -> dict[str, Any]:
+        """Files of the deleted file's directory deleted within DIR_DELETE_WINDOW_US (this
+        one included), and their share of the files the directory had: removing most of a
+        small directory is destruction too, below any count threshold."""
+        directory = e.path.rpartition("/")[0] or "/"
+        remaining = lineage.files_in(directory)  # this file included (not removed yet)
+        seen = self._dir_deletes.pop(directory, None)
+        count = 0
+        first = e.timestamp_us
+        if seen is not None and e.timestamp_us - seen[1] <= DIR_DELETE_WINDOW_US:
+            count, first = seen
+        count += 1
+        self._dir_deletes[directory] = (count, first)
+        while len(self._dir_deletes) > DIR_DELETE_DIRS:
+            self._dir_deletes.popitem(last=False)
+        total = count - 1 + remaining
+        share = round(count / total, 3) if total > 0 else 1.0
+        return {"dir_deleted": count, "dir_deleted_share": min(share, 1.0)}
 
 
 def _landed(e: Event) -> bool:

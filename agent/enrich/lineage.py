@@ -391,6 +391,11 @@ class LineageIndex:
                 return entry
         return None
 
+    def files_in(self, directory: str) -> int:
+        """Indexed tagged files directly in `directory`."""
+        paths = self._dirs.get(directory)
+        return len(paths) if paths else 0
+
     def size_of(self, path: str) -> int | None:
         """The indexed size of the tagged file at `path` (before the event being handled)."""
         entry = self._by_path.get(path)

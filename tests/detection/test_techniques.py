@@ -195,12 +195,26 @@ def test_a_deleted_subtree_and_a_deleted_critical_file_alert(ws: Workstation) ->
     ws.sh("rm mod1.c mod2.c mod3.c", cwd=ws.src)
     ws.settle(ws.rnd)
     assert not ws.alerts("destroy-subtree-delete")
+    assert not ws.alerts("destroy-directory-emptied")
     ws.sh(f"rm -rf {ws.src}")
     alert = ws.wait_alert("destroy-subtree-delete")
     assert alert["exfilwatch"]["correlation"]["distinct_files"] == 30
     assert technique(alert) == ["T1485"]
     ws.sh(f"rm {ws.crit / 'top.gds'}")
     alert = ws.wait_alert("destroy-critical-delete")
+    assert technique(alert) == ["T1485"]
+    # Most of a small directory: 8 of the files of chip/ (under the subtree count).
+    ws.sh("rm blk0.v blk1.v blk2.v blk3.v blk4.v blk5.v blk6.v blk7.v", cwd=ws.chip)
+    alert = ws.wait(
+        lambda: [
+            a
+            for a in ws.alerts("destroy-directory-emptied")
+            if a["file"]["directory"] == str(ws.chip)
+        ],
+        "the emptied chip directory",
+    )[0]
+    # 8 of 13: the twelve designs and the marker file.
+    assert alert["exfilwatch"]["directory"] == {"deleted": 8, "deleted_share": 0.615}
     assert technique(alert) == ["T1485"]
 
 
@@ -228,6 +242,20 @@ def test_overwrites_in_place_and_encryption_in_bulk_alert(ws: Workstation) -> No
     )
     alert = ws.wait_alert("destroy-mass-encryption")
     assert technique(alert) == ["T1486"]
+
+
+def test_a_scripted_rewrite_of_the_tree_alerts_and_a_formatter_like_edit_does_not(
+    ws: Workstation,
+) -> None:
+    # Benign: ten files edited (fewer than the mass threshold).
+    ws.sh("sed -i 's/return/return /' mod1.c mod2.c mod3.c mod4.c mod5.c", cwd=ws.src)
+    ws.settle(ws.rnd)
+    assert not ws.alerts("destroy-mass-rewrite")
+    # sed over the whole tree: 52 existing tagged files replaced by sed's temp files.
+    ws.sh(f"sed -i 's/[0-9]/0/g' {ws.src}/*.c {ws.chip}/*.v")
+    alert = ws.wait_alert("destroy-mass-rewrite")
+    assert alert["process"]["name"] == "sed"
+    assert technique(alert) == ["T1565.001"]
 
 
 # -- 8. anti-forensics and masquerading ---------------------------------------------------------
