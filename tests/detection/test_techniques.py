@@ -235,11 +235,14 @@ def test_overwrites_in_place_and_encryption_in_bulk_alert(ws: Workstation) -> No
     ws.wait_alert("destroy-critical-overwrite-in-place")
     if not command_exists("gpg"):
         pytest.skip("gpg is not installed")
-    ws.sh(
-        "for i in $(seq 30 39); do gpg --batch --yes --quiet --pinentry-mode loopback "
-        "--passphrase hostage -c mod$i.c && rm mod$i.c; done",
-        cwd=ws.src,
-    )
+    try:
+        ws.sh(
+            "for i in $(seq 30 39); do gpg --batch --yes --quiet --pinentry-mode loopback "
+            "--passphrase hostage -c mod$i.c && rm mod$i.c; done",
+            cwd=ws.src,
+        )
+    finally:  # gpg leaves an agent running for the home it used
+        ws.sh("gpgconf --kill gpg-agent || true")
     alert = ws.wait_alert("destroy-mass-encryption")
     assert technique(alert) == ["T1486"]
 

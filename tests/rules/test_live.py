@@ -63,7 +63,8 @@ class Agent:
         if not self.out.exists():
             return []
         with self.out.open() as fh:
-            return [json.loads(line) for line in fh if line.strip()]
+            # A line the agent is still writing has no newline yet: not a record.
+            return [json.loads(line) for line in fh if line.strip() and line.endswith("\n")]
 
     def health(self, action: str) -> list[dict[str, Any]]:
         return [
