@@ -261,6 +261,9 @@ class Config:
     source_file: str
     watch: tuple[WatchSpec, ...]
     rules: tuple[str, ...] = ()
+    # quarantine: a rule with errors is left out (rules_rejected) and the rest run; fatal: any
+    # error refuses the whole set (at start the agent stops, on reload the old set stays).
+    rule_errors: str = "quarantine"
     sinks: tuple[SinkSpec, ...] = (SinkSpec("stdout"),)
     state_dir: str = "/var/lib/exfilwatch"
     source: str = "auto"
@@ -468,6 +471,7 @@ _TOP_KEYS = (
     "risk",
     "privacy",
     "trusted",
+    "rule_errors",
 )
 _TRUSTED_KEYS = ("path", "device", "share", "provider", "reason")
 _DEVICE_KEYS = ("label", "serial")
@@ -1209,6 +1213,18 @@ def _build(c: _Checker, root: yaml.Node | None) -> Config | None:
             flag = c.scalar(m["pseudonymize"], bool, "privacy.pseudonymize")
             if flag is not None:
                 values["pseudonymize"] = flag
+
+    if "rule_errors" in top:
+        mode = c.scalar(top["rule_errors"], str, "rule_errors")
+        if mode in ("quarantine", "fatal"):
+            values["rule_errors"] = mode
+        elif isinstance(mode, str):
+            c.add(
+                top["rule_errors"],
+                "CFG_VALUE",
+                f"rule_errors must be quarantine or fatal, not '{mode}'",
+                nearest(mode, ("quarantine", "fatal")) or "quarantine (the default) or fatal",
+            )
 
     if "trusted" in top:
         trusted = _trusted(c, top["trusted"])

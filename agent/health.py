@@ -23,6 +23,7 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "rules_loaded": ("state", "info"),
     "rules_reloaded": ("state", "info"),
     "rules_reload_rejected": ("state", "error"),
+    "rules_rejected": ("state", "error"),
     "kernel_settings_applied": ("state", "info"),
     "kernel_settings_low": ("state", "warning"),
     "source_selected": ("state", "info"),

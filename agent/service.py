@@ -272,10 +272,13 @@ class Agent:
     def load_rules(self) -> bool:
         """Read and compile the configured rules before start; False (and problems) when bad."""
         self._rule_signature = rule_signature(self.config.rules)
-        ruleset, problems = load_rules(self.config.rules, now_us())
+        ruleset, problems = self._compile_rules(self.config.rules)
         self._loaded_rules = ruleset
         self._rule_problems = problems
         return ruleset is not None
+
+    def _compile_rules(self, paths: Sequence[str]) -> tuple[RuleSet | None, list[Problem]]:
+        return load_rules(paths, now_us(), keep_going=self.config.rule_errors == "quarantine")
 
     @property
     def rule_problems(self) -> list[Problem]:
@@ -296,6 +299,20 @@ class Agent:
                 )
             )
             return False
+        if ruleset.rejected:
+            kept = self._keep_good_versions(ruleset) if not initial else []
+            self._report(
+                record(
+                    "rules_rejected",
+                    errors_only(problems)[0].code if errors_only(problems) else "invalid",
+                    rejected=sorted(ruleset.rejected)[:50],
+                    problems=[str(p) for p in errors_only(problems)][:50],
+                    errors=len(errors_only(problems)),
+                    kept_previous=kept,
+                    hint="these rules are left out (the previous version of each runs when "
+                    "there was one); the rest run. exfilwatch rules validate lists them",
+                )
+            )
         engine = Engine(ruleset, on_cap=self._engine_cap)
         if initial:
             self._restore_engine_state(engine)
@@ -309,12 +326,35 @@ class Agent:
                 rules=len(ruleset.rules),
                 correlations=len(ruleset.correlations),
                 disabled=len(ruleset.disabled),
+                inactive=len(ruleset.inactive),
+                rejected=len(ruleset.rejected),
                 files=len(ruleset.files),
                 sha256=ruleset.sha256,
                 warnings=[str(p) for p in problems][:50],
             )
         )
         return True
+
+    def _keep_good_versions(self, ruleset: RuleSet) -> list[str]:
+        """On a reload, a rejected rule that ran before keeps running in its last good version
+        (a bad edit loses nothing); returns their ids."""
+        old = self._ruleset
+        if old is None:
+            return []
+        kept = []
+        for rid in ruleset.rejected:
+            for have, new in ((old.rules, ruleset.rules), (old.correlations, ruleset.correlations)):
+                if rid in have and rid not in new:
+                    new[rid] = have[rid]
+                    kept.append(rid)
+        consumers: dict[str, list[str]] = {}
+        for cid, corr in ruleset.correlations.items():
+            assert corr.rule.correlation is not None
+            for base in corr.rule.correlation.rules:
+                if base in ruleset.rules:
+                    consumers.setdefault(base, []).append(cid)
+        ruleset.consumers = {k: tuple(v) for k, v in consumers.items()}
+        return sorted(kept)
 
     def _update_actions(self) -> None:
         """Ask the file source only for the actions the rules and sinks use (recomputed when
@@ -361,7 +401,7 @@ class Agent:
                     return
             self._pending_signature = None
             self._rule_signature = signature
-            ruleset, problems = load_rules(self.config.rules, now_us())
+            ruleset, problems = self._compile_rules(self.config.rules)
             self.install_rules(ruleset, problems)
 
     def expire_windows(self) -> None:
@@ -960,7 +1000,9 @@ class Agent:
             if dirs is not None:
                 dirs.update([w.path for w in new.watch])
             if new.rules:
-                ruleset, rule_problems = load_rules(new.rules, now_us())
+                ruleset, rule_problems = load_rules(
+                    new.rules, now_us(), keep_going=new.rule_errors == "quarantine"
+                )
                 self._rule_signature = rule_signature(new.rules)
                 self.install_rules(ruleset, rule_problems)
             self._report(

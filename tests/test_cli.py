@@ -49,14 +49,16 @@ def test_record_refuses_an_output_inside_a_watched_tree(tmp_path: Path) -> None:
     assert not (tmp_path / "rnd" / "events.jsonl").exists()
 
 
-def test_run_refuses_to_start_on_bad_rules_and_says_where(tmp_path: Path) -> None:
+def test_run_refuses_to_start_on_bad_rules_when_errors_are_fatal_and_says_where(
+    tmp_path: Path,
+) -> None:
     (tmp_path / "rnd").mkdir()
     (tmp_path / "rules").mkdir()
     (tmp_path / "rules" / "r.yaml").write_text(
         "id: r\ntitle: t\nlevel: low\ndetection: {s: {file.pth: x}, condition: s}\n"
     )
     cfg = tmp_path / "agent.yaml"
-    cfg.write_text("watch: [{path: rnd}]\nrules: [rules]\n")
+    cfg.write_text("watch: [{path: rnd}]\nrules: [rules]\nrule_errors: fatal\n")
     res = run("run", "--config", str(cfg))
     assert res.returncode == 1
     assert f"{tmp_path / 'rules' / 'r.yaml'}:4:17 RULE_UNKNOWN_FIELD" in res.stderr

@@ -33,6 +33,7 @@ from agent.rules.condition import (
 from agent.rules.loader import read_paths, read_text
 from agent.rules.matchers import MatcherError, compile_field
 from agent.rules.model import Definitions, Override, Rule, RuleException
+from agent.rules.sigma import LogSource, map_field, resolve
 
 Predicate = Callable[[Event], bool]
 
@@ -75,6 +76,10 @@ class RuleSet:
     correlations: dict[str, CompiledRule] = field(default_factory=dict)
     consumers: dict[str, tuple[str, ...]] = field(default_factory=dict)
     disabled: dict[str, Rule] = field(default_factory=dict)
+    # Sigma rules whose log source (or a field) the agent has no events for: id -> reason.
+    inactive: dict[str, tuple[Rule, str]] = field(default_factory=dict)
+    # Left out for their errors (the agent's load keeps going): rule id or file -> problems.
+    rejected: dict[str, list[Problem]] = field(default_factory=dict)
     files: tuple[str, ...] = ()
     sha256: str = ""
 
@@ -104,8 +109,14 @@ class _Compiler:
             p = Problem(p.file, p.line, p.col, p.code, p.message, p.hint, severity)
         self.problems.append(p)
 
-    def selection(self, file: str, node: yaml.Node) -> Selection | None:
-        """A map is AND of its fields; a list of maps is OR of them."""
+    def selection(
+        self, file: str, node: yaml.Node, source: LogSource | None = None
+    ) -> Selection | None:
+        """A map is AND of its fields; a list of maps is OR of them. A Sigma rule's taxonomy
+        field names are mapped through its log source's table."""
+        keywords = _keywords(node)
+        if keywords is not None:
+            return self.keyword_selection(file, node, *keywords)
         if isinstance(node, yaml.SequenceNode):
             if not node.value:
                 self.add(file, node, "RULE_EMPTY_SELECTION", "an empty list matches nothing")
@@ -115,11 +126,11 @@ class _Compiler:
                     file,
                     node,
                     "RULE_KEYWORDS_UNSUPPORTED",
-                    "keyword lists (free text over all fields) are not supported",
+                    "a list in a selection holds only field maps or only keywords",
                     "name the field: file.path|contains: ...",
                 )
                 return None
-            parts = [self.selection(file, item) for item in node.value]
+            parts = [self.selection(file, item, source) for item in node.value]
             found = [p for p in parts if p is not None]
             if len(found) != len(parts):
                 return None
@@ -152,6 +163,8 @@ class _Compiler:
                 self.add(file, key_node, "RULE_TYPE", "selection keys must be field names")
                 ok = False
                 continue
+            if source is not None:
+                key = map_field(source, key)
             try:
                 m = compile_field(key, node_value(value_node), lists=self.defs.lists)
             except MatcherError as exc:
@@ -171,6 +184,31 @@ class _Compiler:
         # nearly every event tried, so the fields that can fail are tried first.
         ms = tuple(sorted(matchers, key=lambda m: m.field in (ACTION, LOCATION)))
         return Selection(every_of(ms), actions, locations)
+
+    def keyword_selection(
+        self, file: str, node: yaml.Node, values: list[object], every: bool
+    ) -> Selection | None:
+        """Sigma keywords (free text over the whole event): each keyword is looked for, as
+        `contains` would (wildcards too), in the event's command line and in its path; OR of
+        the keywords, AND with `|all`."""
+        per_keyword: list[Predicate] = []
+        for value in values:
+            try:
+                in_fields = tuple(
+                    compile_field(f"{field}|contains", value) for field in KEYWORD_FIELDS
+                )
+            except MatcherError as exc:
+                self.add(file, node, exc.code, exc.message, exc.hint)
+                return None
+            per_keyword.append(some_of(in_fields))
+        if not per_keyword:
+            self.add(file, node, "RULE_EMPTY_SELECTION", "an empty keyword list matches nothing")
+            return None
+        if len(per_keyword) == 1:
+            return Selection(per_keyword[0], None)
+        return Selection(
+            every_of(tuple(per_keyword)) if every else some_of(tuple(per_keyword)), None
+        )
 
     def compile_macros(self) -> None:
         for name, (node, where) in self.defs.macros.items():
@@ -222,7 +260,9 @@ class _Compiler:
             describe(tree),
         )
 
-    def rule(self, rule: Rule, generate: bool) -> CompiledRule | None:
+    def rule(
+        self, rule: Rule, generate: bool, source: LogSource | None = None
+    ) -> CompiledRule | None:
         file = rule.where.file
         match: Predicate
         actions: frozenset[str] | None = None
@@ -242,7 +282,7 @@ class _Compiler:
                     )
                     ok = False
                     continue
-                sel = self.selection(file, node)
+                sel = self.selection(file, node, source)
                 if sel is None:
                     ok = False
                 else:
@@ -251,6 +291,10 @@ class _Compiler:
             if compiled is None or not ok:
                 return None
             match, actions, locations, text = compiled
+            if source is not None:
+                # Only the events of the rule's log source: the index tries it on no others.
+                actions = source.actions if actions is None else actions & source.actions
+                match = _of_actions(source.actions, match)
         else:
             match = _never
         exceptions = []
@@ -295,6 +339,63 @@ class _Compiler:
             text,
             locations,
         )
+
+
+# Where a Sigma keyword is looked for: the text of the event a rule sees.
+KEYWORD_FIELDS = ("process.command_line", "file.path")
+
+
+def _keywords(node: yaml.Node) -> tuple[list[object], bool] | None:
+    """(keywords, all of them) when a selection is a keyword list: a list of plain values, a
+    single string, or `'|all': [...]`; None for a field map or a list of maps."""
+    if isinstance(node, yaml.ScalarNode):
+        value = node_value(node)
+        return ([value], False) if isinstance(value, str) else None
+    if isinstance(node, yaml.SequenceNode):
+        if node.value and all(isinstance(item, yaml.ScalarNode) for item in node.value):
+            return [node_value(item) for item in node.value], False
+        return None
+    if (
+        isinstance(node, yaml.MappingNode)
+        and len(node.value) == 1
+        and isinstance(node.value[0][0], yaml.ScalarNode)
+        and node.value[0][0].value == "|all"
+    ):
+        inner = node.value[0][1]
+        if isinstance(inner, yaml.SequenceNode) and all(
+            isinstance(item, yaml.ScalarNode) for item in inner.value
+        ):
+            return [node_value(item) for item in inner.value], True
+    return None
+
+
+def _of_actions(actions: frozenset[str], match: Predicate) -> Predicate:
+    def of_source(e: Event) -> bool:
+        return e.action in actions and match(e)
+
+    return of_source
+
+
+def _unmapped_fields(rule: Rule, source: LogSource) -> list[str]:
+    """Field names in a Sigma rule's selections that neither its log source's table nor the
+    agent's events know (a keyword list names none)."""
+    found: list[str] = []
+
+    def walk(node: yaml.Node) -> None:
+        if isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                walk(item)
+        elif isinstance(node, yaml.MappingNode):
+            for key_node, _ in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                if isinstance(key, str) and key and not key.startswith("|"):
+                    name = map_field(source, key).partition("|")[0]
+                    if name not in FIELDS and name not in found:
+                        found.append(name)
+
+    for node in (rule.detection or {}).values():
+        walk(node)
+    return found
 
 
 def _locals_first(node: Node, local: frozenset[str]) -> Node:
@@ -435,7 +536,9 @@ def apply_overrides(defs: Definitions, problems: list[Problem]) -> None:
         defs.rules[rid] = replace(rule, overridden_by=tuple(sources), **kw)
 
 
-def compile_definitions(defs: Definitions, problems: list[Problem], now_us: int) -> RuleSet | None:
+def compile_definitions(
+    defs: Definitions, problems: list[Problem], now_us: int, *, keep_going: bool = False
+) -> RuleSet | None:
     apply_overrides(defs, problems)
     c = _Compiler(defs, problems, now_us)
     c.compile_macros()
@@ -484,8 +587,34 @@ def compile_definitions(defs: Definitions, problems: list[Problem], now_us: int)
         if not rule.enabled or rule.status == "deprecated":
             ruleset.disabled[rule.id] = rule
             continue
+        source = None
+        if rule.logsource and rule.detection is not None:
+            source, why = resolve(dict(rule.logsource))
+            if source is not None:
+                unmapped = _unmapped_fields(rule, source)
+                if unmapped:
+                    why = (
+                        f"field {', '.join(unmapped)} has no equivalent in the agent's "
+                        f"{dict(rule.logsource).get('category')} events"
+                    )
+                    source = None
+            if source is None:
+                assert why is not None
+                ruleset.inactive[rule.id] = (rule, why)
+                problems.append(
+                    Problem(
+                        rule.where.file,
+                        rule.where.line,
+                        rule.where.col,
+                        "RULE_INACTIVE",
+                        f"rule '{rule.id}' is loaded inactive: {why}",
+                        "it never runs; see docs/sigma.md for the log sources the agent has",
+                        WARNING,
+                    )
+                )
+                continue
         generate = rule.generate if rule.generate is not None else rule.id not in referenced_by
-        compiled = c.rule(rule, generate)
+        compiled = c.rule(rule, generate, source)
         if compiled is None:
             continue
         if rule.correlation is not None:
@@ -501,7 +630,7 @@ def compile_definitions(defs: Definitions, problems: list[Problem], now_us: int)
             if base in ruleset.rules:
                 consumers.setdefault(base, []).append(cid)
     ruleset.consumers = {k: tuple(v) for k, v in consumers.items()}
-    if errors_only(problems):
+    if errors_only(problems) and not keep_going:
         return None
     digest = hashlib.sha256()
     for f in defs.files:
@@ -515,9 +644,64 @@ def compile_definitions(defs: Definitions, problems: list[Problem], now_us: int)
     return ruleset
 
 
-def load_rules(paths: Sequence[str], now_us: int) -> tuple[RuleSet | None, list[Problem]]:
-    """Read, validate and compile a whole rule set; None when any error was found."""
+def quarantine(defs: Definitions, problems: list[Problem], now_us: int) -> RuleSet:
+    """Compile what is good and leave out what is not: every rule with an error located in
+    its document (and every correlation over a rule left out) is put in `ruleset.rejected`;
+    the others run. For the agent, where one bad rule must not stop the rest."""
+    ruleset = compile_definitions(defs, problems, now_us, keep_going=True)
+    assert ruleset is not None
+    starts: dict[str, list[tuple[int, str]]] = {}
+    for rule in [*defs.rules.values(), *defs.check_only]:
+        starts.setdefault(rule.where.file, []).append((rule.where.line, rule.id))
+    for _node, where in defs.macros.values():
+        starts.setdefault(where.file, []).append((where.line, ""))
+    for docs in starts.values():
+        docs.sort()
+    for p in errors_only(problems):
+        owner = ""
+        for line, rid in starts.get(p.file, []):
+            if line > p.line:
+                break
+            owner = rid
+        key = owner or f"{p.file}"  # a file that did not parse, or a broken macro or list
+        ruleset.rejected.setdefault(key, []).append(p)
+    gone = set(ruleset.rejected)
+    for rid in list(ruleset.rules):
+        if rid in gone:
+            del ruleset.rules[rid]
+    for cid, corr in list(ruleset.correlations.items()):
+        assert corr.rule.correlation is not None
+        missing = [b for b in corr.rule.correlation.rules if b not in ruleset.rules]
+        if cid in gone or missing:
+            del ruleset.correlations[cid]
+            if cid not in gone:
+                ruleset.rejected[cid] = [
+                    Problem(
+                        corr.rule.where.file,
+                        corr.rule.where.line,
+                        corr.rule.where.col,
+                        "RULE_UNKNOWN_RULE",
+                        f"correlation '{cid}' is left out with its rule {missing[0]!r}",
+                    )
+                ]
+    consumers: dict[str, list[str]] = {}
+    for cid, corr in ruleset.correlations.items():
+        assert corr.rule.correlation is not None
+        for base in corr.rule.correlation.rules:
+            consumers.setdefault(base, []).append(cid)
+    ruleset.consumers = {k: tuple(v) for k, v in consumers.items()}
+    return ruleset
+
+
+def load_rules(
+    paths: Sequence[str], now_us: int, *, keep_going: bool = False
+) -> tuple[RuleSet | None, list[Problem]]:
+    """Read, validate and compile a whole rule set; None when any error was found, unless
+    `keep_going`: then the rules with errors are left out (`ruleset.rejected`) and the rest
+    is returned (see `quarantine`)."""
     defs, problems = read_paths(paths)
+    if keep_going:
+        return quarantine(defs, problems, now_us), _sorted(problems)
     if errors_only(problems):
         # Still compile what was read, so one pass reports every problem.
         compile_definitions(defs, problems, now_us)

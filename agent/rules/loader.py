@@ -38,6 +38,7 @@ from agent.rules.model import (
     RuleTest,
     Suppress,
     Where,
+    tactic_of,
 )
 from agent.units import parse_duration
 
@@ -593,7 +594,7 @@ class _Reader:
             if not tag.startswith("attack."):
                 continue
             name = tag[7:]
-            if _ATTACK_TECHNIQUE.match(tag) or _ATTACK_GROUP.match(tag) or name in ATTACK_TACTICS:
+            if _ATTACK_TECHNIQUE.match(tag) or _ATTACK_GROUP.match(tag) or tactic_of(tag):
                 continue
             hint = nearest(name.replace("-", "_"), ATTACK_TACTICS)
             self.add(
@@ -607,9 +608,14 @@ class _Reader:
         return tags
 
     def rule_doc(self, node: yaml.Node) -> None:
-        m = self.mapping(node, _RULE_KEYS, "a rule")
+        sigma = _is_sigma(node)
+        # A Sigma rule may carry the spec's optional keys and any custom ones: kept out of
+        # the way. A native rule's unknown key is a typo until proven otherwise.
+        m = self.mapping(node, None if sigma else _RULE_KEYS, "a rule")
         if m is None:
             return
+        if sigma:
+            m = {k: v for k, v in m.items() if k in _RULE_KEYS}
         required = ["id", "title", "level"]
         missing = [k for k in required if k not in m]
         if "detection" in m and "correlation" in m:
@@ -637,6 +643,7 @@ class _Reader:
             ("enabled", lambda n: self.boolean(n, "enabled")),
             ("generate", lambda n: self.boolean(n, "generate")),
             ("match_trusted", lambda n: self.boolean(n, "match_trusted")),
+            ("logsource", self.logsource),
             ("author", lambda n: self.text(n, "author")),
             ("references", lambda n: self.strings(n, "references")),
             ("tags", self.tags),
@@ -691,6 +698,19 @@ class _Reader:
             **kw,
         )
 
+    def logsource(self, node: yaml.Node) -> tuple[tuple[str, str], ...] | None:
+        m = self.mapping(node, None, "logsource")
+        if m is None:
+            return None
+        out = []
+        for key, (_, value_node) in m.items():
+            value = node_value(value_node) if isinstance(value_node, yaml.ScalarNode) else None
+            if not isinstance(value, str) or not value:
+                self.add(value_node, "RULE_TYPE", f"logsource.{key} must be a non-empty string")
+                return None
+            out.append((key, value))
+        return tuple(out)
+
     def detection(self, node: yaml.Node) -> tuple[dict[str, Any], str, yaml.Node] | None:
         m = self.mapping(node, None, "detection")
         if m is None:
@@ -710,6 +730,13 @@ class _Reader:
         if cond is None:
             return None
         return selections, cond, m["condition"][1]
+
+
+def _is_sigma(node: yaml.Node) -> bool:
+    """A rule document with a `logsource` key is a Sigma rule."""
+    return isinstance(node, yaml.MappingNode) and any(
+        isinstance(k, yaml.ScalarNode) and k.value == "logsource" for k, _ in node.value
+    )
 
 
 def read_file(path: str, defs: Definitions, problems: list[Problem]) -> None:

@@ -25,7 +25,19 @@ ATTACK_TACTICS = (
     "command_and_control",
     "exfiltration",
     "impact",
+    # ATT&CK v18 split defense evasion into these two (SigmaHQ writes them).
+    "stealth",
+    "defense_impairment",
 )
+
+
+def tactic_of(tag: str) -> str | None:
+    """The tactic an `attack.` tag names, spelled with underscores (the spec's hyphenated
+    `attack.privilege-escalation` and `attack.privilege_escalation` alike); None otherwise."""
+    if not tag.startswith("attack."):
+        return None
+    name = tag[7:].replace("-", "_")
+    return name if name in ATTACK_TACTICS else None
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,8 @@ class Rule:
     # Also match events at trusted destinations (exfilwatch.location.trusted); by default
     # such matches are only counted (the trusted_activity health record).
     match_trusted: bool = False
+    # Sigma's logsource (product, category, service, definition, ...); () for native rules.
+    logsource: tuple[tuple[str, str], ...] = ()
     scope: tuple[str, ...] = ()  # watchlist statuses the rule is limited to
     exceptions: tuple[RuleException, ...] = ()
     suppress: Suppress | None = None
@@ -112,7 +126,7 @@ class Rule:
 
     @property
     def tactics(self) -> tuple[str, ...]:
-        return tuple(t.split(".", 1)[1] for t in self.tags if t[7:] in ATTACK_TACTICS)
+        return tuple(t for t in map(tactic_of, self.tags) if t is not None)
 
 
 @dataclass(frozen=True)

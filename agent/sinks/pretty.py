@@ -48,6 +48,7 @@ ACTION_KEYS: Mapping[str, tuple[str, ...]] = {
     "sink_recovered": ("sink", "delivered_late", "dropped", "outage_s"),
     "event_loss": ("sink", "source", "root", "kind", "dropped", "unwritten", "count"),
     "rules_reload_rejected": ("errors", "problems"),
+    "rules_rejected": ("errors", "problems"),
     "config_reload_rejected": ("config", "problems"),
     "rules_loaded": ("rules", "correlations", "disabled", "files"),
     "rules_reloaded": ("rules", "correlations", "disabled", "files"),

@@ -30,17 +30,20 @@ state_dir: {state}
 locations: {{enabled: false}}
 processes: {{enabled: false}}
 rules_check_interval: 0.2s
+rule_errors: {errors}
 """
 
 
 class Agent:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, errors: str = "fatal", broken: str | None = None) -> None:
         self.root = tmp / "rnd"
         self.root.mkdir()
         self.shipped = tmp / "shipped"
         shutil.copytree(REPO / "rules", self.shipped)
         self.local = tmp / "rules.d"
         self.local.mkdir()
+        if broken is not None:
+            (self.local / "broken.yaml").write_text(broken)
         self.out = tmp / "log" / "records.jsonl"
         cfg = tmp / "agent.yaml"
         cfg.write_text(
@@ -50,6 +53,7 @@ class Agent:
                 local=self.local,
                 out=self.out,
                 state=tmp / "state",
+                errors=errors,
             )
         )
         self.proc = subprocess.Popen(
@@ -214,3 +218,31 @@ def test_rules_reload_live_and_a_bad_change_keeps_the_old_set(agent: Agent) -> N
     agent.proc.send_signal(signal.SIGHUP)
     agent.wait(lambda: len(agent.health("rules_reloaded")) > reloads, "SIGHUP reload")
     agent.stop()
+
+
+BROKEN = "id: broken\ntitle: b\nlevel: hgih\ndetection: {s: {event.action: x}, condition: s}\n"
+
+
+def test_a_rule_with_errors_is_quarantined_and_the_rest_run(tmp_path: Path) -> None:
+    agent = Agent(tmp_path, errors="quarantine", broken=LOCAL_RULE + "---\n" + BROKEN)
+    try:
+        agent.wait(lambda: agent.health("rules_loaded"), "rules_loaded")
+        (rejected,) = agent.health("rules_rejected")
+        assert rejected["event"]["reason"] == "RULE_LEVEL"
+        assert rejected["exfilwatch"]["health"]["rejected"] == ["broken"]
+        assert rejected["exfilwatch"]["health"]["problems"][0].startswith(
+            f"{agent.local / 'broken.yaml'}:"
+        )
+        (agent.root / "secret-plan.txt").write_text("x")
+        agent.wait(lambda: agent.alerts("local-secret-file"), "an alert from the good rule")
+        # A bad edit of a running rule keeps its last good version.
+        (agent.local / "broken.yaml").write_text(
+            LOCAL_RULE.replace("level: medium", "level: mediun") + "---\n" + BROKEN
+        )
+        agent.wait(lambda: len(agent.health("rules_rejected")) == 2, "the second rejection")
+        second = agent.health("rules_rejected")[1]
+        assert second["exfilwatch"]["health"]["kept_previous"] == ["local-secret-file"]
+        (agent.root / "secret-2.txt").write_text("x")
+        agent.wait(lambda: len(agent.alerts("local-secret-file")) == 2, "the kept version runs")
+    finally:
+        agent.stop()

@@ -399,7 +399,8 @@ def test_ids_names_and_attack_tags_use_the_loaders_own_patterns() -> None:
     technique, group, tactic = _at(schema, "/$defs/attackTag")["anyOf"]
     assert technique["pattern"] == loader._ATTACK_TECHNIQUE.pattern
     assert group["pattern"] == loader._ATTACK_GROUP.pattern
-    assert tactic["enum"] == [f"attack.{t}" for t in ATTACK_TACTICS]
+    hyphenated = [f"attack.{t.replace('_', '-')}" for t in ATTACK_TACTICS if "_" in t]
+    assert tactic["enum"] == [f"attack.{t}" for t in ATTACK_TACTICS] + hyphenated
     assert _at(schema, "/$defs/tag")["if"] == {"pattern": "^attack\\."}
 
 
