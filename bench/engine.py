@@ -525,9 +525,12 @@ def _gen_detection(i: int, rng: random.Random) -> dict[str, Any]:
     return {"selection": sel, "condition": "selection"}
 
 
-def load(generated: int, seed: int, tmp: str | None) -> tuple[RuleSet, int]:
-    """The shipped packs, plus `generated` rules in a file under `tmp` (written once)."""
-    paths = [RULES_DIR]
+def load(
+    generated: int, seed: int, tmp: str | None, extra: Sequence[str] = ()
+) -> tuple[RuleSet, int]:
+    """The shipped packs, plus `generated` rules in a file under `tmp` (written once), plus
+    `extra` rule files or directories (SigmaHQ's, `--sigma`)."""
+    paths = [RULES_DIR, *extra]
     if generated:
         assert tmp is not None
         path = os.path.join(tmp, "generated.yaml")
@@ -615,11 +618,13 @@ def throughput(
     combined: RuleSet | None,
     generated: int,
     repeat: int,
+    sigma: RuleSet | None = None,
 ) -> dict[str, Any]:
     rows = {
         "json": Row("json.loads (baseline)", []),
         "packs": Row("engine, shipped packs", []),
         "gen": Row(f"engine, packs + {generated} generated", []),
+        "sigma": Row("engine, packs + Sigma rules", []),
         "from_json": Row("Event.from_json only", []),
         "full": Row("from_json -> engine (packs)", []),
     }
@@ -632,6 +637,9 @@ def throughput(
     if combined is not None:
         gen = combined
         runs.append(("gen", lambda: time_engine(gen, events)))
+    if sigma is not None:
+        with_sigma = sigma
+        runs.append(("sigma", lambda: time_engine(with_sigma, events)))
     runs += [
         ("from_json", lambda: (time_from_json(lines), None)),
         ("full", lambda: time_full(shipped, lines)),
@@ -1012,6 +1020,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="cProfile the shipped-packs run")
     ap.add_argument("--profile-events", type=int, default=200_000)
     ap.add_argument("--json", action="store_true", help="JSON on stdout instead of tables")
+    ap.add_argument(
+        "--sigma",
+        metavar="DIR",
+        help="also time the shipped packs plus the Sigma rules in DIR (e.g. SigmaHQ's "
+        "rules/linux; inactive ones are loaded and never run)",
+    )
     a = ap.parse_args(argv)
     n = 100_000 if a.quick else a.events
 
@@ -1035,6 +1049,14 @@ def main(argv: list[str] | None = None) -> int:
                 **ruleset_info(combined),
                 "load_ms": combined_ms,
             }
+        sigma: RuleSet | None = None
+        if a.sigma:
+            sigma, sigma_ms = load(0, a.seed, None, [a.sigma])
+            rulesets["shipped + Sigma"] = {
+                **ruleset_info(sigma),
+                "inactive": len(sigma.inactive),
+                "load_ms": sigma_ms,
+            }
 
     gc.collect()
     gc.freeze()  # the pre-built data is long-lived: keep it out of every collection
@@ -1052,7 +1074,9 @@ def main(argv: list[str] | None = None) -> int:
         "mean_line_bytes": sum(map(len, lines)) / n,
         "rulesets": rulesets,
     }
-    result["throughput"] = throughput(events, lines, shipped, combined, a.generated, a.repeat)
+    result["throughput"] = throughput(
+        events, lines, shipped, combined, a.generated, a.repeat, sigma
+    )
     full, packs = (
         next(r for r in result["throughput"]["rows"] if r["key"] == k) for k in ("full", "packs")
     )
