@@ -59,6 +59,7 @@ _RULE_KEYS = (
     "correlation",
     "generate",
     "match_trusted",
+    "watchlist",
     "scope",
     "exceptions",
     "suppress",
@@ -615,7 +616,22 @@ class _Reader:
         if m is None:
             return
         if sigma:
-            m = {k: v for k, v in m.items() if k in _RULE_KEYS}
+            # Sigma's `scope` is the kind of machine a rule is for (server, workstation):
+            # kept out of the way like its other metadata, never a watchlist.
+            m = {k: v for k, v in m.items() if k in _RULE_KEYS and k != "scope"}
+        elif "scope" in m:
+            key_node, value_node = m.pop("scope")
+            if "watchlist" in m:
+                self.add(key_node, "RULE_VALUE", "give watchlist or scope, not both")
+            else:
+                self.add(
+                    key_node,
+                    "RULE_DEPRECATED_KEY",
+                    "'scope' (the watchlist statuses a rule is limited to) is now 'watchlist'",
+                    "rename it: watchlist: [departing] (Sigma uses scope for machine kinds)",
+                    severity=WARNING,
+                )
+                m["watchlist"] = (key_node, value_node)
         required = ["id", "title", "level"]
         missing = [k for k in required if k not in m]
         if "detection" in m and "correlation" in m:
@@ -647,7 +663,7 @@ class _Reader:
             ("author", lambda n: self.text(n, "author")),
             ("references", lambda n: self.strings(n, "references")),
             ("tags", self.tags),
-            ("scope", lambda n: self.strings(n, "scope")),
+            ("watchlist", lambda n: self.strings(n, "watchlist")),
             ("exceptions", lambda n: self.exceptions(n, "exceptions")),
             ("suppress", self.suppress),
             ("tests", self.tests),
@@ -658,7 +674,7 @@ class _Reader:
                 if value is None:
                     ok = False
                 else:
-                    kw[key] = value
+                    kw["scope" if key == "watchlist" else key] = value
         if "detection" in m:
             det = self.detection(m["detection"][1])
             if det is None:
@@ -718,7 +734,18 @@ class _Reader:
         if "condition" not in m:
             self.add(node, "RULE_REQUIRED", "detection needs a condition", "condition: selection")
             return None
-        cond = self.text(m["condition"][1], "condition")
+        cond_node = m["condition"][1]
+        cond: str | None
+        if isinstance(cond_node, yaml.SequenceNode):
+            # Sigma: a list of conditions, each a query of its own: any of them matches.
+            parts = [self.text(item, "condition") for item in cond_node.value]
+            if not parts or any(p is None for p in parts):
+                if not parts:
+                    self.add(cond_node, "RULE_TYPE", "condition must be a non-empty string")
+                return None
+            cond = " or ".join(f"({p})" for p in parts if p is not None)
+        else:
+            cond = self.text(cond_node, "condition")
         selections: dict[str, Any] = {}
         for name, (key_node, value_node) in m.items():
             if name == "condition":

@@ -581,8 +581,14 @@ MODIFIERS: dict[str, Modifier] = {
         Modifier("i", "flag", "re|i: case-insensitive regex"),
         Modifier("m", "flag", "re|m: ^ and $ match at line breaks"),
         Modifier("s", "flag", "re|s: . matches a line break"),
+        # pySigma's long names of the same flags.
+        Modifier("ignorecase", "flag", "re|ignorecase: re|i"),
+        Modifier("multiline", "flag", "re|multiline: re|m"),
+        Modifier("dotall", "flag", "re|dotall: re|s"),
+        Modifier("neq", "option", "the field has a value and it is none of the given ones"),
     )
 }
+_FLAG_LETTERS = {"i": "i", "m": "m", "s": "s", "ignorecase": "i", "multiline": "m", "dotall": "s"}
 
 # Sigma modifiers we deliberately do not support, with the reason a rule author gets.
 UNSUPPORTED: dict[str, str] = {
@@ -673,7 +679,9 @@ def _parse_key(key: object, known_fields: Mapping[str, object]) -> _Spec:
             raise _conflict(
                 key, f"{option} does not apply to {match}", f"{match} takes a single value"
             )
-    flags = "".join(sorted(m.name for m in specs if m.role == "flag"))
+    flags = "".join(sorted({_FLAG_LETTERS[m.name] for m in specs if m.role == "flag"}))
+    if "neq" in names and match == "exists":
+        raise _conflict(key, "neq does not apply to exists", "write exists: false instead")
     if flags and match != "re":
         raise _conflict(
             key, f"regex flag(s) {flags} without re", f"write {name}|re|{'|'.join(flags)}"
@@ -803,4 +811,16 @@ def compile_field(
         test, equals = _lift_all([build([v], one)[0] for v in values]), None
     else:
         test, equals = build(values, spec)
+    if "neq" in spec.modifiers:
+        test, equals = _differs(test), None
     return FieldMatcher(spec.field, spec.modifiers, test, equals, known_fields[spec.field])
+
+
+def _differs(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """Sigma's neq: the field is present and matches none of the values (an absent field is
+    not "different", as in the backends' `field != value`)."""
+
+    def differs(v: Any) -> bool:
+        return v is not None and v != () and not test(v)
+
+    return differs

@@ -118,3 +118,65 @@ def test_keyword_lists_match_the_command_line_or_the_path_and_all_of_them_with_a
     assert e.process(process(**{"process.command_line": "curl -T /tmp/x https://h"}))  # type: ignore[arg-type]
     assert not e.process(process(**{"process.command_line": "curl https://h"}))  # type: ignore[arg-type]
     assert not e.process(process(**{"process.command_line": "ls -la"}))  # type: ignore[arg-type]
+
+
+def test_sigma_scope_is_not_the_watchlist_and_the_native_spelling_moved_to_watchlist() -> None:
+    sigma = engine(BASE64_DECODE + "scope: [server]\n")
+    hit = process(**{"process.executable": "/usr/bin/base64", "process.command_line": "-d"})
+    assert sigma.process(hit)  # type: ignore[arg-type]  # everyone, not a watchlist "server"
+    native = """\
+id: n
+title: t
+level: low
+scope: [departing]
+detection: {s: {event.action: process_started}, condition: s}
+"""
+    ruleset, problems = load_text(native, NOW)
+    assert ruleset is not None
+    (warning,) = [p for p in problems if p.code == "RULE_DEPRECATED_KEY"]
+    assert warning.severity == "warning" and "watchlist" in warning.hint
+    assert not Engine(ruleset).process(hit)  # type: ignore[arg-type]
+    listed = event_from_fields(
+        {"event.action": "process_started", "exfilwatch.watchlist.status": "departing"}, NOW
+    )
+    assert Engine(ruleset).process(listed)
+
+
+def test_a_condition_given_as_a_list_matches_when_any_of_them_does() -> None:
+    e = engine(
+        BASE64_DECODE.replace(
+            "  condition: selection",
+            "  other:\n    Image|endswith: '/xxd'\n  condition:\n    - selection\n    - other",
+        )
+    )
+    assert e.process(process(**{"process.executable": "/usr/bin/xxd"}))  # type: ignore[arg-type]
+    hit = process(**{"process.executable": "/usr/bin/base64", "process.command_line": "-d"})
+    assert e.process(hit)  # type: ignore[arg-type]
+    assert not e.process(process(**{"process.executable": "/usr/bin/ls"}))  # type: ignore[arg-type]
+
+
+def test_neq_and_the_long_regex_flag_names() -> None:
+    e = engine(
+        BASE64_DECODE.replace(
+            """    Image|endswith: '/base64'
+    CommandLine|contains: '-d'""",
+            """    Image|endswith|neq: ['/bash', '/sh']
+    CommandLine|re|ignorecase: 'CURL .*-T'""",
+        )
+    )
+    assert e.process(
+        process(
+            **{
+                "process.executable": "/usr/bin/curl",  # type: ignore[arg-type]
+                "process.command_line": "curl -v -T x",
+            }
+        )
+    )
+    assert not e.process(
+        process(
+            **{
+                "process.executable": "/bin/sh",  # type: ignore[arg-type]
+                "process.command_line": "curl -T x",
+            }
+        )
+    )
