@@ -369,6 +369,124 @@ def _keywords(node: yaml.Node) -> tuple[list[object], bool] | None:
     return None
 
 
+# Sigma's generic field names in a correlation's group-by, as the agent's fields.
+_GROUP_FIELDS = {
+    "ComputerName": "host.hostname",
+    "Computer": "host.hostname",
+    "Hostname": "host.hostname",
+    "User": "user.name",
+    "UserName": "user.name",
+    "Image": "process.executable",
+    "CommandLine": "process.command_line",
+    "TargetFilename": "file.path",
+}
+
+
+def _sigma_references(defs: Definitions) -> dict[str, str]:
+    """Resolve Sigma correlations in place (rules referenced by `name`, group-by fields by
+    their taxonomy names); returns the Sigma rules that cannot run, with the reason: an
+    unsupported type or condition, a rule not loaded, a field without an equivalent."""
+    names = {r.name: r.id for r in defs.rules.values() if r.name}
+    inactive: dict[str, str] = {}
+    for rid, rule in list(defs.rules.items()):
+        if rule.inactive is not None:
+            inactive[rid] = rule.inactive
+        corr = rule.correlation
+        if corr is None or not rule.sigma:
+            continue
+        if corr.unsupported is not None:
+            inactive[rid] = corr.unsupported
+            continue
+        refs = tuple(r if r in defs.rules else names.get(r, r) for r in corr.rules)
+        missing = [r for r in refs if r not in defs.rules]
+        chained = [r for r in refs if r in defs.rules and defs.rules[r].correlation is not None]
+        group = tuple(_GROUP_FIELDS.get(f, f) for f in corr.group_by)
+        field_ = _GROUP_FIELDS.get(corr.field, corr.field) if corr.field else None
+        unknown = [f for f in (*group, *([field_] if field_ else [])) if f not in FIELDS]
+        if missing:
+            inactive[rid] = f"it correlates rule {missing[0]}, which is not loaded"
+        elif chained:
+            inactive[rid] = f"it correlates correlation {chained[0]}: chains are not evaluated"
+        elif unknown:
+            inactive[rid] = f"field {unknown[0]} has no equivalent in the agent's events"
+        defs.rules[rid] = replace(
+            rule, correlation=replace(corr, rules=refs, group_by=group, field=field_)
+        )
+    return inactive
+
+
+def _apply_filters(
+    c: _Compiler, defs: Definitions, ruleset: RuleSet, problems: list[Problem]
+) -> None:
+    """Sigma filter documents: each one's detection, compiled like a rule of its log source,
+    silences the rules it lists (by id or name) on the events it matches."""
+    names = {r.name: r.id for r in defs.rules.values() if r.name}
+    for rule, targets in defs.filters:
+        source = None
+        why = rule.inactive
+        if why is None and rule.logsource:
+            source, why = resolve(dict(rule.logsource))
+        if why is not None:
+            problems.append(
+                Problem(
+                    rule.where.file,
+                    rule.where.line,
+                    rule.where.col,
+                    "RULE_INACTIVE",
+                    f"filter '{rule.title}' is loaded inactive: {why}",
+                    "it never applies",
+                    WARNING,
+                )
+            )
+            continue
+        compiled = c.rule(rule, False, source)
+        if compiled is None:
+            continue
+        silence = compiled.match
+        found = 0
+        for target in targets:
+            rid = target if target in defs.rules else names.get(target, target)
+            victim = ruleset.rules.get(rid) or ruleset.correlations.get(rid)
+            if victim is None:
+                continue
+            found += 1
+            victim.match = _unless(victim.match, silence)
+        if not found:
+            problems.append(
+                Problem(
+                    rule.where.file,
+                    rule.where.line,
+                    rule.where.col,
+                    "RULE_FILTER_UNUSED",
+                    f"filter '{rule.title}' names no loaded rule",
+                    "rules: lists ids or names of the rules it silences",
+                    WARNING,
+                )
+            )
+
+
+def _unless(match: Predicate, silence: Predicate) -> Predicate:
+    def filtered(e: Event) -> bool:
+        return match(e) and not silence(e)
+
+    return filtered
+
+
+def _inactive(ruleset: RuleSet, problems: list[Problem], rule: Rule, why: str) -> None:
+    ruleset.inactive[rule.id] = (rule, why)
+    problems.append(
+        Problem(
+            rule.where.file,
+            rule.where.line,
+            rule.where.col,
+            "RULE_INACTIVE",
+            f"rule '{rule.id}' is loaded inactive: {why}",
+            "it never runs; see docs/sigma.md for what the agent has",
+            WARNING,
+        )
+    )
+
+
 def _of_actions(actions: frozenset[str], match: Predicate) -> Predicate:
     def of_source(e: Event) -> bool:
         return e.action in actions and match(e)
@@ -542,9 +660,22 @@ def compile_definitions(
     apply_overrides(defs, problems)
     c = _Compiler(defs, problems, now_us)
     c.compile_macros()
+    inactive = _sigma_references(defs)
     referenced_by: dict[str, list[str]] = {}
     for rule in defs.rules.values():
-        if rule.correlation is None:
+        if rule.correlation is None or rule.id in inactive:
+            continue
+        if rule.correlation.unsupported is not None:  # a native rule: say it cannot run
+            problems.append(
+                Problem(
+                    rule.where.file,
+                    rule.where.line,
+                    rule.where.col,
+                    "RULE_VALUE",
+                    f"correlation '{rule.id}': {rule.correlation.unsupported}",
+                    "use gte: N (or gt: N)",
+                )
+            )
             continue
         for base in rule.correlation.rules:
             if base not in defs.rules:
@@ -582,12 +713,22 @@ def compile_definitions(
                         nearest(f, FIELDS),
                     )
                 )
+    generating = {
+        base
+        for r in defs.rules.values()
+        if r.correlation is not None and r.correlation.generate
+        for base in r.correlation.rules
+    }
     ruleset = RuleSet(files=tuple(defs.files))
     for rule in defs.rules.values():
         if not rule.enabled or rule.status == "deprecated":
             ruleset.disabled[rule.id] = rule
             continue
         source = None
+        why: str | None = inactive.get(rule.id)
+        if why is not None:
+            _inactive(ruleset, problems, rule, why)
+            continue
         if rule.logsource and rule.detection is not None:
             source, why = resolve(dict(rule.logsource))
             if source is not None:
@@ -600,20 +741,15 @@ def compile_definitions(
                     source = None
             if source is None:
                 assert why is not None
-                ruleset.inactive[rule.id] = (rule, why)
-                problems.append(
-                    Problem(
-                        rule.where.file,
-                        rule.where.line,
-                        rule.where.col,
-                        "RULE_INACTIVE",
-                        f"rule '{rule.id}' is loaded inactive: {why}",
-                        "it never runs; see docs/sigma.md for the log sources the agent has",
-                        WARNING,
-                    )
-                )
+                _inactive(ruleset, problems, rule, why)
                 continue
-        generate = rule.generate if rule.generate is not None else rule.id not in referenced_by
+        # By default a base rule of a correlation does not alert by itself, unless a Sigma
+        # correlation over it says `generate: true`.
+        generate = (
+            rule.generate
+            if rule.generate is not None
+            else rule.id not in referenced_by or rule.id in generating
+        )
         compiled = c.rule(rule, generate, source)
         if compiled is None:
             continue
@@ -623,6 +759,14 @@ def compile_definitions(
             ruleset.rules[rule.id] = compiled
     for broken in defs.check_only:
         c.rule(broken, False)
+    _apply_filters(c, defs, ruleset, problems)
+    # A Sigma correlation over a rule that cannot run cannot run either.
+    for cid, corr in list(ruleset.correlations.items()):
+        assert corr.rule.correlation is not None
+        idle = [b for b in corr.rule.correlation.rules if b in ruleset.inactive]
+        if corr.rule.sigma and idle:
+            del ruleset.correlations[cid]
+            _inactive(ruleset, problems, corr.rule, f"it correlates inactive rule {idle[0]}")
     consumers: dict[str, list[str]] = {}
     for cid, corr in ruleset.correlations.items():
         assert corr.rule.correlation is not None

@@ -255,7 +255,8 @@ class Engine:
                 continue
             self._forget(groups.pop(oldest_key))
             self._cap("correlation_memory", self.caps.max_total_events, rule=corr.id)
-        value = e.get(c.field) if c.field else None
+        # temporal: the distinct rules seen in the window are what counts.
+        value = base_id if c.type == "temporal" else (e.get(c.field) if c.field else None)
         if isinstance(value, tuple):
             value = value or None
         win.items.append((now, e.path, e.size or 0, value))
@@ -265,12 +266,12 @@ class Engine:
                 win.total += value
         if c.type == "event_count":
             metric: float = len(win.items)
-        elif c.type == "value_count":
+        elif c.type in ("value_count", "temporal"):
             metric = len(win.values)
         else:
             metric = win.total
         assert c.gte is not None
-        if metric < c.gte:
+        if metric < c.gte or (c.strict and metric <= c.gte):
             return None
         details = self._details(corr, key, [(t, p, s) for t, p, s, _ in win.items], metric)
         self._forget(groups.pop(key))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -30,6 +31,7 @@ from agent.rules.model import (
     CORRELATION_TYPES,
     LEVELS,
     STATUSES,
+    UNSUPPORTED_CORRELATION_TYPES,
     Correlation,
     Definitions,
     Override,
@@ -60,6 +62,8 @@ _RULE_KEYS = (
     "generate",
     "match_trusted",
     "watchlist",
+    "name",
+    "taxonomy",
     "scope",
     "exceptions",
     "suppress",
@@ -74,6 +78,9 @@ _RULE_KEYS = (
     "fields",
 )
 _CORRELATION_KEYS = ("type", "rules", "group-by", "timespan", "condition")
+# Sigma's further correlation keys (a Sigma document only): `generate` is read at the rule's
+# level; `aliases` makes the correlation inactive.
+_SIGMA_CORRELATION_EXTRA = ("aliases", "generate")
 _EXCEPTION_KEYS = ("match", "reason", "owner", "expires")
 _SUPPRESS_KEYS = ("by", "for")
 _TEST_KEYS = ("name", "event", "events", "expect")
@@ -134,6 +141,7 @@ class _Reader:
         self.defs = defs
         self.problems = problems
         self.file = file
+        self._sigma = False  # whether the rule document being read is a Sigma one
 
     def add(
         self, node: yaml.Node | None, code: str, msg: str, hint: str = "", severity: str = ERROR
@@ -251,6 +259,8 @@ class _Reader:
             self.override_doc(node)
         elif "detection" in keys or "correlation" in keys:
             self.rule_doc(node)
+        elif "filter" in keys:
+            self.filter_doc(node)
         else:
             self.add(
                 node,
@@ -259,6 +269,48 @@ class _Reader:
                 "override",
                 "add 'detection:' with selections and a condition",
             )
+
+    def filter_doc(self, node: yaml.Node) -> None:
+        """A Sigma filter: `filter: {rules: [...], <selections>, condition}` and a logsource;
+        when it matches an event, the listed rules do not (a global exception)."""
+        m = self.mapping(node, None, "a filter")
+        if m is None:
+            return
+        body = self.mapping(m["filter"][1], None, "filter")
+        if body is None:
+            return
+        if "rules" not in body:
+            self.add(m["filter"][1], "RULE_REQUIRED", "a filter needs rules: [ids or names]")
+            return
+        targets = self.strings(body["rules"][1], "filter.rules")
+        det = self.detection(
+            yaml.MappingNode(
+                "tag:yaml.org,2002:map",
+                [(k, v) for name, (k, v) in body.items() if name != "rules"],
+                m["filter"][1].start_mark,
+                m["filter"][1].end_mark,
+            )
+        )
+        logsource = self.logsource(m["logsource"][1]) if "logsource" in m else ()
+        title = self.text(m["title"][1], "title") if "title" in m else "filter"
+        if targets is None or det is None or logsource is None or title is None:
+            return
+        where = self.where(node)
+        taxonomy = node_value(m["taxonomy"][1]) if "taxonomy" in m else None
+        rule = Rule(
+            id=f"filter-{hashlib.sha256(f'{self.file}:{where.line}'.encode()).hexdigest()[:12]}",
+            title=title,
+            description="",
+            level="informational",
+            where=where,
+            detection=det[0],
+            condition=det[1],
+            condition_node=det[2],
+            logsource=logsource,
+            sigma=True,
+            inactive=None if taxonomy in (None, "sigma", "ecs") else f"taxonomy {taxonomy!r}",
+        )
+        self.defs.filters.append((rule, targets))
 
     def list_doc(self, node: yaml.Node) -> None:
         m = self.mapping(node, _LIST_KEYS, "a list")
@@ -357,48 +409,88 @@ class _Reader:
         return Suppress(by, seconds)
 
     def correlation(self, node: yaml.Node) -> Correlation | None:
-        m = self.mapping(node, _CORRELATION_KEYS, "correlation")
+        m = self.mapping(
+            node,
+            (*_CORRELATION_KEYS, *_SIGMA_CORRELATION_EXTRA) if self._sigma else _CORRELATION_KEYS,
+            "correlation",
+        )
         if m is None:
             return None
+        aliases = "aliases" in m
         missing = [k for k in ("type", "rules", "timespan") if k not in m]
         if missing:
             self.add(node, "RULE_REQUIRED", f"correlation needs {', '.join(missing)}")
             return None
-        kind = self.choice(
-            m["type"][1], "correlation type", CORRELATION_TYPES, "RULE_CORRELATION_TYPE"
-        )
+        raw_type = node_value(m["type"][1]) if isinstance(m["type"][1], yaml.ScalarNode) else None
+        unsupported = None
+        if raw_type in UNSUPPORTED_CORRELATION_TYPES:
+            unsupported = f"correlation type {raw_type}: not evaluated by the agent"
+            kind: str | None = raw_type
+        else:
+            kind = self.choice(
+                m["type"][1], "correlation type", CORRELATION_TYPES, "RULE_CORRELATION_TYPE"
+            )
         rules = self.strings(m["rules"][1], "correlation.rules")
         group_by = self.strings(m["group-by"][1], "group-by") if "group-by" in m else ()
         timespan = self.duration(m["timespan"][1], "correlation.timespan")
         gte: float | None = None
         fld: str | None = None
-        if kind in ("event_count", "value_count", "value_sum"):
+        strict = False
+        if kind == "temporal" and rules is not None:
+            gte = float(len(set(rules)))  # every listed rule, in any order
+        if kind in ("event_count", "value_count", "value_sum") or (
+            unsupported and "condition" in m
+        ):
             if "condition" not in m:
                 self.add(node, "RULE_REQUIRED", f"a {kind} correlation needs a condition")
                 return None
-            cond = self.mapping(m["condition"][1], ("gte", "field"), "correlation.condition")
+            cond = self.mapping(
+                m["condition"][1],
+                ("gte", "gt", "lte", "lt", "eq", "neq", "field"),
+                "correlation.condition",
+            )
             if cond is None:
                 return None
-            if "gte" not in cond:
-                self.add(m["condition"][1], "RULE_REQUIRED", "condition needs gte: N")
+            bounds = [k for k in ("gte", "gt", "lte", "lt", "eq", "neq") if k in cond]
+            if not bounds:
+                self.add(m["condition"][1], "RULE_REQUIRED", "condition needs gte: N (or gt)")
                 return None
-            gte = _positive(node_value(cond["gte"][1]))
-            if gte is None:
-                self.add(cond["gte"][1], "RULE_TYPE", "gte must be a positive number")
+            if set(bounds) - {"gte", "gt"} or len(bounds) > 1:
+                # A correlation is checked as its events arrive: "at least" thresholds only.
+                unsupported = unsupported or (
+                    f"correlation condition {', '.join(bounds)}: the agent evaluates "
+                    "correlations as events arrive, so only one gte or gt threshold"
+                )
+            bound_key = "gte" if "gte" in cond else bounds[0]
+            gte = _positive(node_value(cond[bound_key][1]))
+            strict = bound_key == "gt"
+            if gte is None and bound_key == "gt" and node_value(cond["gt"][1]) == 0:
+                gte = 0.0
+            if gte is None and unsupported is None:
+                self.add(cond[bound_key][1], "RULE_TYPE", f"{bound_key} must be a positive number")
                 return None
-            if kind != "event_count":
+            if kind != "event_count" and unsupported is None:
                 if "field" not in cond:
                     self.add(m["condition"][1], "RULE_REQUIRED", f"a {kind} needs field:")
                     return None
                 fld = self.text(cond["field"][1], "condition.field")
-        elif kind == "temporal_ordered" and "condition" in m:
-            self.add(m["condition"][1], "RULE_UNUSED_KEY", "temporal_ordered takes no condition")
-        if kind == "temporal_ordered" and rules is not None and len(rules) < 2:
-            self.add(m["rules"][1], "RULE_VALUE", "temporal_ordered needs at least two rules")
+        elif kind in ("temporal", "temporal_ordered") and "condition" in m:
+            self.add(m["condition"][1], "RULE_UNUSED_KEY", f"{kind} takes no condition")
+        if kind in ("temporal", "temporal_ordered") and rules is not None and len(rules) < 2:
+            self.add(m["rules"][1], "RULE_VALUE", f"{kind} needs at least two rules")
             return None
         if kind is None or rules is None or group_by is None or timespan is None:
             return None
-        return Correlation(kind, rules, group_by, timespan, gte, fld)
+        if aliases:  # fields named differently in each correlated rule
+            unsupported = unsupported or "correlation aliases: not evaluated by the agent"
+        if unsupported is not None and not self._sigma:
+            # A native rule is told, not loaded inactive: it was written for this agent.
+            self.add(m["type"][1], "RULE_VALUE", unsupported, "use gte: N (or gt: N)")
+            return None
+        generate = False
+        if "generate" in m:
+            generate = self.boolean(m["generate"][1], "correlation.generate") or False
+        return Correlation(kind, rules, group_by, timespan, gte, fld, strict, unsupported, generate)
 
     def tests(self, node: yaml.Node) -> tuple[RuleTest, ...] | None:
         if not isinstance(node, yaml.SequenceNode):
@@ -609,7 +701,7 @@ class _Reader:
         return tags
 
     def rule_doc(self, node: yaml.Node) -> None:
-        sigma = _is_sigma(node)
+        sigma = self._sigma = _is_sigma(node)
         # A Sigma rule may carry the spec's optional keys and any custom ones: kept out of
         # the way. A native rule's unknown key is a typo until proven otherwise.
         m = self.mapping(node, None if sigma else _RULE_KEYS, "a rule")
@@ -619,6 +711,13 @@ class _Reader:
             # Sigma's `scope` is the kind of machine a rule is for (server, workstation):
             # kept out of the way like its other metadata, never a watchlist.
             m = {k: v for k, v in m.items() if k in _RULE_KEYS and k != "scope"}
+            sigma_name = self.text(m["name"][1], "name") if "name" in m else None
+            taxonomy = node_value(m["taxonomy"][1]) if "taxonomy" in m else None
+            if "id" not in m and (sigma_name or "title" in m):
+                derived = sigma_name or _derived_id(self.file, node, m)
+                m["id"] = (node, yaml.ScalarNode("tag:yaml.org,2002:str", derived))
+            if "level" not in m:
+                m["level"] = (node, yaml.ScalarNode("tag:yaml.org,2002:str", "medium"))
         elif "scope" in m:
             key_node, value_node = m.pop("scope")
             if "watchlist" in m:
@@ -633,6 +732,8 @@ class _Reader:
                 )
                 m["watchlist"] = (key_node, value_node)
         required = ["id", "title", "level"]
+        m.pop("name", None)
+        m.pop("taxonomy", None)
         missing = [k for k in required if k not in m]
         if "detection" in m and "correlation" in m:
             self.add(m["correlation"][0], "RULE_VALUE", "a rule has detection or correlation")
@@ -696,6 +797,8 @@ class _Reader:
                     )
                 )
             return
+        if sigma and taxonomy not in (None, "sigma") and rid is not None:
+            rid = f"{rid}@{taxonomy}"  # the same rule written for another taxonomy
         if rid in self.defs.rules:
             first = self.defs.rules[rid].where
             self.add(
@@ -705,6 +808,11 @@ class _Reader:
                 "ids are stable and unique; to change a shipped rule use an override",
             )
             return
+        if sigma:
+            kw["sigma"] = True
+            kw["name"] = sigma_name
+            if taxonomy not in (None, "sigma", "ecs"):  # ecs names are the agent's own
+                kw["inactive"] = f"taxonomy {taxonomy!r}: the agent reads sigma and ecs names"
         self.defs.rules[rid] = Rule(
             id=rid,
             title=title,
@@ -759,11 +867,20 @@ class _Reader:
         return selections, cond, m["condition"][1]
 
 
+def _derived_id(file: str, node: yaml.Node, m: dict[str, tuple[yaml.Node, yaml.Node]]) -> str:
+    """A stable id for a Sigma rule given none: its title and where it is defined."""
+    title = node_value(m["title"][1]) if "title" in m else ""
+    digest = hashlib.sha256(f"{file}:{node.start_mark.line}:{title}".encode()).hexdigest()
+    return f"sigma-{digest[:16]}"
+
+
 def _is_sigma(node: yaml.Node) -> bool:
-    """A rule document with a `logsource` key is a Sigma rule."""
-    return isinstance(node, yaml.MappingNode) and any(
-        isinstance(k, yaml.ScalarNode) and k.value == "logsource" for k, _ in node.value
-    )
+    """A Sigma document: one with a key only Sigma has (`logsource`, `taxonomy`, `name`), or
+    without `level`, which every native rule gives (Sigma makes it optional)."""
+    if not isinstance(node, yaml.MappingNode):
+        return False
+    keys = {k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    return bool(keys & {"logsource", "taxonomy", "name"}) or "level" not in keys
 
 
 def read_file(path: str, defs: Definitions, problems: list[Problem]) -> None:

@@ -9,7 +9,9 @@ LEVELS = ("informational", "low", "medium", "high", "critical")
 # ECS event.severity / risk score per level (the scale Elastic's detection rules use).
 SEVERITY = {"informational": 1, "low": 21, "medium": 47, "high": 73, "critical": 99}
 STATUSES = ("stable", "test", "experimental", "deprecated", "unsupported")
-CORRELATION_TYPES = ("event_count", "value_count", "value_sum", "temporal_ordered")
+CORRELATION_TYPES = ("event_count", "value_count", "value_sum", "temporal", "temporal_ordered")
+# Sigma correlation types the engine does not evaluate: such a rule loads inactive.
+UNSUPPORTED_CORRELATION_TYPES = ("value_avg", "value_percentile", "value_median")
 ATTACK_TACTICS = (
     "reconnaissance",
     "resource_development",
@@ -74,6 +76,11 @@ class Correlation:
     timespan: float
     gte: float | None = None  # threshold (`condition: {gte: N}`); None for temporal_ordered
     field: str | None = None  # value_count / value_sum
+    strict: bool = False  # `gt: N`: the metric must exceed gte
+    # Why the engine cannot evaluate it (a Sigma type or condition it lacks); None if it can.
+    unsupported: str | None = None
+    # Sigma's `generate: true` inside a correlation: its rules alert by themselves too.
+    generate: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,11 @@ class Rule:
     match_trusted: bool = False
     # Sigma's logsource (product, category, service, definition, ...); () for native rules.
     logsource: tuple[tuple[str, str], ...] = ()
+    # A Sigma document (logsource, taxonomy, name, or no level): its references and group-by
+    # fields that the agent cannot resolve make it inactive rather than an error.
+    sigma: bool = False
+    name: str | None = None  # Sigma's `name`, by which correlations may refer to the rule
+    inactive: str | None = None  # why a Sigma rule cannot run (set by the loader)
     scope: tuple[str, ...] = ()  # watchlist statuses the rule is limited to
     exceptions: tuple[RuleException, ...] = ()
     suppress: Suppress | None = None
@@ -155,3 +167,6 @@ class Definitions:
     # Rules whose metadata had errors: their detection is still compiled, so one pass
     # reports every problem, but they never run.
     check_only: list[Rule] = field(default_factory=list)
+    # Sigma filter documents: a rule-shaped detection that, when it matches, silences the
+    # listed rules (by id or name). Kept as rules (detection, logsource, where) + targets.
+    filters: list[tuple[Rule, tuple[str, ...]]] = field(default_factory=list)

@@ -252,7 +252,11 @@ def test_every_config_key_tuple_is_exactly_the_property_set_of_its_schema_object
 def test_the_maps_the_loader_checks_inline_accept_exactly_the_keys_the_schema_declares() -> None:
     schema = _schema(RULE_SCHEMA)
     declared = [set(_at(schema, p)["properties"]) for p in RULE_INLINE_OBJECTS]
-    assert declared == [{"gte", "field"}, {"timespan", "condition"}, {"gte"}]
+    assert declared == [
+        {"gte", "gt", "lt", "lte", "eq", "neq", "field"},
+        {"timespan", "condition"},
+        {"gte"},
+    ]
     base = "id: b\ntitle: base\nlevel: low\ndetection: {s: {event.action: deleted}, condition: s}\n"
     correlation = (
         "id: c\ntitle: corr\nlevel: low\ncorrelation: {type: value_count, rules: [b], "
@@ -260,7 +264,10 @@ def test_the_maps_the_loader_checks_inline_accept_exactly_the_keys_the_schema_de
     )
     override = "override: c\ncorrelation: {timespan: 5m, condition: {gte: 2%s}%s}\n"
     assert "RULE_UNKNOWN_KEY" not in _problem_codes(base + "---\n" + correlation % "")
-    assert "RULE_UNKNOWN_KEY" in _problem_codes(base + "---\n" + correlation % ", lte: 9")
+    assert "RULE_UNKNOWN_KEY" in _problem_codes(base + "---\n" + correlation % ", lt9: 9")
+    # The spec's other comparisons: a native correlation cannot use them (a Sigma one loads
+    # inactive), an error that says why.
+    assert "RULE_VALUE" in _problem_codes(base + "---\n" + correlation % ", lte: 9")
     assert "RULE_UNKNOWN_KEY" not in _problem_codes(override % ("", ""))
     assert "RULE_UNKNOWN_KEY" in _problem_codes(override % (", field: file.path", ""))
     assert "RULE_UNKNOWN_KEY" in _problem_codes(override % ("", ", type: event_count"))

@@ -13,7 +13,9 @@ from agent.events import event_from_fields
 from agent.rules.compiler import load_rules, load_text
 from agent.rules.engine import Engine
 
-SIGMAHQ = Path(__file__).resolve().parents[3] / "shared" / "sigma" / "rules" / "linux"
+SIGMA = Path(__file__).resolve().parents[3] / "shared" / "sigma"
+SIGMAHQ = SIGMA / "rules" / "linux"
+SPEC_EXAMPLES = SIGMA / "specification" / "tests" / "schema"
 NOW = int(time.time() * 1_000_000)
 
 BASE64_DECODE = """\
@@ -180,3 +182,79 @@ def test_neq_and_the_long_regex_flag_names() -> None:
             }
         )
     )
+
+
+@pytest.mark.skipif(
+    not SPEC_EXAMPLES.is_dir(), reason="the Sigma specification is not in ../shared"
+)
+def test_every_example_of_the_specification_loads_or_is_inactive_with_a_reason() -> None:
+    ruleset, problems = load_rules([str(SPEC_EXAMPLES)], NOW)
+    assert [str(p) for p in problems if p.severity == "error"] == []
+    assert ruleset is not None
+    inactive = [p for p in problems if p.code == "RULE_INACTIVE"]
+    assert len(inactive) == 12  # windows, dns, value_avg, rules not in the set, ...
+    assert all("is loaded inactive: " in p.message for p in inactive)
+
+
+CORRELATED = """\
+title: Archive tool
+name: archiver
+logsource: {category: process_creation, product: linux}
+detection:
+  s: {Image|endswith: [/tar, /zip]}
+  condition: s
+---
+title: Upload tool
+name: uploader
+logsource: {category: process_creation, product: linux}
+detection:
+  s: {Image|endswith: /curl}
+  condition: s
+---
+title: Pack and send, in any order
+correlation:
+  type: temporal
+  rules: [archiver, uploader]
+  group-by: [User]
+  timespan: 5m
+---
+title: Not for the backup account
+logsource: {category: process_creation, product: linux}
+filter:
+  rules: [uploader]
+  selection: {User: backup}
+  condition: selection
+"""
+
+
+def test_temporal_correlations_names_filters_and_the_defaults_of_a_sigma_document() -> None:
+    ruleset, problems = load_text(CORRELATED, NOW)
+    assert ruleset is not None, [str(p) for p in problems]
+    assert set(ruleset.rules) == {"archiver", "uploader"}  # ids from their names
+    (corr,) = ruleset.correlations.values()
+    assert corr.rule.level == "medium" and corr.rule.correlation is not None
+    assert corr.rule.correlation.group_by == ("user.name",)
+    e = Engine(ruleset)
+
+    def run(user: str, exe: str, at: int) -> list[dict[str, object]]:
+        event = process(**{"process.executable": exe, "user.name": user, "@timestamp": NOW + at})
+        return e.process(event)  # type: ignore[arg-type]
+
+    assert run("al", "/usr/bin/curl", 0) == []  # the upload first: any order counts
+    (alert,) = run("al", "/usr/bin/tar", 1_000_000)
+    assert alert["rule"]["name"] == "Pack and send, in any order"
+    # The filter silences the uploader for the backup account, so no correlation either.
+    assert run("backup", "/usr/bin/tar", 2_000_000) == []
+    assert run("backup", "/usr/bin/curl", 3_000_000) == []
+
+
+def test_generate_in_a_sigma_correlation_makes_its_rules_alert_by_themselves() -> None:
+    text = CORRELATED.replace("  timespan: 5m\n", "  timespan: 5m\n  generate: true\n", 1)
+    ruleset, problems = load_text(text, NOW)
+    assert ruleset is not None, [str(p) for p in problems]
+    e = Engine(ruleset)
+    event = process(**{"process.executable": "/usr/bin/tar", "user.name": "al"})
+    assert [a["rule"]["id"] for a in e.process(event)] == ["archiver"]  # type: ignore[arg-type]
+    ruleset, _ = load_text(CORRELATED, NOW)
+    assert ruleset is not None
+    assert Engine(ruleset).process(event) == []  # type: ignore[arg-type]
