@@ -272,6 +272,7 @@ class ProcessTable:
         self._forks: OrderedDict[int, int] = OrderedDict()  # pid -> parent, from fork events
         self.exec_read = 0  # kernel exec events read from /proc in time
         self.exec_unread = 0  # ... and those already gone
+        self.exec_repeats = 0  # exec events that showed the image an earlier one reported
         self._unread_unreported = 0
         self._unread_reported_at = 0.0
 
@@ -521,6 +522,16 @@ class ProcessTable:
                 self.exec_read += 1
                 with self._lock:
                     old = self._procs.pop(proc.pid, None) or self._exited_pop(proc.pid)
+                    # The same image read for two exec events of one pid: a shell that exec'd
+                    # its last command (`bash -c "cp a b"`) before its own exec was read shows
+                    # the command's image for both. One process_started, not two.
+                    repeat = (
+                        old is not None
+                        and not old.forked
+                        and old.exe == proc.exe
+                        and old.cmdline == proc.cmdline
+                        and old.start == proc.start
+                    )
                     if old is not None:
                         self._unindex(old)
                     elif len(self._procs) >= self.max_procs:
@@ -530,6 +541,9 @@ class ProcessTable:
                     self._procs[proc.pid] = proc
                     self._missing.pop(proc.pid, None)
                     self._index(proc)
+                if repeat:
+                    self.exec_repeats += 1
+                    continue
                 started.append(proc)
             elif kind == "fork":
                 forks = self._forks

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -256,3 +257,29 @@ def test_who_deleted_and_who_renamed_a_tagged_file_is_exact(
         if e.action in ("deleted", "moved") and e.process_pid not in (mv.pid, rm.pid)
     ]
     assert not others, others
+
+
+def test_two_exec_events_showing_one_image_make_one_process_started() -> None:
+    # bash -c "sleep 5" execs sleep in its own pid: when bash's exec is read late, both exec
+    # events show sleep. One start is reported, never sleep twice (and never bash's arguments
+    # with sleep's program).
+    from agent.enrich.attribution import ProcessTable
+    from agent.sources.procevents import ProcEvent
+
+    table = ProcessTable(report=lambda record: None)
+    table.start()
+    proc = subprocess.Popen(["bash", "-c", "sleep 5"])
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with open(f"/proc/{proc.pid}/cmdline", "rb") as fh:
+                if fh.read().startswith(b"sleep"):
+                    break
+            time.sleep(0.005)
+        events = [ProcEvent("exec", proc.pid, 0, 1), ProcEvent("exec", proc.pid, 0, 2)]
+        started = table.on_kernel_events(events)
+        assert [p.name for p in started] == ["sleep"]
+        assert table.exec_repeats == 1
+    finally:
+        proc.kill()
+        proc.wait()
