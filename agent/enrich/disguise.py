@@ -141,6 +141,7 @@ _TEMP_SUFFIXES = frozenset(
 )
 _SEPARATORS = re.compile(r"[._~-]+")
 _MKSTEMP = re.compile(r"[a-z]{0,8}[._-]?([A-Za-z0-9]{6})")
+_TOOL_TEMP_PREFIXES = ("sed",)  # GNU sed -i: sedXXXXXX in the file's directory
 _BACKUP_SUFFIXES = frozenset({"bak", "backup", "orig", "old", "save"})
 _EXT_TOKEN = re.compile(r"[a-z0-9][a-z0-9_+-]{0,9}")
 _RSYNC_TOKEN = re.compile(r"[A-Za-z0-9]{6}")
@@ -565,7 +566,11 @@ def _temporary_name(name: str) -> bool:
     # mkstemp's names: a short tool prefix and six random letters and digits (sed -i writes
     # sedQLNEpz, perl -i and many editors similar ones).
     m = _MKSTEMP.fullmatch(base)
-    return m is not None and _temporary_token(m.group(1))
+    if m is None:
+        return False
+    # sed -i's own names are sed + any six letters and digits (all lower or upper case
+    # too, one time in a hundred); other prefixes need a token that looks random.
+    return base.startswith(_TOOL_TEMP_PREFIXES) or _temporary_token(m.group(1))
 
 
 def atomic_replace(src_path: str, dst_path: str) -> bool:

@@ -271,6 +271,8 @@ def test_mismatch_follows_container_families() -> None:
         ("/d/tmp_obj_a1B2c3", "/d/4b825dc642cb6eb9a060e54bf8d69288fbee4904", False),
         ("/d/report.pdf.crdownload", "/d/report.pdf", False),
         ("/d/sedQLNEpz", "/d/mod3.c", False),
+        ("/d/sedTQWDRX", "/d/mod5.c", False),  # all upper case: seen on CI
+        ("/d/sedabcdef", "/d/mod5.c", False),
         ("/d/design", "/d/design.jpg", True),
         ("/d/.~lock.report.docx#", "/d/x.docx", True),
         # A real extension in the removed part is still a change: a two-step disguise
