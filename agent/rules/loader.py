@@ -718,6 +718,17 @@ class _Reader:
                 m["id"] = (node, yaml.ScalarNode("tag:yaml.org,2002:str", derived))
             if "level" not in m:
                 m["level"] = (node, yaml.ScalarNode("tag:yaml.org,2002:str", "medium"))
+                if not {"logsource", "taxonomy", "name"} & set(m):
+                    # Only the missing level made it Sigma: a native rule that forgot it
+                    # should hear that its unknown keys are now passed over.
+                    self.add(
+                        node,
+                        "RULE_READ_AS_SIGMA",
+                        "no level: read as a Sigma document (level medium, unknown keys ignored)",
+                        "give level: (informational ... critical) to have it checked as a "
+                        "native rule",
+                        severity=WARNING,
+                    )
         elif "scope" in m:
             key_node, value_node = m.pop("scope")
             if "watchlist" in m:

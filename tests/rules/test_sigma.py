@@ -258,3 +258,12 @@ def test_generate_in_a_sigma_correlation_makes_its_rules_alert_by_themselves() -
     ruleset, _ = load_text(CORRELATED, NOW)
     assert ruleset is not None
     assert Engine(ruleset).process(event) == []  # type: ignore[arg-type]
+
+
+def test_a_native_rule_without_level_is_read_as_sigma_and_the_author_is_told() -> None:
+    text = "id: n\ntitle: t\nsuppres: {by: [user.name], for: 1m}\n"
+    text += "detection: {s: {event.action: deleted}, condition: s}\n"
+    ruleset, problems = load_text(text, NOW)
+    assert ruleset is not None and ruleset.rules["n"].rule.level == "medium"
+    (told,) = [p for p in problems if p.code == "RULE_READ_AS_SIGMA"]
+    assert told.severity == "warning" and "level" in told.hint
