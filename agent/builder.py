@@ -158,7 +158,12 @@ def build(
             lineage,
             DestinationSettings(decode_max_bytes=config.enrichment.decode_max_bytes),
             resolve_dir=resolver.resolve_dir,
-            repos=RepoIndex(lambda: [w.path for w in config.watch]),
+            repos=RepoIndex(
+                lambda: [w.path for w in config.watch],
+                announce=_announce(lineage),
+                on_cap=caps.hit,
+            ),
+            on_cap=caps.hit,
         )
     processes = attributor = fanotify = fanotify_dirs = None
     proc_events = None
@@ -330,3 +335,16 @@ def _fanotify_dirs(
 
     watcher = DirEventsWatcher([w.path for w in config.watch], report=report)
     return watcher, kernel_lookup(watcher, processes, dir_kinds)
+
+
+def _announce(lineage: LineageIndex | None) -> Callable[[str], None] | None:
+    """Tell the own-reads ledger (set on the index once built) about a read of a tagged file
+    the agent is about to make, so it is never reported as a user's."""
+    if lineage is None:
+        return None
+
+    def announce(path: str) -> None:
+        if lineage.own_reads is not None:
+            lineage.own_reads.expect(path)
+
+    return announce

@@ -66,6 +66,7 @@ class Destinations:
         settings: DestinationSettings,
         resolve_dir: Callable[[str], Resolved] | None = None,
         repos: RepoIndex | None = None,
+        on_cap: Callable[..., Any] | None = None,
     ) -> None:
         self.lineage = lineage
         self.settings = settings
@@ -79,7 +80,8 @@ class Destinations:
             "unwrapped": 0,
             "repositories": 0,
         }
-        self.chunks = ChunkSets()
+        self.chunks = ChunkSets(on_cap)
+        self._on_cap = on_cap  # CapReporter.hit: a cap_reached record
         # directory -> (files deleted in the window, when the window began), bounded
         self._dir_deletes: OrderedDict[str, tuple[int, int]] = OrderedDict()
 
@@ -350,8 +352,10 @@ class Destinations:
             count, first = seen
         count += 1
         self._dir_deletes[directory] = (count, first)
-        while len(self._dir_deletes) > DIR_DELETE_DIRS:
+        if len(self._dir_deletes) > DIR_DELETE_DIRS:
             self._dir_deletes.popitem(last=False)
+            if self._on_cap is not None:
+                self._on_cap("directory_deletes", DIR_DELETE_DIRS)
         total = count - 1 + remaining
         share = round(count / total, 3) if total > 0 else 1.0
         return {"dir_deleted": count, "dir_deleted_share": min(share, 1.0)}

@@ -16,16 +16,23 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from agent.enrich.disguise import open_regular
+
+Announce = Callable[[str], None]
 
 MAX_REPOS = 200
 MAX_DEPTH = 3
 MAX_REFS = 10_000
 REFRESH_SECONDS = 30.0
 MAX_REF_FILE = 4 * 1024 * 1024
+MAX_REF_FILES = 20_000  # files read under one repository's refs/ (a planted tree stops here)
 
 _SHA = re.compile(rb"[0-9a-f]{40}(?:[0-9a-f]{24})?")
 _BUNDLE = re.compile(rb"# v[23] git bundle\n")
@@ -38,11 +45,21 @@ class Repo:
     git_dir: str
 
 
+def _lstat_is(path: str, kind: Callable[[int], bool]) -> bool:
+    try:
+        return kind(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _is_git_dir(path: str) -> bool:
+    """A git directory, with no symlink on the way: a watched user could point `.git` or
+    `refs` at any tree, and the agent (root) would walk and read it."""
     return (
-        os.path.isfile(os.path.join(path, "HEAD"))
-        and os.path.isdir(os.path.join(path, "objects"))
-        and os.path.isdir(os.path.join(path, "refs"))
+        _lstat_is(path, stat.S_ISDIR)
+        and _lstat_is(os.path.join(path, "HEAD"), stat.S_ISREG)
+        and _lstat_is(os.path.join(path, "objects"), stat.S_ISDIR)
+        and _lstat_is(os.path.join(path, "refs"), stat.S_ISDIR)
     )
 
 
@@ -54,7 +71,7 @@ def find_repos(roots: Sequence[str], max_depth: int = MAX_DEPTH) -> list[Repo]:
         while stack and len(found) < MAX_REPOS:
             d, depth = stack.pop()
             dot = os.path.join(d, ".git")
-            if os.path.isdir(dot) and _is_git_dir(dot):
+            if _is_git_dir(dot):
                 found.append(Repo(d, dot))
             elif _is_git_dir(d):
                 found.append(Repo(d, d))
@@ -72,10 +89,13 @@ def find_repos(roots: Sequence[str], max_depth: int = MAX_DEPTH) -> list[Repo]:
     return found
 
 
-def _read_small(path: str) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+def _read_small(path: str, announce: Announce | None = None) -> bytes | None:
+    """A regular file's first MAX_REF_FILE bytes (no symlink, no FIFO, atime untouched);
+    `announce` is told first when the file is in a tagged tree (the agent's own read)."""
+    if announce is not None:
+        announce(path)
+    fd = open_regular(path)
+    if isinstance(fd, str):
         return None
     try:
         return os.read(fd, MAX_REF_FILE)
@@ -85,10 +105,11 @@ def _read_small(path: str) -> bytes | None:
         os.close(fd)
 
 
-def ref_tips(git_dir: str) -> set[bytes]:
-    """Commit ids the repository's refs point at (packed and loose), at most MAX_REFS."""
+def ref_tips(git_dir: str, announce: Announce | None = None) -> set[bytes]:
+    """Commit ids the repository's refs point at (packed and loose), at most MAX_REFS, from
+    at most MAX_REF_FILES files (symlinked directories are not followed)."""
     tips: set[bytes] = set()
-    packed = _read_small(os.path.join(git_dir, "packed-refs"))
+    packed = _read_small(os.path.join(git_dir, "packed-refs"), announce)
     if packed:
         for line in packed.splitlines():
             m = _SHA.match(line.lstrip(b"^"))
@@ -96,15 +117,19 @@ def ref_tips(git_dir: str) -> set[bytes]:
                 tips.add(m.group())
                 if len(tips) >= MAX_REFS:
                     return tips
+    read = 0
     for top, _dirs, files in os.walk(os.path.join(git_dir, "refs")):
         for name in files:
-            data = _read_small(os.path.join(top, name))
+            read += 1
+            if read > MAX_REF_FILES:
+                return tips
+            data = _read_small(os.path.join(top, name), announce)
             m = _SHA.match(data.strip()) if data else None
             if m is not None:
                 tips.add(m.group())
                 if len(tips) >= MAX_REFS:
                     return tips
-    head = _read_small(os.path.join(git_dir, "HEAD"))
+    head = _read_small(os.path.join(git_dir, "HEAD"), announce)
     m = _SHA.match(head.strip()) if head else None  # a detached HEAD
     if m is not None:
         tips.add(m.group())
@@ -122,8 +147,15 @@ def pack_names(git_dir: str) -> set[str]:
 class RepoIndex:
     """Tagged repositories by ref tip and pack name; thread-safe, refreshed lazily."""
 
-    def __init__(self, roots: Callable[[], Sequence[str]]) -> None:
+    def __init__(
+        self,
+        roots: Callable[[], Sequence[str]],
+        announce: Announce | None = None,
+        on_cap: Callable[..., Any] | None = None,
+    ) -> None:
         self._roots = roots
+        self._on_cap = on_cap  # CapReporter.hit: a cap_reached record
+        self._announce = announce  # the agent's reads of tagged refs are not a user's
         self._lock = threading.Lock()
         self._tips: dict[bytes, str] = {}
         self._packs: dict[str, str] = {}
@@ -139,8 +171,10 @@ class RepoIndex:
         tips: dict[bytes, str] = {}
         packs: dict[str, str] = {}
         repos = find_repos(self._roots())
+        if len(repos) >= MAX_REPOS and self._on_cap is not None:
+            self._on_cap("tagged_repositories", MAX_REPOS)
         for repo in repos:
-            for sha in ref_tips(repo.git_dir):
+            for sha in ref_tips(repo.git_dir, self._announce):
                 tips.setdefault(sha, repo.path)
             for name in pack_names(repo.git_dir):
                 packs.setdefault(name, repo.path)
@@ -196,9 +230,8 @@ class RepoIndex:
 
 def _pack_checksum(path: str) -> str | None:
     """A pack's trailing SHA-1 checksum, which names the pack in its repository."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+    fd = open_regular(path)
+    if isinstance(fd, str):
         return None
     try:
         size = os.fstat(fd).st_size

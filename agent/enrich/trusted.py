@@ -111,5 +111,10 @@ class TrustedStage:
         # outside the trusted place: those are judged by where they land).
         if e.action not in ("process_started", "closed_nowrite", "opened"):
             return False
+        # The program, not what it calls itself: `exec -a cp uploader ... /backup` names cp
+        # in argv[0] only, and a copy of curl renamed cp is a masquerade the table recognised.
+        exe = e.process_executable
+        if exe is None or posixpath.basename(exe) not in COPY_TOOLS or e.masquerade is not None:
+            return False
         dest = copy_destination(e.process_args, e.process_working_directory)
         return dest is not None and any(_under(dest, top) for top in self.paths)

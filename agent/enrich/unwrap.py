@@ -12,13 +12,16 @@ from __future__ import annotations
 import binascii
 import os
 import re
-import stat
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email import policy
 from email.parser import BytesParser
+from typing import Any
 
+from agent.enrich.disguise import open_regular
+
+CapHit = Callable[..., Any]  # CapReporter.hit(name, cap, **data): a cap_reached record
 DEFAULT_DECODE_MAX_BYTES = 16 * 1024 * 1024
 MAX_PARTS = 64  # attachments looked at in one mail file
 CHUNK_SETS = 1000  # split chunk sets remembered
@@ -52,17 +55,17 @@ _SPLIT_NAME = re.compile(r"^(?P<prefix>.*?)(?P<suffix>[a-z]{2,4}|[0-9]{2,4})$")
 
 
 def read_bounded(path: str, max_bytes: int) -> bytes | None:
-    """The whole regular file when it is at most `max_bytes`, else None (no symlinks)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+    """The whole regular file when it is at most `max_bytes`, else None (no symlink, no FIFO,
+    atime untouched)."""
+    fd = open_regular(path)
+    if isinstance(fd, str):
         return None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+        size = os.fstat(fd).st_size
+        if size > max_bytes:
             return None
         chunks = []
-        left = st.st_size
+        left = size
         while left > 0:
             chunk = os.read(fd, min(left, 1 << 20))
             if not chunk:
@@ -188,7 +191,11 @@ def mail_attachments(data: bytes) -> Iterator[bytes]:
             message = parser.parsebytes(raw)
         except Exception:  # noqa: S112 - untrusted input: a parse error gives nothing
             continue
-        for part in message.walk():
+        try:
+            parts_of = list(message.walk())
+        except RecursionError:  # a message nested past the interpreter's depth: nothing
+            continue
+        for part in parts_of:
             if part.is_multipart():
                 continue
             parts += 1
@@ -229,7 +236,8 @@ class ChunkSets:
     """Files written by `split` (or any tool that cuts a file in numbered pieces): by directory
     and name prefix, in suffix order. Bounded in sets, chunks and time."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_cap: CapHit | None = None) -> None:
+        self._on_cap = on_cap
         self._sets: OrderedDict[tuple[str, str], tuple[float, dict[str, tuple[str, int]]]] = (
             OrderedDict()
         )
@@ -248,9 +256,13 @@ class ChunkSets:
         chunks = entry[1] if entry is not None and now - entry[0] <= CHUNK_SECONDS else {}
         if len(chunks) < MAX_CHUNKS:
             chunks[suffix] = (path, size)
+        elif self._on_cap is not None:
+            self._on_cap("chunk_set_size", MAX_CHUNKS, directory=directory)
         self._sets[key] = (now, chunks)
-        while len(self._sets) > CHUNK_SETS:
+        if len(self._sets) > CHUNK_SETS:
             self._sets.popitem(last=False)
+            if self._on_cap is not None:
+                self._on_cap("chunk_sets", CHUNK_SETS)
         first = "a" * len(suffix) if suffix.isalpha() else "0" * len(suffix)
         if first not in chunks or len(chunks) < 2:
             return None

@@ -125,10 +125,18 @@ def test_the_stage_marks_trusted_places_and_a_copy_tools_reads_only() -> None:
         )
         is None
     )
-    assert (
-        trusted(action="process_started", path="/srv/rnd", category="process", process_args=rsync)
-        is True
-    )
-    assert trusted(action="closed_nowrite", path="/srv/rnd/a.c", process_args=rsync) is True
+    exe = "/usr/bin/rsync"
+    started = {"category": "process", "process_args": rsync, "process_executable": exe}
+    assert trusted(action="process_started", path="/srv/rnd", **started) is True
+    assert trusted(action="closed_nowrite", path="/srv/rnd/a.c", **started) is True
+    # Only argv[0] says rsync (exec -a), or the program is a renamed other tool: not trusted.
+    fake = {"process_args": rsync, "process_executable": "/home/u/.x/uploader"}
+    assert trusted(action="closed_nowrite", path="/srv/rnd/a.c", **fake) is None
+    renamed = {**started, "process_executable": "/home/u/bin/rsync"}
+    renamed["masquerade"] = "renamed_binary:curl"
+    assert trusted(action="closed_nowrite", path="/srv/rnd/a.c", **renamed) is None
     # The same tool's writes elsewhere are judged where they land, not by its arguments.
-    assert trusted(action="closed_write", path="/tmp/x", process_args=rsync) is None
+    assert (
+        trusted(action="closed_write", path="/tmp/x", process_args=rsync, process_executable=exe)
+        is None
+    )
