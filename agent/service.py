@@ -277,8 +277,12 @@ class Agent:
         self._rule_problems = problems
         return ruleset is not None
 
-    def _compile_rules(self, paths: Sequence[str]) -> tuple[RuleSet | None, list[Problem]]:
-        return load_rules(paths, now_us(), keep_going=self.config.rule_errors == "quarantine")
+    def _compile_rules(
+        self, paths: Sequence[str], mode: str | None = None
+    ) -> tuple[RuleSet | None, list[Problem]]:
+        """The rule set as the config's `rule_errors` wants it (quarantine or fatal)."""
+        mode = mode or self.config.rule_errors
+        return load_rules(paths, now_us(), keep_going=mode == "quarantine")
 
     @property
     def rule_problems(self) -> list[Problem]:
@@ -347,13 +351,7 @@ class Agent:
                 if rid in have and rid not in new:
                     new[rid] = have[rid]
                     kept.append(rid)
-        consumers: dict[str, list[str]] = {}
-        for cid, corr in ruleset.correlations.items():
-            assert corr.rule.correlation is not None
-            for base in corr.rule.correlation.rules:
-                if base in ruleset.rules:
-                    consumers.setdefault(base, []).append(cid)
-        ruleset.consumers = {k: tuple(v) for k, v in consumers.items()}
+        ruleset.link()
         return sorted(kept)
 
     def _update_actions(self) -> None:
@@ -1000,9 +998,7 @@ class Agent:
             if dirs is not None:
                 dirs.update([w.path for w in new.watch])
             if new.rules:
-                ruleset, rule_problems = load_rules(
-                    new.rules, now_us(), keep_going=new.rule_errors == "quarantine"
-                )
+                ruleset, rule_problems = self._compile_rules(new.rules, new.rule_errors)
                 self._rule_signature = rule_signature(new.rules)
                 self.install_rules(ruleset, rule_problems)
             self._report(

@@ -166,8 +166,9 @@ class Destinations:
                 origin_path, origin_tags = origin.path, origin.tags
                 self.counters["copies"] += 1
         signals: list[str] = list(e.disguise)
+        enc = encoding(head) if head is not None else None  # once: unwrapping and disguise
         if lineage is not None and origin_path is None and e.size:
-            found, via, cost = self._unwrapped(e, head)
+            found, via, cost = self._unwrapped(e, head, enc)
             read += cost
             if found is not None:
                 origin_path, origin_tags = found.path, found.tags
@@ -176,7 +177,6 @@ class Destinations:
         if head is not None and self.settings.disguise:
             if type_mismatch(e.extension, head):
                 signals.append("type_mismatch")
-            enc = encoding(head)
             if enc is not None:
                 signals.append(enc)
                 if origin_path is None and lineage is not None:
@@ -246,7 +246,9 @@ class Destinations:
             changes["disguise"] = tuple(dict.fromkeys(signals))
         return (evolve(e, **changes) if changes else e), read
 
-    def _unwrapped(self, e: Event, head: bytes | None) -> tuple[Any, str | None, int]:
+    def _unwrapped(
+        self, e: Event, head: bytes | None, enc: str | None
+    ) -> tuple[Any, str | None, int]:
         """(tagged entry, via, bytes read) when the file carries a tagged file's content
         encoded, as a mail attachment, or as the last of a set of split chunks."""
         lineage = self.lineage
@@ -266,11 +268,7 @@ class Destinations:
                     )
                     if entry is not None:
                         return entry, "split", total
-        if (
-            head is None
-            or e.size > limit
-            or not (encoding(head) == "encoded" or looks_like_mail(head))
-        ):
+        if head is None or e.size > limit or not (enc == "encoded" or looks_like_mail(head)):
             return None, None, 0
         data = read_bounded(e.path, limit)
         if data is None:

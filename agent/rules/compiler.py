@@ -86,6 +86,16 @@ class RuleSet:
     def __len__(self) -> int:
         return len(self.rules) + len(self.correlations)
 
+    def link(self) -> None:
+        """Recompute which correlations each rule feeds (after rules were added or left out)."""
+        consumers: dict[str, list[str]] = {}
+        for cid, corr in self.correlations.items():
+            assert corr.rule.correlation is not None
+            for base in corr.rule.correlation.rules:
+                if base in self.rules:
+                    consumers.setdefault(base, []).append(cid)
+        self.consumers = {k: tuple(v) for k, v in consumers.items()}
+
 
 class _Compiler:
     def __init__(self, defs: Definitions, problems: list[Problem], now_us: int) -> None:
@@ -382,6 +392,12 @@ _GROUP_FIELDS = {
 }
 
 
+def _at_rule(rule: Rule, code: str, message: str, hint: str = "", severity: str = ERROR) -> Problem:
+    """A problem located at the rule's document."""
+    w = rule.where
+    return Problem(w.file, w.line, w.col, code, message, hint, severity)
+
+
 def _sigma_references(defs: Definitions) -> dict[str, str]:
     """Resolve Sigma correlations in place (rules referenced by `name`, group-by fields by
     their taxonomy names); returns the Sigma rules that cannot run, with the reason: an
@@ -428,10 +444,8 @@ def _apply_filters(
             source, why = resolve(dict(rule.logsource))
         if why is not None:
             problems.append(
-                Problem(
-                    rule.where.file,
-                    rule.where.line,
-                    rule.where.col,
+                _at_rule(
+                    rule,
                     "RULE_INACTIVE",
                     f"filter '{rule.title}' is loaded inactive: {why}",
                     "it never applies",
@@ -453,10 +467,8 @@ def _apply_filters(
             victim.match = _unless(victim.match, silence)
         if not found:
             problems.append(
-                Problem(
-                    rule.where.file,
-                    rule.where.line,
-                    rule.where.col,
+                _at_rule(
+                    rule,
                     "RULE_FILTER_UNUSED",
                     f"filter '{rule.title}' names no loaded rule",
                     "rules: lists ids or names of the rules it silences",
@@ -475,10 +487,8 @@ def _unless(match: Predicate, silence: Predicate) -> Predicate:
 def _inactive(ruleset: RuleSet, problems: list[Problem], rule: Rule, why: str) -> None:
     ruleset.inactive[rule.id] = (rule, why)
     problems.append(
-        Problem(
-            rule.where.file,
-            rule.where.line,
-            rule.where.col,
+        _at_rule(
+            rule,
             "RULE_INACTIVE",
             f"rule '{rule.id}' is loaded inactive: {why}",
             "it never runs; see docs/sigma.md for what the agent has",
@@ -667,10 +677,8 @@ def compile_definitions(
             continue
         if rule.correlation.unsupported is not None:  # a native rule: say it cannot run
             problems.append(
-                Problem(
-                    rule.where.file,
-                    rule.where.line,
-                    rule.where.col,
+                _at_rule(
+                    rule,
                     "RULE_VALUE",
                     f"correlation '{rule.id}': {rule.correlation.unsupported}",
                     "use gte: N (or gt: N)",
@@ -680,10 +688,8 @@ def compile_definitions(
         for base in rule.correlation.rules:
             if base not in defs.rules:
                 problems.append(
-                    Problem(
-                        rule.where.file,
-                        rule.where.line,
-                        rule.where.col,
+                    _at_rule(
+                        rule,
                         "RULE_UNKNOWN_RULE",
                         f"correlation '{rule.id}' refers to unknown rule '{base}'",
                         nearest(base, defs.rules),
@@ -691,10 +697,8 @@ def compile_definitions(
                 )
             elif defs.rules[base].correlation is not None:
                 problems.append(
-                    Problem(
-                        rule.where.file,
-                        rule.where.line,
-                        rule.where.col,
+                    _at_rule(
+                        rule,
                         "RULE_VALUE",
                         f"correlation '{rule.id}' refers to another correlation '{base}'",
                     )
@@ -704,10 +708,8 @@ def compile_definitions(
         for f in (*rule.correlation.group_by, *(x for x in [rule.correlation.field] if x)):
             if f not in FIELDS:
                 problems.append(
-                    Problem(
-                        rule.where.file,
-                        rule.where.line,
-                        rule.where.col,
+                    _at_rule(
+                        rule,
                         "RULE_UNKNOWN_FIELD",
                         f"correlation '{rule.id}': unknown field '{f}'",
                         nearest(f, FIELDS),
@@ -767,13 +769,7 @@ def compile_definitions(
         if corr.rule.sigma and idle:
             del ruleset.correlations[cid]
             _inactive(ruleset, problems, corr.rule, f"it correlates inactive rule {idle[0]}")
-    consumers: dict[str, list[str]] = {}
-    for cid, corr in ruleset.correlations.items():
-        assert corr.rule.correlation is not None
-        for base in corr.rule.correlation.rules:
-            if base in ruleset.rules:
-                consumers.setdefault(base, []).append(cid)
-    ruleset.consumers = {k: tuple(v) for k, v in consumers.items()}
+    ruleset.link()
     if errors_only(problems) and not keep_going:
         return None
     digest = hashlib.sha256()
@@ -828,12 +824,7 @@ def quarantine(defs: Definitions, problems: list[Problem], now_us: int) -> RuleS
                         f"correlation '{cid}' is left out with its rule {missing[0]!r}",
                     )
                 ]
-    consumers: dict[str, list[str]] = {}
-    for cid, corr in ruleset.correlations.items():
-        assert corr.rule.correlation is not None
-        for base in corr.rule.correlation.rules:
-            consumers.setdefault(base, []).append(cid)
-    ruleset.consumers = {k: tuple(v) for k, v in consumers.items()}
+    ruleset.link()
     return ruleset
 
 
