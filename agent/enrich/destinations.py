@@ -36,6 +36,7 @@ _GONE = frozenset({"deleted", "moved_out"})
 ARCHIVE_SAMPLE = 10
 DIR_DELETE_WINDOW_US = 600_000_000  # deletes in one directory counted together: 10 minutes
 DIR_DELETE_DIRS = 10_000  # directories remembered for that
+FRESH_FILES = 50_000  # files found by a scan while created, awaiting their closed_write
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ class Destinations:
         }
         self.chunks = ChunkSets(on_cap)
         self._on_cap = on_cap  # CapReporter.hit: a cap_reached record
+        # Tagged files found by a scan as they were created, until their closed_write.
+        self._fresh: OrderedDict[str, int] = OrderedDict()
         # directory -> (files deleted in the window, when the window began), bounded
         self._dir_deletes: OrderedDict[str, tuple[int, int]] = OrderedDict()
 
@@ -294,7 +297,10 @@ class Destinations:
         changes: dict[str, Any] = {}
         if lineage is not None:
             known = lineage.size_of(e.path)  # before this event updates the index
-            if known is not None and e.file_type == "file":
+            # A file a directory scan found being created (cp -r into a new directory): its
+            # closed_write completes the creation, it does not write over anything.
+            fresh = self._fresh.pop(e.path, 0) if e.action in ("closed_write", "moved") else 0
+            if known is not None and e.file_type == "file" and not fresh:
                 if e.action == "closed_write" and e.size:
                     # Written in place to the byte count it had (dd conv=notrunc, shred): the
                     # shape of destruction that a size or truncation check does not see.
@@ -322,6 +328,12 @@ class Destinations:
                 )
             ):
                 lineage.add(e.path, e.size, (e.mtime_us or 0) * 1000, e.tags)
+                if e.action == "created":
+                    self._fresh[e.path] = 1
+                    if len(self._fresh) > FRESH_FILES:
+                        self._fresh.popitem(last=False)
+                        if self._on_cap is not None:
+                            self._on_cap("fresh_files", FRESH_FILES)
             if e.action == "moved" and e.src_path is not None:
                 if e.file_type == "dir":
                     lineage.move_tree(e.src_path, e.path)
