@@ -518,6 +518,14 @@ class ProcessTable:
                 if proc is None:
                     self.exec_unread += 1
                     self._unread_unreported += 1
+                    # Known by its parent only: the forked copy (with the uid the kernel
+                    # reported at setuid) now answers for the parent's arguments, so what it
+                    # wrote is not blamed on the parent (runuser -u NAME -- sh -c ... : the
+                    # shell that wrote, not root's runuser).
+                    with self._lock:
+                        child = self._procs.get(ev.pid)
+                        if child is not None and child.forked:
+                            self._index(child)
                     continue
                 self.exec_read += 1
                 with self._lock:
@@ -676,9 +684,12 @@ class ProcessTable:
         if proc.pid == self._own:
             return
         for path in set(proc.paths()):
-            if path not in self._by_path:
+            pids = self._by_path.get(path)
+            if pids is None:
                 self._nearest.clear()  # a new key may be the nearest of cached directories
-            self._by_path.setdefault(path, []).append(proc.pid)
+                self._by_path[path] = [proc.pid]
+            elif proc.pid not in pids:
+                pids.append(proc.pid)
 
     def _unindex(self, proc: Proc) -> None:
         for path in set(proc.paths()):

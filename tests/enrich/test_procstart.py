@@ -132,6 +132,44 @@ def test_a_process_gone_before_it_is_read_is_a_reported_loss() -> None:
     assert loss[0]["exfilwatch"]["health"]["dropped"] == 1  # type: ignore[index]
 
 
+def test_a_child_gone_before_it_is_read_answers_for_its_parents_arguments(
+    tmp_path: Path,
+) -> None:
+    # runuser -u NAME -- sh -c 'echo x > "$1"' sh PATH: the shell (NAME's) can exit before its
+    # exec is read; what it wrote must not be blamed on runuser (root), whose arguments name
+    # PATH too. The kernel's fork and uid events still tell who the child was.
+    from agent.enrich.attribution import ProcessTable
+    from agent.sources.procevents import ProcEvent
+
+    target = tmp_path / "written.v"
+    parent = subprocess.Popen(["sh", "-c", "read x", "sh", str(target)], stdin=subprocess.PIPE)
+    try:
+        table = ProcessTable(report=lambda r: None)
+        table.start()
+        before = table.by_path(str(target))
+        assert before is not None and before[0].pid == parent.pid
+        gone = subprocess.Popen(["true"])
+        gone.wait()  # a pid with nothing left in /proc to read
+        events = [
+            ProcEvent("fork", gone.pid, parent.pid, 1),
+            ProcEvent("uid", gone.pid, 0, 2, ruid=4242, euid=4242),
+            ProcEvent("exec", gone.pid, 0, 3),
+        ]
+        assert table.on_kernel_events(events) == []
+        assert table.exec_unread == 1
+        found = table.by_path(str(target))
+        assert found is not None
+        assert (found[0].pid, found[0].uid) == (gone.pid, 4242)
+        # Its exit keeps it answering for EXITED_TTL, like any process.
+        table.on_kernel_events([ProcEvent("exit", gone.pid, 0, 4, exit_code=0)])
+        found = table.by_path(str(target))
+        assert found is not None and found[0].uid == 4242
+    finally:
+        assert parent.stdin is not None
+        parent.stdin.close()
+        parent.wait(timeout=10)
+
+
 def test_every_short_process_is_a_start_or_a_counted_loss(
     run_agent: Callable[..., Agent], collector: Collector, tmp_path: Path
 ) -> None:
