@@ -148,7 +148,8 @@ class Event(msgspec.Struct, frozen=True, gc=False):
 
     @property
     def name(self) -> str:
-        return posixpath.basename(self.path)
+        path = self.path  # posixpath.basename without its fspath and type checks (hot)
+        return path[path.rfind("/") + 1 :]
 
     @property
     def directory(self) -> str:
@@ -156,7 +157,8 @@ class Event(msgspec.Struct, frozen=True, gc=False):
 
     @property
     def extension(self) -> str | None:
-        name = self.name
+        path = self.path
+        name = path[path.rfind("/") + 1 :]
         dot = name.rfind(".")
         return name[dot + 1 :].lower() if dot > 0 and dot < len(name) - 1 else None
 

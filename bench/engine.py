@@ -12,8 +12,11 @@ in a checkout)::
 
 Progress goes to stderr; the result tables (or ``--json``) go to stdout.
 
-Goal (from the issue): evaluating all shipped rules on an event costs no more than parsing it,
-i.e. engine events/s / json.loads events/s >= 1.0, and memory stays under the configured caps.
+Goals (from the issues): evaluating all shipped rules on an event costs no more than parsing
+it, i.e. engine events/s / json.loads events/s >= 1.0, and memory stays under the configured
+caps; shipped packs + every loadable SigmaHQ Linux rule (``--sigma DIR``) >= 0.8; shipped
+packs + 1,000 generated rules (``--generated 1000``) >= 0.5. Rules are indexed by event.action
+and location class, and within those by their gates (agent/rules/prefilter.py).
 
 Event stream
     A seeded, deterministic mix (``--seed``), built once in memory as Event objects and

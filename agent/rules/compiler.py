@@ -21,6 +21,7 @@ from agent.rules.condition import (
     OneOf,
     Or,
     Ref,
+    bound,
     compile_condition,
     describe,
     every_of,
@@ -31,7 +32,7 @@ from agent.rules.condition import (
     some_of,
 )
 from agent.rules.loader import read_paths, read_text
-from agent.rules.matchers import MatcherError, compile_field
+from agent.rules.matchers import Gate, MatcherError, compile_field
 from agent.rules.model import Definitions, Override, Rule, RuleException
 from agent.rules.sigma import LogSource, map_field, resolve
 
@@ -43,12 +44,37 @@ Predicate = Callable[[Event], bool]
 ACTION = "event.action"
 LOCATION = "exfilwatch.location.class"
 
+Gates = frozenset[Gate]
+
+
+def _weakest(gates: Gates) -> int:
+    return min((g.weight for g in gates), default=0)
+
+
+def _stronger(a: Gates, b: Gates) -> Gates:
+    """Of two necessary conditions (both hold on a match), the more selective one."""
+    return a if _weakest(a) >= _weakest(b) else b
+
+
+def _any_gates(parts: Sequence[Gates | None]) -> Gates | None:
+    """An OR's gates: the union of its parts', if every part has some."""
+    if any(p is None for p in parts):
+        return None
+    return frozenset().union(*(p for p in parts if p is not None))
+
+
+def _all_gates(parts: Sequence[Gates | None]) -> Gates | None:
+    """An AND's gates: the most selective of its parts'."""
+    found = [p for p in parts if p]
+    return max(found, key=_weakest) if found else None
+
 
 @dataclass(frozen=True)
 class Selection:
     match: Predicate
     actions: frozenset[str] | None  # event.action values it can match (None: any)
     locations: frozenset[str] | None = None  # location classes it can match (None: any)
+    gates: Gates | None = None  # one of these holds on every match (None: nothing known)
 
 
 @dataclass
@@ -62,6 +88,8 @@ class CompiledRule:
     fingerprint: str
     condition_text: str = ""
     locations: frozenset[str] | None = None  # location classes it can match (None: any)
+    # One of these holds on every match: the engine's prefilter (None: try on every event).
+    gates: Gates | None = None
     id: str = field(init=False)  # the rule's id, an attribute: read for every match
 
     def __post_init__(self) -> None:
@@ -150,7 +178,8 @@ class _Compiler:
             for p in found:
                 union = None if union is None or p.actions is None else union | p.actions
                 places = None if places is None or p.locations is None else places | p.locations
-            return Selection(preds[0] if len(preds) == 1 else some_of(preds), union, places)
+            gates = _any_gates([p.gates for p in found])
+            return Selection(preds[0] if len(preds) == 1 else some_of(preds), union, places, gates)
         if not isinstance(node, yaml.MappingNode):
             self.add(
                 file,
@@ -188,12 +217,14 @@ class _Compiler:
                 locations = m.equals if locations is None else locations & m.equals
         if not ok:
             return None
+        # The index chooses by action and location already: gate on the other fields.
+        gates = _all_gates([m.gates for m in matchers if m.field not in (ACTION, LOCATION)])
         if len(matchers) == 1:
-            return Selection(matchers[0], actions, locations)
+            return Selection(matchers[0], actions, locations, gates)
         # The index already chose the rule by action and location: those tests pass for
         # nearly every event tried, so the fields that can fail are tried first.
         ms = tuple(sorted(matchers, key=lambda m: m.field in (ACTION, LOCATION)))
-        return Selection(every_of(ms), actions, locations)
+        return Selection(every_of(ms), actions, locations, gates)
 
     def keyword_selection(
         self, file: str, node: yaml.Node, values: list[object], every: bool
@@ -202,6 +233,7 @@ class _Compiler:
         `contains` would (wildcards too), in the event's command line and in its path; OR of
         the keywords, AND with `|all`."""
         per_keyword: list[Predicate] = []
+        keyword_gates: list[Gates | None] = []
         for value in values:
             try:
                 in_fields = tuple(
@@ -211,13 +243,18 @@ class _Compiler:
                 self.add(file, node, exc.code, exc.message, exc.hint)
                 return None
             per_keyword.append(some_of(in_fields))
+            keyword_gates.append(_any_gates([m.gates for m in in_fields]))
         if not per_keyword:
             self.add(file, node, "RULE_EMPTY_SELECTION", "an empty keyword list matches nothing")
             return None
+        gates = _all_gates(keyword_gates) if every else _any_gates(keyword_gates)
         if len(per_keyword) == 1:
-            return Selection(per_keyword[0], None)
+            return Selection(per_keyword[0], None, None, gates)
         return Selection(
-            every_of(tuple(per_keyword)) if every else some_of(tuple(per_keyword)), None
+            every_of(tuple(per_keyword)) if every else some_of(tuple(per_keyword)),
+            None,
+            None,
+            gates,
         )
 
     def compile_macros(self) -> None:
@@ -228,7 +265,7 @@ class _Compiler:
 
     def condition(
         self, rule: Rule, selections: dict[str, Selection]
-    ) -> tuple[Predicate, frozenset[str] | None, frozenset[str] | None, str] | None:
+    ) -> tuple[Predicate, frozenset[str] | None, frozenset[str] | None, Gates | None, str] | None:
         file = rule.where.file
         assert rule.detection is not None and rule.condition is not None
         cond_node = rule.condition_node
@@ -256,6 +293,7 @@ class _Compiler:
         preds: dict[str, Predicate] = {}
         constraints: dict[str, frozenset[str] | None] = {}
         places: dict[str, frozenset[str] | None] = {}
+        gates: dict[str, Gates | None] = {}
         for name in used:
             sel = selections.get(name) or self.macros.get(name)
             if sel is None:
@@ -263,10 +301,12 @@ class _Compiler:
             preds[name] = sel.match
             constraints[name] = sel.actions
             places[name] = sel.locations
+            gates[name] = sel.gates
         return (
             compile_condition(_locals_first(tree, frozenset(rule.detection)), preds),
             required_values(tree, constraints),
             required_values(tree, places),
+            bound(tree, gates, _stronger, frozenset.__or__),
             describe(tree),
         )
 
@@ -277,6 +317,7 @@ class _Compiler:
         match: Predicate
         actions: frozenset[str] | None = None
         locations: frozenset[str] | None = None
+        gates: Gates | None = None
         text = ""
         if rule.detection is not None:
             selections: dict[str, Selection] = {}
@@ -300,7 +341,7 @@ class _Compiler:
             compiled = self.condition(rule, selections)
             if compiled is None or not ok:
                 return None
-            match, actions, locations, text = compiled
+            match, actions, locations, gates, text = compiled
             if source is not None:
                 # Only the events of the rule's log source: the index tries it on no others.
                 actions = source.actions if actions is None else actions & source.actions
@@ -348,6 +389,7 @@ class _Compiler:
             fingerprint(rule),
             text,
             locations,
+            gates,
         )
 
 

@@ -10,6 +10,7 @@ from typing import TypeAlias, TypeVar, assert_never
 from agent.diagnostics import nearest
 
 T = TypeVar("T")
+B = TypeVar("B")
 
 SYNTAX = "RULE_CONDITION_SYNTAX"
 UNKNOWN_SELECTION = "RULE_UNKNOWN_SELECTION"
@@ -483,34 +484,50 @@ def compile_condition(
     return _build(_simplify(node), predicates)
 
 
-def _required(
-    node: Node, constraints: Mapping[str, frozenset[str] | None]
-) -> frozenset[str] | None:
+def _bound(
+    node: Node,
+    leaves: Mapping[str, B | None],
+    both: Callable[[B, B], B],
+    either: Callable[[B, B], B],
+) -> B | None:
     match node:
         case Ref(name=name):
-            return constraints.get(name)
+            return leaves.get(name)
         case Not():
             return None
         case And(operands=operands):
-            # A match satisfies every operand, so any constrained operand bounds the values.
-            bound: frozenset[str] | None = None
+            # A match satisfies every operand, so any bounded operand bounds the whole.
+            bound: B | None = None
             for operand in operands:
-                values = _required(operand, constraints)
-                if values is not None:
-                    bound = values if bound is None else bound & values
+                found = _bound(operand, leaves, both, either)
+                if found is not None:
+                    bound = found if bound is None else both(bound, found)
             return bound
         case Or(operands=operands):
-            union: frozenset[str] = frozenset()
+            union: B | None = None
             for operand in operands:
-                values = _required(operand, constraints)
-                if values is None:
+                found = _bound(operand, leaves, both, either)
+                if found is None:
                     return None
-                union |= values
+                union = found if union is None else either(union, found)
             return union
         case OneOf() | AllOf():
             raise _unexpanded(node)
         case _:
             assert_never(node)
+
+
+def bound(
+    node: Node,
+    leaves: Mapping[str, B | None],
+    both: Callable[[B, B], B],
+    either: Callable[[B, B], B],
+) -> B | None:
+    """What every event matching an expanded condition satisfies, from what each selection's
+    matches satisfy (`leaves`; None or absent: nothing known): an AND combines its operands'
+    bounds with `both`, an OR with `either` (unbounded if any operand is), a NOT is unbounded.
+    """
+    return _bound(_simplify(node), leaves, both, either)
 
 
 def required_values(
@@ -521,7 +538,7 @@ def required_values(
     `constraints` gives that set per selection (None or absent: unconstrained). The result
     may be larger than needed but never smaller; an empty set means the condition never matches.
     """
-    return _required(_simplify(node), constraints)
+    return bound(node, constraints, frozenset.__and__, frozenset.__or__)
 
 
 def _wrap(node: Node, grouped: tuple[type[And] | type[Or], ...]) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 from agent.alerts import build_alert
 from agent.events import FIELDS, Event, format_timestamp
 from agent.rules.compiler import CompiledRule, RuleSet
+from agent.rules.prefilter import Candidates
 
 CapHit = Callable[[str, int, dict[str, Any]], None]
 
@@ -62,6 +63,26 @@ class _Sequence:
         self.samples: list[tuple[int, str]] = []
 
 
+class _Plan:
+    """A correlation as `_feed` uses it, worked out once (not per match)."""
+
+    __slots__ = ("corr", "first", "getters", "gte", "id", "kind", "span", "strict", "value_of")
+
+    def __init__(self, corr: CompiledRule) -> None:
+        c = corr.rule.correlation
+        assert c is not None
+        self.corr = corr
+        self.id = corr.id
+        self.getters = tuple(FIELDS[f] for f in c.group_by)
+        self.span = int(c.timespan * 1_000_000)
+        self.first = c.rules[0]
+        self.kind = c.type
+        # temporal: the distinct rules seen in the window are what counts (the base id).
+        self.value_of = FIELDS[c.field] if c.field and c.type != "temporal" else None
+        self.gte = c.gte
+        self.strict = c.strict
+
+
 _PLACE_CACHE = 1024
 TRUSTED_KEYS = 1000  # rule/user/place combinations counted between two summaries
 STATE_VERSION = 1
@@ -87,19 +108,19 @@ class Engine:
         # (action, location class) -> the rules that can match it: most events are tried on
         # only a few (a write in a tagged tree never on the removable-media rules). Bounded:
         # a replayed file may hold any location text; past the cap it is filtered per event.
-        self._by_place: dict[tuple[str, str | None], tuple[CompiledRule, ...]] = {}
+        # Within a place, rules with gates are tried only when a gate passes (prefilter.py).
+        self._by_place: dict[tuple[str, str | None], Candidates] = {}
         # OrderedDicts: evicting the oldest entry at a cap is O(1) (a plain dict's first key
         # gets slower to find as deleted slots pile up at its front).
         self._windows: dict[str, OrderedDict[tuple[Any, ...], Any]] = {
             cid: OrderedDict() for cid in ruleset.correlations
         }
         self._suppress: dict[str, OrderedDict[tuple[Any, ...], list[int]]] = {}
-        self._group_getters: dict[str, tuple[Callable[[Event], Any], ...]] = {}
         # base rule id -> the correlations it feeds (compiled rules, not ids: one lookup less
         # per match)
-        self._consumers: dict[str, tuple[CompiledRule, ...]] = {
-            rid: tuple(ruleset.correlations[c] for c in cids)
-            for rid, cids in ruleset.consumers.items()
+        plans = {cid: _Plan(corr) for cid, corr in ruleset.correlations.items()}
+        self._consumers: dict[str, tuple[_Plan, ...]] = {
+            rid: tuple(plans[c] for c in cids) for rid, cids in ruleset.consumers.items()
         }
         self._items = 0  # matches held in all counting windows, against caps.max_total_events
         self.matched = 0
@@ -111,22 +132,36 @@ class Engine:
 
     # evaluation ------------------------------------------------------------------------
 
-    def _candidates(self, action: str, location: str | None) -> tuple[CompiledRule, ...]:
+    def _candidates(self, e: Event) -> tuple[CompiledRule, ...]:
+        action, location = e.action, e.location
         place = location.lower() if location is not None else None
         rules = tuple(
             r
             for r in self._by_action.get(action, self._any)
             if r.locations is None or (place is not None and place in r.locations)
         )
-        if len(self._by_place) < _PLACE_CACHE:
-            self._by_place[(action, location)] = rules
-        return rules
+        if len(self._by_place) >= _PLACE_CACHE:
+            return rules  # past the cap: filtered per event, every rule of the place tried
+        candidates = self._by_place[(action, location)] = Candidates(rules)
+        return candidates.for_event(e) if candidates.gated else candidates.rules
+
+    def candidates(self, e: Event) -> tuple[CompiledRule, ...]:
+        """The rules tried on `e` (by action, location class and gates), in load order: a
+        superset of those that match it."""
+        candidates = self._by_place.get((e.action, e.location))
+        if candidates is None:
+            return self._candidates(e)
+        return candidates.for_event(e) if candidates.gated else candidates.rules
 
     def process(self, e: Event) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        rules = self._by_place.get((e.action, e.location))
-        if rules is None:
-            rules = self._candidates(e.action, e.location)
+        candidates = self._by_place.get((e.action, e.location))
+        if candidates is None:
+            rules = self._candidates(e)
+        elif candidates.gated:
+            rules = candidates.for_event(e)
+        else:
+            rules = candidates.rules
         for r in rules:
             # Scope first: it is one comparison, and most users are on no watchlist.
             if r.scope and e.watchlist not in r.scope:
@@ -212,31 +247,29 @@ class Engine:
         keys[key] = [now + int(sup.seconds * 1_000_000), 0]
         return make(suppressed)
 
-    def _feed(self, corr: CompiledRule, base_id: str, e: Event) -> dict[str, Any] | None:
-        c = corr.rule.correlation
-        assert c is not None
+    def _feed(self, plan: _Plan, base_id: str, e: Event) -> dict[str, Any] | None:
+        corr = plan.corr
         if corr.scope and e.watchlist not in corr.scope:
             return None
         if corr.exceptions and self._excepted(corr, e):
             return None
-        groups = self._windows[corr.id]
-        getters = self._group_getters.get(corr.id)
-        if getters is None:
-            getters = self._group_getters[corr.id] = tuple(FIELDS[f] for f in c.group_by)
+        groups = self._windows[plan.id]
+        getters = plan.getters
         if len(getters) == 2:
             key: tuple[Any, ...] = (getters[0](e), getters[1](e))
         else:
             key = tuple([g(e) for g in getters])
         now = e.timestamp_us
-        span = int(c.timespan * 1_000_000)
+        span = plan.span
+        kind = plan.kind
         state = groups.get(key)
         if state is None:
-            if c.type == "temporal_ordered" and base_id != c.rules[0]:
+            if kind == "temporal_ordered" and base_id != plan.first:
                 return None  # a later step with no first step: nothing to remember
             if len(groups) >= self.caps.max_groups:
                 self._forget(groups.popitem(last=False)[1])  # the oldest group goes first
                 self._cap("correlation_groups", self.caps.max_groups, rule=corr.id)
-            state = _Sequence(now) if c.type == "temporal_ordered" else _Window()
+            state = _Sequence(now) if kind == "temporal_ordered" else _Window()
             groups[key] = state
         if isinstance(state, _Sequence):
             return self._step(corr, base_id, e, key, state, span=span)
@@ -256,22 +289,24 @@ class Engine:
             self._forget(groups.pop(oldest_key))
             self._cap("correlation_memory", self.caps.max_total_events, rule=corr.id)
         # temporal: the distinct rules seen in the window are what counts.
-        value = base_id if c.type == "temporal" else (e.get(c.field) if c.field else None)
+        value_of = plan.value_of
+        value = base_id if kind == "temporal" else (value_of(e) if value_of else None)
         if isinstance(value, tuple):
             value = value or None
         win.items.append((now, e.path, e.size or 0, value))
         if value is not None:
             win.values[value] = win.values.get(value, 0) + 1
-            if c.type == "value_sum" and isinstance(value, int | float):
+            if kind == "value_sum" and isinstance(value, int | float):
                 win.total += value
-        if c.type == "event_count":
+        if kind == "event_count":
             metric: float = len(win.items)
-        elif c.type in ("value_count", "temporal"):
-            metric = len(win.values)
-        else:
+        elif kind == "value_sum":
             metric = win.total
-        assert c.gte is not None
-        if metric < c.gte or (c.strict and metric <= c.gte):
+        else:  # value_count, temporal
+            metric = len(win.values)
+        gte = plan.gte
+        assert gte is not None
+        if metric < gte or (plan.strict and metric <= gte):
             return None
         details = self._details(corr, key, [(t, p, s) for t, p, s, _ in win.items], metric)
         self._forget(groups.pop(key))

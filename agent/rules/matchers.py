@@ -21,7 +21,35 @@ from agent.events import FIELDS, Event
 
 Test = Callable[[Any], bool]
 _StrTest = Callable[[str], bool]
-_Built = tuple[Test, frozenset[str] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """A necessary condition of a matcher, for the engine's one-pass prefilter.
+
+    The matcher can only be true when some text of `field` (the string, each string of a
+    tuple, the decimal text of a number) is matched by the RE2 `pattern` (searched), on the
+    text lower-cased when `folded`, else as it is. A matcher's gates are alternatives (a
+    list of values is OR); `weight` is about how many characters the pattern pins down,
+    for picking the most selective gate of an AND."""
+
+    field: str
+    folded: bool
+    pattern: str
+    weight: int
+    # When the pattern is a plain literal: how it must occur in the text ("exact": the whole
+    # text, "prefix", "suffix", "contains"), so that a dict or `in` can decide it. For a
+    # number comparison (gt, gte, lt, lte) there is no pattern: the field's number compared
+    # with `bound` (the text of a decimal string counts as its number).
+    kind: Literal["exact", "prefix", "suffix", "contains", "pattern", "gt", "gte", "lt", "lte"] = (
+        "pattern"
+    )
+    literal: str = ""
+    bound: float = 0.0
+
+
+# (test, `equals` for the action/location index, the gates: see Gate)
+_Built = tuple[Test, frozenset[str] | None, frozenset[Gate] | None]
 
 
 class MatcherError(Exception):
@@ -52,6 +80,8 @@ class FieldMatcher:
     equals: frozenset[str] | None
     # The field's getter, looked up once at compile time rather than per event.
     getter: Callable[[Event], Any] = dataclasses.field(repr=False, compare=False)
+    # Alternatives one of which holds whenever the matcher does (None: no such bound).
+    gates: frozenset[Gate] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __call__(self, event: Event) -> bool:
         return self.test(self.getter(event))
@@ -323,10 +353,11 @@ def _strings(left: bool, right: bool) -> _Builder:
             return False
 
         slow = _lift_any(scalar)
+        gates = None if nulls or numbers else _wild_gates(wilds, spec)
         if not (plain and not spec.cased and not nulls and not numbers):
-            return slow, None
+            return slow, None, gates
         if not all(w.kind == "exact" for w in wilds):
-            return slow, None
+            return slow, None, gates
         equals = frozenset(w.text for w in wilds)
 
         def test(v: Any) -> bool:
@@ -335,9 +366,37 @@ def _strings(left: bool, right: bool) -> _Builder:
                 return v.lower() in equals
             return slow(v)
 
-        return test, equals
+        return test, equals, gates
 
     return build
+
+
+def _wild_gates(wilds: Sequence[_Wild], spec: _Spec) -> frozenset[Gate] | None:
+    """The gates of a text matcher: one RE2 pattern per value, saying what `_text_any` tests
+    (exact: the whole text, prefix, suffix, contains, general: the wildcard pattern). A lone
+    surrogate is U+FFFD on both sides (`_hex`, `_utf8`): a gate may pass more, never less."""
+    gates = set()
+    for w in wilds:
+        if w.kind == "any" or (w.kind != "exact" and not w.text):
+            return None  # matches any text
+        if w.kind == "general":
+            pattern = "(?s)\\A(?:" + w.text + ")\\z"
+            gates.add(Gate(spec.field, not spec.cased, pattern, _pinned(w.text)))
+            continue
+        start = "\\A" if w.kind in ("exact", "prefix") else ""
+        end = "\\z" if w.kind in ("exact", "suffix") else ""
+        pattern, weight = start + _lit(w.text) + end, len(w.text) + (w.kind == "exact")
+        kind: Literal["exact", "prefix", "suffix", "contains"] = w.kind
+        gates.add(Gate(spec.field, not spec.cased, pattern, weight, kind, w.text))
+    return frozenset(gates)
+
+
+def _pinned(body: str) -> int:
+    """About how many characters an RE2 body of `_lit` literals and wildcards pins down."""
+    return len(_ESCAPE.sub("x", body).replace(".*", "").replace(".", ""))
+
+
+_ESCAPE: Final = re2.compile(r"\\x\{[0-9a-f]+\}")
 
 
 _plain = _strings(False, False)
@@ -372,9 +431,10 @@ def _regex(values: list[object], spec: _Spec) -> _Built:
         else:
             compiled = [combined]
     tests = [_regex_test(rx) for rx in compiled]
+    gates = frozenset(Gate(spec.field, False, flags + p, 0) for p in patterns)
     if len(tests) == 1:
-        return _lift_any(_on_text(tests[0])), None
-    return _lift_any(_on_text(lambda s: any(t(s) for t in tests))), None
+        return _lift_any(_on_text(tests[0])), None, gates
+    return _lift_any(_on_text(lambda s: any(t(s) for t in tests))), None, gates
 
 
 def _on_text(text: _StrTest) -> Test:
@@ -407,7 +467,12 @@ def _path(values: list[object], spec: _Spec) -> _Built:
     exact_set = frozenset(exact)
     prefix_tuple = tuple(prefixes)
     # Component-wise: "/rnd" or anything under "/rnd/", never "/rnd_old". Case-sensitive.
-    return _lift_any(_on_text(lambda s: s in exact_set or s.startswith(prefix_tuple))), None
+    # "/rnd" or under "/rnd/" starts with "/rnd" (a path of "/" gates nothing).
+    gates = frozenset(
+        Gate(spec.field, False, "\\A" + _lit(base), len(base), "prefix", base) for base in exact
+    )
+    test = _lift_any(_on_text(lambda s: s in exact_set or s.startswith(prefix_tuple)))
+    return test, None, gates if "" not in exact else None
 
 
 def _glob_regex(glob: str, spec: _Spec) -> str:
@@ -500,8 +565,10 @@ def _glob(values: list[object], spec: _Spec) -> _Built:
             raise _bad_value(spec, f"glob takes a non-empty pattern, not {v!r}", "e.g. /rnd/**")
         bodies.append(_glob_regex(v, spec))
     # (?s): file names may contain newlines; globs are case-sensitive, like paths.
-    rx = _re2_compile("(?s)\\A(?:" + "|".join(bodies) + ")\\z", spec.key)
-    return _lift_any(_on_text(_regex_test(rx))), None
+    pattern = "(?s)\\A(?:" + "|".join(bodies) + ")\\z"
+    rx = _re2_compile(pattern, spec.key)
+    gate = Gate(spec.field, False, pattern, min(_pinned(b) for b in bodies))
+    return _lift_any(_on_text(_regex_test(rx))), None, frozenset({gate})
 
 
 def _exists(values: list[object], spec: _Spec) -> _Built:
@@ -513,7 +580,7 @@ def _exists(values: list[object], spec: _Spec) -> _Built:
         # Absent: None, or an empty tuple (a list field with no elements).
         return (v is not None and v != ()) is want
 
-    return test, None
+    return test, None, None
 
 
 def _numeric(op: Callable[[Any, Any], bool]) -> _Builder:
@@ -536,7 +603,9 @@ def _numeric(op: Callable[[Any, Any], bool]) -> _Builder:
                 return op(int(v), bound)
             return False  # None, booleans, text: never
 
-        return _lift_any(scalar), None
+        kind: Literal["gt", "gte", "lt", "lte"] = spec.match  # type: ignore[assignment]
+        gate = Gate(spec.field, False, "", 3, kind, bound=bound)
+        return _lift_any(scalar), None, frozenset({gate})
 
     return build
 
@@ -805,15 +874,25 @@ def compile_field(
     values = _values(value, spec, lists)
     build = modifier(spec.match).build if spec.match else _plain
     assert build is not None
+    gates: frozenset[Gate] | None
     if spec.all:
         # Each value compiled alone, exactly as a one-value list would be; then all of them.
         one = dataclasses.replace(spec, all=False)
-        test, equals = _lift_all([build([v], one)[0] for v in values]), None
+        built = [build([v], one) for v in values]
+        test, equals = _lift_all([b[0] for b in built]), None
+        # Every value must match: the gates of any one of them are necessary.
+        gates = max((b[2] for b in built if b[2]), key=_weakest, default=None)
     else:
-        test, equals = build(values, spec)
+        test, equals, gates = build(values, spec)
     if "neq" in spec.modifiers:
-        test, equals = _differs(test), None
-    return FieldMatcher(spec.field, spec.modifiers, test, equals, known_fields[spec.field])
+        test, equals, gates = _differs(test), None, None
+    getter = known_fields[spec.field]
+    return FieldMatcher(spec.field, spec.modifiers, test, equals, getter, gates)
+
+
+def _weakest(gates: frozenset[Gate]) -> int:
+    """How selective a set of alternative gates is: as much as its least selective one."""
+    return min(g.weight for g in gates)
 
 
 def _differs(test: Callable[[Any], bool]) -> Callable[[Any], bool]:

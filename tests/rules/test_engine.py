@@ -409,4 +409,4 @@ detection:
         )
     )
     assert sorted(a["rule"]["id"] for a in shouting) == ["anywhere", "usb"]
-    assert [r.id for r in engine._by_place[("closed_write", "tagged")]] == ["anywhere"]
+    assert [r.id for r in engine._by_place[("closed_write", "tagged")].rules] == ["anywhere"]

@@ -1,0 +1,264 @@
+"""One pass over an event's fields decides which gated rules are worth trying.
+
+The engine indexes rules by event.action and location class. Within one such place, a rule
+with gates (agent/rules/matchers.py `Gate`: RE2 patterns of which one holds whenever the
+rule matches, e.g. `TargetFilename|startswith: /etc/cron.d/`) is tried only when one of its
+gates passes. All gates on one field of one place are one RE2 set, matched once per event:
+a hundred Sigma process rules cost one scan of the command line and one of the executable,
+not a hundred matcher calls. A gate may pass where its rule then fails (it is a necessary
+condition, never a sufficient one), so the rule's own matcher always decides.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import re2  # type: ignore[import-untyped]
+
+from agent.events import FIELDS, Event
+from agent.rules.matchers import _RE2_OPTIONS, Gate, _is_decimal, _is_number, _lit, _utf8
+
+if TYPE_CHECKING:
+    from agent.rules.compiler import CompiledRule
+
+# Past these, a field's literal gates of one kind go into its RE2 set instead: a dict
+# lookup per distinct length (or an `in` per substring) is cheaper than a set match (~0.35 us
+# from Python) only while there are few of them.
+_MAX_LENGTHS = 3
+_MAX_SUBSTRINGS = 2
+
+_Owners = tuple[int, ...]
+_Table = dict[str, _Owners]
+
+
+class _FieldGates(NamedTuple):
+    """All gates on one field (as given, or lower-cased) of one place's rules."""
+
+    getter: Callable[[Event], Any]
+    folded: bool
+    exact: _Table
+    prefixes: tuple[tuple[int, _Table], ...]  # (length, prefix of that length -> rules)
+    suffixes: tuple[tuple[int, _Table], ...]
+    substrings: tuple[tuple[str, _Owners], ...]
+    match: Callable[[bytes], Any] | None  # the RE2 set of the other patterns
+    owners: tuple[_Owners, ...]  # set index -> rules
+
+
+class Candidates:
+    """The rules of one place (action, location class), in load order, and their gates.
+
+    `for_event(e)` returns the rules to try on `e`: every ungated rule, and the gated ones
+    one of whose gates passes; in load order, so alerts come in the same order either way.
+    Literal gates are dict lookups (whole text, prefix or suffix of each length) or `in`
+    tests; the rest of a field's gates are one RE2 set."""
+
+    __slots__ = ("_ungated_pos", "gated", "gates", "lookups", "numbers", "rules", "ungated")
+
+    def __init__(self, rules: Sequence[CompiledRule]) -> None:
+        self.rules = tuple(rules)
+        by_field: dict[tuple[str, bool], dict[Gate, list[int]]] = {}
+        by_bound: dict[tuple[str, str], dict[float, list[int]]] = {}
+        for pos, r in enumerate(self.rules):
+            for g in r.gates or ():
+                if g.kind in _COMPARISONS:
+                    by_bound.setdefault((g.field, g.kind), {}).setdefault(g.bound, []).append(pos)
+                else:
+                    by_field.setdefault((g.field, g.folded), {}).setdefault(g, []).append(pos)
+        self.numbers = tuple(_comparison(name, op, b) for (name, op), b in by_bound.items())
+        fields: dict[tuple[str, bool], _FieldGates | None] = {
+            key: _field_gates(key[0], key[1], owners) for key, owners in by_field.items()
+        }
+        # A rule is gated when each field it is gated on could be (a set RE2 refused leaves
+        # its rules ungated: correct, only slower).
+        refused = {key for key, built in fields.items() if built is None}
+        ungated = {
+            pos
+            for pos, r in enumerate(self.rules)
+            if not r.gates
+            or any(g.kind not in _COMPARISONS and (g.field, g.folded) in refused for g in r.gates)
+        }
+        # (An ungated rule may still own a gate: the union below counts it once.)
+        built = [f for f in fields.values() if f is not None]
+        # Whole-text gates alone on a field (most of them: `field: value`) take a short path.
+        self.lookups = tuple((f.getter, f.folded, f.exact) for f in built if _exact_only(f))
+        self.gates = tuple(f for f in built if not _exact_only(f))
+        self._ungated_pos = frozenset(ungated)
+        self.ungated = tuple(self.rules[p] for p in sorted(ungated))
+        # False: for_event would give every rule
+        self.gated = bool(self.lookups or self.gates or self.numbers)
+
+    def for_event(self, e: Event) -> tuple[CompiledRule, ...]:
+        hits: list[int] = []
+        for getter, left, bounds, passed in self.numbers:
+            v = getter(e)
+            if v is None:
+                continue
+            for number in (v,) if type(v) is int or type(v) is float else _numbers(v):
+                k = (bisect_left if left else bisect_right)(bounds, number)
+                if passed[k]:
+                    hits.extend(passed[k])
+        for getter, folded, exact in self.lookups:
+            v = getter(e)
+            if type(v) is str:
+                found = exact.get(v.lower() if folded else v)
+                if found:
+                    hits.extend(found)
+            elif v is not None:
+                for given in _texts(v):
+                    found = exact.get(given.lower() if folded else given)
+                    if found:
+                        hits.extend(found)
+        for getter, folded, exact, prefixes, suffixes, substrings, match, owners in self.gates:
+            v = getter(e)
+            if v is None:
+                continue
+            for given in (v,) if type(v) is str else _texts(v):
+                text = given.lower() if folded else given
+                if exact:
+                    found = exact.get(text)
+                    if found:
+                        hits.extend(found)
+                for n, table in prefixes:
+                    found = table.get(text[:n])
+                    if found:
+                        hits.extend(found)
+                for n, table in suffixes:
+                    found = table.get(text[-n:])
+                    if found:
+                        hits.extend(found)
+                for needle, found in substrings:
+                    if needle in text:
+                        hits.extend(found)
+                if match is not None:
+                    indexes = match(_utf8(text))
+                    if indexes:
+                        for i in indexes:
+                            hits.extend(owners[i])
+        if not hits:
+            return self.ungated
+        rules = self.rules
+        return tuple(rules[p] for p in sorted(self._ungated_pos.union(hits)))
+
+
+_COMPARISONS = frozenset({"gt", "gte", "lt", "lte"})
+
+
+def _exact_only(f: _FieldGates) -> bool:
+    return not (f.prefixes or f.suffixes or f.substrings or f.match)
+
+
+class _Comparison(NamedTuple):
+    """All `field|gt: N` (or gte, lt, lte) gates on one field of one place's rules: the
+    bounds in order, and for each cut k (bisect of the event's number) the rules whose
+    comparison holds there."""
+
+    getter: Callable[[Event], Any]
+    left: bool  # bisect_left (gt: bound < v; lte: bound >= v), else bisect_right
+    bounds: tuple[float, ...]
+    passed: tuple[_Owners, ...]  # len(bounds) + 1 cuts
+
+
+def _comparison(name: str, op: str, by_bound: dict[float, list[int]]) -> _Comparison:
+    bounds = tuple(sorted(by_bound))
+    owners = [tuple(by_bound[b]) for b in bounds]
+    if op in ("gt", "gte"):
+        # v > b (gt) for the bounds before bisect_left(v); v >= b (gte) before bisect_right.
+        passed = [tuple(p for o in owners[:k] for p in o) for k in range(len(bounds) + 1)]
+        return _Comparison(FIELDS[name], op == "gt", bounds, tuple(passed))
+    # v < b (lt) for the bounds from bisect_right(v) on; v <= b (lte) from bisect_left.
+    passed = [tuple(p for o in owners[k:] for p in o) for k in range(len(bounds) + 1)]
+    return _Comparison(FIELDS[name], op == "lte", bounds, tuple(passed))
+
+
+def _numbers(v: Any) -> tuple[float, ...]:
+    """The numbers a comparison tests of a field's value: a number, a decimal string's
+    value, each of a tuple's (as agent/rules/matchers.py `_numeric` does)."""
+    out: list[float] = []
+    for x in v if type(v) is tuple else (v,):
+        if type(x) is int or type(x) is float:
+            out.append(x)
+        elif type(x) is str and _is_decimal(x):
+            out.append(int(x))
+    return tuple(out)
+
+
+def _field_gates(name: str, folded: bool, gates: dict[Gate, list[int]]) -> _FieldGates | None:
+    exact: dict[str, list[int]] = {}
+    starts: dict[str, list[int]] = {}
+    ends: dict[str, list[int]] = {}
+    inside: dict[str, list[int]] = {}
+    patterns: dict[str, list[int]] = {}
+    for g, positions in gates.items():
+        table = {"exact": exact, "prefix": starts, "suffix": ends, "contains": inside}.get(
+            g.kind, patterns
+        )
+        key = g.pattern if table is patterns else g.literal
+        table.setdefault(key, []).extend(positions)
+
+    def by_length(table: dict[str, list[int]]) -> tuple[tuple[int, _Table], ...] | None:
+        lengths: dict[int, _Table] = {}
+        for text, positions in table.items():
+            lengths.setdefault(len(text), {})[text] = tuple(positions)
+        if len(lengths) > _MAX_LENGTHS:
+            return None
+        return tuple(sorted(lengths.items()))
+
+    prefixes = by_length(starts)
+    if prefixes is None:
+        for text, positions in starts.items():
+            patterns.setdefault("\\A" + _lit(text), []).extend(positions)
+        prefixes = ()
+    suffixes = by_length(ends)
+    if suffixes is None:
+        for text, positions in ends.items():
+            patterns.setdefault(_lit(text) + "\\z", []).extend(positions)
+        suffixes = ()
+    if len(inside) > _MAX_SUBSTRINGS:
+        for text, positions in inside.items():
+            patterns.setdefault(_lit(text), []).extend(positions)
+        inside = {}
+    match = None
+    owners: tuple[_Owners, ...] = ()
+    if patterns:
+        match = _compile(list(patterns))
+        if match is None:
+            return None
+        owners = tuple(tuple(positions) for positions in patterns.values())
+    return _FieldGates(
+        FIELDS[name],
+        folded,
+        {text: tuple(positions) for text, positions in exact.items()},
+        prefixes,
+        suffixes,
+        tuple((text, tuple(positions)) for text, positions in inside.items()),
+        match,
+        owners,
+    )
+
+
+def _texts(v: Any) -> tuple[str, ...]:
+    """The texts a matcher tests of a field's value: a number's decimal text, a tuple's
+    strings and numbers (as `_lift_any` and `_on_text` do)."""
+    if type(v) is tuple:
+        return tuple(x if type(x) is str else str(x) for x in v if type(x) is str or _is_number(x))
+    if _is_number(v):
+        return (str(v),)
+    return ()
+
+
+def _compile(patterns: list[str]) -> Callable[[bytes], Any] | None:
+    """One RE2 set searching for all `patterns` at once: its match gives the indexes (in the
+    order given) of those found. None when RE2 refuses the set (e.g. over its memory budget)."""
+    rs = re2.Set.SearchSet(_RE2_OPTIONS)
+    try:
+        for p in patterns:
+            rs.Add(_utf8(p))
+        rs.Compile()
+    except re2.error:
+        return None
+    # The binding's own set when it is there: its Python wrapper costs more than the match
+    # (both give the indexes found; the raw one an empty list, the wrapper None, for none).
+    match: Callable[[bytes], Any] = getattr(rs, "_set", rs).Match
+    return match

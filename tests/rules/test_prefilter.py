@@ -1,0 +1,290 @@
+"""The engine's prefilter (agent/rules/prefilter.py): a gated rule is skipped only when it
+cannot match. Gates are necessary conditions derived from the rule's own matchers, so the
+property checked here is the one that matters: every rule that matches an event is among the
+rules tried on it, for any values, modifiers and conditions."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from agent.events import Event, event_from_fields
+from agent.rules.compiler import RuleSet, load_text
+from agent.rules.engine import Engine
+from agent.rules.testing import TEST_EPOCH_US
+
+T0 = TEST_EPOCH_US
+
+
+def ruleset(text: str) -> RuleSet:
+    rs, problems = load_text(text, T0, "t.yaml")
+    assert rs is not None, [str(p) for p in problems]
+    return rs
+
+
+def ev(**fields: Any) -> Event:
+    values = {"host.hostname": "ws1", "event.action": "closed_write", **fields}
+    return event_from_fields(values, T0)
+
+
+def ungated(rs: RuleSet) -> RuleSet:
+    out = dataclasses.replace(rs)
+    out.rules = {rid: dataclasses.replace(r, gates=None) for rid, r in rs.rules.items()}
+    return out
+
+
+def alerts(rs: RuleSet, events: list[Event]) -> list[tuple[str, str | None]]:
+    engine = Engine(rs)
+    return [(a["rule"]["id"], e.path) for e in events for a in engine.process(e)]
+
+
+# --- the property ------------------------------------------------------------------------
+
+# Letters whose case folding is unusual (dotted I, final sigma, sharp s), path syntax and the
+# characters that are wildcards or regex syntax.
+ALPHABET = "aAbzZ09/._-*?İıΣσςßé "
+TEXT_FIELDS = ("file.path", "process.name", "process.args", "exfilwatch.tags")
+MODIFIERS = (
+    "",
+    "|contains",
+    "|startswith",
+    "|endswith",
+    "|cased",
+    "|contains|cased",
+    "|endswith|cased",
+    "|contains|all",
+    "|startswith|all",
+    "|neq",
+    "|re",
+    "|re|i",
+    "|glob",
+    "|path",
+)
+
+texts = st.text(ALPHABET, min_size=0, max_size=6)
+
+
+def _plain(value: str) -> str:
+    """A value's literal characters (what an event must hold for it to match)."""
+    return value.replace("*", "").replace("?", "").replace("\\", "")
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> tuple[str, list[Event]]:
+    selections: dict[str, dict[str, Any]] = {}
+    literals: list[str] = []
+    for n in range(draw(st.integers(1, 3))):
+        sel: dict[str, Any] = {}
+        for _ in range(draw(st.integers(1, 2))):
+            field = draw(st.sampled_from(TEXT_FIELDS))
+            mod = draw(st.sampled_from(MODIFIERS))
+            values = draw(st.lists(texts, min_size=1, max_size=3))
+            if mod == "|path":
+                values = ["/" + v for v in values]
+            if mod == "|glob":
+                values = [v or "*" for v in values]
+            sel[field + mod] = values if len(values) > 1 else values[0]
+            literals += [_plain(v) for v in values]
+        if draw(st.booleans()):
+            op = draw(st.sampled_from(["", "|gt", "|gte", "|lt", "|lte"]))
+            sel["file.size" + op] = draw(st.integers(0, 20))
+        if draw(st.booleans()):  # a decimal string field compared as a number
+            sel["user.id" + draw(st.sampled_from(["|gt", "|lte"]))] = draw(st.integers(0, 20))
+        selections[f"sel{n}"] = sel
+    names = list(selections)
+    condition = draw(
+        st.sampled_from(
+            [
+                " or ".join(names),
+                " and ".join(names),
+                f"{names[0]} and not {names[-1]}" if len(names) > 1 else f"not {names[0]}",
+                "1 of sel*",
+                "all of sel*",
+            ]
+        )
+    )
+    doc = {
+        "id": "r",
+        "title": "t",
+        "level": "low",
+        "detection": {**selections, "condition": condition},
+    }
+    events = []
+    for _ in range(draw(st.integers(1, 4))):
+
+        def value() -> str:
+            core = draw(st.sampled_from(literals))
+            if draw(st.booleans()):
+                core = core.upper() if draw(st.booleans()) else core.swapcase()
+            return draw(texts) + core + draw(st.sampled_from(["", "\udc80", "x", "/"]))
+
+        fields: dict[str, Any] = {
+            "file.path": "/" + value(),
+            "process.name": value(),
+            "process.args": [value() for _ in range(draw(st.integers(0, 2)))],
+            "exfilwatch.tags": [value() for _ in range(draw(st.integers(0, 2)))],
+        }
+        if draw(st.booleans()):
+            fields["file.size"] = draw(st.integers(0, 20))
+        if draw(st.booleans()):
+            fields["user.id"] = str(draw(st.integers(0, 20)))
+        events.append(ev(**fields))
+    return yaml.safe_dump(doc, allow_unicode=True), events
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_every_rule_that_matches_an_event_is_tried_on_it(case: tuple[str, list[Event]]) -> None:
+    text, events = case
+    rs, _ = load_text(text, T0, "t.yaml")
+    assume(rs is not None and "r" in rs.rules)  # some drawn values are not valid regexes
+    assert rs is not None
+    rule = rs.rules["r"]
+    engine = Engine(rs)
+    for e in events:
+        if rule.match(e):
+            assert rule in engine.candidates(e), (text, e)
+
+
+# --- what it does --------------------------------------------------------------------------
+
+CRON = """\
+title: cron file written
+logsource: {product: linux, category: file_event}
+detection:
+  selection:
+    TargetFilename|startswith: ['/etc/cron.d/', '/var/spool/cron/crontabs/']
+  condition: selection
+level: medium
+---
+title: history file touched
+logsource: {product: linux, category: file_event}
+detection:
+  selection:
+    TargetFilename|endswith: ['/.bash_history', '/.zsh_history']
+  condition: selection
+level: medium
+---
+id: any-write
+title: any write
+level: low
+detection:
+  selection: {event.action: closed_write}
+  condition: selection
+"""
+
+
+def test_a_gated_rule_is_tried_only_where_its_gate_passes() -> None:
+    rs = ruleset(CRON)
+    engine = Engine(rs)
+    ordinary = ev(**{"file.path": "/srv/rnd/chip/top.v"})
+    assert [r.id for r in engine.candidates(ordinary)] == ["any-write"]
+    cron = ev(**{"file.path": "/ETC/cron.d/backdoor"})  # Sigma values ignore case
+    tried = [r.id for r in engine.candidates(cron)]
+    assert len(tried) == 2 and tried[-1] == "any-write"  # load order kept
+    assert [a["rule"]["id"] for a in engine.process(cron)] == tried
+    history = ev(**{"file.path": "/home/u/.zsh_history"})
+    assert len(engine.candidates(history)) == 2
+
+
+def test_alerts_are_the_same_with_and_without_gates() -> None:
+    rs = ruleset(CRON)
+    paths = [
+        "/etc/cron.d/x",
+        "/etc/cron.daily/x",
+        "/var/spool/cron/crontabs/root",
+        "/home/u/.bash_history",
+        "/home/u/bash_history",
+        "/srv/rnd/a.v",
+    ]
+    events = [ev(**{"file.path": p}) for p in paths]
+    assert alerts(rs, events) == alerts(ungated(rs), events)
+    assert len(alerts(rs, events)) == len(paths) + 3
+
+
+def test_what_cannot_be_gated_is_tried_on_every_event_of_its_place() -> None:
+    rs = ruleset(
+        """\
+id: negated
+title: not a build output
+level: low
+detection:
+  selection: {file.path|endswith: .o}
+  condition: not selection
+---
+id: everything
+title: any value
+level: low
+detection:
+  selection: {file.path|contains: '*'}
+  condition: selection
+---
+id: present
+title: has a path
+level: low
+detection:
+  selection: {file.path|exists: true}
+  condition: selection
+"""
+    )
+    assert all(r.gates is None for r in rs.rules.values())
+    engine = Engine(rs)
+    assert len(engine.candidates(ev(**{"file.path": "/a.o"}))) == 3
+
+
+def test_number_comparisons_are_gated_by_bound() -> None:
+    rs = ruleset(
+        """\
+id: big
+title: big
+level: low
+detection:
+  selection: {file.size|gt: 1000000}
+  condition: selection
+---
+id: small
+title: small
+level: low
+detection:
+  selection: {file.size|lte: 10}
+  condition: selection
+"""
+    )
+    engine = Engine(rs)
+    assert [r.id for r in engine.candidates(ev(**{"file.size": 1_000_000}))] == []
+    assert [r.id for r in engine.candidates(ev(**{"file.size": 1_000_001}))] == ["big"]
+    assert [r.id for r in engine.candidates(ev(**{"file.size": 10}))] == ["small"]
+    assert [r.id for r in engine.candidates(ev(**{"file.path": "/no/size"}))] == []
+
+
+@pytest.mark.parametrize("op", ["gt", "gte", "lt", "lte"])
+def test_a_comparison_gate_passes_exactly_where_the_comparison_holds(op: str) -> None:
+    rs = ruleset(
+        f"id: r\ntitle: t\nlevel: low\ndetection: {{s: {{file.size|{op}: 10}}, condition: s}}\n"
+    )
+    engine = Engine(rs)
+    rule = rs.rules["r"]
+    for size in (-1, 9, 10, 11, 10**20):
+        e = ev(**{"file.size": size})
+        assert (rule in engine.candidates(e)) == rule.match(e), (op, size)
+
+
+def test_keywords_are_gated_on_both_fields_they_are_looked_for_in() -> None:
+    rs = ruleset(
+        """\
+title: keyword
+logsource: {product: linux, category: process_creation}
+detection:
+  keywords: ['base64 -d']
+  condition: keywords
+level: low
+"""
+    )
+    (rule,) = rs.rules.values()
+    assert rule.gates is not None
+    assert {g.field for g in rule.gates} == {"process.command_line", "file.path"}
