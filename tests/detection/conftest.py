@@ -34,7 +34,7 @@ heartbeat_interval: 1h
 state_dir: {state}
 locations:
   home_roots: [{homes}]
-  staging_dirs: [{stage}]
+  staging_dirs: [{stage}{staging}]
   removable_patterns: [{media}/*]
   mount_check_interval: 0.2s
 trusted:
@@ -57,7 +57,13 @@ def need(*tools: str) -> None:
 class Workstation:
     """The temp workstation and the agent watching it."""
 
-    def __init__(self, tmp: Path, extra: str = "") -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        extra: str = "",
+        rules: tuple[Path, ...] = (),
+        staging: tuple[Path, ...] = (),
+    ) -> None:
         self.tmp = tmp
         self.rnd = tmp / "rnd"
         self.src = self.rnd / "src"
@@ -89,11 +95,12 @@ class Workstation:
         self.config.write_text(
             CONFIG.format(
                 rnd=self.rnd,
-                rules=REPO / "rules",
+                rules=", ".join(str(p) for p in (REPO / "rules", *rules)),
                 out=self.out,
                 state=tmp / "state",
                 homes=tmp / "home",
                 stage=self.stage,
+                staging="".join(f", {p}" for p in staging),
                 media=self.media,
                 backup=self.backup,
                 extra=extra,
