@@ -372,16 +372,21 @@ class ProcessTable:
                 new.append(proc)
         now = time.monotonic()
         with self._lock:
-            # An exited process stays indexed by its paths until it is forgotten here.
+            # An exited process stays indexed by its paths until it is forgotten here. The
+            # kernel's events (on_kernel_events, another thread) may have moved it already.
             for pid in known.keys() - pids:
-                self._exited[pid] = (self._procs.pop(pid), now)
+                gone = self._procs.pop(pid, None)
+                if gone is not None:
+                    self._exited[pid] = (gone, now)
             exited = self._exited
             while exited and (
                 len(exited) > RECENTLY_EXITED or now - next(iter(exited.values()))[1] > EXITED_TTL
             ):
                 self._unindex(exited.popitem(last=False)[1][0])
             for proc in execed:
-                self._unindex(self._procs[proc.pid])
+                before = self._procs.get(proc.pid)
+                if before is not None:
+                    self._unindex(before)
                 self._procs[proc.pid] = proc
                 self._index(proc)
             for proc in new:

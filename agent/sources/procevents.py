@@ -254,6 +254,8 @@ class ProcEventsReader:
         *,
         rcvbuf: int = 4 << 20,
         coalesce: bool = True,
+        on_linger: Callable[[], None] | None = None,
+        linger: float = 0.005,
     ) -> None:
         if not 0 < rcvbuf <= 1 << 30:
             raise ValueError("rcvbuf must be between 1 byte and 1 GiB")
@@ -263,6 +265,12 @@ class ProcEventsReader:
         # False: every datagram is handed over as soon as it is read, busy or not (the exec
         # reader in a process of its own: each exec must be read before the process ends).
         self._coalesce = coalesce
+        # on_linger() is called on the reader's thread `linger` seconds after the first
+        # batch handed over since the last call (the exec reader writes out what it gathered
+        # then: one write per burst, with no second thread to take the interpreter lock).
+        self._on_linger = on_linger
+        self._linger = linger
+        self._linger_due: float | None = None
         self._sock: socket.socket | None = None
         self._stop_r = -1
         self._stop_w = -1
@@ -436,13 +444,16 @@ class ProcEventsReader:
         while not self._stopping:
             try:
                 # No timeout when idle; awake when held-back losses are due to be reported.
-                ready = poller.poll(self._loss_due_ms())
+                ready = poller.poll(self._timeout_ms())
                 for ready_fd, flags in ready:
                     if ready_fd == self._stop_r:
                         return
                     if flags & select.POLLNVAL:
                         self._note_error("reader", "POLLNVAL", "socket closed under the reader")
                         return
+                if self._linger_due is not None and time.monotonic() >= self._linger_due:
+                    self._linger_due = None
+                    self._call_linger()
                 if ready:
                     got = self._drain(sock)
                     self._report_loss(force=False)
@@ -522,10 +533,27 @@ class ProcEventsReader:
         for event in batch:
             kinds[event.kind] += 1
         self._batches += 1
+        if self._on_linger is not None and self._linger_due is None:
+            self._linger_due = time.monotonic() + self._linger
         try:
             self._on_events(batch)
         except Exception as exc:
             self._note_error("on_events", exc, f"on_events: {exc!r}", lost=len(batch))
+
+    def _call_linger(self) -> None:
+        assert self._on_linger is not None
+        try:
+            self._on_linger()
+        except Exception as exc:
+            self._note_error("on_linger", exc, f"on_linger: {exc!r}")
+
+    def _timeout_ms(self) -> int | None:
+        """How long poll() may sleep: until held-back losses or the linger call are due."""
+        loss = self._loss_due_ms()
+        if self._linger_due is None:
+            return loss
+        due = max(0, int((self._linger_due - time.monotonic()) * 1000) + 1)
+        return due if loss is None else min(loss, due)
 
     # -- health ------------------------------------------------------------------------------
 

@@ -35,6 +35,9 @@ _FRAME_MAX = 64 << 20  # a frame larger than this is a broken child, not a batch
 _CMDLINE_MAX = 64 * 1024  # bytes of arguments read (ARG_MAX can be far larger)
 _START_TIMEOUT = 5.0
 _IMAGE_RETRIES = 3  # reads of the arguments while the process keeps exec'ing another image
+SEND_DELAY = 0.005  # seconds the child gathers events before it writes them to the agent
+SEND_EVENTS = 1024  # ... unless this many are waiting
+READER_NICE = -10  # the child's scheduling priority (see main)
 
 
 class Snapshot(NamedTuple):
@@ -60,22 +63,17 @@ def read_snapshot(pid: int) -> Snapshot | None:
     stat: bytes | None = None
     cmdline = b""
     for _ in range(_IMAGE_RETRIES):
-        try:
-            with open(base + "cmdline", "rb", buffering=0) as fh:
-                cmdline = fh.read(_CMDLINE_MAX)
-        except OSError:
+        read = _read(base + "cmdline", _CMDLINE_MAX)
+        if read is None:
             return None
+        cmdline = read
         if not cmdline:  # a zombie, or mid-exec (no memory yet): a new image means read again
             after = _readlink(link)
             if after is None or after == exe:
                 return None
             exe = after
             continue
-        try:
-            with open(base + "stat", "rb", buffering=0) as fh:
-                stat = fh.read()  # comm: the name, compared with the arguments' argv[0]
-        except OSError:
-            stat = None
+        stat = _read(base + "stat")  # comm: the name, compared with the arguments' argv[0]
         after = _readlink(link)
         if after == exe or after is None:  # the same image, or gone (what was read stands)
             break
@@ -84,16 +82,32 @@ def read_snapshot(pid: int) -> Snapshot | None:
         return None
     cwd = _readlink(base.encode() + b"cwd")
     uid = login = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open(base + "status", "rb", buffering=0) as fh:
-            for line in fh.read().split(b"\n"):
-                if line.startswith(b"Uid:"):
-                    uid = int(line.split()[1])
-                    break
-        with open(base + "loginuid", "rb", buffering=0) as fh:
-            value = int(fh.read().strip())
+    with contextlib.suppress(ValueError, IndexError):
+        status = _read(base + "status")
+        if status is not None:
+            at = status.find(b"\nUid:")
+            if at >= 0:
+                uid = int(status[at + 5 : status.find(b"\n", at + 5)].split()[0])
+        raw = _read(base + "loginuid")
+        if raw is not None:
+            value = int(raw.strip())
             login = None if value == 4294967295 else value  # unset: no login session
     return Snapshot(cmdline, exe, cwd, stat, uid, login)
+
+
+def _read(path: str, limit: int = 8192) -> bytes | None:
+    """One read of a /proc file (what a Python file object costs twice over is avoided: the
+    child does this for every exec on the machine). None when it cannot be opened or read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, limit)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _readlink(path: bytes) -> bytes | None:
@@ -115,6 +129,13 @@ def _die_with_parent() -> None:
 
 def main() -> int:
     _die_with_parent()
+    # Ahead of the agent on the CPU: while the agent works through a frame (a millisecond
+    # or so of Python), an exec read that waits behind it on the same core misses every
+    # process that lives less than that (measured at 500 execs/s: 35% gone at the same
+    # priority, 0.7% at -10). The child's work per exec is small and bounded, so its
+    # priority costs the machine little. Not permitted without root: then it stays as is.
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, READER_NICE)
     out = sys.stdout.buffer
     encode = msgspec.msgpack.Encoder().encode
     lock = threading.Lock()
@@ -125,17 +146,30 @@ def main() -> int:
             out.write(_FRAME.pack(len(data)) + data)
             out.flush()
 
+    # Each exec is read the moment it is handed over (on the reader's thread); what was read
+    # goes to the agent SEND_DELAY after the first of it (the reader calls flush), or at
+    # SEND_EVENTS events: a build's execs cost one pipe write (and one wake-up of the agent)
+    # per burst, not three per exec (fork, exec, exit each come alone when a shell runs
+    # them one by one). All on one thread: nothing competes with the reads for the GIL.
+    pending: list[Any] = []
+
+    def flush() -> None:
+        if pending:
+            batch = pending[:]
+            pending.clear()
+            send({"events": batch})
+
     def on_events(events: list[ProcEvent]) -> None:
-        batch = []
         for ev in events:
             snap = read_snapshot(ev.pid) if ev.kind == "exec" else None
-            batch.append((*ev, snap))
-        send({"events": batch})
+            pending.append((*ev, snap))
+        if len(pending) >= SEND_EVENTS:
+            flush()
 
     def report(rec: dict[str, Any]) -> None:
         send({"health": rec})
 
-    reader = ProcEventsReader(on_events, report, coalesce=False)
+    reader = ProcEventsReader(on_events, report, coalesce=False, on_linger=flush, linger=SEND_DELAY)
     try:
         reader.start()
     except OSError as exc:
@@ -150,6 +184,7 @@ def main() -> int:
     finally:
         reader.stop()
         with contextlib.suppress(OSError, ValueError):
+            flush()  # the reader has stopped: nothing else touches `pending`
             send({"stats": reader.stats()})
     return 0
 

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -168,6 +169,43 @@ def test_a_child_gone_before_it_is_read_answers_for_its_parents_arguments(
         assert parent.stdin is not None
         parent.stdin.close()
         parent.wait(timeout=10)
+
+
+def test_the_reconcile_poll_and_the_kernels_exit_of_the_same_process_do_not_clash() -> None:
+    # The table is read every 30 s while the kernel's events keep coming on another thread:
+    # an exit applied between the poll's snapshot and its update was a KeyError that stopped
+    # the poll (a source_error record, seen at 500 execs/s).
+    from agent.enrich.attribution import Proc, ProcessTable
+    from agent.sources.procevents import ProcEvent
+
+    class ExitDuringRead(ProcessTable):
+        victim: int | None = None
+
+        def read(self, pid: int) -> Proc | None:
+            if self.victim is not None:
+                victim, self.victim = self.victim, None
+                self.on_kernel_events([ProcEvent("exit", victim, 0, 1, exit_code=0)])
+            return super().read(pid)
+
+    records: list[dict[str, Any]] = []
+    table = ExitDuringRead(report=records.append)
+    table.start()
+    first = subprocess.Popen(["sleep", "30"])
+    try:
+        assert any(p.pid == first.pid for p in table.poll())
+    finally:
+        first.kill()
+        first.wait()
+    second = subprocess.Popen(["sleep", "30"])
+    try:
+        table.victim = first.pid
+        assert any(p.pid == second.pid for p in table.poll())
+    finally:
+        second.kill()
+        second.wait()
+    assert not [r for r in records if r["event"]["action"] == "source_error"], records
+    assert table.errors == 0
+    assert table.get(first.pid) is not None  # kept after its exit, for late file events
 
 
 def test_every_short_process_is_a_start_or_a_counted_loss(

@@ -451,3 +451,34 @@ def test_stop_is_prompt_when_idle_and_leaves_no_thread_or_fd(
     assert not [t for t in threading.enumerate() if t.name == "procevents-reader"]
     assert set(os.listdir("/proc/self/fd")) == fds
     r.stop()  # twice: a no-op
+
+
+@needs_kernel
+def test_on_linger_is_called_once_a_burst_has_been_handed_over(
+    reader: Callable[..., ProcEventsReader], seen: Seen
+) -> None:
+    # The exec reader's child writes what it gathered to the agent when the reader calls
+    # on_linger: after the first batch since the last call, `linger` seconds on, whether or
+    # not more events came meanwhile.
+    calls: list[tuple[float, int]] = []
+
+    def on_linger() -> None:
+        calls.append((time.monotonic(), len(seen.events)))
+
+    reader(on_linger=on_linger, linger=0.05)
+    settle(seen)
+    deadline = time.monotonic() + 20
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert calls, "on_linger was not called after a batch"
+    handed = calls[-1][1]
+    assert handed >= 3  # the marker's fork, exec and exit were handed over before it
+    # A steady stream still gets called (not only at quiet moments): 0.2 s of execs.
+    before = len(calls)
+    end = time.monotonic() + 0.2
+    while time.monotonic() < end:
+        subprocess.run(["/bin/true"], check=True)
+    deadline = time.monotonic() + 20
+    while len(calls) < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(calls) >= before + 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
+
 from agent.sources.procsnap import read_snapshot
 
 
@@ -36,3 +38,43 @@ def test_a_snapshot_describes_one_image_of_a_process_that_keeps_exec_ing() -> No
         p.wait()
     assert seen > 1
     assert len(mixed) <= 2, mixed
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the kernel's process events)")
+def test_the_exec_reader_runs_ahead_of_the_agent_and_hands_over_what_it_read() -> None:
+    # The child that reads each exec runs at READER_NICE (ahead of the agent on a busy core)
+    # and writes its events in frames: a process started here arrives with its arguments.
+    import threading
+
+    from agent.sources.procevents import ProcEvent
+    from agent.sources.procsnap import READER_NICE, ProcEventsProcess, Snapshot
+
+    got: list[tuple[ProcEvent, Snapshot | None]] = []
+    arrived = threading.Event()
+    marker = f"exfilwatch-reader-{os.getpid()}"
+
+    def on_events(events: list[ProcEvent], snaps: dict[int, Snapshot]) -> None:
+        for ev in events:
+            snap = snaps.get(ev.pid) if ev.kind == "exec" else None
+            got.append((ev, snap))
+            if snap is not None and marker.encode() in snap.cmdline:
+                arrived.set()
+
+    child = ProcEventsProcess(on_events, lambda r: None)
+    try:
+        child.start()
+    except OSError as exc:
+        pytest.skip(f"proc connector unavailable here: {exc}")
+    try:
+        pid = child.stats()["pid"]
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            nice = int(fh.read().rsplit(b")", 1)[1].split()[16])
+        assert nice == READER_NICE
+        # A process that waits a moment (so the read cannot miss it) with a marker argument.
+        proc = subprocess.Popen(["sleep", "0.3", marker], stderr=subprocess.DEVNULL)
+        proc.wait()
+        assert arrived.wait(20), "the exec never arrived"
+        (ev, snap) = next((e, s) for e, s in got if s is not None and marker.encode() in s.cmdline)
+        assert ev.pid == proc.pid and snap.cmdline.split(b"\0")[:2] == [b"sleep", b"0.3"]
+    finally:
+        child.stop()
