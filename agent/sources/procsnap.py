@@ -146,11 +146,12 @@ def main() -> int:
             out.write(_FRAME.pack(len(data)) + data)
             out.flush()
 
-    # Each exec is read the moment it is handed over (on the reader's thread); what was read
-    # goes to the agent SEND_DELAY after the first of it (the reader calls flush), or at
-    # SEND_EVENTS events: a build's execs cost one pipe write (and one wake-up of the agent)
-    # per burst, not three per exec (fork, exec, exit each come alone when a shell runs
-    # them one by one). All on one thread: nothing competes with the reads for the GIL.
+    # Each exec is read the moment it is handed over (on the reader's thread) and sent at
+    # once with what came before it; forks, exits and the rest wait up to SEND_DELAY for the
+    # next exec (the reader calls flush), or SEND_EVENTS events: a shell running commands
+    # one by one costs one pipe write (and one wake-up of the agent) per command, not three
+    # (fork, exec, exit each come alone). All on one thread: nothing competes with the
+    # reads for the GIL.
     pending: list[Any] = []
 
     def flush() -> None:
@@ -160,10 +161,16 @@ def main() -> int:
             send({"events": batch})
 
     def on_events(events: list[ProcEvent]) -> None:
+        execs = False
         for ev in events:
-            snap = read_snapshot(ev.pid) if ev.kind == "exec" else None
+            snap = None
+            if ev.kind == "exec":
+                snap = read_snapshot(ev.pid)
+                execs = True
             pending.append((*ev, snap))
-        if len(pending) >= SEND_EVENTS:
+        # An exec goes at once: the agent attributes file events by the processes it knows,
+        # and the file events of a `cp` come within a millisecond of its exec.
+        if execs or len(pending) >= SEND_EVENTS:
             flush()
 
     def report(rec: dict[str, Any]) -> None:
