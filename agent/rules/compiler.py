@@ -455,20 +455,38 @@ def _sigma_references(defs: Definitions) -> dict[str, str]:
         if corr.unsupported is not None:
             inactive[rid] = corr.unsupported
             continue
-        refs = tuple(r if r in defs.rules else names.get(r, r) for r in corr.rules)
+
+        def ref(r: str) -> str:
+            return r if r in defs.rules else names.get(r, r)
+
+        refs = tuple(ref(r) for r in corr.rules)
         missing = [r for r in refs if r not in defs.rules]
         chained = [r for r in refs if r in defs.rules and defs.rules[r].correlation is not None]
-        group = tuple(_GROUP_FIELDS.get(f, f) for f in corr.group_by)
+        aliases = tuple(
+            (name, tuple((ref(r), _GROUP_FIELDS.get(f, f)) for r, f in per_rule))
+            for name, per_rule in corr.aliases
+        )
+        alias_names = {name for name, _ in aliases}
+        group = tuple(f if f in alias_names else _GROUP_FIELDS.get(f, f) for f in corr.group_by)
         field_ = _GROUP_FIELDS.get(corr.field, corr.field) if corr.field else None
-        unknown = [f for f in (*group, *([field_] if field_ else [])) if f not in FIELDS]
+        named = [f for f in (*group, *([field_] if field_ else [])) if f not in alias_names]
+        named += [f for _, per_rule in aliases for _, f in per_rule]
+        unknown = [f for f in named if f not in FIELDS]
+        uncovered = [
+            (name, r) for name, per_rule in aliases for r in refs if r not in dict(per_rule)
+        ]
         if missing:
             inactive[rid] = f"it correlates rule {missing[0]}, which is not loaded"
         elif chained:
             inactive[rid] = f"it correlates correlation {chained[0]}: chains are not evaluated"
         elif unknown:
             inactive[rid] = f"field {unknown[0]} has no equivalent in the agent's events"
+        elif uncovered:
+            name, r = uncovered[0]
+            inactive[rid] = f"alias {name} names no field of rule {r}"
         defs.rules[rid] = replace(
-            rule, correlation=replace(corr, rules=refs, group_by=group, field=field_)
+            rule,
+            correlation=replace(corr, rules=refs, group_by=group, field=field_, aliases=aliases),
         )
     return inactive
 
@@ -747,8 +765,9 @@ def compile_definitions(
                 )
             else:
                 referenced_by.setdefault(base, []).append(rule.id)
+        alias_names = {name for name, _ in rule.correlation.aliases}
         for f in (*rule.correlation.group_by, *(x for x in [rule.correlation.field] if x)):
-            if f not in FIELDS:
+            if f not in FIELDS and f not in alias_names:
                 problems.append(
                     _at_rule(
                         rule,

@@ -66,14 +66,35 @@ class _Sequence:
 class _Plan:
     """A correlation as `_feed` uses it, worked out once (not per match)."""
 
-    __slots__ = ("corr", "first", "getters", "gte", "id", "kind", "span", "strict", "value_of")
+    __slots__ = (
+        "by_rule",
+        "corr",
+        "first",
+        "getters",
+        "gte",
+        "id",
+        "kind",
+        "span",
+        "strict",
+        "value_of",
+    )
 
     def __init__(self, corr: CompiledRule) -> None:
         c = corr.rule.correlation
         assert c is not None
         self.corr = corr
         self.id = corr.id
-        self.getters = tuple(FIELDS[f] for f in c.group_by)
+        self.getters = tuple(FIELDS[f] for f in c.group_by if f in FIELDS)
+        # Sigma aliases: a group-by name is a different field of each correlated rule.
+        self.by_rule: dict[str, tuple[Callable[[Event], Any], ...]] | None = None
+        if c.aliases:
+            aliases = {name: dict(per_rule) for name, per_rule in c.aliases}
+            self.by_rule = {
+                base: tuple(
+                    FIELDS[aliases[f][base]] if f in aliases else FIELDS[f] for f in c.group_by
+                )
+                for base in c.rules
+            }
         self.span = int(c.timespan * 1_000_000)
         self.first = c.rules[0]
         self.kind = c.type
@@ -254,7 +275,7 @@ class Engine:
         if corr.exceptions and self._excepted(corr, e):
             return None
         groups = self._windows[plan.id]
-        getters = plan.getters
+        getters = plan.getters if plan.by_rule is None else plan.by_rule[base_id]
         if len(getters) == 2:
             key: tuple[Any, ...] = (getters[0](e), getters[1](e))
         else:

@@ -78,8 +78,8 @@ _RULE_KEYS = (
     "fields",
 )
 _CORRELATION_KEYS = ("type", "rules", "group-by", "timespan", "condition")
-# Sigma's further correlation keys (a Sigma document only): `generate` is read at the rule's
-# level; `aliases` makes the correlation inactive.
+# Sigma's further correlation keys (a Sigma document only): `generate` (its rules alert by
+# themselves too) and `aliases` (a group-by name standing for a field of each rule).
 _SIGMA_CORRELATION_EXTRA = ("aliases", "generate")
 _EXCEPTION_KEYS = ("match", "reason", "owner", "expires")
 _SUPPRESS_KEYS = ("by", "for")
@@ -416,7 +416,6 @@ class _Reader:
         )
         if m is None:
             return None
-        aliases = "aliases" in m
         missing = [k for k in ("type", "rules", "timespan") if k not in m]
         if missing:
             self.add(node, "RULE_REQUIRED", f"correlation needs {', '.join(missing)}")
@@ -479,10 +478,11 @@ class _Reader:
         if kind in ("temporal", "temporal_ordered") and rules is not None and len(rules) < 2:
             self.add(m["rules"][1], "RULE_VALUE", f"{kind} needs at least two rules")
             return None
+        aliases = self.aliases(m["aliases"][1]) if "aliases" in m else ()
         if kind is None or rules is None or group_by is None or timespan is None:
             return None
-        if aliases:  # fields named differently in each correlated rule
-            unsupported = unsupported or "correlation aliases: not evaluated by the agent"
+        if aliases is None:
+            return None
         if unsupported is not None and not self._sigma:
             # A native rule is told, not loaded inactive: it was written for this agent.
             self.add(m["type"][1], "RULE_VALUE", unsupported, "use gte: N (or gt: N)")
@@ -490,7 +490,30 @@ class _Reader:
         generate = False
         if "generate" in m:
             generate = self.boolean(m["generate"][1], "correlation.generate") or False
-        return Correlation(kind, rules, group_by, timespan, gte, fld, strict, unsupported, generate)
+        return Correlation(
+            kind, rules, group_by, timespan, gte, fld, strict, unsupported, generate, aliases
+        )
+
+    def aliases(
+        self, node: yaml.Node
+    ) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...] | None:
+        """`aliases: {name: {rule: field, ...}, ...}` (a rule by id or name)."""
+        m = self.mapping(node, None, "correlation.aliases")
+        if m is None:
+            return None
+        out = []
+        for name, (_, value) in m.items():
+            per_rule = self.mapping(value, None, f"alias {name}")
+            if per_rule is None:
+                return None
+            fields = []
+            for rule, (_, field_node) in per_rule.items():
+                field_ = self.text(field_node, f"alias {name}: field of {rule}")
+                if field_ is None:
+                    return None
+                fields.append((rule, field_))
+            out.append((name, tuple(fields)))
+        return tuple(out)
 
     def tests(self, node: yaml.Node) -> tuple[RuleTest, ...] | None:
         if not isinstance(node, yaml.SequenceNode):

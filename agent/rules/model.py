@@ -81,6 +81,8 @@ class Correlation:
     unsupported: str | None = None
     # Sigma's `generate: true` inside a correlation: its rules alert by themselves too.
     generate: bool = False
+    # Sigma's field name aliases: a group-by name -> ((correlated rule, its field), ...).
+    aliases: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -267,3 +267,62 @@ def test_a_native_rule_without_level_is_read_as_sigma_and_the_author_is_told() -
     assert ruleset is not None and ruleset.rules["n"].rule.level == "medium"
     (told,) = [p for p in problems if p.code == "RULE_READ_AS_SIGMA"]
     assert told.severity == "warning" and "level" in told.hint
+
+
+ALIASED = """\
+title: Tagged file read
+name: tagged_read
+logsource: {product: linux, category: file_access}
+detection:
+  selection: {TargetFilename|startswith: /srv/rnd/}
+  condition: selection
+---
+title: Written to a stick
+name: stick_write
+logsource: {product: linux, category: file_event}
+detection:
+  selection: {TargetFilename|startswith: /media/}
+  condition: selection
+---
+title: Read, then written to a stick, by one person whatever account wrote it
+name: read_then_stick
+correlation:
+  type: temporal
+  rules: [tagged_read, stick_write]
+  group-by: [person]
+  timespan: 10m
+  aliases:
+    person:
+      tagged_read: User
+      stick_write: exfilwatch.attribution.login_user
+level: high
+"""
+
+
+def test_correlation_aliases_group_each_rule_by_its_own_field() -> None:
+    ruleset, problems = load_text(ALIASED, NOW)
+    assert ruleset is not None, [str(p) for p in problems]
+    assert not ruleset.inactive, ruleset.inactive
+    e = Engine(ruleset)
+
+    def ev(action: str, path: str, at: int, **fields: object) -> list[dict[str, object]]:
+        values = {"event.action": action, "file.path": path, "@timestamp": NOW + at, **fields}
+        return e.process(event_from_fields(values, NOW))  # type: ignore[arg-type]
+
+    assert ev("opened", "/srv/rnd/top.v", 0, **{"user.name": "al"}) == []
+    # Written by root (sudo cp), logged in as al: the alias joins them.
+    attrs = {"user.name": "root", "exfilwatch.attribution.login_user": "al"}
+    (alert,) = ev("closed_write", "/media/stick/top.v", 1_000_000, **attrs)
+    assert alert["exfilwatch"]["correlation"]["group"] == {"person": "al"}
+    # Another person's stick write does not complete al's read.
+    assert ev("opened", "/srv/rnd/b.v", 2_000_000, **{"user.name": "al"}) == []
+    other = {"user.name": "root", "exfilwatch.attribution.login_user": "bo"}
+    assert ev("closed_write", "/media/stick/b.v", 3_000_000, **other) == []
+
+
+def test_an_alias_that_leaves_out_a_correlated_rule_is_inactive_with_the_reason() -> None:
+    text = ALIASED.replace("      stick_write: exfilwatch.attribution.login_user\n", "")
+    ruleset, problems = load_text(text, NOW)
+    assert ruleset is not None, [str(p) for p in problems]
+    (reason,) = [why for _, why in ruleset.inactive.values()]
+    assert reason == "alias person names no field of rule stick_write"
