@@ -120,7 +120,7 @@ class RuleSet:
         for cid, corr in self.correlations.items():
             assert corr.rule.correlation is not None
             for base in corr.rule.correlation.rules:
-                if base in self.rules:
+                if base in self.rules or base in self.correlations:  # chains: a correlation
                     consumers.setdefault(base, []).append(cid)
         self.consumers = {k: tuple(v) for k, v in consumers.items()}
 
@@ -461,7 +461,6 @@ def _sigma_references(defs: Definitions) -> dict[str, str]:
 
         refs = tuple(ref(r) for r in corr.rules)
         missing = [r for r in refs if r not in defs.rules]
-        chained = [r for r in refs if r in defs.rules and defs.rules[r].correlation is not None]
         aliases = tuple(
             (name, tuple((ref(r), _GROUP_FIELDS.get(f, f)) for r, f in per_rule))
             for name, per_rule in corr.aliases
@@ -477,8 +476,6 @@ def _sigma_references(defs: Definitions) -> dict[str, str]:
         ]
         if missing:
             inactive[rid] = f"it correlates rule {missing[0]}, which is not loaded"
-        elif chained:
-            inactive[rid] = f"it correlates correlation {chained[0]}: chains are not evaluated"
         elif unknown:
             inactive[rid] = f"field {unknown[0]} has no equivalent in the agent's events"
         elif uncovered:
@@ -488,7 +485,32 @@ def _sigma_references(defs: Definitions) -> dict[str, str]:
             rule,
             correlation=replace(corr, rules=refs, group_by=group, field=field_, aliases=aliases),
         )
+    # Chains (a correlation over a correlation) run; a loop of them never could.
+    for rid in _looping(defs):
+        inactive.setdefault(rid, "its chain of correlations loops back to it")
     return inactive
+
+
+def _looping(defs: Definitions) -> list[str]:
+    """The Sigma correlations that reach themselves through the correlations they use."""
+    uses = {
+        rid: [b for b in r.correlation.rules if b in defs.rules and defs.rules[b].correlation]
+        for rid, r in defs.rules.items()
+        if r.correlation is not None and r.sigma
+    }
+    looping = []
+    for start, used in uses.items():
+        seen: set[str] = set()
+        todo = list(used)
+        while todo:
+            cur = todo.pop()
+            if cur == start:
+                looping.append(start)
+                break
+            if cur not in seen:
+                seen.add(cur)
+                todo.extend(uses.get(cur, ()))
+    return looping
 
 
 def _apply_filters(
@@ -755,6 +777,8 @@ def compile_definitions(
                         nearest(base, defs.rules),
                     )
                 )
+            elif defs.rules[base].correlation is not None and rule.sigma:
+                referenced_by.setdefault(base, []).append(rule.id)  # a chain (Sigma)
             elif defs.rules[base].correlation is not None:
                 problems.append(
                     _at_rule(
@@ -823,13 +847,17 @@ def compile_definitions(
     for broken in defs.check_only:
         c.rule(broken, False)
     _apply_filters(c, defs, ruleset, problems)
-    # A Sigma correlation over a rule that cannot run cannot run either.
-    for cid, corr in list(ruleset.correlations.items()):
-        assert corr.rule.correlation is not None
-        idle = [b for b in corr.rule.correlation.rules if b in ruleset.inactive]
-        if corr.rule.sigma and idle:
-            del ruleset.correlations[cid]
-            _inactive(ruleset, problems, corr.rule, f"it correlates inactive rule {idle[0]}")
+    # A Sigma correlation over a rule that cannot run cannot run either (nor one over it).
+    changed = True
+    while changed:
+        changed = False
+        for cid, corr in list(ruleset.correlations.items()):
+            assert corr.rule.correlation is not None
+            idle = [b for b in corr.rule.correlation.rules if b in ruleset.inactive]
+            if corr.rule.sigma and idle:
+                del ruleset.correlations[cid]
+                _inactive(ruleset, problems, corr.rule, f"it correlates inactive rule {idle[0]}")
+                changed = True
     ruleset.link()
     if errors_only(problems) and not keep_going:
         return None

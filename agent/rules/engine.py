@@ -105,6 +105,7 @@ class _Plan:
 
 
 _PLACE_CACHE = 1024
+_MAX_CHAIN = 16  # correlations over correlations followed at most this deep
 TRUSTED_KEYS = 1000  # rule/user/place combinations counted between two summaries
 STATE_VERSION = 1
 
@@ -199,12 +200,24 @@ class Engine:
                 alert = self._suppressed(r, e, partial(_single, r, e))
                 if alert is not None:
                     out.append(alert)
-            for corr in self._consumers.get(r.id, ()):
-                alert = self._feed(corr, r.id, e)
-                if alert is not None:
-                    out.append(alert)
+            for plan in self._consumers.get(r.id, ()):
+                self._fire(plan, r.id, e, out, 0)
         self.alerts += len(out)
         return out
+
+    def _fire(
+        self, plan: _Plan, base_id: str, e: Event, out: list[dict[str, Any]], depth: int
+    ) -> None:
+        """Feed a correlation; when it fires, its alert (if it generates one) and the
+        correlations over it (a Sigma chain: the loader refuses loops; the depth is a guard)."""
+        alert = self._feed(plan, base_id, e)
+        if alert is None:
+            return
+        if plan.corr.generate:
+            out.append(alert)
+        if depth < _MAX_CHAIN:
+            for above in self._consumers.get(plan.id, ()):
+                self._fire(above, plan.id, e, out, depth + 1)
 
     def _count_trusted(self, rule_id: str, e: Event) -> None:
         self.trusted_matched += 1

@@ -326,3 +326,69 @@ def test_an_alias_that_leaves_out_a_correlated_rule_is_inactive_with_the_reason(
     assert ruleset is not None, [str(p) for p in problems]
     (reason,) = [why for _, why in ruleset.inactive.values()]
     assert reason == "alias person names no field of rule stick_write"
+
+
+CHAINED = """\
+title: Tagged file read
+name: tagged_read
+logsource: {product: linux, category: file_access}
+detection:
+  selection: {TargetFilename|startswith: /srv/rnd/}
+  condition: selection
+---
+title: Many tagged reads
+name: many_reads
+correlation:
+  type: event_count
+  rules: [tagged_read]
+  group-by: [User]
+  timespan: 10m
+  condition: {gte: 3}
+level: medium
+---
+title: Written to a stick
+name: stick_write
+logsource: {product: linux, category: file_event}
+detection:
+  selection: {TargetFilename|startswith: /media/}
+  condition: selection
+---
+title: Many reads, then a stick
+name: hoard_then_stick
+correlation:
+  type: temporal_ordered
+  rules: [many_reads, stick_write]
+  group-by: [User]
+  timespan: 30m
+level: high
+"""
+
+
+def test_a_chained_correlation_counts_what_the_correlation_under_it_found() -> None:
+    ruleset, problems = load_text(CHAINED, NOW)
+    assert ruleset is not None, [str(p) for p in problems]
+    assert not ruleset.inactive, ruleset.inactive
+    e = Engine(ruleset)
+
+    def ev(action: str, path: str, at: int, user: str = "al") -> list[str]:
+        values = {"event.action": action, "file.path": path, "@timestamp": NOW + at}
+        alerts = e.process(event_from_fields({**values, "user.name": user}, NOW))
+        return [a["rule"]["name"] for a in alerts]  # type: ignore[index]
+
+    assert ev("closed_write", "/media/s/early.v", 0) == []  # before the hoarding: no order
+    for i in range(3):
+        # The third read completes many_reads: it feeds the chain and, used by it, does not
+        # alert by itself (Sigma's generate: false).
+        assert ev("opened", f"/srv/rnd/{i}.v", (i + 1) * 1_000_000) == []
+    assert ev("closed_write", "/media/s/top.v", 5_000_000, user="bo") == []
+    assert ev("closed_write", "/media/s/top.v", 6_000_000) == ["Many reads, then a stick"]
+
+
+def test_a_loop_of_correlations_is_inactive() -> None:
+    looped = CHAINED.replace("rules: [tagged_read]", "rules: [tagged_read, hoard_then_stick]")
+    ruleset, problems = load_text(looped, NOW)
+    assert ruleset is not None, [str(p) for p in problems]
+    reasons = {rid: why for rid, (_, why) in ruleset.inactive.items()}
+    assert reasons["many_reads"] == "its chain of correlations loops back to it"
+    assert reasons["hoard_then_stick"] == "its chain of correlations loops back to it"
+    assert "tagged_read" in ruleset.rules  # the rules themselves still run
