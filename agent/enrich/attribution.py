@@ -95,17 +95,23 @@ class Proc:
         return " ".join(self.cmdline)
 
     def paths(self) -> list[str]:
-        """Absolute paths among the arguments (relative ones resolved against the cwd)."""
+        """Absolute paths among the arguments (relative ones resolved against the cwd): an
+        argument, the value of `--opt=value`, and of `key=value` (dd's if=/of=) as well as
+        the whole argument (a file may be named `a=b`)."""
         out = []
         for given in self.cmdline[1:]:
-            arg = given.split("=", 1)[1] if given.startswith("-") and "=" in given else given
-            if not arg or arg.startswith("-") or ("/" not in arg and arg not in (".", "..")):
-                continue
-            if not arg.startswith("/"):
-                if self.cwd is None:
+            if given.startswith("-"):
+                args = [given.split("=", 1)[1]] if "=" in given else [given]
+            else:
+                key, eq, value = given.partition("=")
+                args = [given, value] if eq and key.isidentifier() else [given]
+            for arg in args:
+                if not arg or arg.startswith("-") or ("/" not in arg and arg not in (".", "..")):
                     continue
-                arg = posixpath.join(self.cwd, arg)
-            out.append(posixpath.normpath(arg))
+                if arg.startswith("/"):
+                    out.append(posixpath.normpath(arg))
+                elif self.cwd is not None:
+                    out.append(posixpath.normpath(posixpath.join(self.cwd, arg)))
         return out
 
 

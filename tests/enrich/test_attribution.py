@@ -209,6 +209,34 @@ def test_a_process_that_exited_is_still_found_by_the_path_it_named_for_a_while(
     assert table.by_path(str(target)) is None
 
 
+def test_dd_names_its_files_as_if_and_of(tmp_path: Path) -> None:
+    # dd if=src of=dst: the paths are values of key=value arguments (relative ones against
+    # the working directory); the whole argument stays a candidate (a file may be named so).
+    src, dst = tmp_path / "src.bin", tmp_path / "out" / "dst.bin"
+    src.write_bytes(b"x" * 4096)
+    dst.parent.mkdir()
+    # dd reads its input from a FIFO that the gate holds: it is alive while the table reads.
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    child = subprocess.Popen(
+        ["dd", f"if=./{fifo.name}", "of=out/dst.bin", "status=none"],
+        cwd=tmp_path,
+        stderr=subprocess.DEVNULL,
+    )
+    table = ProcessTable(report=no_report)
+    try:
+        table.start()
+        found = table.by_path(str(dst))
+        assert found is not None and found[0].pid == child.pid
+        found = table.by_path(str(fifo))
+        assert found is not None and found[0].pid == child.pid
+        assert str(tmp_path / "of=out" / "dst.bin") in found[0].paths()
+    finally:
+        with open(fifo, "wb") as fh:
+            fh.write(src.read_bytes())
+        child.wait(timeout=10)
+
+
 def test_a_full_process_table_tracks_no_more_and_reports_its_cap() -> None:
     records: list[dict[str, Any]] = []
     running = [cat() for _ in range(3)]
