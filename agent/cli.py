@@ -17,10 +17,25 @@ from agent.config import check_file, default_config_path
 from agent.diagnostics import errors_only, format_problems
 from agent.sinks import FileSink, Router, SinkOpenError, StreamSink, UnsafeSinkError
 from agent.sinks.logsetup import configure
+from agent.units import parse_duration
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
+
+
+_FORMAT = "text for people (the default), json for tools"
+
+
+def _duration(text: str) -> float:
+    """--duration: a positive duration with or without a unit (0 is not 'forever')."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0 (leave it out to run until stopped)")
+    return seconds
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,12 +44,19 @@ def _parser() -> argparse.ArgumentParser:
         description="Insider-risk monitoring agent: watches tagged R&D directories.",
     )
     p.add_argument("--version", action="version", version=f"exfilwatch {__version__}")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="the least severe of the agent's own log lines to print (default: info)",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the agent in the foreground")
     run.add_argument("--config", help=f"config file (default: {default_config_path()})")
-    run.add_argument("--duration", type=float, help="stop after this many seconds")
+    run.add_argument(
+        "--duration", type=_duration, help="stop after this long (e.g. 90, 30s, 5m, 2h)"
+    )
     run.add_argument(
         "--format",
         choices=["auto", "json", "pretty"],
@@ -45,19 +67,21 @@ def _parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("record", help="write normalized file events as JSON lines")
     rec.add_argument("--config", help="config file giving the watched trees")
     rec.add_argument("--output", "-o", default="-", help="file to append to (default: stdout)")
-    rec.add_argument("--duration", type=float, help="stop after this many seconds")
+    rec.add_argument(
+        "--duration", type=_duration, help="stop after this long (e.g. 90, 30s, 5m, 2h)"
+    )
 
     cfg = sub.add_parser("config", help="work with the agent config")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
     check = cfg_sub.add_parser("check", help="validate a config file, listing every problem")
     check.add_argument("file", nargs="?", help="config file (default: the one run would use)")
-    check.add_argument("--format", choices=["text", "json"], default="text")
+    check.add_argument("--format", choices=["text", "json"], default="text", help=_FORMAT)
     rules = sub.add_parser("rules", help="validate and test rule files")
     rules_sub = rules.add_subparsers(dest="rules_command", metavar="SUBCOMMAND")
     validate = rules_sub.add_parser("validate", help="check rule files, listing every problem")
     validate.add_argument("paths", nargs="*", help="files or directories (default: config rules)")
     validate.add_argument("--config", help="config whose 'rules' to use when no paths are given")
-    validate.add_argument("--format", choices=["text", "json"], default="text")
+    validate.add_argument("--format", choices=["text", "json"], default="text", help=_FORMAT)
     validate.add_argument(
         "--show", metavar="RULE_ID", help="print the effective rule (overrides applied)"
     )
@@ -85,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     markers_sub = markers.add_subparsers(dest="markers_command", metavar="SUBCOMMAND")
     mlist = markers_sub.add_parser("list", help="print the stored marker tags, by directory")
     mlist.add_argument("--config", help="config whose state_dir to read")
-    mlist.add_argument("--format", choices=["text", "json"], default="text")
+    mlist.add_argument("--format", choices=["text", "json"], default="text", help=_FORMAT)
     forget = markers_sub.add_parser(
         "forget", help="remove a directory's stored marker tags (then reload the agent)"
     )
@@ -111,7 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     pseudo = sub.add_parser("pseudonym", help="who a pseudonymized user name stands for")
     pseudo_sub = pseudo.add_subparsers(dest="pseudonym_command", metavar="SUBCOMMAND")
     reveal = pseudo_sub.add_parser("reveal", help="the user behind u-... (needs the key)")
-    reveal.add_argument("pseudonyms", nargs="+", metavar="PSEUDONYM")
+    reveal.add_argument(
+        "pseudonyms", nargs="+", metavar="PSEUDONYM", help="pseudonyms as alerts carry them"
+    )
     reveal.add_argument("--config", help="config whose state_dir holds pseudonym.key")
     return p
 
@@ -161,8 +187,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agent import watchlist_cli
 
         return watchlist_cli.run(args)
-    parser.print_help(sys.stderr if args.command is None else sys.stdout)
-    return EXIT_USAGE if args.command is None else EXIT_OK
+    # A command that needs a subcommand and got none: its own help, as a usage error.
+    _subparser(parser, args.command).print_help(sys.stderr)
+    return EXIT_USAGE
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    """The parser of `command` (the top-level one when there is none)."""
+    for action in parser._actions:  # argparse keeps subparsers only here
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            found: argparse.ArgumentParser = action.choices[command]
+            return found
+    return parser
 
 
 def _report(args: argparse.Namespace) -> int:

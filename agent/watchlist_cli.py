@@ -42,11 +42,13 @@ def add_parser(sub: Any) -> None:
     add.add_argument("--config", **here)
 
     rm = wl_sub.add_parser("remove", help="take a user off the watchlist")
-    rm.add_argument("user")
+    rm.add_argument("user", help="local user name")
     rm.add_argument("--config", **here)
 
     ls = wl_sub.add_parser("list", help="the entries, whether each is active, days to last day")
-    ls.add_argument("--format", choices=["text", "json"], default="text")
+    ls.add_argument(
+        "--format", choices=["text", "json"], default="text", help="text for people, json for tools"
+    )
     ls.add_argument("--config", **here)
 
     imp = wl_sub.add_parser(

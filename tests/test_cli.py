@@ -63,3 +63,51 @@ def test_run_refuses_to_start_on_bad_rules_when_errors_are_fatal_and_says_where(
     assert res.returncode == 1
     assert f"{tmp_path / 'rules' / 'r.yaml'}:4:17 RULE_UNKNOWN_FIELD" in res.stderr
     assert "fix the rule errors" in res.stderr
+
+
+def test_every_option_and_argument_has_help_text() -> None:
+    import argparse
+
+    from agent.cli import _parser
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        missing = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    missing += walk(sub, f"{path} {name}")
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+        return missing
+
+    assert walk(_parser(), "exfilwatch") == []
+
+
+def test_a_command_without_its_subcommand_prints_its_own_help_and_exits_2() -> None:
+    for command in ("rules", "config", "markers", "pseudonym"):
+        done = run(command)
+        assert done.returncode == 2, command
+        assert f"usage: exfilwatch {command}" in done.stderr, (command, done.stderr)
+
+
+def test_durations_take_units_and_zero_is_refused() -> None:
+    from agent.cli import _parser
+
+    parser = _parser()
+    assert parser.parse_args(["run", "--duration", "5s"]).duration == 5.0
+    assert parser.parse_args(["record", "--duration", "2m"]).duration == 120.0
+    assert parser.parse_args(["run", "--duration", "1.5"]).duration == 1.5
+    for bad in ("0", "0s", "-3", "soon"):
+        done = run("run", "--duration", bad)
+        assert done.returncode == 2, bad
+        assert "--duration" in done.stderr, done.stderr
+
+
+def test_a_missing_events_file_for_replay_is_a_located_error_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "missing.jsonl"
+    done = run("replay", str(missing), "--rules", str(Path(__file__).parents[1] / "rules"))
+    assert done.returncode == 1
+    assert f"{missing}:0:0 EVT_UNREADABLE" in done.stderr
+    assert "Traceback" not in done.stderr
