@@ -42,10 +42,12 @@ def _now_us() -> int:
 
 def validate(paths: Sequence[str], fmt: str, show: str | None) -> int:
     ruleset, problems = load_rules(paths, _now_us())
-    if fmt == "json":
-        print(format_problems(problems, "json"))
+    # With --show, stdout holds the one rule document; the problems go to stderr.
+    listing = sys.stderr if show is not None else sys.stdout
+    if fmt == "json" and (show is None or problems):
+        print(format_problems(problems, "json"), file=listing)
     elif problems:
-        print(format_problems(problems))
+        print(format_problems(problems), file=listing)
     if ruleset is None:
         if fmt == "text":
             errors = len(errors_only(problems))

@@ -304,6 +304,10 @@ def test_rules_validate_shows_the_effective_rule(tmp_path: Path) -> None:
     assert shown["level"] == "high"
     assert shown["overridden_by"] == [f"{tmp_path / 'local.yaml'}:1"]
     assert shown["condition_expanded"] == "selection"
+    # With --format json too, stdout is that one document (problems, if any, on stderr).
+    res = _cli("rules", "validate", str(tmp_path), "--show", "usb-copy", "--format", "json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["id"] == "usb-copy"
 
 
 def test_rules_test_command_shows_a_readable_diff_and_fails(tmp_path: Path) -> None:
