@@ -11,10 +11,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from types import FrameType
+from typing import Any
 
 from agent import __version__
-from agent.config import check_file, default_config_path
-from agent.diagnostics import errors_only, format_problems
+from agent.config import SYSTEM_CONFIG, check_file, data_dir, default_config_path
+from agent.diagnostics import Problem, errors_only, format_problems
 from agent.sinks import FileSink, Router, SinkOpenError, StreamSink, UnsafeSinkError
 from agent.sinks.logsetup import configure
 from agent.units import parse_duration
@@ -76,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     check = cfg_sub.add_parser("check", help="validate a config file, listing every problem")
     check.add_argument("file", nargs="?", help="config file (default: the one run would use)")
     check.add_argument("--format", choices=["text", "json"], default="text", help=_FORMAT)
+    init = cfg_sub.add_parser(
+        "init", help="write the shipped default config, commented, to a new file"
+    )
+    init.add_argument("file", nargs="?", help=f"where to write it (default: {SYSTEM_CONFIG})")
+    init.add_argument("--force", action="store_true", help="replace a file that exists")
     rules = sub.add_parser("rules", help="validate and test rule files")
     rules_sub = rules.add_subparsers(dest="rules_command", metavar="SUBCOMMAND")
     validate = rules_sub.add_parser("validate", help="check rule files, listing every problem")
@@ -152,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args.config, args.duration, record_to=args.output)
     if args.command == "config" and args.config_command == "check":
         return _config_check(args.file or default_config_path(), args.format)
+    if args.command == "config" and args.config_command == "init":
+        return _config_init(args.file or SYSTEM_CONFIG, args.force)
     if args.command == "rules" and args.rules_command in ("validate", "test", "coverage"):
         from agent import rules_cli
 
@@ -357,7 +365,23 @@ def _markers(args: argparse.Namespace) -> int:
 
 
 def _config_check(path: str, fmt: str) -> int:
+    """The config, and what `run` would refuse or leave out because of it: its rules (a
+    missing path, a rule with errors) and its file sinks (a directory that is not there or
+    not writable). Nothing is created."""
     config, problems = check_file(path)
+    rules = 0
+    if config is not None and not errors_only(problems):
+        from agent.rules.compiler import load_rules
+
+        ruleset, rule_problems = load_rules(config.rules, time.time_ns() // 1000)
+        problems += rule_problems
+        rules = len(ruleset) if ruleset is not None else 0
+        problems += _sink_problems(path, config)
+    if config is None and any(p.code == "CFG_UNREADABLE" for p in problems):
+        problems = [
+            p if p.code != "CFG_UNREADABLE" or p.hint else replace(p, hint=_INIT_HINT)
+            for p in problems
+        ]
     if problems:
         print(format_problems(problems, fmt))
     elif fmt == "json":
@@ -365,8 +389,76 @@ def _config_check(path: str, fmt: str) -> int:
     if config is None or errors_only(problems):
         return EXIT_PROBLEMS
     if fmt == "text":
-        print(f"{path}: ok ({len(config.watch)} watched trees, {len(config.sinks)} sinks)")
+        print(
+            f"{path}: ok ({len(config.watch)} watched trees, {rules} rules, "
+            f"{len(config.sinks)} sinks)"
+        )
     return EXIT_OK
+
+
+_INIT_HINT = "write a commented default with `exfilwatch config init FILE`, then edit it"
+
+
+def _config_init(path: str, force: bool) -> int:
+    """The shipped default config, its rules path made absolute (the installed packs), in a
+    new file only the owner can write (the agent refuses a config others can change)."""
+    shipped = data_dir() / "config" / "agent.yaml"
+    rules = data_dir() / "rules"
+    try:
+        text = shipped.read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"{shipped}:0:0 CFG_UNREADABLE {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    text = text.replace("rules: [../rules]", f"rules: [{rules}]", 1)
+    text = text.replace("# yaml-language-server: $schema=./agent.schema.json\n", "", 1)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        print(f"{path}: exists; edit it, or give --force to replace it", file=sys.stderr)
+        return EXIT_PROBLEMS
+    except OSError as exc:
+        print(f"{path}:0:0 CFG_UNWRITABLE {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.chmod(path, 0o600)
+    print(f"{path}: written; edit its watch list, then: exfilwatch config check {path}")
+    return EXIT_OK
+
+
+def _sink_problems(path: str, config: Any) -> list[Problem]:
+    """A file sink whose file cannot be created or appended to: `run` would refuse it."""
+    out = []
+    for sink in config.sinks:
+        if sink.type != "file" or not sink.path:
+            continue
+        target = sink.path
+        where = target if os.path.exists(target) else os.path.dirname(target) or "."
+        if not os.path.isdir(where) and not os.path.exists(target):
+            out.append(
+                Problem(
+                    path,
+                    0,
+                    0,
+                    "CFG_SINK_PATH",
+                    f"file sink {target}: {where} does not exist",
+                    f"create it (mkdir -p {where}) or choose another path",
+                )
+            )
+        elif not os.access(where, os.W_OK):
+            out.append(
+                Problem(
+                    path,
+                    0,
+                    0,
+                    "CFG_SINK_PATH",
+                    f"file sink {target}: {where} is not writable",
+                    "run the agent as a user that may write there, or choose another path",
+                )
+            )
+    return out
 
 
 def _run(
@@ -406,21 +498,6 @@ def _run(
             print(f"{record_to}: not recording: {exc}", file=sys.stderr)
             return EXIT_PROBLEMS
         router = Router([(sink, kinds)])
-    own = [os.path.abspath(record_to)] if record_to not in (None, "-") else []
-    try:
-        agent = Agent(config, router=router, own_paths=own)
-    except SinkOpenError as exc:
-        # The check passed but the open did not (a race, a full disk): refused, no traceback.
-        for text in exc.problems:
-            print(f"{path}: {text}", file=sys.stderr)
-        print(f"{path}: not started, a sink could not be opened", file=sys.stderr)
-        return EXIT_PROBLEMS
-    if config.rules and not agent.load_rules():
-        for p in agent.rule_problems:
-            print(str(p), file=sys.stderr)
-        print(f"{path}: not started, fix the rule errors above", file=sys.stderr)
-        return EXIT_PROBLEMS
-
     stop = threading.Event()
     reload = threading.Event()
     wake = threading.Event()
@@ -436,9 +513,26 @@ def _run(
         reload.set()
         wake.set()
 
+    # Before the agent is made: its sinks start delivering (an outbox left by a killed run)
+    # as soon as they open, and a stop asked for then must be a clean stop, not a kill.
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
+
+    own = [os.path.abspath(record_to)] if record_to not in (None, "-") else []
+    try:
+        agent = Agent(config, router=router, own_paths=own)
+    except SinkOpenError as exc:
+        # The check passed but the open did not (a race, a full disk): refused, no traceback.
+        for text in exc.problems:
+            print(f"{path}: {text}", file=sys.stderr)
+        print(f"{path}: not started, a sink could not be opened", file=sys.stderr)
+        return EXIT_PROBLEMS
+    if config.rules and not agent.load_rules():
+        for p in agent.rule_problems:
+            print(str(p), file=sys.stderr)
+        print(f"{path}: not started, fix the rule errors above", file=sys.stderr)
+        return EXIT_PROBLEMS
 
     try:
         agent.start()

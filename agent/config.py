@@ -6,6 +6,7 @@ import datetime as dt
 import math
 import os
 import shlex
+import sys
 import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,16 @@ from agent.units import parse_duration
 SYSTEM_CONFIG = "/etc/exfilwatch/agent.yaml"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_CONFIG = REPO_ROOT / "config" / "agent.yaml"
+
+
+def data_dir() -> Path:
+    """Where the shipped rules (rules/) and default config (config/) are: the checkout for a
+    run from it or an editable install, else <prefix>/share/exfilwatch, where the wheel puts
+    them (pyproject.toml, data-files)."""
+    if (REPO_ROOT / "rules").is_dir() and REPO_CONFIG.is_file():
+        return REPO_ROOT
+    return Path(sys.prefix) / "share" / "exfilwatch"
+
 
 SENSITIVITY_LEVELS = ("low", "medium", "high", "critical")
 SOURCES = ("auto", "inotify", "watchdog", "polling")
@@ -293,10 +304,11 @@ class Config:
 
 
 def default_config_path() -> str:
-    """`/etc/exfilwatch/agent.yaml` when present, else the checkout's `config/agent.yaml`
-    (found next to the package for an editable install, or in the working directory for a
-    plain `pip install .` run from the checkout)."""
-    for candidate in (Path(SYSTEM_CONFIG), REPO_CONFIG, Path.cwd() / "config" / "agent.yaml"):
+    """`/etc/exfilwatch/agent.yaml` when present, else the shipped `config/agent.yaml` (the
+    checkout's, or the installed one under <prefix>/share/exfilwatch), else one in the
+    working directory's `config/`."""
+    shipped = data_dir() / "config" / "agent.yaml"
+    for candidate in (Path(SYSTEM_CONFIG), shipped, Path.cwd() / "config" / "agent.yaml"):
         if candidate.exists():
             return str(candidate)
     return SYSTEM_CONFIG

@@ -111,3 +111,38 @@ def test_a_missing_events_file_for_replay_is_a_located_error_not_a_traceback(
     assert done.returncode == 1
     assert f"{missing}:0:0 EVT_UNREADABLE" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_config_init_writes_a_default_only_its_owner_can_change_and_check_accepts_it(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "etc" / "agent.yaml"
+    done = run("config", "init", str(target))
+    assert done.returncode == 0, done.stderr
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert "rules: [../rules]" not in target.read_text()  # made absolute: the installed packs
+    checked = run("config", "check", str(target))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "rules" in checked.stdout
+    again = run("config", "init", str(target))
+    assert again.returncode == 1 and "--force" in again.stderr
+    assert run("config", "init", str(target), "--force").returncode == 0
+
+
+def test_config_check_finds_what_run_would_refuse_and_says_how_to_start(tmp_path: Path) -> None:
+    tree = tmp_path / "rnd"
+    tree.mkdir()
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"watch: [{{path: {tree}, tags: [rnd]}}]\n"
+        f"rules: [{tmp_path / 'no-such-rules'}]\n"
+        f"sinks: [{{type: file, path: {tmp_path / 'no-such-dir' / 'alerts.jsonl'}}}]\n"
+        f"state_dir: {tmp_path / 'state'}\n"
+    )
+    config.chmod(0o600)
+    done = run("config", "check", str(config))
+    assert done.returncode == 1
+    assert "RULE_PATH_MISSING" in done.stdout and "CFG_SINK_PATH" in done.stdout
+    assert not (tmp_path / "no-such-dir").exists()  # nothing created by a check
+    missing = run("config", "check", str(tmp_path / "none.yaml"))
+    assert missing.returncode == 1 and "exfilwatch config init" in missing.stdout
