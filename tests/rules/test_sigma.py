@@ -269,7 +269,7 @@ def test_a_native_rule_without_level_is_read_as_sigma_and_the_author_is_told() -
     assert told.severity == "warning" and "level" in told.hint
 
 
-ALIASED = """\
+READ_AND_STICK = """\
 title: Tagged file read
 name: tagged_read
 logsource: {product: linux, category: file_access}
@@ -284,6 +284,11 @@ detection:
   selection: {TargetFilename|startswith: /media/}
   condition: selection
 ---
+"""
+
+ALIASED = (
+    READ_AND_STICK
+    + """\
 title: Read, then written to a stick, by one person whatever account wrote it
 name: read_then_stick
 correlation:
@@ -297,6 +302,7 @@ correlation:
       stick_write: exfilwatch.attribution.login_user
 level: high
 """
+)
 
 
 def test_correlation_aliases_group_each_rule_by_its_own_field() -> None:
@@ -328,14 +334,9 @@ def test_an_alias_that_leaves_out_a_correlated_rule_is_inactive_with_the_reason(
     assert reason == "alias person names no field of rule stick_write"
 
 
-CHAINED = """\
-title: Tagged file read
-name: tagged_read
-logsource: {product: linux, category: file_access}
-detection:
-  selection: {TargetFilename|startswith: /srv/rnd/}
-  condition: selection
----
+CHAINED = (
+    READ_AND_STICK
+    + """\
 title: Many tagged reads
 name: many_reads
 correlation:
@@ -346,13 +347,6 @@ correlation:
   condition: {gte: 3}
 level: medium
 ---
-title: Written to a stick
-name: stick_write
-logsource: {product: linux, category: file_event}
-detection:
-  selection: {TargetFilename|startswith: /media/}
-  condition: selection
----
 title: Many reads, then a stick
 name: hoard_then_stick
 correlation:
@@ -362,6 +356,7 @@ correlation:
   timespan: 30m
 level: high
 """
+)
 
 
 def test_a_chained_correlation_counts_what_the_correlation_under_it_found() -> None:
