@@ -11,11 +11,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from types import FrameType
-from typing import Any
 
 from agent import __version__
 from agent.config import SYSTEM_CONFIG, check_file, data_dir, default_config_path
-from agent.diagnostics import Problem, errors_only, format_problems
+from agent.diagnostics import errors_only, format_problems
 from agent.sinks import FileSink, Router, SinkOpenError, StreamSink, UnsafeSinkError
 from agent.sinks.logsetup import configure
 from agent.units import parse_duration
@@ -365,9 +364,9 @@ def _markers(args: argparse.Namespace) -> int:
 
 
 def _config_check(path: str, fmt: str) -> int:
-    """The config, and what `run` would refuse or leave out because of it: its rules (a
-    missing path, a rule with errors) and its file sinks (a directory that is not there or
-    not writable). Nothing is created."""
+    """The config (file sinks included: check_sink_path), and what `run` would refuse or
+    leave out because of it: its rules (a missing path, a rule with errors). Nothing is
+    created."""
     config, problems = check_file(path)
     rules = 0
     if config is not None and not errors_only(problems):
@@ -376,7 +375,6 @@ def _config_check(path: str, fmt: str) -> int:
         ruleset, rule_problems = load_rules(config.rules, time.time_ns() // 1000)
         problems += rule_problems
         rules = len(ruleset) if ruleset is not None else 0
-        problems += _sink_problems(path, config)
     if config is None and any(p.code == "CFG_UNREADABLE" for p in problems):
         problems = [
             p if p.code != "CFG_UNREADABLE" or p.hint else replace(p, hint=_INIT_HINT)
@@ -426,39 +424,6 @@ def _config_init(path: str, force: bool) -> int:
     os.chmod(path, 0o600)
     print(f"{path}: written; edit its watch list, then: exfilwatch config check {path}")
     return EXIT_OK
-
-
-def _sink_problems(path: str, config: Any) -> list[Problem]:
-    """A file sink whose file cannot be created or appended to: `run` would refuse it."""
-    out = []
-    for sink in config.sinks:
-        if sink.type != "file" or not sink.path:
-            continue
-        target = sink.path
-        where = target if os.path.exists(target) else os.path.dirname(target) or "."
-        if not os.path.isdir(where) and not os.path.exists(target):
-            out.append(
-                Problem(
-                    path,
-                    0,
-                    0,
-                    "CFG_SINK_PATH",
-                    f"file sink {target}: {where} does not exist",
-                    f"create it (mkdir -p {where}) or choose another path",
-                )
-            )
-        elif not os.access(where, os.W_OK):
-            out.append(
-                Problem(
-                    path,
-                    0,
-                    0,
-                    "CFG_SINK_PATH",
-                    f"file sink {target}: {where} is not writable",
-                    "run the agent as a user that may write there, or choose another path",
-                )
-            )
-    return out
 
 
 def _run(

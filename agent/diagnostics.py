@@ -480,4 +480,34 @@ def check_permissions(path: str, code_prefix: str) -> list[Problem]:
                 f"chown root {path}",
             )
         )
+    # As sshd's StrictModes: a directory on the way that others may change lets them swap or
+    # delete the file (a sticky one, /tmp, lets them remove only their own files).
+    folder = os.path.dirname(os.path.abspath(path))
+    while True:
+        try:
+            dst = os.stat(folder)
+        except OSError:
+            break
+        open_to_others = dst.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if (open_to_others and not dst.st_mode & stat.S_ISVTX) or dst.st_uid not in (
+            0,
+            os.geteuid(),
+        ):
+            problems.append(
+                Problem(
+                    path,
+                    0,
+                    0,
+                    f"{code_prefix}_UNSAFE_DIRECTORY",
+                    f"directory {folder} can be changed by others (mode "
+                    f"{stat.S_IMODE(dst.st_mode):04o}, owner uid {dst.st_uid}): they could "
+                    "replace or delete this file",
+                    f"chmod go-w {folder}" if open_to_others else f"chown root {folder}",
+                )
+            )
+            break
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
     return problems

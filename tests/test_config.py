@@ -307,6 +307,34 @@ def test_a_config_others_can_write_is_refused_when_root(tmp_path: Path) -> None:
         load(str(path))
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the permission check applies when run as root")
+def test_a_config_in_a_directory_others_can_change_is_refused_unless_sticky(
+    tmp_path: Path,
+) -> None:
+    # Others could replace or delete the file there (sshd's StrictModes); /tmp-like sticky
+    # directories only let them remove their own files.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "rnd").mkdir()
+    path = shared / "agent.yaml"
+    path.write_text("watch: [{path: rnd}]\n")
+    path.chmod(0o600)
+    shared.chmod(0o777)
+    config, problems = check_file(str(path))
+    assert config is None
+    (problem,) = [p for p in problems if p.code == "CFG_UNSAFE_DIRECTORY"]
+    assert problem.hint == f"chmod go-w {shared}"
+    shared.chmod(0o1777)
+    config, problems = check_file(str(path))
+    assert config is not None, [str(p) for p in problems]
+    shared.chmod(0o755)
+    os.chown(shared, 65534, 65534)  # a directory another user owns
+    config, problems = check_file(str(path))
+    assert config is None
+    (problem,) = [p for p in problems if p.code == "CFG_UNSAFE_DIRECTORY"]
+    assert problem.hint == f"chown root {shared}"
+
+
 def test_the_shipped_config_is_valid() -> None:
     config, problems = check_file(str(REPO_CONFIG))
     assert config is not None, [str(p) for p in problems]
