@@ -403,11 +403,17 @@ class ProcessTable:
                 self._missing.pop(proc.pid, None)
                 self._index(proc)
         self._fresh = {p.pid for p in execed} | {p.pid for p in new}
-        return execed + new
+        # Read mid-exec (no arguments yet): reported once its arguments are read (_reread).
+        return [p for p in execed + new if p.cmdline or p.exe is None]
 
     def _reread(self, old: Proc) -> Proc | None:
         """The process anew if it is no longer the program it was when read (it called exec,
-        or its pid was reused); else None."""
+        or its pid was reused), or if its arguments could not be read then; else None."""
+        if not old.cmdline and old.exe is not None:
+            # A user process with no arguments was read mid-exec (the new image is in place
+            # before the kernel sets where its arguments are): read it again (and again at
+            # the next poll while they are still missing).
+            return self.read(old.pid)
         try:
             p = psutil.Process(old.pid)
             with p.oneshot():

@@ -209,6 +209,26 @@ def test_a_process_that_exited_is_still_found_by_the_path_it_named_for_a_while(
     assert table.by_path(str(target)) is None
 
 
+def test_a_process_read_mid_exec_without_arguments_is_read_again(tmp_path: Path) -> None:
+    # Popen returns once the child's new image is in place, a moment before the kernel says
+    # where its arguments are: a poll then reads no arguments. That read is not final (it
+    # held the process without its paths for good, and a test failed on CI once).
+    from dataclasses import replace
+
+    child = subprocess.Popen(["sleep", "30", str(tmp_path / "named.v")])
+    try:
+        table = ProcessTable(report=no_report)
+        proc = table.read(child.pid)
+        assert proc is not None and proc.cmdline
+        blank = replace(proc, cmdline=())
+        again = table._reread(blank)
+        assert again is not None and again.cmdline == proc.cmdline
+        assert table._reread(proc) is None  # a complete read of the same image stands
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_dd_names_its_files_as_if_and_of(tmp_path: Path) -> None:
     # dd if=src of=dst: the paths are values of key=value arguments (relative ones against
     # the working directory); the whole argument stays a candidate (a file may be named so).
