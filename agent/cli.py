@@ -71,6 +71,16 @@ def _parser() -> argparse.ArgumentParser:
         "--duration", type=_duration, help="stop after this long (e.g. 90, 30s, 5m, 2h)"
     )
 
+    status = sub.add_parser(
+        "status",
+        help="is the agent running and healthy: exit 0 yes, 1 degraded, 3 not running",
+    )
+    status.add_argument("--config", help="config whose state_dir the agent writes its status to")
+    status.add_argument(
+        "--state-dir", help="read the status there instead (when the config does not parse)"
+    )
+    status.add_argument("--format", choices=["text", "json"], default="text", help=_FORMAT)
+
     cfg = sub.add_parser("config", help="work with the agent config")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
     check = cfg_sub.add_parser("check", help="validate a config file, listing every problem")
@@ -155,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args.config, args.duration, record_to=None, fmt=args.format)
     if args.command == "record":
         return _run(args.config, args.duration, record_to=args.output)
+    if args.command == "status":
+        return _status(args.config, args.state_dir, args.format)
     if args.command == "config" and args.config_command == "check":
         return _config_check(args.file or default_config_path(), args.format)
     if args.command == "config" and args.config_command == "init":
@@ -392,6 +404,24 @@ def _config_check(path: str, fmt: str) -> int:
             f"{len(config.sinks)} sinks)"
         )
     return EXIT_OK
+
+
+def _status(config_path: str | None, state_dir: str | None, fmt: str) -> int:
+    """The running agent's last status (agent/status.py), judged: exit 0, 1 or 3."""
+    from agent import status
+
+    if state_dir is None:
+        path = config_path or default_config_path()
+        config, problems = check_file(path)
+        if config is None:
+            print(format_problems(errors_only(problems) or problems), file=sys.stderr)
+            print(f"{path}: give --state-dir to read the status anyway", file=sys.stderr)
+            return EXIT_PROBLEMS
+        state_dir = config.state_dir
+    verdict = status.assess(*status.read_status(state_dir))
+    print(status.as_json(verdict) if fmt == "json" else status.human(verdict))
+    exit_code: int = verdict["exit"]
+    return exit_code
 
 
 _INIT_HINT = "write a commented default with `exfilwatch config init FILE`, then edit it"

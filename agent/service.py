@@ -103,6 +103,12 @@ class Agent:
         self.parts: Components | None = None
         self._running: list[Component] = []
         self.state = AgentState(config.state_dir)
+        # For `exfilwatch status` (agent/status.py): the last heartbeat's counters, the last
+        # reload's outcome, when the agent started (wall clock).
+        self._last_stats: dict[str, Any] = {}
+        self._last_reload: dict[str, Any] | None = None
+        self._started_wall = time.time()
+        self._status_error: str | None = None
         self._state_error: str | None = None
         self._ruleset: RuleSet | None = None
         self._actions: frozenset[str] | None = None
@@ -507,6 +513,8 @@ class Agent:
                 func, "interval", seconds=seconds, id=job_id, max_instances=1, coalesce=True
             )
         self.scheduler.start()
+        self._last_stats = self.stats()
+        self._write_status("running")
         log.info("agent_started", source=parts.source.name, roots=len(self.config.watch))
 
     def _report_process_source(self, kernel: bool) -> None:
@@ -886,6 +894,7 @@ class Agent:
             self.save_engine_state(pipeline.engine.export_state())
         self.save_history()
         self._save_state(self.state.stopped)
+        self._write_status("stopped", stop_reason=reason)
         if self.metrics is not None:
             self.metrics.stop()
             self.metrics = None
@@ -894,7 +903,54 @@ class Agent:
         log.info("agent_stopped", drained=drained)
         return drained
 
+    def _write_status(self, state: str, stop_reason: str | None = None) -> None:
+        """status.json for `exfilwatch status`; a failure is reported once per error."""
+        from agent.status import write_status
+
+        ruleset = self._ruleset
+        data: dict[str, Any] = {
+            "state": state,
+            "pid": os.getpid(),
+            "version": __version__,
+            "config": self.config.source_file,
+            "started": round(self._started_wall, 3),
+            "updated": round(time.time(), 3),
+            "heartbeat_interval_s": self.config.heartbeat_interval,
+            "stats": self._last_stats,
+            "last_reload": self._last_reload,
+            "rules": {
+                "active": len(ruleset.rules) + len(ruleset.correlations),
+                "inactive": len(ruleset.inactive),
+                "disabled": len(ruleset.disabled),
+                "rejected": len(ruleset.rejected),
+            }
+            if ruleset is not None
+            else None,
+        }
+        if stop_reason is not None:
+            data["stop_reason"] = stop_reason
+        try:
+            write_status(self.config.state_dir, data)
+        except OSError as exc:
+            error = _errno_name(exc)
+            if error != self._status_error:
+                self._status_error = error
+                self._report(record("source_error", error, stage="status", path="status.json"))
+        else:
+            self._status_error = None
+
     def _report(self, rec: dict[str, Any]) -> None:
+        reload = _RELOADS.get(rec.get("event", {}).get("action", ""))
+        if reload is not None:
+            what, ok = reload
+            self._last_reload = {
+                "what": what,
+                "ok": ok,
+                "reason": rec["event"].get("reason"),
+                "at": round(time.time(), 3),
+            }
+            if self._running:
+                self._write_status("running")
         if self.pipeline is not None:
             self.pipeline.report(rec)
         else:
@@ -943,7 +999,9 @@ class Agent:
         return out
 
     def heartbeat(self) -> None:
-        self._report(record("heartbeat", None, **self.stats()))
+        stats = self._last_stats = self.stats()
+        self._report(record("heartbeat", None, **stats))
+        self._write_status("running")
         if self.metrics is not None and self.config.metrics_textfile:
             try:
                 self.metrics.write_textfile()
@@ -1012,6 +1070,15 @@ class Agent:
                 )
             )
             return True
+
+
+# Health records that end a reload: what reloaded, and whether it was taken (for status).
+_RELOADS = {
+    "config_reloaded": ("config", True),
+    "config_reload_rejected": ("config", False),
+    "rules_reloaded": ("rules", True),
+    "rules_reload_rejected": ("rules", False),
+}
 
 
 def _mount_data(info: MountInfo) -> dict[str, Any]:

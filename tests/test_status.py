@@ -1,0 +1,133 @@
+"""`exfilwatch status`: the running agent's status file, judged (exit 0, 1 or 3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.status import EXIT_DEGRADED, EXIT_HEALTHY, EXIT_NOT_RUNNING, assess, write_status
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args], capture_output=True, text=True, check=False
+    )
+
+
+def wait_for(predicate: Any, what: str, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_status_follows_a_running_agent_from_start_to_stop(tmp_path: Path) -> None:
+    tree = tmp_path / "rnd"
+    tree.mkdir()
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "r.yaml").write_text(
+        "id: r\ntitle: t\nlevel: low\ndetection: {s: {event.action: deleted}, condition: s}\n"
+    )
+    state = tmp_path / "state"
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"watch: [{{path: {tree}, tags: [rnd]}}]\nrules: [{rules}]\n"
+        f"sinks: [{{type: file, path: {tmp_path / 'out.jsonl'}}}]\nstate_dir: {state}\n"
+        "heartbeat_interval: 1h\n"
+    )
+    config.chmod(0o600)
+    before = cli("status", "--config", str(config))
+    assert before.returncode == EXIT_NOT_RUNNING and "no status file" in before.stdout
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for((state / "status.json").exists, "the status file")
+        done = cli("status", "--config", str(config), "--format", "json")
+        assert done.returncode == EXIT_HEALTHY, done.stdout
+        verdict = json.loads(done.stdout)
+        assert verdict["state"] == "running" and verdict["problems"] == []
+        assert verdict["status"]["pid"] == agent.pid
+        assert verdict["status"]["rules"]["active"] == 1
+        assert (state / "status.json").stat().st_mode & 0o777 == 0o600
+        table = cli("status", "--config", str(config))
+        assert table.returncode == EXIT_HEALTHY
+        assert "state" in table.stdout and "running" in table.stdout
+        # A rule edit that does not compile: quarantined (the last good version runs on),
+        # and status says the agent is degraded.
+        (rules / "r.yaml").write_text("id: r\ntitle: t\nlevel: nope\n")
+        agent.send_signal(signal.SIGHUP)
+
+        def judged(check: Any) -> Any:
+            def look() -> dict[str, Any] | None:
+                out = cli("status", "--state-dir", str(state), "--format", "json").stdout
+                got: dict[str, Any] = json.loads(out)
+                return got if check(got) else None
+
+            return look
+
+        verdict = wait_for(
+            judged(lambda v: (v["status"].get("rules") or {}).get("rejected")),
+            "the rejected rule in the status",
+        )
+        assert verdict["exit"] == EXIT_DEGRADED
+        assert any("rules rejected" in p for p in verdict["problems"])
+        # A config edit that does not parse: the reload is refused, the running config kept.
+        text = config.read_text()
+        config.write_text(text + "queue_size: [\n")
+        agent.send_signal(signal.SIGHUP)
+        verdict = wait_for(
+            judged(lambda v: (v["status"].get("last_reload") or {}).get("ok") is False),
+            "the refused config reload in the status",
+        )
+        assert verdict["status"]["last_reload"]["what"] == "config"
+        assert any("last reload rejected" in p for p in verdict["problems"])
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=20)
+    stopped = cli("status", "--state-dir", str(state), "--format", "json")
+    assert stopped.returncode == EXIT_NOT_RUNNING
+    assert json.loads(stopped.stdout)["state"] == "stopped"
+
+
+def test_a_status_left_by_an_agent_that_died_is_down(tmp_path: Path) -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    write_status(str(tmp_path), {"state": "running", "pid": gone.pid, "updated": time.time()})
+    from agent.status import read_status
+
+    verdict = assess(*read_status(str(tmp_path)))
+    assert verdict["state"] == "down" and verdict["exit"] == EXIT_NOT_RUNNING
+
+
+def test_degraded_when_stale_losing_or_rejecting() -> None:
+    now = time.time()
+    base: dict[str, Any] = {
+        "state": "running",
+        "pid": os.getpid(),
+        "updated": now,
+        "heartbeat_interval_s": 60,
+        "stats": {"pipeline": {"dropped_total": 0}, "sinks": {"file:x": {"up": True}}},
+        "rules": {"active": 3, "inactive": 0, "rejected": 0},
+    }
+    assert assess(base, None, now)["exit"] == EXIT_HEALTHY
+    stale = assess({**base, "updated": now - 400}, None, now)
+    assert stale["exit"] == EXIT_DEGRADED and "no status for 400 s" in stale["problems"][0]
+    losing = {**base, "stats": {"pipeline": {"dropped_total": 7}}}
+    assert assess(losing, None, now)["problems"] == ["7 events dropped since start"]
+    down_sink = {**base, "stats": {"sinks": {"http:siem": {"up": False, "pending": 12}}}}
+    assert "sink http:siem is down (12 records waiting)" in assess(down_sink, None, now)["problems"]
+    rejected = {**base, "rules": {"active": 3, "inactive": 0, "rejected": 2}}
+    assert assess(rejected, None, now)["exit"] == EXIT_DEGRADED
