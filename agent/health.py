@@ -19,6 +19,7 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "agent_unclean_stop": ("state", "warning"),
     "heartbeat": ("metric", "info"),
     "config_reloaded": ("state", "info"),
+    "config_changed": ("state", "warning"),
     "config_reload_rejected": ("state", "error"),
     "rules_loaded": ("state", "info"),
     "rules_reloaded": ("state", "info"),

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
+import hashlib
 import json
 import os
 import select
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -109,6 +111,7 @@ class Agent:
         self._last_reload: dict[str, Any] | None = None
         self._started_wall = time.time()
         self._status_error: str | None = None
+        self._config_identity: dict[str, Any] | None = None
         self._state_error: str | None = None
         self._ruleset: RuleSet | None = None
         self._actions: frozenset[str] | None = None
@@ -183,6 +186,7 @@ class Agent:
                     next_wl = now
                     if self.config.rules:
                         next_rules = now
+                    self.check_config_file()
                 if now >= next_rules:
                     try:
                         self.check_rules()
@@ -199,6 +203,8 @@ class Agent:
 
     def _file_check_dirs(self) -> list[str]:
         dirs = [self.config.state_dir]
+        if self.config.source_file:
+            dirs.append(os.path.dirname(os.path.abspath(self.config.source_file)))
         for path in self.config.rules:
             dirs.append(path if os.path.isdir(path) else os.path.dirname(path) or ".")
         return dirs
@@ -391,6 +397,39 @@ class Agent:
         if self.caps is not None:
             self.caps.hit(name, cap, **data)
 
+    def check_config_file(self) -> None:
+        """The config file as the running agent read it, compared with what is on disk now:
+        an edit, a replacement, a new owner or mode, a deletion is a `config_changed` record
+        (who can change the agent's config can blind it: the SIEM should see it). The running
+        config stays until a reload (SIGHUP) takes the new one, after its checks."""
+        path = self.config.source_file
+        if not path:
+            return
+        now = _file_identity(path)
+        before = self._config_identity
+        if now == before:
+            return
+        self._config_identity = now
+        if before is None:
+            return  # first look
+        changed = [
+            k
+            for k in ("exists", "inode", "size", "mtime_ns", "mode", "uid")
+            if before.get(k) != now.get(k)
+        ]
+        self._report(
+            record(
+                "config_changed",
+                "deleted" if not now.get("exists") else "modified",
+                config=path,
+                changed=changed,
+                before={k: before.get(k) for k in ("size", "mode", "uid", "sha256")},
+                now={k: now.get(k) for k in ("size", "mode", "uid", "sha256")},
+                hint="the running config is kept until a reload (SIGHUP) checks and takes "
+                "the new one; an edit nobody expected is worth a look",
+            )
+        )
+
     def check_rules(self, force: bool = False) -> None:
         """Reload rules when their files changed and then stayed unchanged for one interval
         (an editor's save, a rename into place, or a config-management run touching many)."""
@@ -513,6 +552,7 @@ class Agent:
                 func, "interval", seconds=seconds, id=job_id, max_instances=1, coalesce=True
             )
         self.scheduler.start()
+        self.check_config_file()  # what the running config was read from
         self._last_stats = self.stats()
         self._write_status("running")
         log.info("agent_started", source=parts.source.name, roots=len(self.config.watch))
@@ -1059,6 +1099,7 @@ class Agent:
                 ruleset, rule_problems = self._compile_rules(new.rules, new.rule_errors)
                 self._rule_signature = rule_signature(new.rules)
                 self.install_rules(ruleset, rule_problems)
+            self._config_identity = _file_identity(path) if path else None
             self._report(
                 record(
                     "config_reloaded",
@@ -1157,6 +1198,26 @@ class _DirWatcher:
         if self._ino is not None:
             with contextlib.suppress(OSError):
                 self._ino.close()
+
+
+def _file_identity(path: str) -> dict[str, Any]:
+    """What a config file is now: inode, size, mtime, mode, owner and a digest of its bytes
+    (never its content: a config may hold secrets)."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as fh:
+            digest = hashlib.sha256(fh.read(4 << 20)).hexdigest()[:16]
+    except OSError:
+        return {"exists": False}
+    return {
+        "exists": True,
+        "inode": st.st_ino,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "mode": f"{stat.S_IMODE(st.st_mode):04o}",
+        "uid": st.st_uid,
+        "sha256": digest,
+    }
 
 
 def _max_user_watches() -> int | None:

@@ -131,3 +131,44 @@ def test_degraded_when_stale_losing_or_rejecting() -> None:
     assert "sink http:siem is down (12 records waiting)" in assess(down_sink, None, now)["problems"]
     rejected = {**base, "rules": {"active": 3, "inactive": 0, "rejected": 2}}
     assert assess(rejected, None, now)["exit"] == EXIT_DEGRADED
+
+
+def test_an_edit_of_the_running_agents_config_is_a_health_record(tmp_path: Path) -> None:
+    # Who can change the agent's config can blind it: the SIEM sees every change on disk,
+    # with what changed (never the content), while the running config stays until a reload.
+    tree = tmp_path / "rnd"
+    tree.mkdir()
+    out = tmp_path / "out.jsonl"
+    config = tmp_path / "etc" / "agent.yaml"
+    config.parent.mkdir()
+    config.write_text(
+        f"watch: [{{path: {tree}, tags: [rnd]}}]\n"
+        f"sinks: [{{type: file, path: {out}, records: [health]}}]\n"
+        f"state_dir: {tmp_path / 'state'}\nheartbeat_interval: 1h\n"
+    )
+    config.chmod(0o600)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def health(action: str) -> list[dict[str, Any]]:
+        if not out.exists():
+            return []
+        lines = [json.loads(x) for x in out.read_text().splitlines() if x.endswith("}")]
+        return [r for r in lines if r["event"]["action"] == action]
+
+    try:
+        wait_for(lambda: health("source_ready"), "the agent to start")
+        text = config.read_text()
+        config.write_text(text.replace("heartbeat_interval: 1h", "heartbeat_interval: 2h"))
+        (changed,) = wait_for(lambda: health("config_changed"), "a config_changed record")
+        assert changed["event"]["reason"] == "modified"
+        details = changed["exfilwatch"]["health"]
+        assert details["config"] == str(config)
+        assert "mtime_ns" in details["changed"] and "heartbeat" not in json.dumps(details)
+        assert not health("config_reloaded")  # kept until a reload asks for the new one
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=20)
