@@ -529,6 +529,9 @@ def _run(
         print(f"{path}: not started, fix the rule errors above", file=sys.stderr)
         return EXIT_PROBLEMS
 
+    from agent.sdnotify import Notifier
+
+    systemd = Notifier()
     try:
         agent.start()
     except (PermissionError, ValueError) as exc:
@@ -536,28 +539,37 @@ def _run(
         agent.stop(reason="start_failed")
         print(f"{path}: not started: {exc}", file=sys.stderr)
         return EXIT_PROBLEMS
+    systemd.ready(f"watching {len(config.watch)} trees")
     deadline = time.monotonic() + duration if duration else None
     try:
         while not stop.is_set():
             # A signal's handler sets an event, which ends the wait at once (a lock wait is
-            # interrupted by signals): without a deadline the main thread never wakes idle.
-            if deadline is None:
-                wake.wait()
-            else:
-                wake.wait(max(0.0, deadline - time.monotonic()))
+            # interrupted by signals): without a deadline or a systemd watchdog the main
+            # thread never wakes idle.
+            waits = [w for w in (systemd.watchdog_due(),) if w is not None]
+            if deadline is not None:
+                waits.append(max(0.0, deadline - time.monotonic()))
+            wake.wait(min(waits) if waits else None)
             wake.clear()
             if reload.is_set():
                 reload.clear()
+                systemd.reloading()
                 # Reopen first: the reload's own record then lands in the new file (logrotate
                 # renamed the old one before sending the signal).
                 agent.router.reopen()
                 agent.reload()
+                systemd.ready()
+            due = systemd.watchdog_due()
+            if due is not None and due <= 0:
+                # A hung pipeline stops these: systemd restarts the agent.
+                systemd.watchdog(agent.alive(systemd.watchdog_s or 0.0))
             if deadline is not None and time.monotonic() >= deadline:
                 break
     except BaseException as exc:
         reason[0] = type(exc).__name__
         raise
     finally:
+        systemd.stopping()
         drained = agent.stop(reason=reason[0])
         if router is not None:
             router.close()

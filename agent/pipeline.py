@@ -235,6 +235,7 @@ class Pipeline:
         self._hostname = socket.gethostname()
         self._sequence = 0
         self._thread: threading.Thread | None = None
+        self._loop_at = time.monotonic()  # the consumer's last turn of its loop
         self._stopped = threading.Event()
         self._source_name = source_name
         self._health_pending = 0
@@ -337,8 +338,19 @@ class Pipeline:
 
     # consumer --------------------------------------------------------------------------
 
+    def alive(self, within: float) -> bool:
+        """The consumer runs and went round its loop within `within` seconds (it does at
+        least every _IDLE_SECONDS): for systemd's watchdog."""
+        thread = self._thread
+        return (
+            thread is not None
+            and thread.is_alive()
+            and time.monotonic() - self._loop_at < max(within, 2 * _IDLE_SECONDS)
+        )
+
     def _run(self) -> None:
         while True:
+            self._loop_at = time.monotonic()
             # Idle, the consumer wakes every 30 s only: whatever needs it (an item, a new rule
             # set, an expiry, a shed count) wakes it at once; while a sink owes lines, twice a
             # second for its retries.

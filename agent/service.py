@@ -397,6 +397,11 @@ class Agent:
         if self.caps is not None:
             self.caps.hit(name, cap, **data)
 
+    def alive(self, within: float) -> bool:
+        """The pipeline's consumer is turning (systemd's watchdog asks this)."""
+        pipeline = self.pipeline
+        return pipeline is not None and pipeline.alive(within)
+
     def check_config_file(self) -> None:
         """The config file as the running agent read it, compared with what is on disk now:
         an edit, a replacement, a new owner or mode, a deletion is a `config_changed` record
