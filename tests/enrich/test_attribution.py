@@ -215,7 +215,7 @@ def test_a_process_read_mid_exec_without_arguments_is_read_again(tmp_path: Path)
     # held the process without its paths for good, and a test failed on CI once).
     from dataclasses import replace
 
-    child = subprocess.Popen(["sleep", "30", str(tmp_path / "named.v")])
+    child = subprocess.Popen(["sh", "-c", "sleep 30", "sh", str(tmp_path / "named.v")])
     try:
         table = ProcessTable(report=no_report)
         proc = table.read(child.pid)

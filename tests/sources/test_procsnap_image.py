@@ -75,13 +75,15 @@ def test_the_exec_reader_runs_ahead_of_the_agent_and_hands_over_what_it_read() -
         # event_loss by the child): a few tries.
         pids = []
         for _ in range(5):
-            proc = subprocess.Popen(["sleep", "0.3", marker], stderr=subprocess.DEVNULL)
+            # sh waits for its sleep with the marker among its arguments (sleep itself would
+            # refuse a second argument that is not a time and end at once).
+            proc = subprocess.Popen(["sh", "-c", "sleep 0.3", "sh", marker])
             proc.wait()
             pids.append(proc.pid)
             if arrived.wait(5):
                 break
         assert arrived.is_set(), ("the exec never arrived", child.stats())
         ev, snap = next((e, s) for e, s in got if s is not None and marker.encode() in s.cmdline)
-        assert ev.pid in pids and snap.cmdline.split(b"\0")[:2] == [b"sleep", b"0.3"]
+        assert ev.pid in pids and snap.cmdline.split(b"\0")[:3] == [b"sh", b"-c", b"sleep 0.3"]
     finally:
         child.stop()
