@@ -111,7 +111,11 @@ class Agent:
         self._last_reload: dict[str, Any] | None = None
         self._started_wall = time.time()
         self._status_error: str | None = None
-        self._config_identity: dict[str, Any] | None = None
+        # The config file as this run read it (for config_changed): taken now, so an edit
+        # made while the agent starts is still a change.
+        self._config_identity: dict[str, Any] | None = (
+            _file_identity(config.source_file) if config.source_file else None
+        )
         self._state_error: str | None = None
         self._ruleset: RuleSet | None = None
         self._actions: frozenset[str] | None = None
@@ -203,7 +207,7 @@ class Agent:
 
     def _file_check_dirs(self) -> list[str]:
         dirs = [self.config.state_dir]
-        if self.config.source_file:
+        if self.config.source_file and os.path.isfile(self.config.source_file):
             dirs.append(os.path.dirname(os.path.abspath(self.config.source_file)))
         for path in self.config.rules:
             dirs.append(path if os.path.isdir(path) else os.path.dirname(path) or ".")
@@ -416,7 +420,7 @@ class Agent:
             return
         self._config_identity = now
         if before is None:
-            return  # first look
+            return  # no file to compare with when the agent was made
         changed = [
             k
             for k in ("exists", "inode", "size", "mtime_ns", "mode", "uid")
@@ -557,7 +561,7 @@ class Agent:
                 func, "interval", seconds=seconds, id=job_id, max_instances=1, coalesce=True
             )
         self.scheduler.start()
-        self.check_config_file()  # what the running config was read from
+        self.check_config_file()  # an edit while it started
         self._last_stats = self.stats()
         self._write_status("running")
         log.info("agent_started", source=parts.source.name, roots=len(self.config.watch))
