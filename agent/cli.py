@@ -71,6 +71,15 @@ def _parser() -> argparse.ArgumentParser:
         "--duration", type=_duration, help="stop after this long (e.g. 90, 30s, 5m, 2h)"
     )
 
+    demo = sub.add_parser(
+        "demo",
+        help="the agent on a temporary workstation of its own, a scripted exfiltration, "
+        "its alerts as they arrive (no root needed)",
+    )
+    demo.add_argument(
+        "--timeout", type=_duration, default=60.0, help="wait this long per step (default 60s)"
+    )
+    demo.add_argument("--keep", action="store_true", help="keep the temporary workstation")
     status = sub.add_parser(
         "status",
         help="is the agent running and healthy: exit 0 yes, 1 degraded, 3 not running",
@@ -160,11 +169,17 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    configure(args.log_level)
+    # The demo prints alerts; the agent's own info lines would bury them.
+    quiet = args.command == "demo" and args.log_level == "info"
+    configure("warning" if quiet else args.log_level)
     if args.command == "run":
         return _run(args.config, args.duration, record_to=None, fmt=args.format)
     if args.command == "record":
         return _run(args.config, args.duration, record_to=args.output)
+    if args.command == "demo":
+        from agent import demo
+
+        return demo.run(timeout=args.timeout, keep=args.keep)
     if args.command == "status":
         return _status(args.config, args.state_dir, args.format)
     if args.command == "config" and args.config_command == "check":
