@@ -80,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=_duration, default=60.0, help="wait this long per step (default 60s)"
     )
     demo.add_argument("--keep", action="store_true", help="keep the temporary workstation")
+    comp = sub.add_parser(
+        "completion", help="print a shell completion script (bash, or zsh via bashcompinit)"
+    )
+    comp.add_argument("shell", choices=["bash", "zsh"], help="the shell to complete for")
+    sub.add_parser("manpage", help="print the exfilwatch(8) man page (roff), from this parser")
     status = sub.add_parser(
         "status",
         help="is the agent running and healthy: exit 0 yes, 1 degraded, 3 not running",
@@ -176,6 +181,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args.config, args.duration, record_to=None, fmt=args.format)
     if args.command == "record":
         return _run(args.config, args.duration, record_to=args.output)
+    if args.command in ("completion", "manpage"):
+        from agent import clidoc
+
+        if args.command == "manpage":
+            print(clidoc.manpage(parser), end="")
+        else:
+            print(clidoc.bash(parser) if args.shell == "bash" else clidoc.zsh(parser), end="")
+        return EXIT_OK
     if args.command == "demo":
         from agent import demo
 

@@ -53,6 +53,12 @@ install -m 0644 "$here/systemd/exfilwatch.service" "$stage/lib/systemd/system/"
 install -m 0644 "$here/sysctl.d/60-exfilwatch.conf" "$stage/usr/lib/sysctl.d/"
 install -m 0644 "$here/debian/logrotate" "$stage/etc/logrotate.d/exfilwatch"
 install -m 0644 "$repo/README.md" "$repo/docs/deploy.md" "$stage/usr/share/doc/exfilwatch/"
+# The command on the PATH, its man page and bash completion, generated from its parser.
+install -d -m 0755 "$stage/usr/bin" "$stage/usr/share/man/man8" \
+    "$stage/usr/share/bash-completion/completions"
+ln -s "$prefix/bin/exfilwatch" "$stage/usr/bin/exfilwatch"
+"$prefix/bin/exfilwatch" manpage | gzip -9n > "$stage/usr/share/man/man8/exfilwatch.8.gz"
+"$prefix/bin/exfilwatch" completion bash > "$stage/usr/share/bash-completion/completions/exfilwatch"
 
 size="$(du -sk "$stage" | cut -f1)"
 sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" \

@@ -146,3 +146,50 @@ def test_config_check_finds_what_run_would_refuse_and_says_how_to_start(tmp_path
     assert not (tmp_path / "no-such-dir").exists()  # nothing created by a check
     missing = run("config", "check", str(tmp_path / "none.yaml"))
     assert missing.returncode == 1 and "exfilwatch config init" in missing.stdout
+
+
+def complete(script: str, *words: str) -> list[str]:
+    """COMPREPLY of the generated bash function for a command line ending in words[-1]."""
+    quoted = " ".join(f"'{w}'" for w in ("exfilwatch", *words))
+    done = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"source /dev/stdin; COMP_WORDS=({quoted}); COMP_CWORD={len(words)}; "
+            '_exfilwatch; printf "%s\\n" "${COMPREPLY[@]}"',
+        ],
+        input=script,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.split()
+
+
+def test_bash_completion_is_generated_from_the_parser_and_completes_it() -> None:
+    script = run("completion", "bash").stdout
+    assert "complete -o filenames -F _exfilwatch exfilwatch" in script
+    assert complete(script, "sta") == ["status"]
+    assert set(complete(script, "rules", "")) >= {"validate", "test", "coverage"}
+    assert complete(script, "run", "--format", "") == ["auto", "json", "pretty"]
+    assert "--show" in complete(script, "rules", "validate", "--")
+    zsh = run("completion", "zsh").stdout
+    assert zsh.startswith("# zsh") and "bashcompinit" in zsh and "_exfilwatch()" in zsh
+
+
+def test_the_man_page_lists_every_command_and_renders_cleanly() -> None:
+    import shutil
+
+    page = run("manpage").stdout
+    assert page.startswith(".TH EXFILWATCH 8")
+    for command in ("run", "rules validate", "config init", "status", "demo", "watchlist add"):
+        assert f".B exfilwatch {command}" in page, command
+    if shutil.which("groff"):
+        rendered = subprocess.run(
+            ["groff", "-man", "-Tutf8", "-ww", "-z"],
+            input=page,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert rendered.returncode == 0 and rendered.stderr == "", rendered.stderr
