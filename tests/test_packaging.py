@@ -140,3 +140,21 @@ def test_the_agent_says_ready_keeps_the_watchdog_fed_and_says_reloading_and_stop
         agent.send_signal(signal.SIGTERM)
         listener.until("STOPPING=1")
         assert agent.wait(timeout=20) in (0, 1)
+
+
+def test_the_launchd_plist_runs_the_agent_and_restarts_it_only_on_failure() -> None:
+    import plistlib
+
+    plist = plistlib.loads(
+        (REPO / "packaging" / "launchd" / "io.exfilwatch.agent.plist").read_bytes()
+    )
+    assert plist["Label"] == "io.exfilwatch.agent"
+    assert plist["ProgramArguments"][:2] == ["/opt/exfilwatch/bin/exfilwatch", "run"]
+    config = plist["ProgramArguments"][plist["ProgramArguments"].index("--config") + 1]
+    assert config == "/etc/exfilwatch/agent.yaml"
+    assert plist["KeepAlive"] == {"SuccessfulExit": False} and plist["RunAtLoad"] is True
+    assert plist["Umask"] == 0o77  # files it creates are its own
+    # Every argument is one the command takes.
+    from agent.cli import _parser
+
+    _parser().parse_args(plist["ProgramArguments"][1:])
