@@ -20,6 +20,7 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "heartbeat": ("metric", "info"),
     "config_reloaded": ("state", "info"),
     "config_changed": ("state", "warning"),
+    "agent_files_changed": ("state", "warning"),
     "config_reload_rejected": ("state", "error"),
     "rules_loaded": ("state", "info"),
     "rules_reloaded": ("state", "info"),

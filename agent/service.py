@@ -116,6 +116,8 @@ class Agent:
         self._config_identity: dict[str, Any] | None = (
             _file_identity(config.source_file) if config.source_file else None
         )
+        # The agent's own installed code, as this run loaded it (for agent_files_changed).
+        self._code_identity = _code_identity()
         self._state_error: str | None = None
         self._ruleset: RuleSet | None = None
         self._actions: frozenset[str] | None = None
@@ -191,6 +193,7 @@ class Agent:
                     if self.config.rules:
                         next_rules = now
                     self.check_config_file()
+                    self.check_code_files()
                 if now >= next_rules:
                     try:
                         self.check_rules()
@@ -209,6 +212,7 @@ class Agent:
         dirs = [self.config.state_dir]
         if self.config.source_file and os.path.isfile(self.config.source_file):
             dirs.append(os.path.dirname(os.path.abspath(self.config.source_file)))
+        dirs += sorted({os.path.dirname(p) for p in self._code_identity})
         for path in self.config.rules:
             dirs.append(path if os.path.isdir(path) else os.path.dirname(path) or ".")
         return dirs
@@ -436,6 +440,27 @@ class Agent:
                 now={k: now.get(k) for k in ("size", "mode", "uid", "sha256")},
                 hint="the running config is kept until a reload (SIGHUP) checks and takes "
                 "the new one; an edit nobody expected is worth a look",
+            )
+        )
+
+    def check_code_files(self) -> None:
+        """The agent's own installed code compared with what this run loaded: a change (an
+        upgrade, or someone editing the agent to blind it) is an `agent_files_changed`
+        record; the running agent keeps the code it loaded until it is restarted."""
+        now = _code_identity()
+        before = self._code_identity
+        if now == before:
+            return
+        self._code_identity = now
+        changed = sorted(p for p in before.keys() | now.keys() if before.get(p) != now.get(p))
+        self._report(
+            record(
+                "agent_files_changed",
+                None,
+                changed=changed[:20],
+                count=len(changed),
+                hint="the running agent keeps the code it loaded until restarted; an "
+                "upgrade explains this, anything else is worth a look",
             )
         )
 
@@ -1227,6 +1252,21 @@ def _file_identity(path: str) -> dict[str, Any]:
         "uid": st.st_uid,
         "sha256": digest,
     }
+
+
+def _code_identity() -> dict[str, tuple[int, int, int]]:
+    """The agent package's Python files: path -> (inode, size, mtime). A few hundred stats."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    out: dict[str, tuple[int, int, int]] = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with contextlib.suppress(OSError):
+                    st = os.stat(path)
+                    out[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
 
 
 def _max_user_watches() -> int | None:

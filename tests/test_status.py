@@ -172,3 +172,26 @@ def test_an_edit_of_the_running_agents_config_is_a_health_record(tmp_path: Path)
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=20)
+
+
+def test_a_change_to_the_agents_own_installed_code_is_a_health_record(
+    tmp_path: Path, run_agent: Any, collector: Any
+) -> None:
+    # An upgrade, or a watched user with write access editing the agent to blind it: the SIEM
+    # sees which files changed. The running agent compares with the code it loaded; a
+    # stand-in for a changed file here (the checkout's own files are not edited by a test).
+    from agent.service import Agent
+    from tests.conftest import WatchSpec, make_config
+
+    (tmp_path / "rnd").mkdir()
+    agent: Agent = run_agent(make_config([WatchSpec(str(tmp_path / "rnd"), ("rnd",))], tmp_path))
+    agent.check_code_files()
+    assert not collector.health("agent_files_changed")  # nothing changed since start
+    some = next(iter(agent._code_identity))
+    ino, size, mtime = agent._code_identity[some]
+    agent._code_identity[some] = (ino, size + 1, mtime)  # as it was when loaded (stand-in)
+    agent.check_code_files()
+    assert collector.wait_for(lambda c: c.health("agent_files_changed"), timeout=10)
+    (rec,) = collector.health("agent_files_changed")
+    assert rec["exfilwatch"]["health"]["changed"] == [some]
+    assert rec["exfilwatch"]["health"]["count"] == 1
