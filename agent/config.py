@@ -43,6 +43,13 @@ def data_dir() -> Path:
     them (pyproject.toml, data-files)."""
     if (REPO_ROOT / "rules").is_dir() and REPO_CONFIG.is_file():
         return REPO_ROOT
+    import site
+
+    # pip install --user puts data files under the user base, not the interpreter's prefix.
+    for prefix in (sys.prefix, site.getuserbase()):
+        candidate = Path(prefix) / "share" / "exfilwatch"
+        if (candidate / "rules").is_dir():
+            return candidate
     return Path(sys.prefix) / "share" / "exfilwatch"
 
 

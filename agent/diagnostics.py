@@ -449,6 +449,21 @@ def node_value(node: yaml.Node) -> Any:
         loader.dispose()
 
 
+SERVICE_USER = "exfilwatch"  # the package's system user (packaging/debian/postinst)
+
+
+def _trusted_owners() -> set[int]:
+    """Who may own what steers the agent: root, the agent's own user, the service user."""
+    owners = {0, os.geteuid()}
+    try:
+        import pwd
+
+        owners.add(pwd.getpwnam(SERVICE_USER).pw_uid)
+    except (KeyError, ImportError):
+        pass
+    return owners
+
+
 def check_permissions(path: str, code_prefix: str) -> list[Problem]:
     """Refuse a file others could edit when we run as root (it would steer a root process)."""
     try:
@@ -469,14 +484,15 @@ def check_permissions(path: str, code_prefix: str) -> list[Problem]:
                 f"chmod go-w {path}",
             )
         )
-    if st.st_uid not in (0, os.geteuid()):
+    owners = _trusted_owners()
+    if st.st_uid not in owners:
         problems.append(
             Problem(
                 path,
                 0,
                 0,
                 f"{code_prefix}_UNSAFE_OWNER",
-                f"file is owned by uid {st.st_uid}, not root",
+                f"file is owned by uid {st.st_uid}, not root or the service user",
                 f"chown root {path}",
             )
         )
@@ -489,10 +505,7 @@ def check_permissions(path: str, code_prefix: str) -> list[Problem]:
         except OSError:
             break
         open_to_others = dst.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if (open_to_others and not dst.st_mode & stat.S_ISVTX) or dst.st_uid not in (
-            0,
-            os.geteuid(),
-        ):
+        if (open_to_others and not dst.st_mode & stat.S_ISVTX) or dst.st_uid not in owners:
             problems.append(
                 Problem(
                     path,

@@ -83,6 +83,7 @@ class Agent:
         self._own_router = router is None
         self.metrics: Metrics | None = None
         self._rate_at = (time.monotonic(), 0, 0)  # for events/s and alerts/s in the heartbeat
+        self._lane_counts: dict[str, int] = {}  # events processed per lane, at _rate_at
         self.scheduler: BackgroundScheduler | None = None
         self.caps: CapReporter | None = None
         self._started = 0.0
@@ -1049,10 +1050,16 @@ class Agent:
         now = time.monotonic()
         processed = self.pipeline.processed if self.pipeline is not None else 0
         at, before, alerts_before = self._rate_at
+        lanes = self.pipeline.processed_by_lane if self.pipeline is not None else {}
         if now > at:
             out["events_per_s"] = round((processed - before) / (now - at), 2)
             out["alerts_per_s"] = round((self.router.alerts - alerts_before) / (now - at), 3)
+            out["events_per_s_by_lane"] = {
+                lane: round((n - self._lane_counts.get(lane, 0)) / (now - at), 2)
+                for lane, n in lanes.items()
+            }
         self._rate_at = (now, processed, self.router.alerts)
+        self._lane_counts = dict(lanes)
         out["max_user_watches"] = _max_user_watches()
         if self.parts is not None:
             out["markers"] = self.parts.resolver.store.stats()

@@ -144,13 +144,15 @@ def human(verdict: dict[str, Any], now: float | None = None) -> str:
             rows.append(("watches", str(inotify["watches"])))
         if "events_per_s" in stats:
             rows.append(("events/s", str(stats["events_per_s"])))
+        rates = stats.get("events_per_s_by_lane") or {}
         for lane, lstats in ((stats.get("pipeline") or {}).get("lanes") or {}).items():
             if isinstance(lstats, dict):
                 rows.append(
                     (
                         f"  lane {lane}",
-                        f"processed {lstats.get('processed', 0)}, dropped "
-                        f"{lstats.get('dropped_total', 0)}, queued {lstats.get('queued', 0)}",
+                        f"{rates.get(lane, 0)}/s, processed {lstats.get('processed', 0)}, "
+                        f"dropped {lstats.get('dropped_total', 0)}, queued "
+                        f"{lstats.get('queued', 0)}",
                     )
                 )
         rows.append(("alerts", str(stats.get("alerts", 0))))
