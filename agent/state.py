@@ -41,25 +41,9 @@ class AgentState:
 
     def previous(self) -> tuple[PreviousRun | None, str | None]:
         """The previous run, and why it is unknown when it is (None when there was none)."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None, None
-        except OSError as exc:
-            return None, f"unreadable: {exc.strerror}"
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return None, "not a regular file"
-            raw = os.read(fd, MAX_STATE_BYTES + 1)
-        finally:
-            os.close(fd)
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            return None, "malformed"
-        if not isinstance(data, dict):
-            return None, "malformed"
+        data, why = read_private_json(self.path, MAX_STATE_BYTES)
+        if data is None:
+            return None, None if why == "missing" else why
 
         def num(key: str) -> int | None:
             value = data.get(key)
@@ -97,6 +81,31 @@ class AgentState:
 
     def _write(self) -> None:
         write_private(self.path, json.dumps(self._data, sort_keys=True).encode("ascii"))
+
+
+def read_private_json(path: str, max_bytes: int) -> tuple[dict[str, Any] | None, str | None]:
+    """A JSON object the agent wrote with write_private, read without following a link or
+    blocking on a FIFO; None and why otherwise ("missing", "unreadable: ...", "not a regular
+    file", "malformed")."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None, "missing"
+    except OSError as exc:
+        return None, f"unreadable: {exc.strerror}"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, "not a regular file"
+        raw = os.read(fd, max_bytes + 1)
+    finally:
+        os.close(fd)
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None, "malformed"
+    if not isinstance(data, dict):
+        return None, "malformed"
+    return data, None
 
 
 def write_private(path: str, data: bytes) -> None:

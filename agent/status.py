@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import time
 from typing import Any
 
-from agent.state import write_private
+from agent.state import read_private_json, write_private
 
 STATUS_FILE = "status.json"
 MAX_STATUS_BYTES = 1 << 20
@@ -37,25 +36,10 @@ def write_status(state_dir: str, data: dict[str, Any]) -> None:
 def read_status(state_dir: str) -> tuple[dict[str, Any] | None, str | None]:
     """The status file's content, or None and why (no file, not a regular file, malformed)."""
     path = os.path.join(state_dir, STATUS_FILE)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
+    data, why = read_private_json(path, MAX_STATUS_BYTES)
+    if why == "missing":
         return None, f"no status file at {path}: the agent has not run with this state_dir"
-    except OSError as exc:
-        return None, f"{path}: {exc.strerror}"
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None, f"{path}: not a regular file"
-        raw = os.read(fd, MAX_STATUS_BYTES + 1)
-    finally:
-        os.close(fd)
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None, f"{path}: malformed"
-    if not isinstance(data, dict):
-        return None, f"{path}: malformed"
-    return data, None
+    return data, f"{path}: {why}" if why else None
 
 
 def _alive(pid: object) -> bool:

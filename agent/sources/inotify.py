@@ -1212,7 +1212,12 @@ class InotifySource:
             except PermissionError:
                 problems.add("permission", d)
             except OSError as exc:
-                problems.add("too_long" if exc.errno == errno.ENAMETOOLONG else "vanished", d)
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR) and d != root.path:
+                    # Removed after its watch was added (mkdir; rmdir): its deletion comes
+                    # through that watch, nothing is missed, and it is not a problem.
+                    pass
+                else:
+                    problems.add("too_long" if exc.errno == errno.ENAMETOOLONG else "vanished", d)
             # In a home, hidden directories are the staging places: watched first, so a
             # large source tree beside them cannot use up the watch budget before them.
             stack.extend(hidden)
