@@ -112,6 +112,9 @@ class Agent:
         self._last_reload: dict[str, Any] | None = None
         self._started_wall = time.time()
         self._status_error: str | None = None
+        # One writer at a time: heartbeats, reloads and the stop write it from their threads
+        # through one temporary name.
+        self._status_lock = threading.Lock()
         # The config file as this run read it (for config_changed): taken now, so an edit
         # made while the agent starts is still a change.
         self._config_identity: dict[str, Any] | None = (
@@ -1005,7 +1008,8 @@ class Agent:
         if stop_reason is not None:
             data["stop_reason"] = stop_reason
         try:
-            write_status(self.config.state_dir, data)
+            with self._status_lock:
+                write_status(self.config.state_dir, data)
         except OSError as exc:
             error = _errno_name(exc)
             if error != self._status_error:
@@ -1245,11 +1249,18 @@ def _file_identity(path: str) -> dict[str, Any]:
     """What a config file is now: inode, size, mtime, mode, owner and a digest of its bytes
     (never its content: a config may hold secrets)."""
     try:
-        st = os.stat(path)
-        with open(path, "rb") as fh:
-            digest = hashlib.sha256(fh.read(4 << 20)).hexdigest()[:16]
+        # Not through a link, never blocking on a FIFO put in its place, regular files only.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return {"exists": False}
+    try:
+        st = os.fstat(fd)
+        data = os.read(fd, 4 << 20) if stat.S_ISREG(st.st_mode) else b""
+    except OSError:
+        return {"exists": False}
+    finally:
+        os.close(fd)
+    digest = hashlib.sha256(data).hexdigest()[:16]
     return {
         "exists": True,
         "inode": st.st_ino,

@@ -177,14 +177,7 @@ class Engine:
 
     def process(self, e: Event) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        candidates = self._by_place.get((e.action, e.location))
-        if candidates is None:
-            rules = self._candidates(e)
-        elif candidates.gated:
-            rules = candidates.for_event(e)
-        else:
-            rules = candidates.rules
-        for r in rules:
+        for r in self.candidates(e):
             # Scope first: it is one comparison, and most users are on no watchlist.
             if r.scope and e.watchlist not in r.scope:
                 continue
