@@ -1050,13 +1050,41 @@ def proc_fields(proc: Proc) -> dict[str, Any]:
     }
 
 
+# Tools whose last operand is where the others are copied to.
+_COPY_TOOLS = frozenset({"cp", "mv", "install", "rsync", "scp", "rclone"})
+
+
+def _destination_only(
+    proc: Proc, paths: list[str], first: str, tagged: Callable[[str], bool]
+) -> bool:
+    """A copy tool (by its program, not argv[0]) whose only tagged operand is the last one,
+    the destination, with a source that is not tagged: a copy into the trees."""
+    exe = proc.exe or ""
+    if posixpath.basename(exe) not in _COPY_TOOLS or proc.masquerade is not None:
+        return False
+    operands = [a for a in proc.cmdline[1:] if a and not a.startswith("-")]
+    if len(operands) < 2 or not paths or paths[-1] != first:
+        return False
+    last = operands[-1]
+    if not last.startswith("/"):
+        if proc.cwd is None:
+            return False
+        last = posixpath.join(proc.cwd, last)
+    # The destination is the last path, the only tagged one, and some source is not tagged
+    # (a remote `host:path` has no slash-led path: it is not among `paths`).
+    return posixpath.normpath(last) == first and not any(tagged(p) for p in paths[:-1])
+
+
 def process_event(
     proc: Proc, timestamp_us: int, tagged: Callable[[str], bool], *, source: str = "process_poll"
 ) -> Event:
     """A process-started event. `file.path` is what the process works on when that is inside
     a tagged tree (an argument, else the working directory), else its executable."""
-    path = next((p for p in proc.paths() if tagged(p)), None)
-    if path is None and proc.cwd is not None and tagged(proc.cwd):
+    paths = proc.paths()
+    path = next((p for p in paths if tagged(p)), None)
+    if path is not None and _destination_only(proc, paths, path, tagged):
+        path = None  # `rsync -a upd/ /srv/rnd/src/`: content coming in, not going out
+    elif path is None and proc.cwd is not None and tagged(proc.cwd):
         path = proc.cwd
     return Event(
         timestamp_us,

@@ -80,6 +80,7 @@ class Destinations:
             "disguised": 0,
             "unwrapped": 0,
             "repositories": 0,
+            "encrypted_in_place": 0,
         }
         self.chunks = ChunkSets(on_cap)
         self._on_cap = on_cap  # CapReporter.hit: a cap_reached record
@@ -339,6 +340,7 @@ class Destinations:
                     lineage.move_tree(e.src_path, e.path)
                 else:
                     lineage.remove(e.src_path)
+        signals: list[str] = []
         if (
             self.settings.disguise
             and e.action == "moved"
@@ -346,7 +348,17 @@ class Destinations:
             and e.file_type == "file"
             and extension_changed(e.src_path, e.path)
         ):
-            changes["disguise"] = ("extension_changed",)
+            signals.append("extension_changed")
+        if self.settings.disguise and "overwrite" in changes and e.size:
+            # A tagged file written over: with encrypted content it is encryption in place
+            # (`openssl enc -in a.c -out a.c.t && mv a.c.t a.c` keeps every name), which no
+            # extension shows. One bounded read of its head per overwrite.
+            head = read_head(e.path)
+            if head is not None and encoding(head) == "encrypted":
+                signals.append("encrypted")
+                self.counters["encrypted_in_place"] += 1
+        if signals:
+            changes["disguise"] = tuple(signals)
         return evolve(e, **changes) if changes else e
 
     def _directory_deletes(self, e: Event, lineage: LineageIndex) -> dict[str, Any]:

@@ -142,6 +142,25 @@ _TEMP_SUFFIXES = frozenset(
 _SEPARATORS = re.compile(r"[._~-]+")
 _MKSTEMP = re.compile(r"[a-z]{0,8}[._-]?([A-Za-z0-9]{6})")
 _TOOL_TEMP_PREFIXES = ("sed",)  # GNU sed -i: sedXXXXXX in the file's directory
+# Whole temporary names of tools that save by write-then-rename, unrelated to the final name:
+# GLib/GIO (gedit, Nautilus, every GTK app) `.goutputstream-XXXXXX`, KDE's QSaveFile
+# `name.XXXXXX.new` is covered by the remainder rule.
+_TOOL_TEMP_NAME = re.compile(r"\.goutputstream-[A-Za-z0-9]{6}")
+# Temporary names built around the final name: JetBrains IDEs' safe write
+# (`name___jb_tmp___`, the old copy `name___jb_old___`), Syncthing (`.syncthing.name.tmp`,
+# `~syncthing~name.tmp` from Windows peers), Emacs' lock and auto-save files.
+_WRAPPED_TEMP = (
+    ("", "___jb_tmp___"),
+    ("", "___jb_old___"),
+    ("", "___jb_bak___"),
+    (".syncthing.", ".tmp"),
+    ("~syncthing~", ".tmp"),
+    (".#", ""),
+    ("#", "#"),
+)
+# Backups made by renaming the original aside: cp/mv/install --backup=numbered (`name.~3~`)
+# and JetBrains' old copy.
+_NUMBERED_BACKUP = re.compile(r"\.~[0-9]+~")
 _BACKUP_SUFFIXES = frozenset({"bak", "backup", "orig", "old", "save"})
 _EXT_TOKEN = re.compile(r"[a-z0-9][a-z0-9_+-]{0,9}")
 _RSYNC_TOKEN = re.compile(r"[A-Za-z0-9]{6}")
@@ -583,6 +602,11 @@ def atomic_replace(src_path: str, dst_path: str) -> bool:
         return False
     if src.startswith("." + dst + ".") and _RSYNC_TOKEN.fullmatch(src[len(dst) + 2 :]):
         return True  # rsync's .name.XXXXXX, whatever letters the six are
+    for before, after in _WRAPPED_TEMP:
+        if len(src) == len(before) + len(dst) + len(after) and src == before + dst + after:
+            return True
+    if _TOOL_TEMP_NAME.fullmatch(src):
+        return True
     bare = src.lstrip(".")
     for stem in (bare, src):
         if (
@@ -606,6 +630,10 @@ def extension_changed(src_path: str, dst_path: str) -> bool:
         return False
     if dst.startswith(src + ".") and dst[len(src) + 1 :].lower() in _BACKUP_SUFFIXES:
         return False
+    if dst.startswith(src) and (
+        _NUMBERED_BACKUP.fullmatch(dst[len(src) :]) or dst[len(src) :] in ("___jb_old___",)
+    ):
+        return False  # the original renamed aside as a backup
     return _split_extension(src)[1] != _split_extension(dst)[1]
 
 

@@ -32,6 +32,25 @@ DEPARTED_SECONDS = 300.0
 
 CapHit = Callable[[str, int, dict[str, Any]], None]
 
+# Files that are the same in every repository or project, whoever made it: git's templates
+# (hooks/*.sample, description, info/exclude), its bookkeeping, its loose objects (the same
+# bytes for the same content in any repository: a shared licence's blob), and licence texts. A
+# copy of one says nothing about tagged content leaving (an unrelated clone in a sync folder
+# holds the same bytes), so they are not indexed. A repository itself is traced by its refs
+# and packs (agent/enrich/repos.py), not by these files.
+_GIT_CONTENT = ("objects/pack/", "refs/", "packed-refs")
+_PUBLIC_NAMES = ("LICENSE", "LICENCE", "COPYING")  # also LICENSE.md, LICENSE-MIT, COPYING.LIB
+
+
+def indexable(path: str) -> bool:
+    """Is the file at `path` (in a tagged tree) content to trace copies of?"""
+    git = path.find("/.git/")
+    if git >= 0 and not path.startswith(_GIT_CONTENT, git + 6):
+        return False
+    stem = path[path.rfind("/") + 1 :].partition(".")[0].upper()
+    base = stem.partition("-")[0].partition("_")[0]
+    return not (base in _PUBLIC_NAMES and len(stem) <= 16)
+
 
 class _Entry:
     """One tagged file. Slots keep 100,000 of them in a few tens of MB."""
@@ -163,8 +182,8 @@ class LineageIndex:
     # maintenance -----------------------------------------------------------------------
 
     def add(self, path: str, size: int, mtime_ns: int, tags: tuple[str, ...]) -> None:
-        if size <= 0:
-            return  # empty files say nothing about where content came from
+        if size <= 0 or not indexable(path):
+            return  # empty files and boilerplate say nothing about where content came from
         # Events carry microseconds, a walk nanoseconds: compare at the coarser one, or every
         # event would look like a change and drop the cached digest.
         mtime_ns -= mtime_ns % 1000
@@ -327,7 +346,7 @@ class LineageIndex:
                             try:
                                 if entry.is_dir(follow_symlinks=False):
                                     stack.append(p)
-                                elif entry.is_file(follow_symlinks=False):
+                                elif entry.is_file(follow_symlinks=False) and indexable(p):
                                     st = entry.stat(follow_symlinks=False)
                                     self.add(p, st.st_size, st.st_mtime_ns, tags)
                                     added += 1

@@ -248,6 +248,32 @@ def test_overwrites_in_place_and_encryption_in_bulk_alert(ws: Workstation) -> No
     assert technique(alert) == ["T1486"]
 
 
+def test_encryption_in_place_under_the_same_names_is_destruction_not_disguise(
+    ws: Workstation,
+) -> None:
+    need("openssl")
+    # Every name kept: each file encrypted to a temp name renamed over the original. No
+    # extension says "encrypted"; the content does.
+    ws.sh(
+        "for i in $(seq 10 21); do openssl enc -aes-256-cbc -pbkdf2 -pass pass:hostage "
+        "-in mod$i.c -out mod$i.c.t && mv mod$i.c.t mod$i.c; done",
+        cwd=ws.src,
+    )
+    alert = ws.wait_alert("destroy-mass-encryption")
+    assert technique(alert) == ["T1486"]
+    replaced = ws.wait(
+        lambda: [
+            e
+            for e in ws.events("moved", ws.src / "mod21.c")
+            if "encrypted" in e["exfilwatch"].get("disguise", [])
+        ],
+        "mod21.c replaced by encrypted content",
+    )
+    assert replaced[0]["exfilwatch"]["file"]["overwrite"] == "replaced"
+    ws.settle(ws.rnd)
+    assert not ws.alerts("exfil-rename-disguise"), ws.alert_ids()
+
+
 def test_a_scripted_rewrite_of_the_tree_alerts_and_a_formatter_like_edit_does_not(
     ws: Workstation,
 ) -> None:

@@ -273,6 +273,21 @@ def test_mismatch_follows_container_families() -> None:
         ("/d/sedQLNEpz", "/d/mod3.c", False),
         ("/d/sedTQWDRX", "/d/mod5.c", False),  # all upper case: seen on CI
         ("/d/sedabcdef", "/d/mod5.c", False),
+        # Editors', IDEs' and sync clients' own temporary and backup names.
+        ("/d/mod1.c___jb_tmp___", "/d/mod1.c", False),
+        ("/d/mod1.c", "/d/mod1.c___jb_old___", False),
+        ("/d/.goutputstream-AB12CD", "/d/mod2.c", False),
+        ("/d/.syncthing.mod3.c.tmp", "/d/mod3.c", False),
+        ("/d/~syncthing~mod3.c.tmp", "/d/mod3.c", False),
+        ("/d/mod4.c", "/d/mod4.c.~1~", False),
+        ("/d/mod4.c", "/d/mod4.c.~12~", False),
+        ("/d/.#notes.org", "/d/notes.org", False),
+        ("/d/#notes.org#", "/d/notes.org", False),
+        # ... but only around the same name, and only those shapes.
+        ("/d/.syncthing.top.v.tmp", "/d/holiday.jpg", True),
+        ("/d/top.v___jb_tmp___", "/d/top.jpg", True),
+        ("/d/.goutputstream-AB12CD.v", "/d/x.jpg", True),
+        ("/d/top.v", "/d/top.v.~x~", True),
         ("/d/design", "/d/design.jpg", True),
         ("/d/.~lock.report.docx#", "/d/x.docx", True),
         # A real extension in the removed part is still a change: a two-step disguise

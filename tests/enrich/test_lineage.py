@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
-from agent.enrich.lineage import LineageIndex, content_digest
+import pytest
+
+from agent.enrich.lineage import LineageIndex, content_digest, indexable
 from agent.sources.paths import compile_excludes
 
 
@@ -191,3 +194,52 @@ def test_churn_of_same_size_files_is_linear() -> None:
     distinct = min(churn(list(range(1, n + 1))) for _ in range(3))
     same = min(churn([17] * n) for _ in range(3))
     assert same < 5 * distinct, (same, distinct)
+
+
+def test_git_templates_and_licence_texts_are_not_tagged_content(tmp_path: Path) -> None:
+    """Every repository holds git's hook samples and description, and many the same licence
+    text: an unrelated clone in a sync folder is not a copy of the tagged repository."""
+    if shutil.which("git") is None:
+        pytest.skip("needs git (installed by .ci/run)")
+    root = tree(tmp_path)
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    (root / "LICENSE").write_text("Apache License\nVersion 2.0, January 2004\n" * 20)
+    (root / "COPYING.LIB").write_text("GNU LESSER GENERAL PUBLIC LICENSE\n" * 20)
+    index = LineageIndex()
+    assert build(index, root) == 2  # top.v and alu.v: nothing of .git, no licence
+    other = tmp_path / "Dropbox" / "other"
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    shutil.copy(root / "LICENSE", other / "LICENSE")
+    copies = [
+        p
+        for p in other.rglob("*")
+        if p.is_file() and index.find_copy(str(p), p.stat().st_size) is not None
+    ]
+    assert copies == []
+    shutil.copy(root / "chip" / "top.v", other / "top.v")
+    assert index.find_copy(str(other / "top.v"), (other / "top.v").stat().st_size) is not None
+
+
+@pytest.mark.parametrize(
+    ("path", "indexed"),
+    [
+        ("/r/.git/hooks/pre-commit.sample", False),
+        ("/r/.git/description", False),
+        ("/r/.git/info/exclude", False),
+        ("/r/.git/config", False),
+        ("/r/.git/objects/pack/pack-1.pack", True),
+        ("/r/.git/objects/ee/b49a2afa9870efcc9d0cbfd5cc33fc5da81f98", False),
+        ("/r/.git/refs/heads/main", True),
+        ("/r/.git/packed-refs", True),
+        ("/r/LICENSE", False),
+        ("/r/LICENSE.md", False),
+        ("/r/licence-mit.txt", False),
+        ("/r/COPYING.LESSER", False),
+        ("/r/src/licenses.c", True),
+        ("/r/LICENSE_SERVER_KEYS_FOR_THE_LAB.txt", True),
+        ("/r/src/.gitignore", True),
+        ("/r/git/hooks.c", True),
+    ],
+)
+def test_indexable(path: str, indexed: bool) -> None:
+    assert indexable(path) is indexed
