@@ -98,7 +98,7 @@ def build_alert(
         "file": source["file"],
         "exfilwatch": custom,
     }
-    techniques = rule.techniques
+    techniques = rule.techniques_for(event.location)
     tactics = rule.tactics
     if techniques or tactics:
         threat: dict[str, Any] = {"framework": "MITRE ATT&CK"}

@@ -20,6 +20,7 @@ TECHNIQUE_NAMES = {
     "T1030": "Data Transfer Size Limits",
     "T1036": "Masquerading",
     "T1036.003": "Rename Legitimate Utilities",
+    "T1036.004": "Masquerade Task or Service",
     "T1036.005": "Match Legitimate Resource Name or Location",
     "T1036.006": "Space after Filename",
     "T1036.008": "Masquerade File Type",

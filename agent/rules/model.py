@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 LEVELS = ("informational", "low", "medium", "high", "critical")
@@ -132,15 +133,37 @@ class Rule:
 
     @property
     def techniques(self) -> tuple[str, ...]:
-        return tuple(
-            t.split(".", 1)[1].upper()
-            for t in self.tags
-            if t.startswith("attack.t") and t[8:9].isdigit()
-        )
+        return _techniques_at(self.tags, None)
+
+    def techniques_for(self, location: str | None) -> tuple[str, ...]:
+        """The techniques an alert on an event at `location` (its location class) detected:
+        of a rule naming several ways out (T1052.001 removable media, T1567.002 a sync
+        folder), the one the event took; all of them when it took none of those."""
+        return _techniques_at(self.tags, location)
 
     @property
     def tactics(self) -> tuple[str, ...]:
         return tuple(t for t in map(tactic_of, self.tags) if t is not None)
+
+
+# Techniques that are a way out through one kind of place (the event's location class).
+DESTINATION_TECHNIQUES = {
+    "T1052": "removable",
+    "T1052.001": "removable",
+    "T1567.002": "cloud_sync",
+    "T1048.003": "network_share",
+}
+
+
+@lru_cache(maxsize=4096)  # by (tags, location): a few hundred rules, a few location classes
+def _techniques_at(tags: tuple[str, ...], location: str | None) -> tuple[str, ...]:
+    techniques = tuple(
+        t.split(".", 1)[1].upper() for t in tags if t.startswith("attack.t") and t[8:9].isdigit()
+    )
+    places = {DESTINATION_TECHNIQUES.get(t) for t in techniques}
+    if location is None or location not in places:
+        return techniques
+    return tuple(t for t in techniques if DESTINATION_TECHNIQUES.get(t, location) == location)
 
 
 @dataclass(frozen=True)

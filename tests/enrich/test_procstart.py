@@ -280,7 +280,8 @@ def test_a_renamed_archiver_and_a_fake_kernel_thread_are_alerts(
             sum(
                 1
                 for r in c.records()
-                if r.get("rule", {}).get("id") == "exfil-masquerading-process"
+                if r.get("rule", {}).get("id")
+                in ("exfil-masquerading-process", "exfil-kernel-thread-name")
             )
             >= 2
         )
