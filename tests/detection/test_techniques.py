@@ -194,6 +194,37 @@ def test_a_bundle_and_a_bare_clone_of_a_tagged_repository_are_recognised(ws: Wor
     assert len(ws.alerts("exfil-repository-bundle")) == 1  # none for other.bundle
 
 
+# -- 6. slow and low ---------------------------------------------------------------------------
+
+
+@needs_mount
+def test_a_drip_of_copies_to_one_stick_alerts_under_the_bulk_threshold(
+    ws: Workstation, loop_mount: Callable[[Path], Path]
+) -> None:
+    stick = loop_mount(ws.media / "DRIP")
+    ws.wait(lambda: ws.events("media_mounted"), "media_mounted")
+    # Nine medium files, one at a time: under the bulk threshold (20) and the drip's (10).
+    for i in range(20, 29):
+        ws.sh(f"cp {ws.src / f'mod{i}.c'} {stick}/ && sleep 0.2")
+    ws.wait(
+        lambda: [
+            e
+            for e in ws.events("closed_write", stick / "mod28.c")
+            if e["exfilwatch"].get("lineage")
+        ],
+        "the ninth copy traced",
+    )
+    ws.settle(ws.rnd, stick)
+    assert not ws.alerts("exfil-egress-drip")
+    assert not ws.alerts("exfil-removable-bulk-copy")
+    # The tenth distinct file to the same stick within the day: the drip.
+    ws.sh(f"cp {ws.src / 'mod29.c'} {stick}/")
+    alert = ws.wait_alert("exfil-egress-drip")
+    assert technique(alert) == ["T1029"]
+    assert alert["exfilwatch"]["correlation"]["distinct_files"] == 10
+    assert not ws.alerts("exfil-removable-bulk-copy")
+
+
 # -- 7. sabotage --------------------------------------------------------------------------------
 
 
@@ -223,6 +254,36 @@ def test_a_deleted_subtree_and_a_deleted_critical_file_alert(ws: Workstation) ->
     assert technique(alert) == ["T1485"]
     ws.sh(f"rm {ws.crit / 'top.gds'}")
     alert = ws.wait_alert("destroy-critical-delete")
+    assert technique(alert) == ["T1485"]
+
+
+def test_git_clean_of_untracked_tagged_files_alerts_and_of_build_outputs_does_not(
+    ws: Workstation,
+) -> None:
+    need("git")
+    git = "git -c user.email=dev@example.com -c user.name=dev"
+    ws.sh(f"git init -q -b main . && git add -A && {git} commit -qm init", cwd=ws.rnd)
+    # Benign: git clean removing 40 untracked object files (build outputs).
+    objs = ws.src / "objs"
+    objs.mkdir()
+    for i in range(40):
+        (objs / f"o{i}.o").write_bytes(b"\x7fELF" + bytes(60))
+    ws.wait(lambda: ws.events(None, objs / "o39.o"), "the objects")
+    ws.sh("(sleep 0.5; echo c) | git clean -i -dx >/dev/null", cwd=ws.rnd)
+    ws.wait(lambda: ws.events("deleted", objs / "o39.o"), "the clean of the objects")
+    ws.settle(ws.rnd)
+    assert not ws.alerts("destroy-subtree-delete"), ws.alert_ids()
+    # 40 untracked source files (work never committed) removed by git clean: nothing keeps
+    # them, unlike the files a checkout removes.
+    wip = ws.src / "wip"
+    wip.mkdir()
+    for i in range(40):
+        (wip / f"w{i}.c").write_text(f"int w{i};\n")
+    ws.wait(lambda: ws.events(None, wip / "w39.c"), "the untracked work")
+    # Interactively (its menu answered after a while), so git's start is read before its
+    # deletes however loaded the machine is: the test is about the rule, not the exec race.
+    ws.sh("(sleep 0.5; echo c) | git clean -i -dx >/dev/null", cwd=ws.rnd)
+    alert = ws.wait_alert("destroy-subtree-delete")
     assert technique(alert) == ["T1485"]
 
 
