@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import psutil
 from msgspec.structs import replace as evolve
 
+from agent.enrich.trusted import COPY_TOOLS, copy_destination
 from agent.events import Event
 from agent.health import CapReporter, Reporter, record
 from agent.sources.procsnap import Snapshot, read_snapshot
@@ -1050,29 +1051,21 @@ def proc_fields(proc: Proc) -> dict[str, Any]:
     }
 
 
-# Tools whose last operand is where the others are copied to.
-_COPY_TOOLS = frozenset({"cp", "mv", "install", "rsync", "scp", "rclone"})
+# Copy tools, for telling a copy into the trees from one out of them (scp and rclone too:
+# `scp host:x /srv/rnd/` downloads).
+_INTO_TOOLS = COPY_TOOLS | {"scp", "rclone"}
 
 
 def _destination_only(
     proc: Proc, paths: list[str], first: str, tagged: Callable[[str], bool]
 ) -> bool:
-    """A copy tool (by its program, not argv[0]) whose only tagged operand is the last one,
-    the destination, with a source that is not tagged: a copy into the trees."""
-    exe = proc.exe or ""
-    if posixpath.basename(exe) not in _COPY_TOOLS or proc.masquerade is not None:
+    """A copy tool (by its program, not argv[0]) whose only tagged operand is its
+    destination: a copy into the trees (`rsync -a host:upd/ /srv/rnd/src/`)."""
+    if proc.masquerade is not None or not proc.exe or not proc.cmdline:
         return False
-    operands = [a for a in proc.cmdline[1:] if a and not a.startswith("-")]
-    if len(operands) < 2 or not paths or paths[-1] != first:
-        return False
-    last = operands[-1]
-    if not last.startswith("/"):
-        if proc.cwd is None:
-            return False
-        last = posixpath.join(proc.cwd, last)
-    # The destination is the last path, the only tagged one, and some source is not tagged
-    # (a remote `host:path` has no slash-led path: it is not among `paths`).
-    return posixpath.normpath(last) == first and not any(tagged(p) for p in paths[:-1])
+    args = (posixpath.basename(proc.exe), *proc.cmdline[1:])
+    dest = copy_destination(args, proc.cwd, remote_sources=True, tools=_INTO_TOOLS)
+    return dest == first and not any(tagged(p) for p in paths if p != dest)
 
 
 def process_event(

@@ -29,11 +29,18 @@ def _under(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
-def copy_destination(args: Sequence[str], cwd: str | None) -> str | None:
+def copy_destination(
+    args: Sequence[str],
+    cwd: str | None,
+    *,
+    remote_sources: bool = False,
+    tools: frozenset[str] = COPY_TOOLS,
+) -> str | None:
     """The local destination of a copy tool's argument vector (argv[0] first), normalised;
     None when it is not a copy tool, has no destination operand, or names a remote place
-    (`host:path`, a URL): those are never trusted by path."""
-    if len(args) < 3 or posixpath.basename(args[0]) not in COPY_TOOLS:
+    (`host:path`, a URL): those are never trusted by path. With `remote_sources`, remote
+    operands before a local destination are allowed (`rsync host:x /srv/rnd/`: a download)."""
+    if len(args) < 3 or posixpath.basename(args[0]) not in tools:
         return None
     target = None
     operands: list[str] = []
@@ -48,10 +55,13 @@ def copy_destination(args: Sequence[str], cwd: str | None) -> str | None:
             target = arg.split("=", 1)[1]
         elif not arg.startswith("-"):
             operands.append(arg)
-    if any(":" in a.split("/", 1)[0] for a in operands if not a.startswith("/")):
-        return None  # rsync host:path, scp-style or URL operands: a remote side
+    def remote(a: str) -> bool:
+        return not a.startswith("/") and ":" in a.split("/", 1)[0]
+
     dest = target if target is not None else (operands[-1] if len(operands) >= 2 else None)
-    if not dest:
+    if not dest or remote(dest):
+        return None  # rsync host:path, scp-style or URL operands: a remote side
+    if not remote_sources and any(remote(a) for a in operands):
         return None
     if not dest.startswith("/"):
         if cwd is None:

@@ -140,3 +140,22 @@ def test_the_stage_marks_trusted_places_and_a_copy_tools_reads_only() -> None:
         trusted(action="closed_write", path="/tmp/x", process_args=rsync, process_executable=exe)
         is None
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "dest"),
+    [
+        (["rsync", "-a", "host:/upd/", "/srv/rnd/src/"], "/srv/rnd/src"),
+        (["scp", "host:x.c", "/srv/rnd/src"], "/srv/rnd/src"),
+        (["rclone", "copy", "remote:upd", "/srv/rnd/src"], "/srv/rnd/src"),
+        (["rsync", "-a", "/srv/rnd/", "host:/x"], None),  # the destination is remote
+        (["scp", "/srv/rnd/a", "host:"], None),
+    ],
+)
+def test_a_copy_into_a_place_may_come_from_a_remote_source(
+    args: list[str], dest: str | None
+) -> None:
+    from agent.enrich.attribution import _INTO_TOOLS
+
+    assert copy_destination(args, None, remote_sources=True, tools=_INTO_TOOLS) == dest
+    assert copy_destination(args, None) is None  # never a trusted destination by path
