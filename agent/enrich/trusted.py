@@ -55,6 +55,7 @@ def copy_destination(
             target = arg.split("=", 1)[1]
         elif not arg.startswith("-"):
             operands.append(arg)
+
     def remote(a: str) -> bool:
         return not a.startswith("/") and ":" in a.split("/", 1)[0]
 

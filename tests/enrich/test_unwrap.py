@@ -69,3 +69,33 @@ def test_a_chunk_set_is_given_in_order_once_its_first_chunk_is_there(tmp_path: P
     assert sets.add(f"{d}/x_ac", 3) == [(f"{d}/x_aa", 10), (f"{d}/x_ab", 10), (f"{d}/x_ac", 3)]
     assert sets.add(f"{d}/y00", 5) is None
     assert sets.add(f"{d}/y01", 5) == [(f"{d}/y00", 5), (f"{d}/y01", 5)]
+
+
+def test_decoding_is_bounded_by_decode_max_bytes(tmp_path: Path) -> None:
+    """A base64 copy of a tagged file is traced when it fits decode_max_bytes; past that it
+    is not decoded at all (no unbounded read of a huge file), and what was read is counted."""
+    from agent.enrich.destinations import Destinations, DestinationSettings
+    from agent.enrich.lineage import LineageIndex
+    from agent.events import Event
+
+    tagged = tmp_path / "rnd" / "top.v"
+    tagged.parent.mkdir()
+    tagged.write_bytes(os.urandom(30_000))
+    index = LineageIndex()
+    index.add(str(tagged), tagged.stat().st_size, tagged.stat().st_mtime_ns, ("chip",))
+    copy = tmp_path / "stage" / "notes.txt"
+    copy.parent.mkdir()
+    subprocess.run(["base64", str(tagged)], stdout=copy.open("wb"), check=True)
+    size = copy.stat().st_size  # about 40,500 bytes
+
+    def traced(limit: int) -> tuple[str | None, int]:
+        stage = Destinations(index, DestinationSettings(decode_max_bytes=limit))
+        e = Event(1, "closed_write", str(copy), size=size, file_type="file", location="staging")
+        out, read = stage.content(e)
+        return out.lineage_origin, read
+
+    origin, read = traced(1 << 20)
+    assert origin == str(tagged)
+    origin, read = traced(size - 1)
+    assert origin is None
+    assert read <= 8192 + 30_000  # the sniffed head, and at most the tagged file hashed
