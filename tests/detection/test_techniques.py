@@ -383,6 +383,23 @@ def test_history_clearing_and_a_shredded_archive_alert(ws: Workstation) -> None:
     assert technique(alert) == ["T1070.004"]
 
 
+@pytest.mark.parametrize(
+    ("name", "clear"),
+    [(".zsh_history", "rm -f {h}"), (".bash_history", "ln -sf /dev/null {h}")],
+    ids=["deleted", "linked_to_dev_null"],
+)
+def test_history_deleted_or_linked_to_dev_null_alerts(
+    ws: Workstation, name: str, clear: str
+) -> None:
+    history = ws.home / name
+    ws.sh(f"echo 'scp -r /srv/rnd x:' >> {history}")
+    ws.wait(lambda: ws.events("closed_write", history), "the history write")
+    ws.sh(clear.format(h=history))
+    alert = ws.wait_alert("antiforensics-shell-history-cleared")
+    assert alert["file"]["path"] == str(history)
+    assert technique(alert) == ["T1070.003"]
+
+
 def test_deceptive_staging_directories_alert_and_an_ordinary_one_does_not(
     ws: Workstation,
 ) -> None:
