@@ -159,3 +159,42 @@ def test_a_copy_into_a_place_may_come_from_a_remote_source(
 
     assert copy_destination(args, None, remote_sources=True, tools=_INTO_TOOLS) == dest
     assert copy_destination(args, None) is None  # never a trusted destination by path
+
+
+def test_a_device_by_serial_and_a_share_by_mount_source_are_trusted_and_others_not() -> None:
+    """The mount table's facts (agent/sources/mounts.py MountInfo) decide: a stick by its
+    serial whatever its label says, a share by its mount source (with or without a trailing
+    slash), nothing by a label or source that is merely similar."""
+    from agent.sources.mounts import Mount, MountInfo
+
+    def info(mountpoint: str, kind: str, source: str, **facts: str) -> MountInfo:
+        mount = Mount(1, 8, 1, "/", mountpoint, ("rw",), "vfat", source)
+        return MountInfo(mount, kind, "test", **facts)  # type: ignore[arg-type]
+
+    mounts = {
+        "/media/u/STICK": info("/media/u/STICK", "removable", "/dev/sdb1", serial="4C53000123"),
+        "/media/u/OTHER": info("/media/u/OTHER", "removable", "/dev/sdc1", serial="4C53000999"),
+        "/mnt/projects": info("/mnt/projects", "network_share", "//nas.example.com/projects/"),
+        "/mnt/private": info("/mnt/private", "network_share", "//nas.example.com/private"),
+    }
+
+    def mount_of(path: str) -> MountInfo | None:
+        return next((m for top, m in mounts.items() if path.startswith(top + "/")), None)
+
+    stage = TrustedStage(
+        (
+            TrustedDestination("issued", serial="4C53000123"),
+            TrustedDestination("team share", share="//nas.example.com/projects"),
+        ),
+        mount_of,
+    )
+
+    def trusted(path: str, location: str, provider: str | None = None) -> bool | None:
+        e = Event(1, "closed_write", path, location=location, location_provider=provider)
+        return stage(e).location_trusted
+
+    assert trusted("/media/u/STICK/a.v", "removable", "ANYLABEL") is True
+    assert trusted("/media/u/OTHER/a.v", "removable", "ANYLABEL") is None
+    assert trusted("/mnt/projects/q3/a.v", "network_share") is True
+    assert trusted("/mnt/private/a.v", "network_share") is None
+    assert trusted("/srv/rnd/a.v", "tagged") is None
