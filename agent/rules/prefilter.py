@@ -23,6 +23,12 @@ from agent.rules.matchers import _RE2_OPTIONS, Gate, _is_decimal, _is_number, _l
 if TYPE_CHECKING:
     from agent.rules.compiler import CompiledRule
 
+# Gates on these fields of an ASCII path are all one RE2 set over the path (see `_on_path`).
+_PATH_FAMILY = frozenset({"file.path", "file.name", "file.extension"})
+# Distinct combinations of gate hits remembered per place, each with its rules (cleared when
+# full): most events of a place hit one of a few combinations.
+_MERGED_CAP = 4096
+
 # Past these, a field's literal gates of one kind go into its RE2 set instead: a dict
 # lookup per distinct length (or an `in` per substring) is cheaper than a set match (~0.35 us
 # from Python) only while there are few of them.
@@ -54,7 +60,20 @@ class Candidates:
     Literal gates are dict lookups (whole text, prefix or suffix of each length) or `in`
     tests; the rest of a field's gates are one RE2 set."""
 
-    __slots__ = ("_ungated_pos", "gated", "gates", "lookups", "numbers", "rules", "ungated")
+    __slots__ = (
+        "_merged",
+        "_ungated_pos",
+        "gated",
+        "gates",
+        "lookups",
+        "numbers",
+        "path_gates",
+        "path_match",
+        "path_owners",
+        "path_rest",
+        "rules",
+        "ungated",
+    )
 
     def __init__(self, rules: Sequence[CompiledRule]) -> None:
         self.rules = tuple(rules)
@@ -80,14 +99,39 @@ class Candidates:
             or any(g.kind not in _COMPARISONS and (g.field, g.folded) in refused for g in r.gates)
         }
         # (An ungated rule may still own a gate: the union below counts it once.)
-        built = [f for f in fields.values() if f is not None]
+        built = [f for key, f in fields.items() if f is not None and key[0] not in _PATH_FAMILY]
         # Whole-text gates alone on a field (most of them: `field: value`) take a short path.
         self.lookups = tuple((f.getter, f.folded, f.exact) for f in built if _exact_only(f))
         self.gates = tuple(f for f in built if not _exact_only(f))
+        # The gates on the path, its name and its extension: on an ASCII path (nearly every
+        # one) one RE2 set over the path as given decides most of them (`_on_path`), and
+        # `path_rest` the others; any other path takes the fields one by one (`path_gates`).
+        family = {key: f for key, f in fields.items() if f is not None and key[0] in _PATH_FAMILY}
+        self.path_gates = tuple(family.values())
+        self.path_match: Callable[[bytes], Any] | None = None
+        self.path_owners: tuple[_Owners, ...] = ()
+        self.path_rest = self.path_gates
+        if family:
+            on_path: dict[str, list[int]] = {}
+            rest: dict[tuple[str, bool], dict[Gate, list[int]]] = {}
+            for key in family:
+                for g, positions in by_field[key].items():
+                    pattern = _on_path(g)
+                    if pattern is None:
+                        rest.setdefault(key, {})[g] = positions
+                    else:
+                        on_path.setdefault(pattern, []).extend(positions)
+            match = _compile(list(on_path)) if on_path else None
+            rest_built = [_field_gates(k[0], k[1], owners) for k, owners in rest.items()]
+            if (match is not None or not on_path) and all(f is not None for f in rest_built):
+                self.path_match = match
+                self.path_owners = tuple(tuple(positions) for positions in on_path.values())
+                self.path_rest = tuple(f for f in rest_built if f is not None)
         self._ungated_pos = frozenset(ungated)
         self.ungated = tuple(self.rules[p] for p in sorted(ungated))
+        self._merged: dict[tuple[int, ...], tuple[CompiledRule, ...]] = {}
         # False: for_event would give every rule
-        self.gated = bool(self.lookups or self.gates or self.numbers)
+        self.gated = bool(self.lookups or self.gates or self.numbers or self.path_gates)
 
     def for_event(self, e: Event) -> tuple[CompiledRule, ...]:
         hits: list[int] = []
@@ -110,39 +154,104 @@ class Candidates:
                     found = exact.get(given.lower() if folded else given)
                     if found:
                         hits.extend(found)
-        for getter, folded, exact, prefixes, suffixes, substrings, match, owners in self.gates:
-            v = getter(e)
-            if v is None:
-                continue
-            for given in (v,) if type(v) is str else _texts(v):
-                text = given.lower() if folded else given
-                if exact:
-                    found = exact.get(text)
-                    if found:
-                        hits.extend(found)
-                for n, table in prefixes:
-                    found = table.get(text[:n])
-                    if found:
-                        hits.extend(found)
-                for n, table in suffixes:
-                    found = table.get(text[-n:])
-                    if found:
-                        hits.extend(found)
-                for needle, found in substrings:
-                    if needle in text:
-                        hits.extend(found)
+        if self.gates:
+            _scan(self.gates, e, hits)
+        if self.path_gates:
+            path = e.path
+            if type(path) is str and path.isascii():
+                match = self.path_match
                 if match is not None:
-                    indexes = match(_utf8(text))
+                    indexes = match(path.encode())
                     if indexes:
+                        owners = self.path_owners
                         for i in indexes:
                             hits.extend(owners[i])
+                if self.path_rest:
+                    _scan(self.path_rest, e, hits)
+            else:
+                _scan(self.path_gates, e, hits)
         if not hits:
             return self.ungated
-        rules = self.rules
-        return tuple(rules[p] for p in sorted(self._ungated_pos.union(hits)))
+        key = tuple(hits)
+        merged = self._merged.get(key)
+        if merged is None:
+            if len(self._merged) >= _MERGED_CAP:
+                self._merged.clear()
+            rules = self.rules
+            merged = tuple(rules[p] for p in sorted(self._ungated_pos.union(hits)))
+            self._merged[key] = merged
+        return merged
+
+
+def _scan(gates: tuple[_FieldGates, ...], e: Event, hits: list[int]) -> None:
+    """Add to `hits` the rules of the gates of `gates` that pass on `e`."""
+    for getter, folded, exact, prefixes, suffixes, substrings, match, owners in gates:
+        v = getter(e)
+        if v is None:
+            continue
+        for given in (v,) if type(v) is str else _texts(v):
+            text = given.lower() if folded else given
+            if exact:
+                found = exact.get(text)
+                if found:
+                    hits.extend(found)
+            for n, table in prefixes:
+                found = table.get(text[:n])
+                if found:
+                    hits.extend(found)
+            for n, table in suffixes:
+                found = table.get(text[-n:])
+                if found:
+                    hits.extend(found)
+            for needle, found in substrings:
+                if needle in text:
+                    hits.extend(found)
+            if match is not None:
+                indexes = match(_utf8(text))
+                if indexes:
+                    for i in indexes:
+                        hits.extend(owners[i])
 
 
 _COMPARISONS = frozenset({"gt", "gte", "lt", "lte"})
+
+
+def _on_path(g: Gate) -> str | None:
+    """An RE2 pattern that, searched in an ASCII path as it is, passes wherever `g` passes on
+    that path's field (file.path, file.name or file.extension as `Event` gives them), or
+    None when there is no such pattern here (the gate then runs on its own field).
+
+    On ASCII text lower-casing changes only A-Z, so a folded gate (a pattern searched in the
+    lower-cased text) passes only where the same pattern with RE2's (?i) passes in the text
+    as it is: (?i) may pass more often (where the pattern itself holds capitals), never less,
+    which a necessary condition allows. The name is the text after the last slash, and the
+    extension is the name's text after its last dot, lower-cased (the dot not first or
+    last), so a literal without a slash (or a dot) pins down where it must sit in the path."""
+    fold = "(?i)" if g.folded else ""
+    if g.field == "file.path":
+        return fold + g.pattern
+    text = g.literal
+    if g.kind not in ("exact", "prefix", "suffix", "contains") or "/" in text:
+        return None
+    lit = _lit(text)
+    if g.field == "file.name":
+        if g.kind == "exact":
+            return fold + "(?:\\A|/)" + lit + "\\z"
+        if g.kind == "prefix":
+            return fold + "(?:\\A|/)" + lit + "[^/]*\\z"
+        if g.kind == "suffix":
+            return fold + lit + "\\z"
+        return fold + lit + "[^/]*\\z"
+    if g.field != "file.extension" or not text or "." in text:
+        return None
+    # The extension is lower-cased whether or not the gate is: (?i) either way.
+    if g.kind == "exact":
+        return "(?i)[^/]\\." + lit + "\\z"
+    if g.kind == "prefix":
+        return "(?i)[^/]\\." + lit + "[^./]*\\z"
+    if g.kind == "suffix":
+        return "(?i)[^/]\\.[^./]*" + lit + "\\z"
+    return "(?i)[^/]\\.[^./]*" + lit + "[^./]*\\z"
 
 
 def _exact_only(f: _FieldGates) -> bool:

@@ -48,7 +48,15 @@ def alerts(rs: RuleSet, events: list[Event]) -> list[tuple[str, str | None]]:
 # Letters whose case folding is unusual (dotted I, final sigma, sharp s), path syntax and the
 # characters that are wildcards or regex syntax.
 ALPHABET = "aAbzZ09/._-*?İıΣσςßé "
-TEXT_FIELDS = ("file.path", "process.name", "process.args", "exfilwatch.tags")
+ASCII = "aAbzZ09/._-*? "
+TEXT_FIELDS = (
+    "file.path",
+    "file.name",
+    "file.extension",
+    "process.name",
+    "process.args",
+    "exfilwatch.tags",
+)
 MODIFIERS = (
     "",
     "|contains",
@@ -116,11 +124,18 @@ def cases(draw: st.DrawFn) -> tuple[str, list[Event]]:
     }
     events = []
     for _ in range(draw(st.integers(1, 4))):
+        # An ASCII path takes another way through the prefilter than any other path.
+        ascii_only = draw(st.booleans())
 
-        def value() -> str:
+        def value(ascii_only: bool = ascii_only) -> str:
             core = draw(st.sampled_from(literals))
             if draw(st.booleans()):
                 core = core.upper() if draw(st.booleans()) else core.swapcase()
+            if ascii_only:
+                core = core.encode("ascii", "ignore").decode()
+                before = draw(st.text(ASCII, max_size=6))
+                before += draw(st.sampled_from(["", ".", "/", "/.", "x."]))  # name, extension
+                return before + core + draw(st.sampled_from(["", ".", "x", "/", ".Ab"]))
             return draw(texts) + core + draw(st.sampled_from(["", "\udc80", "x", "/"]))
 
         fields: dict[str, Any] = {
@@ -149,6 +164,54 @@ def test_every_rule_that_matches_an_event_is_tried_on_it(case: tuple[str, list[E
     for e in events:
         if rule.match(e):
             assert rule in engine.candidates(e), (text, e)
+
+
+# The path, its name and its extension: on an ASCII path their gates are one RE2 set over
+# the path, so the property gets its own draw, dense in slashes, dots and case changes.
+PATH_FIELDS = ("file.path", "file.name", "file.extension")
+PATH_MODIFIERS = ("", "|contains", "|startswith", "|endswith", "|cased", "|endswith|cased")
+path_texts = st.text("aAbB0._/*", min_size=0, max_size=4)
+
+
+@st.composite
+def path_cases(draw: st.DrawFn) -> tuple[str, list[Event]]:
+    sel: dict[str, Any] = {}
+    literals: list[str] = []
+    for _ in range(draw(st.integers(1, 2))):
+        field = draw(st.sampled_from(PATH_FIELDS))
+        values = draw(st.lists(path_texts, min_size=1, max_size=3))
+        sel[field + draw(st.sampled_from(PATH_MODIFIERS))] = values
+        literals += [_plain(v) for v in values]
+    doc = {
+        "id": "r",
+        "title": "t",
+        "level": "low",
+        "detection": {"sel": sel, "condition": "sel"},
+    }
+    events = []
+    for _ in range(draw(st.integers(1, 6))):
+        parts = []
+        for _ in range(draw(st.integers(1, 4))):
+            core = draw(st.sampled_from(literals))
+            part = draw(st.sampled_from(["", "/", ".", "x.", "/x."])) + core
+            part += draw(st.sampled_from(["", "", "/", ".", "a", "é"]))
+            parts.append(draw(st.sampled_from([part, part.upper(), part.swapcase()])))
+        events.append(ev(**{"file.path": "".join(parts)}))
+    return yaml.safe_dump(doc, allow_unicode=True), events
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(path_cases())
+def test_every_rule_on_the_path_that_matches_is_tried(case: tuple[str, list[Event]]) -> None:
+    text, events = case
+    rs, _ = load_text(text, T0, "t.yaml")
+    assume(rs is not None and "r" in rs.rules)
+    assert rs is not None
+    rule = rs.rules["r"]
+    engine = Engine(rs)
+    for e in events:
+        if rule.match(e):
+            assert rule in engine.candidates(e), (text, e.path)
 
 
 # --- what it does --------------------------------------------------------------------------
@@ -190,6 +253,63 @@ def test_a_gated_rule_is_tried_only_where_its_gate_passes() -> None:
     assert [a["rule"]["id"] for a in engine.process(cron)] == tried
     history = ev(**{"file.path": "/home/u/.zsh_history"})
     assert len(engine.candidates(history)) == 2
+
+
+def test_gates_on_the_name_and_extension_pass_where_their_field_does() -> None:
+    rs = ruleset(
+        """\
+id: key
+title: key file
+level: low
+detection:
+  selection: {file.extension: [pem, p12]}
+  condition: selection
+---
+id: secret
+title: secret name
+level: low
+detection:
+  selection: {file.name|startswith: secret}
+  condition: selection
+---
+id: history
+title: history file
+level: low
+detection:
+  selection: {file.name: .bash_history}
+  condition: selection
+---
+id: backup
+title: backup name
+level: low
+detection:
+  selection: {file.name|contains: bak}
+  condition: selection
+"""
+    )
+    engine = Engine(rs)
+    expect = {
+        "/home/u/a.pem": ["key"],
+        "/home/u/A.PEM": ["key"],
+        "/home/u/.pem": [],
+        "/home/u/a.pem/x": [],
+        "/home/u/a.pem.gz": [],
+        "/home/u/a.p12": ["key"],
+        "/home/u/Secret-notes.txt": ["secret"],
+        "/home/secret/notes.txt": [],
+        "secret.pem": ["key", "secret"],
+        "/home/u/.BASH_HISTORY": ["history"],
+        "/home/u/x.bash_history": [],
+        "/home/u/.bash_history/x": [],
+        "/home/u/my.BAK.pem": ["key", "backup"],
+        "/home/bak/x": [],
+        "/home/u/sécret.pem": ["key"],  # not ASCII: each field on its own
+        "/home/u/Secret.pem\udc80": ["secret"],
+    }
+    for path, ids in expect.items():
+        e = ev(**{"file.path": path})
+        assert [r.id for r in engine.candidates(e)] == ids, path
+        assert [r.id for r in rs.rules.values() if r.match(e)] == ids, path
 
 
 def test_alerts_are_the_same_with_and_without_gates() -> None:
