@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from agent.alerts import build_alert
@@ -75,6 +74,7 @@ class _Plan:
         "id",
         "kind",
         "span",
+        "steps",
         "strict",
         "value_of",
     )
@@ -97,6 +97,7 @@ class _Plan:
             }
         self.span = int(c.timespan * 1_000_000)
         self.first = c.rules[0]
+        self.steps = c.rules
         self.kind = c.type
         # temporal: the distinct rules seen in the window are what counts (the base id).
         self.value_of = FIELDS[c.field] if c.field and c.type != "temporal" else None
@@ -138,6 +139,8 @@ class Engine:
             cid: OrderedDict() for cid in ruleset.correlations
         }
         self._suppress: dict[str, OrderedDict[tuple[Any, ...], list[int]]] = {}
+        # rule id -> the getters of its suppress.by fields (looked up at its first match)
+        self._suppress_by: dict[str, tuple[Callable[[Event], Any], ...]] = {}
         # base rule id -> the correlations it feeds (compiled rules, not ids: one lookup less
         # per match)
         plans = {cid: _Plan(corr) for cid, corr in ruleset.correlations.items()}
@@ -190,22 +193,31 @@ class Engine:
                 continue
             self.matched += 1
             if r.generate:
-                alert = self._suppressed(r, e, partial(_single, r, e))
-                if alert is not None:
-                    out.append(alert)
-            for plan in self._consumers.get(r.id, ()):
-                self._fire(plan, r.id, e, out, 0)
+                suppressed = self._admit(r, e)
+                if suppressed is not None:
+                    out.append(build_alert(r.rule, e, suppressed=suppressed))
+            consumers = self._consumers.get(r.id)
+            if consumers is not None:
+                for plan in consumers:
+                    alert = self._feed(plan, r.id, e)
+                    if alert is not None:
+                        self._fired(plan, alert, e, out, 0)
         self.alerts += len(out)
         return out
 
     def _fire(
         self, plan: _Plan, base_id: str, e: Event, out: list[dict[str, Any]], depth: int
     ) -> None:
-        """Feed a correlation; when it fires, its alert (if it generates one) and the
-        correlations over it (a Sigma chain: the loader refuses loops; the depth is a guard)."""
+        """Feed a correlation; when it fires, see `_fired`."""
         alert = self._feed(plan, base_id, e)
-        if alert is None:
-            return
+        if alert is not None:
+            self._fired(plan, alert, e, out, depth)
+
+    def _fired(
+        self, plan: _Plan, alert: dict[str, Any], e: Event, out: list[dict[str, Any]], depth: int
+    ) -> None:
+        """A correlation fired: its alert (if it generates one) and the correlations over it
+        (a Sigma chain: the loader refuses loops; the depth is a guard)."""
         if plan.corr.generate:
             out.append(alert)
         if depth < _MAX_CHAIN:
@@ -254,14 +266,19 @@ class Engine:
                 return True
         return False
 
-    def _suppressed(
-        self, r: CompiledRule, e: Event, make: Callable[[int], dict[str, Any]]
-    ) -> dict[str, Any] | None:
+    def _admit(self, r: CompiledRule, e: Event) -> int | None:
+        """Whether `r`'s alert on `e` goes out: None when its suppression holds it back
+        (counted), else how many were held back before it (0 without suppression)."""
         sup = r.rule.suppress
         if sup is None:
-            return make(0)
-        keys = self._suppress.setdefault(r.id, OrderedDict())
-        key = tuple(e.get(f) for f in sup.by)
+            return 0
+        by = self._suppress_by.get(r.id)
+        if by is None:
+            by = self._suppress_by[r.id] = tuple(FIELDS[f] for f in sup.by)
+        keys = self._suppress.get(r.id)
+        if keys is None:
+            keys = self._suppress[r.id] = OrderedDict()
+        key = tuple([get(e) for get in by])
         now = e.timestamp_us
         state = keys.get(key)
         if state is not None and now < state[0]:
@@ -272,7 +289,7 @@ class Engine:
             keys.popitem(last=False)
             self._cap("suppress_keys", self.caps.max_suppress_keys, rule=r.id)
         keys[key] = [now + int(sup.seconds * 1_000_000), 0]
-        return make(suppressed)
+        return suppressed
 
     def _feed(self, plan: _Plan, base_id: str, e: Event) -> dict[str, Any] | None:
         corr = plan.corr
@@ -299,14 +316,17 @@ class Engine:
             state = _Sequence(now) if kind == "temporal_ordered" else _Window()
             groups[key] = state
         if isinstance(state, _Sequence):
-            return self._step(corr, base_id, e, key, state, span=span)
+            return self._step(plan, base_id, e, key, state)
         win = state
-        before = len(win.items)
-        win.evict_before(now - span)
-        if len(win.items) >= self.caps.max_events:
+        items = win.items
+        before = len(items)
+        cutoff = now - span
+        if items and items[0][0] < cutoff:
+            win.evict_before(cutoff)
+        if len(items) >= self.caps.max_events:
             win._drop()
             self._cap("correlation_events", self.caps.max_events, rule=corr.id)
-        self._items += len(win.items) - before + 1
+        self._items += len(items) - before + 1
         while self._items > self.caps.max_total_events and len(groups) > 1:
             # A bound in memory, not only in counts: the oldest group of this rule goes.
             oldest_key = next(iter(groups))
@@ -320,13 +340,13 @@ class Engine:
         value = base_id if kind == "temporal" else (value_of(e) if value_of else None)
         if isinstance(value, tuple):
             value = value or None
-        win.items.append((now, e.path, e.size or 0, value))
+        items.append((now, e.path, e.size or 0, value))
         if value is not None:
             win.values[value] = win.values.get(value, 0) + 1
             if kind == "value_sum" and isinstance(value, int | float):
                 win.total += value
         if kind == "event_count":
-            metric: float = len(win.items)
+            metric: float = len(items)
         elif kind == "value_sum":
             metric = win.total
         else:  # value_count, temporal
@@ -337,16 +357,15 @@ class Engine:
             return None
         details = self._details(corr, key, [(t, p, s) for t, p, s, _ in win.items], metric)
         self._forget(groups.pop(key))
-        return self._suppressed(
-            corr,
+        suppressed = self._admit(corr, e)
+        if suppressed is None:
+            return None
+        return build_alert(
+            corr.rule,
             e,
-            lambda s: build_alert(
-                corr.rule,
-                e,
-                correlation=details,
-                suppressed=s,
-                identity=(e.hostname, key, win.items[0][0] if win.items else now, now),
-            ),
+            correlation=details,
+            suppressed=suppressed,
+            identity=(e.hostname, key, win.items[0][0] if win.items else now, now),
         )
 
     def _forget(self, state: Any) -> None:
@@ -354,48 +373,40 @@ class Engine:
             self._items -= len(state.items)
 
     def _step(
-        self,
-        corr: CompiledRule,
-        base_id: str,
-        e: Event,
-        key: tuple[Any, ...],
-        seq: _Sequence,
-        *,
-        span: int,
+        self, plan: _Plan, base_id: str, e: Event, key: tuple[Any, ...], seq: _Sequence
     ) -> dict[str, Any] | None:
-        c = corr.rule.correlation
-        assert c is not None
+        steps = plan.steps
         now = e.timestamp_us
-        if seq.step and now - seq.first > span:
+        if seq.step and now - seq.first > plan.span:
             seq.first, seq.step, seq.samples = now, 0, []
-        if seq.step == 1 and base_id == c.rules[0]:
+        if seq.step == 1 and base_id == steps[0]:
             # The first step again before the second: the sequence starts over from the newer
             # one, or a read at 0 and 29 min then a copy at 31 min would be missed.
             seq.first, seq.step, seq.samples = now, 0, []
-        if c.rules[seq.step] != base_id:
+        if steps[seq.step] != base_id:
             return None
         if seq.step == 0:
             seq.first = now
         seq.step += 1
         if len(seq.samples) < self.caps.sample_paths:
             seq.samples.append((now, e.path))
-        if seq.step < len(c.rules):
+        if seq.step < len(steps):
             return None
+        corr = plan.corr
         groups = self._windows[corr.id]
         del groups[key]
         items = [(t, p, 0) for t, p in seq.samples]
-        details = self._details(corr, key, items, float(len(c.rules)))
-        details["steps"] = list(c.rules)
-        return self._suppressed(
-            corr,
+        details = self._details(corr, key, items, float(len(steps)))
+        details["steps"] = list(steps)
+        suppressed = self._admit(corr, e)
+        if suppressed is None:
+            return None
+        return build_alert(
+            corr.rule,
             e,
-            lambda s: build_alert(
-                corr.rule,
-                e,
-                correlation=details,
-                suppressed=s,
-                identity=(e.hostname, key, seq.first, now),
-            ),
+            correlation=details,
+            suppressed=suppressed,
+            identity=(e.hostname, key, seq.first, now),
         )
 
     def _details(
@@ -604,10 +615,6 @@ class Engine:
     def _cap(self, name: str, cap: int, **data: Any) -> None:
         if self._on_cap is not None:
             self._on_cap(name, cap, data)
-
-
-def _single(r: CompiledRule, e: Event, suppressed: int) -> dict[str, Any]:
-    return build_alert(r.rule, e, suppressed=suppressed)
 
 
 def _tuplify(value: Any) -> Any:
