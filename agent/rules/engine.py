@@ -133,6 +133,7 @@ class Engine:
         # a replayed file may hold any location text; past the cap it is filtered per event.
         # Within a place, rules with gates are tried only when a gate passes (prefilter.py).
         self._by_place: dict[tuple[str, str | None], Candidates] = {}
+        self._sets: dict[tuple[str, ...], Any] = {}  # RE2 sets of the places, by patterns
         # OrderedDicts: evicting the oldest entry at a cap is O(1) (a plain dict's first key
         # gets slower to find as deleted slots pile up at its front).
         self._windows: dict[str, OrderedDict[tuple[Any, ...], Any]] = {
@@ -167,7 +168,7 @@ class Engine:
         )
         if len(self._by_place) >= _PLACE_CACHE:
             return rules  # past the cap: filtered per event, every rule of the place tried
-        candidates = self._by_place[(action, location)] = Candidates(rules)
+        candidates = self._by_place[(action, location)] = Candidates(rules, self._sets)
         return candidates.for_event(e) if candidates.gated else candidates.rules
 
     def candidates(self, e: Event) -> tuple[CompiledRule, ...]:

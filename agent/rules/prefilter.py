@@ -36,6 +36,7 @@ _MAX_LENGTHS = 3
 _MAX_SUBSTRINGS = 2
 
 _Owners = tuple[int, ...]
+_Sets = dict[tuple[str, ...], Callable[[bytes], Any] | None]
 _Table = dict[str, _Owners]
 
 
@@ -75,7 +76,10 @@ class Candidates:
         "ungated",
     )
 
-    def __init__(self, rules: Sequence[CompiledRule]) -> None:
+    def __init__(self, rules: Sequence[CompiledRule], sets: _Sets | None = None) -> None:
+        """`sets`: RE2 sets already compiled for other places (by their patterns), shared
+        (the places of one action have most of their gates in common)."""
+        sets = {} if sets is None else sets
         self.rules = tuple(rules)
         by_field: dict[tuple[str, bool], dict[Gate, list[int]]] = {}
         by_bound: dict[tuple[str, str], dict[float, list[int]]] = {}
@@ -87,7 +91,7 @@ class Candidates:
                     by_field.setdefault((g.field, g.folded), {}).setdefault(g, []).append(pos)
         self.numbers = tuple(_comparison(name, op, b) for (name, op), b in by_bound.items())
         fields: dict[tuple[str, bool], _FieldGates | None] = {
-            key: _field_gates(key[0], key[1], owners) for key, owners in by_field.items()
+            key: _field_gates(key[0], key[1], owners, sets) for key, owners in by_field.items()
         }
         # A rule is gated when each field it is gated on could be (a set RE2 refused leaves
         # its rules ungated: correct, only slower).
@@ -121,8 +125,8 @@ class Candidates:
                         rest.setdefault(key, {})[g] = positions
                     else:
                         on_path.setdefault(pattern, []).extend(positions)
-            match = _compile(list(on_path)) if on_path else None
-            rest_built = [_field_gates(k[0], k[1], owners) for k, owners in rest.items()]
+            match = _compile(list(on_path), sets) if on_path else None
+            rest_built = [_field_gates(k[0], k[1], owners, sets) for k, owners in rest.items()]
             if (match is not None or not on_path) and all(f is not None for f in rest_built):
                 self.path_match = match
                 self.path_owners = tuple(tuple(positions) for positions in on_path.values())
@@ -293,7 +297,9 @@ def _numbers(v: Any) -> tuple[float, ...]:
     return tuple(out)
 
 
-def _field_gates(name: str, folded: bool, gates: dict[Gate, list[int]]) -> _FieldGates | None:
+def _field_gates(
+    name: str, folded: bool, gates: dict[Gate, list[int]], sets: _Sets
+) -> _FieldGates | None:
     exact: dict[str, list[int]] = {}
     starts: dict[str, list[int]] = {}
     ends: dict[str, list[int]] = {}
@@ -331,7 +337,7 @@ def _field_gates(name: str, folded: bool, gates: dict[Gate, list[int]]) -> _Fiel
     match = None
     owners: tuple[_Owners, ...] = ()
     if patterns:
-        match = _compile(list(patterns))
+        match = _compile(list(patterns), sets)
         if match is None:
             return None
         owners = tuple(tuple(positions) for positions in patterns.values())
@@ -357,9 +363,18 @@ def _texts(v: Any) -> tuple[str, ...]:
     return ()
 
 
-def _compile(patterns: list[str]) -> Callable[[bytes], Any] | None:
+def _compile(patterns: list[str], sets: _Sets) -> Callable[[bytes], Any] | None:
     """One RE2 set searching for all `patterns` at once: its match gives the indexes (in the
-    order given) of those found. None when RE2 refuses the set (e.g. over its memory budget)."""
+    order given) of those found. None when RE2 refuses the set (e.g. over its memory budget).
+    Compiled once for the same patterns in `sets`."""
+    key = tuple(patterns)
+    if key in sets:
+        return sets[key]
+    match = sets[key] = _compile_set(patterns)
+    return match
+
+
+def _compile_set(patterns: list[str]) -> Callable[[bytes], Any] | None:
     rs = re2.Set.SearchSet(_RE2_OPTIONS)
     try:
         for p in patterns:
