@@ -161,14 +161,13 @@ class Engine:
     def _candidates(self, e: Event) -> tuple[CompiledRule, ...]:
         action, location = e.action, e.location
         place = location.lower() if location is not None else None
+        peers = self._by_action.get(action, self._any)
         rules = tuple(
-            r
-            for r in self._by_action.get(action, self._any)
-            if r.locations is None or (place is not None and place in r.locations)
+            r for r in peers if r.locations is None or (place is not None and place in r.locations)
         )
         if len(self._by_place) >= _PLACE_CACHE:
             return rules  # past the cap: filtered per event, every rule of the place tried
-        candidates = self._by_place[(action, location)] = Candidates(rules, self._sets)
+        candidates = self._by_place[(action, location)] = Candidates(rules, self._sets, peers)
         return candidates.for_event(e) if candidates.gated else candidates.rules
 
     def candidates(self, e: Event) -> tuple[CompiledRule, ...]:

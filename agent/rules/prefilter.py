@@ -12,7 +12,7 @@ condition, never a sufficient one), so the rule's own matcher always decides.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import re2  # type: ignore[import-untyped]
@@ -76,9 +76,16 @@ class Candidates:
         "ungated",
     )
 
-    def __init__(self, rules: Sequence[CompiledRule], sets: _Sets | None = None) -> None:
-        """`sets`: RE2 sets already compiled for other places (by their patterns), shared
-        (the places of one action have most of their gates in common)."""
+    def __init__(
+        self,
+        rules: Sequence[CompiledRule],
+        sets: _Sets | None = None,
+        peers: Sequence[CompiledRule] | None = None,
+    ) -> None:
+        """`sets`: RE2 sets already compiled for other places (by their patterns), shared.
+        `peers`: rules of other places too (of the same action: they have most of their
+        gates in common) whose gates on the path the one set over the path covers, so that
+        those places share it (and RE2's cache of what it has seen)."""
         sets = {} if sets is None else sets
         self.rules = tuple(rules)
         by_field: dict[tuple[str, bool], dict[Gate, list[int]]] = {}
@@ -125,11 +132,20 @@ class Candidates:
                         rest.setdefault(key, {})[g] = positions
                     else:
                         on_path.setdefault(pattern, []).extend(positions)
-            match = _compile(list(on_path), sets) if on_path else None
+            patterns = list(on_path)
+            match = None
+            if on_path and peers is not None:
+                shared = list(dict.fromkeys(_on_path_patterns(peers)))
+                if on_path.keys() <= set(shared):
+                    patterns = shared
+                    match = _compile(patterns, sets)
+            if match is None and on_path:
+                patterns = list(on_path)
+                match = _compile(patterns, sets)
             rest_built = [_field_gates(k[0], k[1], owners, sets) for k, owners in rest.items()]
             if (match is not None or not on_path) and all(f is not None for f in rest_built):
                 self.path_match = match
-                self.path_owners = tuple(tuple(positions) for positions in on_path.values())
+                self.path_owners = tuple(tuple(on_path.get(p, ())) for p in patterns)
                 self.path_rest = tuple(f for f in rest_built if f is not None)
         self._ungated_pos = frozenset(ungated)
         self.ungated = tuple(self.rules[p] for p in sorted(ungated))
@@ -218,6 +234,20 @@ def _scan(gates: tuple[_FieldGates, ...], e: Event, hits: list[int]) -> None:
 
 
 _COMPARISONS = frozenset({"gt", "gte", "lt", "lte"})
+
+
+def _on_path_patterns(rules: Sequence[CompiledRule]) -> Iterator[str]:
+    """The patterns over the path of `rules`' gates, in order."""
+    for r in rules:
+        for g in sorted(r.gates or (), key=_gate_order):
+            if g.field in _PATH_FAMILY and g.kind not in _COMPARISONS:
+                pattern = _on_path(g)
+                if pattern is not None:
+                    yield pattern
+
+
+def _gate_order(g: Gate) -> tuple[str, bool, str, str]:
+    return (g.field, g.folded, g.kind, g.pattern)
 
 
 def _on_path(g: Gate) -> str | None:

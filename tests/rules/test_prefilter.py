@@ -312,6 +312,41 @@ detection:
         assert [r.id for r in rs.rules.values() if r.match(e)] == ids, path
 
 
+def test_the_places_of_an_action_share_one_set_over_the_path() -> None:
+    rs = ruleset(
+        """\
+id: usb-key
+title: key file to removable media
+level: low
+detection:
+  selection:
+    exfilwatch.location.class: removable
+    file.path|re: '\\.(pem|key)$'
+  condition: selection
+---
+id: any-archive
+title: archive written
+level: low
+detection:
+  selection: {file.extension: [zip, 7z]}
+  condition: selection
+"""
+    )
+    engine = Engine(rs)
+    usb = {"exfilwatch.location.class": "removable"}
+    cases = [
+        ({"file.path": "/media/u/a.pem", **usb}, ["usb-key"]),
+        ({"file.path": "/media/u/a.ZIP", **usb}, ["any-archive"]),
+        ({"file.path": "/home/u/a.pem"}, []),  # the rule is not of this place
+        ({"file.path": "/home/u/a.zip"}, ["any-archive"]),
+        ({"file.path": "/home/u/a.zip", "exfilwatch.location.class": "staging"}, ["any-archive"]),
+    ]
+    for fields, ids in cases:
+        assert [r.id for r in engine.candidates(ev(**fields))] == ids, fields
+    places = [c for c in engine._by_place.values() if c.path_match is not None]
+    assert len(places) == 3 and len({id(c.path_match) for c in places}) == 1
+
+
 def test_alerts_are_the_same_with_and_without_gates() -> None:
     rs = ruleset(CRON)
     paths = [
