@@ -40,10 +40,11 @@ class Gate:
     # When the pattern is a plain literal: how it must occur in the text ("exact": the whole
     # text, "prefix", "suffix", "contains"), so that a dict or `in` can decide it. For a
     # number comparison (gt, gte, lt, lte) there is no pattern: the field's number compared
-    # with `bound` (the text of a decimal string counts as its number).
-    kind: Literal["exact", "prefix", "suffix", "contains", "pattern", "gt", "gte", "lt", "lte"] = (
-        "pattern"
-    )
+    # with `bound` (the text of a decimal string counts as its number); "eq": equal to the
+    # integer `bound` (a plain `field: 0`).
+    kind: Literal[
+        "exact", "prefix", "suffix", "contains", "pattern", "gt", "gte", "lt", "lte", "eq"
+    ] = "pattern"
     literal: str = ""
     bound: float = 0.0
 
@@ -354,6 +355,12 @@ def _strings(left: bool, right: bool) -> _Builder:
 
         slow = _lift_any(scalar)
         gates = None if nulls or numbers else _wild_gates(wilds, spec)
+        if plain and numbers and not nulls and all(type(v) is int for v in values):
+            # Only integers: a match is a number equal to one (str(n) is decimal text, so a
+            # string that matches it as text is a decimal string of that number too).
+            gates = frozenset(
+                Gate(spec.field, False, "", len(str(n)) + 1, "eq", bound=n) for n in numbers
+            )
         if not (plain and not spec.cased and not nulls and not numbers):
             return slow, None, gates
         if not all(w.kind == "exact" for w in wilds):

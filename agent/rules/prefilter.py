@@ -64,6 +64,7 @@ class Candidates:
     __slots__ = (
         "_merged",
         "_ungated_pos",
+        "equal",
         "gated",
         "gates",
         "lookups",
@@ -90,13 +91,20 @@ class Candidates:
         self.rules = tuple(rules)
         by_field: dict[tuple[str, bool], dict[Gate, list[int]]] = {}
         by_bound: dict[tuple[str, str], dict[float, list[int]]] = {}
+        by_number: dict[str, dict[float, list[int]]] = {}
         for pos, r in enumerate(self.rules):
             for g in r.gates or ():
-                if g.kind in _COMPARISONS:
+                if g.kind == "eq":
+                    by_number.setdefault(g.field, {}).setdefault(g.bound, []).append(pos)
+                elif g.kind in _COMPARISONS:
                     by_bound.setdefault((g.field, g.kind), {}).setdefault(g.bound, []).append(pos)
                 else:
                     by_field.setdefault((g.field, g.folded), {}).setdefault(g, []).append(pos)
         self.numbers = tuple(_comparison(name, op, b) for (name, op), b in by_bound.items())
+        self.equal = tuple(
+            (FIELDS[name], {n: tuple(owners) for n, owners in table.items()})
+            for name, table in by_number.items()
+        )
         fields: dict[tuple[str, bool], _FieldGates | None] = {
             key: _field_gates(key[0], key[1], owners, sets) for key, owners in by_field.items()
         }
@@ -107,7 +115,7 @@ class Candidates:
             pos
             for pos, r in enumerate(self.rules)
             if not r.gates
-            or any(g.kind not in _COMPARISONS and (g.field, g.folded) in refused for g in r.gates)
+            or any(g.kind not in _NUMERIC and (g.field, g.folded) in refused for g in r.gates)
         }
         # (An ungated rule may still own a gate: the union below counts it once.)
         built = [f for key, f in fields.items() if f is not None and key[0] not in _PATH_FAMILY]
@@ -151,7 +159,9 @@ class Candidates:
         self.ungated = tuple(self.rules[p] for p in sorted(ungated))
         self._merged: dict[tuple[int, ...], tuple[CompiledRule, ...]] = {}
         # False: for_event would give every rule
-        self.gated = bool(self.lookups or self.gates or self.numbers or self.path_gates)
+        self.gated = bool(
+            self.lookups or self.gates or self.numbers or self.equal or self.path_gates
+        )
 
     def for_event(self, e: Event) -> tuple[CompiledRule, ...]:
         hits: list[int] = []
@@ -163,6 +173,14 @@ class Candidates:
                 k = (bisect_left if left else bisect_right)(bounds, number)
                 if passed[k]:
                     hits.extend(passed[k])
+        for getter, table in self.equal:
+            v = getter(e)
+            if v is None:
+                continue
+            for number in (v,) if type(v) is int else _numbers_of(v):
+                found = table.get(number)
+                if found:
+                    hits.extend(found)
         for getter, folded, exact in self.lookups:
             v = getter(e)
             if type(v) is str:
@@ -234,13 +252,14 @@ def _scan(gates: tuple[_FieldGates, ...], e: Event, hits: list[int]) -> None:
 
 
 _COMPARISONS = frozenset({"gt", "gte", "lt", "lte"})
+_NUMERIC = _COMPARISONS | {"eq"}
 
 
 def _on_path_patterns(rules: Sequence[CompiledRule]) -> Iterator[str]:
     """The patterns over the path of `rules`' gates, in order."""
     for r in rules:
         for g in sorted(r.gates or (), key=_gate_order):
-            if g.field in _PATH_FAMILY and g.kind not in _COMPARISONS:
+            if g.field in _PATH_FAMILY and g.kind not in _NUMERIC:
                 pattern = _on_path(g)
                 if pattern is not None:
                     yield pattern
@@ -321,6 +340,19 @@ def _numbers(v: Any) -> tuple[float, ...]:
     out: list[float] = []
     for x in v if type(v) is tuple else (v,):
         if type(x) is int or type(x) is float:
+            out.append(x)
+        elif type(x) is str and _is_decimal(x):
+            out.append(int(x))
+    return tuple(out)
+
+
+def _numbers_of(v: Any) -> tuple[float, ...]:
+    """The numbers an "eq" gate looks up of a field's value: as a plain equality's matcher
+    takes them (agent/rules/matchers.py `_strings`: any number but a boolean), and a decimal
+    string's value (the only strings equal to an integer's text); each of a tuple's."""
+    out: list[float] = []
+    for x in v if type(v) is tuple else (v,):
+        if isinstance(x, int | float) and not isinstance(x, bool):
             out.append(x)
         elif type(x) is str and _is_decimal(x):
             out.append(int(x))

@@ -101,8 +101,11 @@ def cases(draw: st.DrawFn) -> tuple[str, list[Event]]:
         if draw(st.booleans()):
             op = draw(st.sampled_from(["", "|gt", "|gte", "|lt", "|lte"]))
             sel["file.size" + op] = draw(st.integers(0, 20))
+            if not op and draw(st.booleans()):  # equal to one of some numbers
+                sel["file.size"] = draw(st.lists(st.integers(-3, 20), min_size=1, max_size=3))
         if draw(st.booleans()):  # a decimal string field compared as a number
-            sel["user.id" + draw(st.sampled_from(["|gt", "|lte"]))] = draw(st.integers(0, 20))
+            op = draw(st.sampled_from(["", "|gt", "|lte"]))
+            sel["user.id" + op] = draw(st.integers(-3, 20))
         selections[f"sel{n}"] = sel
     names = list(selections)
     condition = draw(
@@ -147,7 +150,10 @@ def cases(draw: st.DrawFn) -> tuple[str, list[Event]]:
         if draw(st.booleans()):
             fields["file.size"] = draw(st.integers(0, 20))
         if draw(st.booleans()):
-            fields["user.id"] = str(draw(st.integers(0, 20)))
+            fields["user.id"] = draw(
+                st.sampled_from(["0", "-0", "00", "-3", "7", "07", " 7", "7.0", "x"])
+                | st.integers(-3, 20).map(str)
+            )
         events.append(ev(**fields))
     return yaml.safe_dump(doc, allow_unicode=True), events
 
@@ -390,6 +396,40 @@ detection:
     assert all(r.gates is None for r in rs.rules.values())
     engine = Engine(rs)
     assert len(engine.candidates(ev(**{"file.path": "/a.o"}))) == 3
+
+
+def test_a_number_equality_is_gated_by_its_numbers() -> None:
+    rs = ruleset(
+        """\
+id: empty
+title: emptied
+level: low
+detection:
+  selection: {file.size: 0}
+  condition: selection
+---
+id: owner
+title: owned by root or bin
+level: low
+detection:
+  selection: {file.uid: [0, 2]}
+  condition: selection
+"""
+    )
+    assert all(g.kind == "eq" for r in rs.rules.values() for g in r.gates or ())
+    engine = Engine(rs)
+    cases = [
+        ({"file.size": 0}, ["empty"]),
+        ({"file.size": 10}, []),
+        ({"file.uid": "0"}, ["owner"]),
+        ({"file.uid": "2", "file.size": 0}, ["empty", "owner"]),
+        ({"file.uid": "1000"}, []),
+        ({"file.path": "/no/size"}, []),
+    ]
+    for fields, ids in cases:
+        e = ev(**fields)
+        assert [r.id for r in engine.candidates(e)] == ids, fields
+        assert [r.id for r in rs.rules.values() if r.match(e)] == ids, fields
 
 
 def test_number_comparisons_are_gated_by_bound() -> None:
