@@ -32,7 +32,7 @@ from agent.rules.condition import (
     some_of,
 )
 from agent.rules.loader import read_paths, read_text
-from agent.rules.matchers import Gate, MatcherError, compile_field
+from agent.rules.matchers import FieldMatcher, Gate, MatcherError, compile_field
 from agent.rules.model import Definitions, Override, Rule, RuleException
 from agent.rules.sigma import LogSource, map_field, resolve
 
@@ -67,6 +67,41 @@ def _all_gates(parts: Sequence[Gates | None]) -> Gates | None:
     """An AND's gates: the most selective of its parts'."""
     found = [p for p in parts if p]
     return max(found, key=_weakest) if found else None
+
+
+def _every_field(ms: Sequence[FieldMatcher]) -> Predicate:
+    """All of the field conditions `ms` hold (in that order): each one's test of its field,
+    called straight (a FieldMatcher's own __call__ is a frame more per field)."""
+    pairs = tuple((m.test, m.getter) for m in ms)
+    if len(pairs) == 1:
+        ((test, get),) = pairs
+
+        def one(e: Event) -> bool:
+            return test(get(e))
+
+        return one
+    if len(pairs) == 2:
+        (test1, get1), (test2, get2) = pairs
+
+        def two(e: Event) -> bool:
+            return test1(get1(e)) and test2(get2(e))
+
+        return two
+    if len(pairs) == 3:
+        (test1, get1), (test2, get2), (test3, get3) = pairs
+
+        def three(e: Event) -> bool:
+            return test1(get1(e)) and test2(get2(e)) and test3(get3(e))
+
+        return three
+
+    def every(e: Event) -> bool:
+        for test, get in pairs:  # noqa: SIM110 (a generator costs a frame)
+            if not test(get(e)):
+                return False
+        return True
+
+    return every
 
 
 @dataclass(frozen=True)
@@ -219,12 +254,10 @@ class _Compiler:
             return None
         # The index chooses by action and location already: gate on the other fields.
         gates = _all_gates([m.gates for m in matchers if m.field not in (ACTION, LOCATION)])
-        if len(matchers) == 1:
-            return Selection(matchers[0], actions, locations, gates)
         # The index already chose the rule by action and location: those tests pass for
         # nearly every event tried, so the fields that can fail are tried first.
         ms = tuple(sorted(matchers, key=lambda m: m.field in (ACTION, LOCATION)))
-        return Selection(every_of(ms), actions, locations, gates)
+        return Selection(_every_field(ms), actions, locations, gates)
 
     def keyword_selection(
         self, file: str, node: yaml.Node, values: list[object], every: bool
@@ -242,7 +275,7 @@ class _Compiler:
             except MatcherError as exc:
                 self.add(file, node, exc.code, exc.message, exc.hint)
                 return None
-            per_keyword.append(some_of(in_fields))
+            per_keyword.append(some_of(tuple(_every_field((m,)) for m in in_fields)))
             keyword_gates.append(_any_gates([m.gates for m in in_fields]))
         if not per_keyword:
             self.add(file, node, "RULE_EMPTY_SELECTION", "an empty keyword list matches nothing")
