@@ -64,6 +64,7 @@ class Candidates:
     __slots__ = (
         "_merged",
         "_ungated_pos",
+        "affixes",
         "equal",
         "gated",
         "gates",
@@ -121,7 +122,14 @@ class Candidates:
         built = [f for key, f in fields.items() if f is not None and key[0] not in _PATH_FAMILY]
         # Whole-text gates alone on a field (most of them: `field: value`) take a short path.
         self.lookups = tuple((f.getter, f.folded, f.exact) for f in built if _exact_only(f))
-        self.gates = tuple(f for f in built if not _exact_only(f))
+        # Prefix and suffix tables (and whole texts) alone: a short path too (host.hostname
+        # endswith).
+        self.affixes = tuple(
+            (f.getter, f.folded, f.exact, f.prefixes, f.suffixes, (f,))
+            for f in built
+            if _affix_only(f)
+        )
+        self.gates = tuple(f for f in built if not _exact_only(f) and not _affix_only(f))
         # The gates on the path, its name and its extension: on an ASCII path (nearly every
         # one) one RE2 set over the path as given decides most of them (`_on_path`), and
         # `path_rest` the others; any other path takes the fields one by one (`path_gates`).
@@ -160,7 +168,12 @@ class Candidates:
         self._merged: dict[tuple[int, ...], tuple[CompiledRule, ...]] = {}
         # False: for_event would give every rule
         self.gated = bool(
-            self.lookups or self.gates or self.numbers or self.equal or self.path_gates
+            self.lookups
+            or self.affixes
+            or self.gates
+            or self.numbers
+            or self.equal
+            or self.path_gates
         )
 
     def for_event(self, e: Event) -> tuple[CompiledRule, ...]:
@@ -192,6 +205,24 @@ class Candidates:
                     found = exact.get(given.lower() if folded else given)
                     if found:
                         hits.extend(found)
+        for getter, folded, exact, prefixes, suffixes, entry in self.affixes:
+            v = getter(e)
+            if type(v) is str:
+                text = v.lower() if folded else v
+                if exact:
+                    found = exact.get(text)
+                    if found:
+                        hits.extend(found)
+                for n, starts in prefixes:
+                    found = starts.get(text[:n])
+                    if found:
+                        hits.extend(found)
+                for n, ends in suffixes:
+                    found = ends.get(text[-n:])
+                    if found:
+                        hits.extend(found)
+            elif v is not None:
+                _scan(entry, e, hits)  # a tuple or a number: its texts
         if self.gates:
             _scan(self.gates, e, hits)
         if self.path_gates:
@@ -309,6 +340,10 @@ def _on_path(g: Gate) -> str | None:
 
 def _exact_only(f: _FieldGates) -> bool:
     return not (f.prefixes or f.suffixes or f.substrings or f.match)
+
+
+def _affix_only(f: _FieldGates) -> bool:
+    return bool(f.prefixes or f.suffixes) and not (f.substrings or f.match)
 
 
 class _Comparison(NamedTuple):
