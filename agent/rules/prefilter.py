@@ -62,7 +62,10 @@ class Candidates:
     tests; the rest of a field's gates are one RE2 set."""
 
     __slots__ = (
+        "_family",
+        "_forced",
         "_merged",
+        "_sets",
         "_ungated_pos",
         "affixes",
         "equal",
@@ -70,6 +73,7 @@ class Candidates:
         "gates",
         "lookups",
         "numbers",
+        "path",
         "path_gates",
         "path_match",
         "path_owners",
@@ -106,8 +110,26 @@ class Candidates:
             (FIELDS[name], {n: tuple(owners) for n, owners in table.items()})
             for name, table in by_number.items()
         )
+        # The gates on the path, its name and its extension: on an ASCII path (nearly every
+        # one) one RE2 set over the path as given decides most of them (`_on_path`), and
+        # `path_rest` the others; any other path takes the fields one by one (`path_gates`,
+        # built at the first such path).
+        family = {key: owners for key, owners in by_field.items() if key[0] in _PATH_FAMILY}
+        self.path = bool(family)
+        self.path_match: Callable[[bytes], Any] | None = None
+        self.path_owners: tuple[_Owners, ...] = ()
+        self.path_rest: tuple[_FieldGates, ...] = ()
+        self.path_gates: tuple[_FieldGates, ...] | None = None
+        self._family = family
+        self._sets = sets
+        self._forced: _Owners = ()  # rules tried on any path not ASCII (see _path_gates)
+        fast = _fast_path(family, peers, sets) if family else None
+        if fast is not None:
+            self.path_match, self.path_owners, self.path_rest = fast
         fields: dict[tuple[str, bool], _FieldGates | None] = {
-            key: _field_gates(key[0], key[1], owners, sets) for key, owners in by_field.items()
+            key: _field_gates(key[0], key[1], owners, sets)
+            for key, owners in by_field.items()
+            if fast is None or key not in family
         }
         # A rule is gated when each field it is gated on could be (a set RE2 refused leaves
         # its rules ungated: correct, only slower).
@@ -130,50 +152,17 @@ class Candidates:
             if _affix_only(f)
         )
         self.gates = tuple(f for f in built if not _exact_only(f) and not _affix_only(f))
-        # The gates on the path, its name and its extension: on an ASCII path (nearly every
-        # one) one RE2 set over the path as given decides most of them (`_on_path`), and
-        # `path_rest` the others; any other path takes the fields one by one (`path_gates`).
-        family = {key: f for key, f in fields.items() if f is not None and key[0] in _PATH_FAMILY}
-        self.path_gates = tuple(family.values())
-        self.path_match: Callable[[bytes], Any] | None = None
-        self.path_owners: tuple[_Owners, ...] = ()
-        self.path_rest = self.path_gates
-        if family:
-            on_path: dict[str, list[int]] = {}
-            rest: dict[tuple[str, bool], dict[Gate, list[int]]] = {}
-            for key in family:
-                for g, positions in by_field[key].items():
-                    pattern = _on_path(g)
-                    if pattern is None:
-                        rest.setdefault(key, {})[g] = positions
-                    else:
-                        on_path.setdefault(pattern, []).extend(positions)
-            patterns = list(on_path)
-            match = None
-            if on_path and peers is not None:
-                shared = list(dict.fromkeys(_on_path_patterns(peers)))
-                if on_path.keys() <= set(shared):
-                    patterns = shared
-                    match = _compile(patterns, sets)
-            if match is None and on_path:
-                patterns = list(on_path)
-                match = _compile(patterns, sets)
-            rest_built = [_field_gates(k[0], k[1], owners, sets) for k, owners in rest.items()]
-            if (match is not None or not on_path) and all(f is not None for f in rest_built):
-                self.path_match = match
-                self.path_owners = tuple(tuple(on_path.get(p, ())) for p in patterns)
-                self.path_rest = tuple(f for f in rest_built if f is not None)
+        if fast is None and family:
+            self.path_gates = tuple(
+                f for key, f in fields.items() if f is not None and key in family
+            )
+            self.path_rest = self.path_gates
         self._ungated_pos = frozenset(ungated)
         self.ungated = tuple(self.rules[p] for p in sorted(ungated))
         self._merged: dict[tuple[int, ...], tuple[CompiledRule, ...]] = {}
         # False: for_event would give every rule
         self.gated = bool(
-            self.lookups
-            or self.affixes
-            or self.gates
-            or self.numbers
-            or self.equal
-            or self.path_gates
+            self.lookups or self.affixes or self.gates or self.numbers or self.equal or self.path
         )
 
     def for_event(self, e: Event) -> tuple[CompiledRule, ...]:
@@ -225,7 +214,7 @@ class Candidates:
                 _scan(entry, e, hits)  # a tuple or a number: its texts
         if self.gates:
             _scan(self.gates, e, hits)
-        if self.path_gates:
+        if self.path:
             path = e.path
             if type(path) is str and path.isascii():
                 match = self.path_match
@@ -238,7 +227,12 @@ class Candidates:
                 if self.path_rest:
                     _scan(self.path_rest, e, hits)
             else:
-                _scan(self.path_gates, e, hits)
+                gates = self.path_gates
+                if gates is None:
+                    gates = self._path_gates()
+                _scan(gates, e, hits)
+                if self._forced:
+                    hits.extend(self._forced)
         if not hits:
             return self.ungated
         key = tuple(hits)
@@ -250,6 +244,56 @@ class Candidates:
             merged = tuple(rules[p] for p in sorted(self._ungated_pos.union(hits)))
             self._merged[key] = merged
         return merged
+
+    def _path_gates(self) -> tuple[_FieldGates, ...]:
+        """The gates on the path family field by field (for a path that is not ASCII). The
+        rules on a field whose set RE2 refuses are tried on every such path."""
+        built = {k: _field_gates(k[0], k[1], g, self._sets) for k, g in self._family.items()}
+        forced = {
+            p for k, f in built.items() if f is None for ps in self._family[k].values() for p in ps
+        }
+        self._forced = tuple(sorted(forced))
+        self.path_gates = tuple(f for f in built.values() if f is not None)
+        return self.path_gates
+
+
+def _fast_path(
+    family: dict[tuple[str, bool], dict[Gate, list[int]]],
+    peers: Sequence[CompiledRule] | None,
+    sets: _Sets,
+) -> tuple[Callable[[bytes], Any] | None, tuple[_Owners, ...], tuple[_FieldGates, ...]] | None:
+    """(the set over the path, its owners, the gates of the family it does not cover), or
+    None when RE2 refuses a set."""
+    on_path: dict[str, list[int]] = {}
+    rest: dict[tuple[str, bool], dict[Gate, list[int]]] = {}
+    for key, gates in family.items():
+        for g, positions in gates.items():
+            pattern = _on_path(g)
+            if pattern is None:
+                rest.setdefault(key, {})[g] = positions
+            else:
+                on_path.setdefault(pattern, []).extend(positions)
+    patterns = list(on_path)
+    match = None
+    if on_path and peers is not None:
+        shared = list(dict.fromkeys(_on_path_patterns(peers)))
+        if on_path.keys() <= set(shared):
+            patterns = shared
+            match = _compile(patterns, sets)
+    if match is None and on_path:
+        patterns = list(on_path)
+        match = _compile(patterns, sets)
+    if match is None and on_path:
+        return None
+    rest_built = [_field_gates(k[0], k[1], owners, sets) for k, owners in rest.items()]
+    if any(f is None for f in rest_built):
+        return None
+    owned = {p: tuple(positions) for p, positions in on_path.items()}
+    return (
+        match,
+        tuple(owned.get(p, ()) for p in patterns),
+        tuple(f for f in rest_built if f is not None),
+    )
 
 
 def _scan(gates: tuple[_FieldGates, ...], e: Event, hits: list[int]) -> None:

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from agent.events import Event, event_from_fields
+from agent.rules import prefilter
 from agent.rules.compiler import RuleSet, load_text
 from agent.rules.engine import Engine
 from agent.rules.testing import TEST_EPOCH_US
@@ -351,6 +352,43 @@ detection:
         assert [r.id for r in engine.candidates(ev(**fields))] == ids, fields
     places = [c for c in engine._by_place.values() if c.path_match is not None]
     assert len(places) == 3 and len({id(c.path_match) for c in places}) == 1
+
+
+def test_a_set_re2_refuses_leaves_its_rules_tried(monkeypatch: pytest.MonkeyPatch) -> None:
+    rs = ruleset(
+        """\
+id: tail
+title: ends in x
+level: low
+detection:
+  selection: {file.path|re: 'x$'}
+  condition: selection
+---
+id: key
+title: key file
+level: low
+detection:
+  selection: {file.extension: pem}
+  condition: selection
+"""
+    )
+    compile_set = prefilter._compile_set
+
+    def refusing(patterns: list[str]) -> Any:
+        return None if patterns == ["x$"] else compile_set(patterns)
+
+    # The set over an ASCII path compiles; the field's own (for other paths) is refused.
+    monkeypatch.setattr(prefilter, "_compile_set", refusing)
+    engine = Engine(rs)
+    assert [r.id for r in engine.candidates(ev(**{"file.path": "/a/bx"}))] == ["tail"]
+    assert [r.id for r in engine.candidates(ev(**{"file.path": "/a/b.pem"}))] == ["key"]
+    assert [r.id for r in engine.candidates(ev(**{"file.path": "/é/b.pem"}))] == ["tail", "key"]
+    assert [r.id for r in engine.candidates(ev(**{"file.path": "/é/bx"}))] == ["tail"]
+    # Every set refused: the field by field way, the regex rule tried on every event.
+    monkeypatch.setattr(prefilter, "_compile_set", lambda patterns: None)
+    engine = Engine(rs)
+    assert [r.id for r in engine.candidates(ev(**{"file.path": "/a/b"}))] == ["tail"]
+    assert [r.id for r in engine.candidates(ev(**{"file.path": "/a/B.PEM"}))] == ["tail", "key"]
 
 
 def test_alerts_are_the_same_with_and_without_gates() -> None:
