@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, NamedTuple
 
-from agent.events import Event, _file_part, _process, format_timestamp, text_and_raw
+from agent.events import Event, _file_part, format_timestamp, text_and_raw
 from agent.health import now_us
 from agent.rules.model import SEVERITY, Rule
 
@@ -125,11 +125,14 @@ def build_alert(
     if e.sensitivity is not None:
         custom["sensitivity"] = e.sensitivity
     if e.location is not None or e.location_provider is not None or e.location_trusted is not None:
-        custom["location"] = _present(
-            ("class", e.location),
-            ("provider", e.location_provider),
-            ("trusted", e.location_trusted),
-        )
+        location: dict[str, Any] = {}
+        if e.location is not None:
+            location["class"] = e.location
+        if e.location_provider is not None:
+            location["provider"] = e.location_provider
+        if e.location_trusted is not None:
+            location["trusted"] = e.location_trusted
+        custom["location"] = location
     if e.watchlist is not None or e.watchlist_days is not None:
         custom["watchlist"] = _present(
             ("status", e.watchlist), ("days_to_last_day", e.watchlist_days)
@@ -180,13 +183,18 @@ def build_alert(
         or e.user_login_id is not None
         or e.masquerade is not None
     ):
-        custom["attribution"] = _present(
-            ("confidence", e.attribution),
-            ("method", e.attribution_method),
-            ("login_user", e.user_login_name),
-            ("login_uid", e.user_login_id),
-            ("masquerade", e.masquerade),
-        )
+        attribution: dict[str, Any] = {}
+        if e.attribution is not None:
+            attribution["confidence"] = e.attribution
+        if e.attribution_method is not None:
+            attribution["method"] = e.attribution_method
+        if e.user_login_name is not None:
+            attribution["login_user"] = e.user_login_name
+        if e.user_login_id is not None:
+            attribution["login_uid"] = e.user_login_id
+        if e.masquerade is not None:
+            attribution["masquerade"] = e.masquerade
+        custom["attribution"] = attribution
     if e.enrichment_skipped is not None:
         custom["enrichment"] = {"skipped": e.enrichment_skipped}
     if raw:
@@ -215,8 +223,37 @@ def build_alert(
             threat["tactic"] = {"name": list(tactics)}
         out["threat"] = threat
     if e.user_name is not None or e.user_id is not None:
-        out["user"] = _present(("name", e.user_name), ("id", e.user_id))
-    process = _process(e)
+        user: dict[str, Any] = {}
+        if e.user_name is not None:
+            user["name"] = e.user_name
+        if e.user_id is not None:
+            user["id"] = e.user_id
+        out["user"] = user
+    process: dict[str, Any] = {}
+    if e.process_pid is not None:
+        process["pid"] = e.process_pid
+    if e.process_name is not None:
+        process["name"] = e.process_name
+    if e.process_executable is not None:
+        process["executable"] = e.process_executable
+    if e.process_command_line is not None:
+        process["command_line"] = e.process_command_line
+    if e.process_working_directory is not None:
+        process["working_directory"] = e.process_working_directory
+    if e.process_args:
+        process["args"] = list(e.process_args)
+    if (
+        e.process_parent_pid is not None
+        or e.process_parent_name is not None
+        or e.process_parent_executable is not None
+        or e.process_parent_command_line is not None
+    ):
+        process["parent"] = _present(
+            ("pid", e.process_parent_pid),
+            ("name", e.process_parent_name),
+            ("executable", e.process_parent_executable),
+            ("command_line", e.process_parent_command_line),
+        )
     if process:
         out["process"] = process
     if e.hostname is not None:
