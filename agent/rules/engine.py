@@ -68,11 +68,14 @@ class _Plan:
     __slots__ = (
         "by_rule",
         "corr",
+        "exceptions",
         "first",
         "getters",
         "gte",
         "id",
+        "key_of",
         "kind",
+        "scope",
         "span",
         "steps",
         "strict",
@@ -85,6 +88,9 @@ class _Plan:
         self.corr = corr
         self.id = corr.id
         self.getters = tuple(FIELDS[f] for f in c.group_by if f in FIELDS)
+        self.key_of = _key_of(self.getters)
+        self.scope = corr.scope
+        self.exceptions = corr.exceptions
         # Sigma aliases: a group-by name is a different field of each correlated rule.
         self.by_rule: dict[str, tuple[Callable[[Event], Any], ...]] | None = None
         if c.aliases:
@@ -103,6 +109,14 @@ class _Plan:
         self.value_of = FIELDS[c.field] if c.field and c.type != "temporal" else None
         self.gte = c.gte
         self.strict = c.strict
+
+
+def _key_of(getters: tuple[Callable[[Event], Any], ...]) -> Callable[[Event], tuple[Any, ...]]:
+    """The group key of an event: its values of the group-by fields."""
+    if len(getters) == 2:
+        first, second = getters
+        return lambda e: (first(e), second(e))
+    return lambda e: tuple([g(e) for g in getters])
 
 
 _PLACE_CACHE = 1024
@@ -180,7 +194,12 @@ class Engine:
 
     def process(self, e: Event) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        for r in self.candidates(e):
+        place = self._by_place.get((e.action, e.location))  # candidates(), inline
+        if place is None:
+            rules = self._candidates(e)
+        else:
+            rules = place.for_event(e) if place.gated else place.rules
+        for r in rules:
             # Scope first: it is one comparison, and most users are on no watchlist.
             if r.scope and e.watchlist not in r.scope:
                 continue
@@ -293,16 +312,15 @@ class Engine:
 
     def _feed(self, plan: _Plan, base_id: str, e: Event) -> dict[str, Any] | None:
         corr = plan.corr
-        if corr.scope and e.watchlist not in corr.scope:
+        if plan.scope and e.watchlist not in plan.scope:
             return None
-        if corr.exceptions and self._excepted(corr, e):
+        if plan.exceptions and self._excepted(corr, e):
             return None
         groups = self._windows[plan.id]
-        getters = plan.getters if plan.by_rule is None else plan.by_rule[base_id]
-        if len(getters) == 2:
-            key: tuple[Any, ...] = (getters[0](e), getters[1](e))
+        if plan.by_rule is None:
+            key: tuple[Any, ...] = plan.key_of(e)
         else:
-            key = tuple([g(e) for g in getters])
+            key = tuple([g(e) for g in plan.by_rule[base_id]])
         now = e.timestamp_us
         span = plan.span
         kind = plan.kind
