@@ -189,7 +189,7 @@ class Candidates:
                 found = exact.get(v.lower() if folded else v)
                 if found:
                     hits.extend(found)
-            elif v is not None:
+            elif v is not None and v != ():  # an empty tuple has no text
                 for given in _texts(v):
                     found = exact.get(given.lower() if folded else given)
                     if found:
