@@ -29,8 +29,10 @@ class _RuleParts(NamedTuple):
     tactics: tuple[str, ...]
 
 
-_RULE_PARTS: dict[int, _RuleParts] = {}  # id(rule) -> its parts; cleared at the cap
-_RULE_PARTS_CAP = 65_536
+# id(rule) -> its parts (holding the rule, so the id stays its own); cleared at the cap, which
+# bounds the rules of replaced rule sets kept alive by it
+_RULE_PARTS: dict[int, _RuleParts] = {}
+_RULE_PARTS_CAP = 8192
 
 
 def _rule_parts(rule: Rule) -> _RuleParts:
