@@ -291,7 +291,7 @@ def _fast_path(
     owned = {p: tuple(positions) for p, positions in on_path.items()}
     return (
         match,
-        tuple(owned.get(p, ()) for p in patterns),
+        (*(owned.get(p, ()) for p in patterns), ()),  # () for the probe (_compile_set)
         tuple(f for f in rest_built if f is not None),
     )
 
@@ -481,7 +481,7 @@ def _field_gates(
         match = _compile(list(patterns), sets)
         if match is None:
             return None
-        owners = tuple(tuple(positions) for positions in patterns.values())
+        owners = (*(tuple(positions) for positions in patterns.values()), ())  # and the probe
     return _FieldGates(
         FIELDS[name],
         folded,
@@ -515,15 +515,29 @@ def _compile(patterns: list[str], sets: _Sets) -> Callable[[bytes], Any] | None:
     return match
 
 
-def _compile_set(patterns: list[str]) -> Callable[[bytes], Any] | None:
-    rs = re2.Set.SearchSet(_RE2_OPTIONS)
+# The last pattern of every set: it matches only this text, which no event field holds (a
+# path, argument or name never contains NUL). A set whose DFA cannot start (RE2 leaves it too
+# little of its memory budget) would answer "no match" to every text, silently: gates would
+# then drop rules that match. The probe finds that when the set is built.
+_PROBE = b"\x00exfilwatch-set-probe\x00"
+_PROBE_PATTERN = "\\x00exfilwatch-set-probe\\x00"
+
+
+def _compile_set(patterns: list[str], options: Any = _RE2_OPTIONS) -> Callable[[bytes], Any] | None:
+    """The set's match function, or None when RE2 refuses the set or its DFA cannot run.
+    Its indexes are those of `patterns`, plus len(patterns) for the probe (owners of a set
+    end with an empty entry for it)."""
+    rs = re2.Set.SearchSet(options)
     try:
         for p in patterns:
             rs.Add(_utf8(p))
+        rs.Add(_PROBE_PATTERN.encode())
         rs.Compile()
     except re2.error:
         return None
     # The binding's own set when it is there: its Python wrapper costs more than the match
     # (both give the indexes found; the raw one an empty list, the wrapper None, for none).
     match: Callable[[bytes], Any] = getattr(rs, "_set", rs).Match
+    if len(patterns) not in (match(_PROBE) or ()):
+        return None
     return match

@@ -374,7 +374,7 @@ detection:
     )
     compile_set = prefilter._compile_set
 
-    def refusing(patterns: list[str]) -> Any:
+    def refusing(patterns: list[str], options: Any = None) -> Any:
         return None if patterns == ["x$"] else compile_set(patterns)
 
     # The set over an ASCII path compiles; the field's own (for other paths) is refused.
@@ -385,7 +385,7 @@ detection:
     assert [r.id for r in engine.candidates(ev(**{"file.path": "/é/b.pem"}))] == ["tail", "key"]
     assert [r.id for r in engine.candidates(ev(**{"file.path": "/é/bx"}))] == ["tail"]
     # Every set refused: the field by field way, the regex rule tried on every event.
-    monkeypatch.setattr(prefilter, "_compile_set", lambda patterns: None)
+    monkeypatch.setattr(prefilter, "_compile_set", lambda patterns, options=None: None)
     engine = Engine(rs)
     assert [r.id for r in engine.candidates(ev(**{"file.path": "/a/b"}))] == ["tail"]
     assert [r.id for r in engine.candidates(ev(**{"file.path": "/a/B.PEM"}))] == ["tail", "key"]
@@ -521,3 +521,18 @@ level: low
     (rule,) = rs.rules.values()
     assert rule.gates is not None
     assert {g.field for g in rule.gates} == {"process.command_line", "file.path"}
+
+
+def test_the_set_probe_is_checked_when_built_and_never_tries_a_rule() -> None:
+    """Every set ends with a probe pattern (its DFA must answer it when the set is built);
+    a hand-written event holding the probe's text (NUL is in no real path) tries no rule for
+    it, and does not break the engine."""
+    match = prefilter._compile_set(["abc", "x[0-9]+y"])
+    assert match is not None
+    assert match(prefilter._PROBE) == [2]
+    assert match(b"zzabc") == [0] and match(b"nothing") == []
+    engine = Engine(ruleset(CRON))
+    probe = prefilter._PROBE.decode()
+    for path in (f"/srv/{probe}", f"/srv/\u00e9{probe}"):  # the ASCII set and the field's own
+        assert [r.id for r in engine.candidates(ev(**{"file.path": path}))] == ["any-write"]
+        engine.process(ev(**{"file.path": path}))
