@@ -375,15 +375,18 @@ class Engine:
             return None
         details = self._details(corr, key, [(t, p, s) for t, p, s, _ in win.items], metric)
         self._forget(groups.pop(key))
+        first = win.items[0][0] if win.items else now
+        return self._correlation_alert(corr, e, details, (e.hostname, key, first, now))
+
+    def _correlation_alert(
+        self, corr: CompiledRule, e: Event, details: dict[str, Any], identity: tuple[Any, ...]
+    ) -> dict[str, Any] | None:
+        """The alert of a correlation that fired, unless its suppression holds it back."""
         suppressed = self._admit(corr, e)
         if suppressed is None:
             return None
         return build_alert(
-            corr.rule,
-            e,
-            correlation=details,
-            suppressed=suppressed,
-            identity=(e.hostname, key, win.items[0][0] if win.items else now, now),
+            corr.rule, e, correlation=details, suppressed=suppressed, identity=identity
         )
 
     def _forget(self, state: Any) -> None:
@@ -416,16 +419,7 @@ class Engine:
         items = [(t, p, 0) for t, p in seq.samples]
         details = self._details(corr, key, items, float(len(steps)))
         details["steps"] = list(steps)
-        suppressed = self._admit(corr, e)
-        if suppressed is None:
-            return None
-        return build_alert(
-            corr.rule,
-            e,
-            correlation=details,
-            suppressed=suppressed,
-            identity=(e.hostname, key, seq.first, now),
-        )
+        return self._correlation_alert(corr, e, details, (e.hostname, key, seq.first, now))
 
     def _details(
         self,
