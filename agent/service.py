@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 import structlog
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent import __version__, watchlist
@@ -52,6 +53,9 @@ STATE_CHECKPOINT_SECONDS = 30.0
 # With the kernel's process events, the process table is still read this often: what a
 # receive buffer overrun lost is found (as process_started events from process_poll).
 PROCESS_RECONCILE_SECONDS = 30.0
+# With a source that says when the mount table changes, the mounts job runs then, plus this
+# often as a safety net (each timed run of a job costs an idle agent milliseconds of CPU).
+MOUNTS_SAFETY_SECONDS = 30.0
 STATE_CHECKPOINT_IDLE_SECONDS = 60.0
 ENGINE_STATE_FILE = "engine.state.json"
 HISTORY_FILE = "history.state.json"
@@ -575,8 +579,12 @@ class Agent:
             # With the kernel's events the table is polled only to find what an overrun lost.
             interval = PROCESS_RECONCILE_SECONDS if kernel else self.config.processes.interval
             jobs.append((self.check_processes, interval, "processes"))
+        signalled = self.mounts is not None and bool(getattr(parts.source, "signals_mounts", False))
         if self.mounts is not None:
-            jobs.append((self.check_mounts, self.config.locations.mount_check_interval, "mounts"))
+            interval = self.config.locations.mount_check_interval
+            if signalled:
+                interval = max(interval, MOUNTS_SAFETY_SECONDS)
+            jobs.append((self.check_mounts, interval, "mounts"))
         self.check_watchlist()
         # The rule files and the watchlist are checked every second by one plain thread, not
         # by scheduler jobs: an APScheduler dispatch costs milliseconds of CPU, and a 1 s job
@@ -590,6 +598,9 @@ class Agent:
                 func, "interval", seconds=seconds, id=job_id, max_instances=1, coalesce=True
             )
         self.scheduler.start()
+        if signalled:
+            parts.source.on_mounts_changed = self._mounts_changed  # type: ignore[attr-defined]
+            self.check_mounts()  # a change while it started, before the hook was there
         self.check_config_file()  # an edit while it started
         self._last_stats = self.stats()
         self._write_status("running")
@@ -840,6 +851,15 @@ class Agent:
             max_depth=None if info.kind == "removable" else 2,
             max_dirs=50_000 if info.kind == "removable" else 2_000,
         )
+
+    def _mounts_changed(self) -> None:
+        """The source saw the mount table change (on its thread): check now, on the
+        scheduler's."""
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        with contextlib.suppress(JobLookupError):  # stopping: the job is gone, nothing to do
+            scheduler.modify_job("mounts", next_run_time=dt.datetime.now(scheduler.timezone))
 
     def check_mounts(self) -> None:
         """Mounts and unmounts since the last check: record them, watch removable media and

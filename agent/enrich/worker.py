@@ -20,6 +20,7 @@ log = structlog.get_logger(__name__)
 # Egress places (removable media, sync folders, shares) are served before staging places.
 _FIRST = frozenset({"removable", "cloud_sync", "network_share"})
 _REPORT_EVERY = 10.0
+_IDLE_WAIT = 30.0  # longest sleep with nothing queued (a safety net: submits notify)
 _DELIVER_BATCH = 256
 _DELIVER_AFTER = 0.05  # seconds a checked event may wait for others to go with it
 
@@ -211,7 +212,15 @@ class EnrichmentWorker:
                         self.counters["busy_waits"] += 1
                         wait = min(*waits, self._next_deadline() - self._clock())
                 if item is None and not expired and not done:
-                    self._cond.wait(max(0.005, min(wait, 0.5)))
+                    if not self._size:
+                        # Nothing queued: sleep until a submit or a stop (which notify), or
+                        # until skips wait to be reported; idle wake-ups cost CPU (issue 9).
+                        wait = _IDLE_WAIT
+                        if self._unreported:
+                            wait = _REPORT_EVERY - (self._clock() - self._last_report)
+                        self._cond.wait(max(0.005, wait))
+                    else:
+                        self._cond.wait(max(0.005, min(wait, 0.5)))
             if expired:
                 done.extend(evolve(e, enrichment_skipped="over_budget") for e in expired)
             if item is not None:

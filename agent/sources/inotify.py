@@ -485,6 +485,9 @@ class InotifySource:
         self._poller = select.poll()
         self._wake_r = self._wake_w = -1
         self._mounts_changed = False
+        # Called (on the reader's thread) when the mount table changed: the agent checks its
+        # media and shares then, instead of polling the table every second.
+        self.on_mounts_changed: Callable[[], None] | None = None
         self._drain_every = 1
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -654,6 +657,13 @@ class InotifySource:
                     self._handle(events)
                 if self._unmounted:
                     self._unmounts()
+                if (
+                    events
+                    and not self._mounts_changed
+                    and self._mounts_poll is not None
+                    and self._mounts_poll.poll(0)
+                ):
+                    self._mounts_changed = True  # the wait above was skipped: events came
                 if self._mounts_changed:
                     # A filesystem mounted over (or unmounted from) a root changes no watch:
                     # the roots are checked soon, not at the next interval. Not at once: the
@@ -1402,6 +1412,11 @@ class InotifySource:
 
     # mounts ------------------------------------------------------------------------------
 
+    @property
+    def signals_mounts(self) -> bool:
+        """Does this source say when the mount table changes (on_mounts_changed)?"""
+        return self._mounts_poll is not None
+
     def _open_mounts(self) -> None:
         """The mount table, and a poll that says when it changes (no reading it every second)."""
         try:
@@ -1426,6 +1441,9 @@ class InotifySource:
             self._mounts_changed, force = False, True
         if self._mounts_poll is None or not (self._mounts_poll.poll(0) or force):
             return set()
+        hook = self.on_mounts_changed
+        if hook is not None:
+            hook()
         current = _mount_points()
         previous, self._mounts = self._mounts, current
         appeared = {current[i] for i in current.keys() - previous.keys()}
