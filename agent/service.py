@@ -12,7 +12,7 @@ import select
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -216,13 +216,27 @@ class Agent:
         finally:
             watcher.close()
 
-    def _file_check_dirs(self) -> list[str]:
-        dirs = [self.config.state_dir]
+    def _file_check_dirs(self) -> dict[str, frozenset[str] | None]:
+        """Directory -> the names in it whose change is news (None: any). The state dir is
+        written by the agent itself (status, checkpoints) and a config's directory may hold
+        other busy files: only the watchlist and the config wake the checks there."""
+        dirs: dict[str, frozenset[str] | None] = {}
+
+        def want(directory: str, names: frozenset[str] | None) -> None:
+            if directory in dirs:
+                have = dirs[directory]
+                dirs[directory] = None if have is None or names is None else have | names
+            else:
+                dirs[directory] = names
+
+        want(self.config.state_dir, frozenset({watchlist.WATCHLIST_FILE}))
         if self.config.source_file and os.path.isfile(self.config.source_file):
-            dirs.append(os.path.dirname(os.path.abspath(self.config.source_file)))
-        dirs += sorted({os.path.dirname(p) for p in self._code_identity})
+            source = os.path.abspath(self.config.source_file)
+            want(os.path.dirname(source), frozenset({os.path.basename(source)}))
+        for directory in sorted({os.path.dirname(p) for p in self._code_identity}):
+            want(directory, None)
         for path in self.config.rules:
-            dirs.append(path if os.path.isdir(path) else os.path.dirname(path) or ".")
+            want(path if os.path.isdir(path) else os.path.dirname(path) or ".", None)
         return dirs
 
     def _check_watchlist(self) -> None:
@@ -1220,11 +1234,13 @@ def _to_midnight() -> float:
 
 class _DirWatcher:
     """inotify on a few directories (the state dir, the rule dirs): `wait` returns True when
-    something in them changed. `ok` is False when inotify is not available (then the caller
-    polls)."""
+    something that matters in them changed (`dirs` maps a directory to the names that
+    matter in it, None for any; a change of the directory itself always matters). `ok` is
+    False when inotify is not available (then the caller polls)."""
 
-    def __init__(self, dirs: Sequence[str]) -> None:
+    def __init__(self, dirs: Mapping[str, frozenset[str] | None]) -> None:
         self._ino: Any = None
+        self._names: dict[int, frozenset[str] | None] = {}
         mask = 0
         try:
             from inotify_simple import INotify, flags
@@ -1241,22 +1257,26 @@ class _DirWatcher:
         except (OSError, ImportError):
             self._ino = None
         watched = 0
-        for d in dict.fromkeys(dirs):
+        for d, names in dirs.items():
             if self._ino is None:
                 break
             try:
-                self._ino.add_watch(d, mask)
-                watched += 1
+                wd = self._ino.add_watch(d, mask)
             except OSError:
                 continue  # missing for now: the safety poll covers it
+            watched += 1
+            have = self._names.get(wd, frozenset())
+            self._names[wd] = None if names is None or have is None else have | names
         self.ok = self._ino is not None and watched > 0
 
     def wait(self, timeout: float, stop_fd: int) -> bool:
         fds = [stop_fd] + ([self._ino.fileno()] if self._ino is not None else [])
         ready, _, _ = select.select(fds, [], [], timeout)
         if self._ino is not None and self._ino.fileno() in ready:
-            self._ino.read(timeout=0)
-            return True
+            for event in self._ino.read(timeout=0):
+                names = self._names.get(event.wd)
+                if names is None or not event.name or event.name in names:
+                    return True  # (what else the read gave is not needed: it changed)
         return False
 
     def close(self) -> None:

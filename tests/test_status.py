@@ -195,3 +195,42 @@ def test_a_change_to_the_agents_own_installed_code_is_a_health_record(
     (rec,) = collector.health("agent_files_changed")
     assert rec["exfilwatch"]["health"]["changed"] == [some]
     assert rec["exfilwatch"]["health"]["count"] == 1
+
+
+def test_the_file_checks_wake_for_the_files_that_matter_not_the_agents_own_writes(
+    tmp_path: Path,
+) -> None:
+    """The state dir is written by the agent (status, checkpoints): only the watchlist there
+    wakes the rule/config/code checks; in a rule directory any file does."""
+    from agent.service import _DirWatcher
+
+    state, rules = tmp_path / "state", tmp_path / "rules"
+    state.mkdir()
+    rules.mkdir()
+    watcher = _DirWatcher({str(state): frozenset({"watchlist.yaml"}), str(rules): None})
+    r, w = os.pipe()
+
+    def woken(seconds: float) -> bool:
+        """Whether a wait within `seconds` said "changed" (a read may hold only part of what
+        was done; the agent's loop waits again, as this does)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if watcher.wait(left, r):
+                return True
+        return False
+
+    try:
+        assert watcher.ok
+        (state / "status.json").write_text("{}")
+        (state / ".status.json.tmp").write_text("{}")
+        assert not woken(0.3)
+        (state / "watchlist.yaml.tmp").write_text("entries: []\n")
+        os.replace(state / "watchlist.yaml.tmp", state / "watchlist.yaml")
+        assert woken(5.0)
+        (rules / "local.yaml").write_text("x: 1\n")
+        assert woken(5.0)
+        assert not woken(0.2)  # nothing since
+    finally:
+        watcher.close()
+        os.close(r)
+        os.close(w)
