@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.enrich.ownreads import OwnReads
+from agent.enrich.public import PUBLIC_MAX_BYTES, PublicContent
 from agent.sources.paths import Excludes
 
 # Below this size the whole file is hashed; above it, a sample (head, middle, tail) plus the
@@ -32,24 +33,26 @@ DEPARTED_SECONDS = 300.0
 
 CapHit = Callable[[str, int, dict[str, Any]], None]
 
-# Files that are the same in every repository or project, whoever made it: git's templates
-# (hooks/*.sample, description, info/exclude), its bookkeeping, its loose objects (the same
-# bytes for the same content in any repository: a shared licence's blob), and licence texts. A
-# copy of one says nothing about tagged content leaving (an unrelated clone in a sync folder
-# holds the same bytes), so they are not indexed. A repository itself is traced by its refs
-# and packs (agent/enrich/repos.py), not by these files.
-_GIT_CONTENT = ("objects/pack/", "refs/", "packed-refs")
-_PUBLIC_NAMES = ("LICENSE", "LICENCE", "COPYING")  # also LICENSE.md, LICENSE-MIT, COPYING.LIB
+# Content every project holds (git's templates, licence texts, git's loose objects of them)
+# is recognised by content when a copy matches it (agent/enrich/public.py), never by name: a
+# file named LICENSE that holds a design is traced. Left out by place and size only: git's
+# own small bookkeeping (HEAD, config, ORIG_HEAD, COMMIT_EDITMSG, description, info/exclude:
+# the same few bytes in many repositories), up to GIT_BOOKKEEPING_BYTES, outside its objects,
+# refs and LFS store (a repository itself is traced by its refs and packs, agent/enrich/
+# repos.py). What a watched user can hide there is that many bytes (README: blind spots).
+GIT_BOOKKEEPING_BYTES = 512
+_PUBLIC_CACHE = 4096
+_GIT_CONTENT = ("objects/", "refs/", "packed-refs", "lfs/")
 
 
-def indexable(path: str) -> bool:
-    """Is the file at `path` (in a tagged tree) content to trace copies of?"""
-    git = path.find("/.git/")
-    if git >= 0 and not path.startswith(_GIT_CONTENT, git + 6):
+def indexable(path: str, size: int) -> bool:
+    """Is the file at `path` (in a tagged tree), of `size` bytes, content to trace copies of?"""
+    if size <= 0:
         return False
-    stem = path[path.rfind("/") + 1 :].partition(".")[0].upper()
-    base = stem.partition("-")[0].partition("_")[0]
-    return not (base in _PUBLIC_NAMES and len(stem) <= 16)
+    if size > GIT_BOOKKEEPING_BYTES:
+        return True
+    git = path.find("/.git/")
+    return git < 0 or path.startswith(_GIT_CONTENT, git + 6)
 
 
 class _Entry:
@@ -171,10 +174,14 @@ class LineageIndex:
             "budget_denied": 0,
             "full": 0,
             "candidates_capped": 0,
+            "public": 0,
         }
         # The agent's reads of tagged files are announced here (see agent/enrich/ownreads.py).
         self.own_reads: OwnReads | None = None
         self.max_candidates = MAX_CANDIDATES
+        self.public = PublicContent()
+        # (size, digest) -> public boilerplate or not: a speed cache (cleared when full).
+        self._public: dict[tuple[int, bytes], bool] = {}
 
     def __len__(self) -> int:
         return len(self._by_path)
@@ -182,8 +189,8 @@ class LineageIndex:
     # maintenance -----------------------------------------------------------------------
 
     def add(self, path: str, size: int, mtime_ns: int, tags: tuple[str, ...]) -> None:
-        if size <= 0 or not indexable(path):
-            return  # empty files and boilerplate say nothing about where content came from
+        if not indexable(path, size):
+            return  # empty files and git's bookkeeping say nothing about where content came from
         # Events carry microseconds, a walk nanoseconds: compare at the coarser one, or every
         # event would look like a change and drop the cached digest.
         mtime_ns -= mtime_ns % 1000
@@ -346,10 +353,11 @@ class LineageIndex:
                             try:
                                 if entry.is_dir(follow_symlinks=False):
                                     stack.append(p)
-                                elif entry.is_file(follow_symlinks=False) and indexable(p):
+                                elif entry.is_file(follow_symlinks=False):
                                     st = entry.stat(follow_symlinks=False)
-                                    self.add(p, st.st_size, st.st_mtime_ns, tags)
-                                    added += 1
+                                    if indexable(p, st.st_size):
+                                        self.add(p, st.st_size, st.st_mtime_ns, tags)
+                                        added += 1
                             except OSError:
                                 continue
                 except OSError:
@@ -373,6 +381,50 @@ class LineageIndex:
         return self._sizes.get(size, 0) > 0
 
     def _same_content(
+        self, size: int, digest: bytes, *, name: str | None = None, exclude: str | None = None
+    ) -> _Entry | None:
+        """The tagged file whose content digest is `digest`, unless that content is public
+        boilerplate (a licence text, a git template: agent/enrich/public.py)."""
+        entry = self._same_digest(size, digest, name=name, exclude=exclude)
+        if entry is None or size > PUBLIC_MAX_BYTES:
+            return entry
+        key = (size, digest)
+        public = self._public.get(key)
+        if public is None:
+            public = self._is_public(entry, digest)
+            if public is None:
+                return entry  # could not read it now: traced (and asked again next time)
+            if len(self._public) >= _PUBLIC_CACHE:
+                self._public.clear()
+            self._public[key] = public
+        if public:
+            self.stats["public"] += 1
+            return None
+        return entry
+
+    def _is_public(self, entry: _Entry, digest: bytes) -> bool | None:
+        """Read the tagged file (as the agent's own read, within the hashing budget) and
+        judge its content; None if it could not be read as the content that matched."""
+        if not self._budget.take(entry.size):
+            self.stats["budget_denied"] += 1
+            return None
+        if self.own_reads is not None:
+            self.own_reads.expect(entry.path)
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            data = os.read(fd, entry.size + 1)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        if bytes_digest(data, self.hash_max_bytes) != digest:
+            return None  # changed since it was hashed
+        return self.public.is_public(data)
+
+    def _same_digest(
         self, size: int, digest: bytes, *, name: str | None = None, exclude: str | None = None
     ) -> _Entry | None:
         """The tagged file whose content digest is `digest`: one already hashed (a lookup),

@@ -28,17 +28,14 @@ also be bounded by keeping the trees on their own filesystem, or by ignore marks
 
 from __future__ import annotations
 
-import array
 import contextlib
 import ctypes
 import errno
-import fcntl
 import functools
 import os
 import select
 import struct
 import sys
-import termios
 import threading
 import time
 from collections import OrderedDict
@@ -1009,27 +1006,37 @@ class DirEventsWatcher:
         """Wait (at most `timeout` s) until the events the kernel queued before this call are
         in the cache. fsnotify queues an operation's fanotify event in the same call as its
         inotify event, so once an inotify event is read its fanotify event is queued: a lookup
-        after sync() finds it even when this reader had not read it yet. True when caught up."""
+        after sync() finds it even when this reader had not read it yet. True when caught up.
+
+        The caller reads the queue itself rather than waiting for the reader thread: on a
+        loaded machine the reader may not get a core for tens of ms after it wakes (and it
+        gathers 5 ms between reads), which spent the caller's whole budget waiting while the
+        record sat in the kernel queue (a git checkout's deletes then lost their process)."""
         deadline = time.monotonic() + timeout
-        avail = array.array("i", [0])
-        while True:
+        if not self._model_lock.acquire(timeout=max(0.0, timeout)):
+            return False
+        try:
             fd = self._fan_fd
             if fd < 0:
                 return False
-            try:
-                fcntl.ioctl(fd, termios.FIONREAD, avail, True)
-            except OSError:
-                return False
-            left = deadline - time.monotonic()
-            if not avail[0]:
-                # Read, maybe not handled yet: the reader handles a batch under this lock.
-                if self._model_lock.acquire(timeout=max(0.0, left)):
-                    self._model_lock.release()
+            while not self._stopping:
+                try:
+                    buf = os.read(fd, _READ_SIZE)
+                except BlockingIOError:
+                    return True  # all queued before the call is read and handled
+                except OSError:
+                    return False
+                if not buf:
                     return True
-                return False
-            if left <= 0:
-                return False
-            time.sleep(0.001)
+                self._handle(buf)
+                if time.monotonic() >= deadline:
+                    return False  # a storm behind it: the reader thread goes on
+            return False
+        finally:
+            try:
+                self._close_mount_fds()
+            finally:
+                self._model_lock.release()
 
     def process_info(self, pid: int) -> tuple[str, int | None, int] | None:
         """(name, uid, parent pid) of a pid as read with its first event, if known."""

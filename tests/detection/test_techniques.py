@@ -164,6 +164,37 @@ def test_a_copy_staged_in_a_hidden_place_then_moved_keeps_its_origin(ws: Worksta
     )
 
 
+def test_a_design_renamed_to_a_licence_or_hidden_in_git_bookkeeping_is_traced(
+    ws: Workstation,
+) -> None:
+    # Names are the watched user's to choose: a copy made in the tree under a licence's name
+    # or in .git/info/ (content found nowhere else in the tree), then copied out, is still
+    # tagged content: lineage decides by content.
+    git_info = ws.rnd / ".git" / "info"
+    ws.sh(
+        f"mkdir -p {git_info} && cat mod3.c mod5.c > {ws.rnd / 'LICENSE-MIT'} && "
+        f"cat mod4.c mod6.c > {git_info / 'exclude'}",
+        cwd=ws.src,
+    )
+    ws.wait(lambda: ws.events(None, git_info / "exclude"), "the copy in .git/info")
+    ws.settle(ws.rnd)
+    ws.sh(
+        f"cp {ws.rnd / 'LICENSE-MIT'} {ws.dropbox / 'a.txt'} && "
+        f"cp {git_info / 'exclude'} {ws.dropbox / 'b.txt'}"
+    )
+    ws.wait_alert("exfil-cloud-sync-tagged-copy")  # one alert: a second copy is suppressed
+
+    def origin(name: str) -> str | None:
+        traced = [e for e in ws.events(None, ws.dropbox / name) if e["exfilwatch"].get("lineage")]
+        return traced[0]["exfilwatch"]["lineage"]["origin_path"] if traced else None
+
+    origins = {
+        name: ws.wait(lambda n=name: origin(n), f"{name} traced") for name in ("a.txt", "b.txt")
+    }
+    assert origins["a.txt"] == str(ws.rnd / "LICENSE-MIT")
+    assert origins["b.txt"] == str(git_info / "exclude")
+
+
 # -- 5. repositories are data too -------------------------------------------------------------
 
 

@@ -196,50 +196,86 @@ def test_churn_of_same_size_files_is_linear() -> None:
     assert same < 5 * distinct, (same, distinct)
 
 
+APACHE = Path("/usr/share/common-licenses/Apache-2.0")
+
+
+def copies_in(index: LineageIndex, top: Path) -> list[Path]:
+    return [
+        p
+        for p in top.rglob("*")
+        if p.is_file() and index.find_copy(str(p), p.stat().st_size) is not None
+    ]
+
+
 def test_git_templates_and_licence_texts_are_not_tagged_content(tmp_path: Path) -> None:
     """Every repository holds git's hook samples and description, and many the same licence
     text: an unrelated clone in a sync folder is not a copy of the tagged repository."""
-    if shutil.which("git") is None:
-        pytest.skip("needs git (installed by .ci/run)")
+    if shutil.which("git") is None or not APACHE.exists():
+        pytest.skip("needs git (installed by .ci/run) and Debian's common-licenses")
     root = tree(tmp_path)
+    git = ["git", "-c", "user.email=d@example.com", "-c", "user.name=d"]
     subprocess.run(["git", "init", "-q", str(root)], check=True)
-    (root / "LICENSE").write_text("Apache License\nVersion 2.0, January 2004\n" * 20)
-    (root / "COPYING.LIB").write_text("GNU LESSER GENERAL PUBLIC LICENSE\n" * 20)
+    shutil.copy(APACHE, root / "LICENSE")
+    subprocess.run([*git, "-C", str(root), "add", "-A"], check=True)
+    subprocess.run([*git, "-C", str(root), "commit", "-qm", "init"], check=True)
     index = LineageIndex()
-    assert build(index, root) == 2  # top.v and alu.v: nothing of .git, no licence
+    assert build(index, root) > 3  # the sources, the licence, the hook samples, objects
     other = tmp_path / "Dropbox" / "other"
     subprocess.run(["git", "init", "-q", str(other)], check=True)
-    shutil.copy(root / "LICENSE", other / "LICENSE")
-    copies = [
-        p
-        for p in other.rglob("*")
-        if p.is_file() and index.find_copy(str(p), p.stat().st_size) is not None
-    ]
-    assert copies == []
+    shutil.copy(root / "LICENSE", other / "LICENSE")  # the licence and its loose blob
+    subprocess.run([*git, "-C", str(other), "add", "-A"], check=True)
+    subprocess.run([*git, "-C", str(other), "commit", "-qm", "init"], check=True)
+    assert copies_in(index, other) == []
+    assert index.stats["public"] >= 2
     shutil.copy(root / "chip" / "top.v", other / "top.v")
-    assert index.find_copy(str(other / "top.v"), (other / "top.v").stat().st_size) is not None
+    assert copies_in(index, other) == [other / "top.v"]
+
+
+def test_a_design_under_a_licence_name_or_in_git_bookkeeping_is_traced(tmp_path: Path) -> None:
+    """Names are the watched user's to choose: content decides. A design copied to LICENSE-x
+    or into .git/info/ in the tree, then out, is still a copy of tagged content."""
+    root = tree(tmp_path)
+    (root / ".git" / "info").mkdir(parents=True)
+    shutil.copy(root / "chip" / "top.v", root / "LICENSE-MIT")
+    shutil.copy(root / "chip" / "alu.v", root / ".git" / "info" / "exclude")
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    index = LineageIndex()
+    assert build(index, root) == 4  # not HEAD: git's bookkeeping up to 512 bytes
+    out = tmp_path / "usb"
+    out.mkdir()
+    shutil.copy(root / "LICENSE-MIT", out / "a")
+    shutil.copy(root / ".git" / "info" / "exclude", out / "b")
+    shutil.copy(root / ".git" / "HEAD", out / "HEAD")
+    for name, origin in (("a", root / "LICENSE-MIT"), ("b", root / ".git/info/exclude")):
+        found = index.find_copy(str(out / name), (out / name).stat().st_size)
+        assert found is not None
+        assert found.path in (
+            str(origin),
+            str(root / "chip" / ("top.v" if name == "a" else "alu.v")),
+        )
+    assert index.find_copy(str(out / "HEAD"), (out / "HEAD").stat().st_size) is None
 
 
 @pytest.mark.parametrize(
-    ("path", "indexed"),
+    ("path", "size", "indexed"),
     [
-        ("/r/.git/hooks/pre-commit.sample", False),
-        ("/r/.git/description", False),
-        ("/r/.git/info/exclude", False),
-        ("/r/.git/config", False),
-        ("/r/.git/objects/pack/pack-1.pack", True),
-        ("/r/.git/objects/ee/b49a2afa9870efcc9d0cbfd5cc33fc5da81f98", False),
-        ("/r/.git/refs/heads/main", True),
-        ("/r/.git/packed-refs", True),
-        ("/r/LICENSE", False),
-        ("/r/LICENSE.md", False),
-        ("/r/licence-mit.txt", False),
-        ("/r/COPYING.LESSER", False),
-        ("/r/src/licenses.c", True),
-        ("/r/LICENSE_SERVER_KEYS_FOR_THE_LAB.txt", True),
-        ("/r/src/.gitignore", True),
-        ("/r/git/hooks.c", True),
+        ("/r/.git/HEAD", 21, False),
+        ("/r/.git/config", 92, False),
+        ("/r/.git/description", 73, False),
+        ("/r/.git/info/exclude", 240, False),
+        ("/r/.git/info/exclude", 4000, True),
+        ("/r/.git/hooks/pre-commit.sample", 1643, True),
+        ("/r/.git/objects/pack/pack-1.pack", 300, True),
+        ("/r/.git/objects/ee/b49a2afa9870efcc9d0cbfd5cc33fc5da81f98", 60, True),
+        ("/r/.git/lfs/objects/ab/cd/abcd", 100, True),
+        ("/r/.git/refs/heads/main", 41, True),
+        ("/r/.git/packed-refs", 100, True),
+        ("/r/LICENSE", 11357, True),
+        ("/r/COPYING.LESSER", 20, True),
+        ("/r/src/.gitignore", 10, True),
+        ("/r/git/hooks.c", 10, True),
+        ("/r/src/x.c", 0, False),
     ],
 )
-def test_indexable(path: str, indexed: bool) -> None:
-    assert indexable(path) is indexed
+def test_indexable(path: str, size: int, indexed: bool) -> None:
+    assert indexable(path, size) is indexed
