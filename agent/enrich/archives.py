@@ -163,9 +163,22 @@ class _Stop(Exception):
         self.error = error
 
 
+WALL_FACTOR = 10.0
+WALL_MIN_SECONDS = 5.0
+
+
 class _Budget:
+    """What one archive may cost. The agent's own work (decompressing, hashing) is counted in
+    this thread's CPU time, so a loaded machine does not cut an archive short that an idle
+    one reads whole; a stalled read still ends at a wall-clock cap (WALL_FACTOR times that,
+    at least WALL_MIN_SECONDS). The 7z program, another process, gets `deadline` (wall
+    clock)."""
+
     def __init__(self, max_seconds: float, max_bytes: int) -> None:
-        self.deadline = time.monotonic() + max_seconds
+        now = time.monotonic()
+        self.deadline = now + max_seconds
+        self.cpu_deadline = time.thread_time() + max_seconds
+        self.wall_cap = now + max(WALL_MIN_SECONDS, WALL_FACTOR * max_seconds)
         self.left = max_bytes
 
     def spend(self, size: int) -> None:
@@ -175,7 +188,7 @@ class _Budget:
         self.check_time()
 
     def check_time(self) -> None:
-        if time.monotonic() > self.deadline:
+        if time.thread_time() > self.cpu_deadline or time.monotonic() > self.wall_cap:
             raise _Stop()
 
 

@@ -662,17 +662,17 @@ def poll_until(
 
 @needs_mount
 @pytest.mark.root
-def test_a_loop_image_mounted_under_media_is_reported_as_removable_within_2s(
+def test_a_loop_image_mounted_under_media_is_reported_as_removable_at_the_next_poll(
     loop_mount: Callable[[Path], Path], tmp_path: Path
 ) -> None:
+    # The first poll after mount(8) returns reports it (the agent polls when the kernel says
+    # the mount table changed): no wall-clock bound, which a loaded machine would break.
     user = f"exfiltest-{uuid.uuid4().hex[:12]}"
     target = Path("/media") / user / "EXFILTEST"
     with MountWatcher(report=no_report) as w:
         assert all(i.mount.mountpoint != str(target) for i in w.poll()[0])
         loop_mount(target)
-        start = time.monotonic()
-        added, _ = poll_until(w, lambda a, r: bool(a), 2.0)
-        assert time.monotonic() - start < 2.0
+        added, _ = w.poll()
         (info,) = [i for i in added if i.mount.mountpoint == str(target)]
         assert info.kind == "removable"
         assert info.reason in ("mountpoint_pattern", "sysfs_removable")
@@ -686,10 +686,14 @@ def test_a_loop_image_mounted_under_media_is_reported_as_removable_within_2s(
         assert w.kind_of(str(tmp_path / "x")) is None
 
         subprocess.run(["umount", str(target)], check=True)
-        _, removed = poll_until(w, lambda a, r: bool(r), 2.0)
+        _, removed = w.poll()
         assert [i.mount.mountpoint for i in removed] == [str(target)]
         assert w.kind_of(str(secret)) is None
-        assert losetup_for(tmp_path / "img") == ""  # mount -o loop sets autoclear
+        # mount -o loop sets autoclear; the kernel may detach the device a moment later.
+        deadline = time.monotonic() + 30
+        while losetup_for(tmp_path / "img") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert losetup_for(tmp_path / "img") == ""
 
 
 @needs_mount
