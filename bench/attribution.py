@@ -1457,10 +1457,21 @@ def procsnap_pid(agent: Agent) -> int | None:
     return None
 
 
-def judge(e: Event, truth: set[int], user: str) -> tuple[str, bool, bool, bool]:
+def judge(
+    e: Event, truth: set[int], user: str, parents: dict[int, int] | None = None
+) -> tuple[str, bool, bool, bool]:
     """classify()'s verdict, and whether the event names the right user, the right process
-    (the command's, or a child of it), and anyone wrong (another process, or another user,
-    the right process with another user included)."""
+    (the command's, or a child of it; with `parents`, pid -> parent pid as the events told,
+    any descendant: rsync writes from a grandchild, its receiver), and anyone wrong (another
+    process, or another user, the right process with another user included)."""
+    if parents and e.process_pid is not None and e.process_pid not in truth:
+        pid: int | None = e.process_parent_pid
+        for _ in range(4):
+            if pid is None or pid in truth:
+                break
+            pid = parents.get(pid)
+        if pid is not None and pid in truth:
+            truth = truth | {e.process_pid}
     verdict, _ = classify(e, truth, user)
     user_ok = e.user_name == user
     proc_ok = e.process_pid is not None and (
@@ -1550,6 +1561,11 @@ def execs_round(
         if seen and op.expect not in seen and len(other_argv) < 10:
             other_argv.append({"kind": op.kind, "expected": op.expect, "seen": seen[:3]})
     files: dict[str, Counter[str]] = {k: Counter() for k in (*kinds, *OPERATION_NAMES)}
+    parents = {
+        e.process_pid: e.process_parent_pid
+        for e in events
+        if e.process_pid is not None and e.process_parent_pid is not None
+    }
     methods: dict[str, Counter[str]] = {}
     wrong: Counter[tuple[str, str, str, str, str]] = Counter()
     unmapped = 0
@@ -1561,7 +1577,7 @@ def execs_round(
             unmapped += 1  # the ready/done marks, the tree's own directories
             continue
         op = by_index[int(m.group(1))]
-        verdict, user_ok, proc_ok, is_wrong = judge(e, {op.pid} - {0}, BENCH_USER)
+        verdict, user_ok, proc_ok, is_wrong = judge(e, {op.pid} - {0}, BENCH_USER, parents)
         method = e.attribution_method or "none"
         for key in (op.kind, OPERATIONS.get(e.action, "other")):
             c = files[key]

@@ -909,6 +909,7 @@ _KERNEL_SEES = frozenset({"opened", "modified", "closed_write", "closed_nowrite"
 # renames: the inotify action -> its records for that path.
 _DIR_KINDS: dict[str, frozenset[str]] = {
     "created": frozenset({"created"}),
+    "closed_write": frozenset({"closed_write"}),
     "deleted": frozenset({"deleted"}),
     "moved": frozenset({"moved_in"}),
     "moved_in": frozenset({"moved_in"}),
@@ -1010,6 +1011,12 @@ def kernel_lookup(
         # watcher saw it run another program (its exec not applied yet: a `rm` forked from
         # a shell is not the shell): what the watcher read when the event came.
         name, uid, ppid = info or ("", None, 0)
+        if uid is None and ppid:
+            # Gone before it could be read: a process has its parent's user unless it changed
+            # it (a forked worker: rsync's receiver, a shell's subshell).
+            parent = table.get(ppid)
+            if parent is not None:
+                uid = parent.uid
         login = None
         return Proc(
             access.pid,

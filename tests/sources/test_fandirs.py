@@ -175,6 +175,35 @@ def test_each_create_rename_and_delete_is_named_by_the_pid_of_the_process_that_d
     assert watcher.lookup(str(tmp_path / "never")) is None
 
 
+def test_each_write_is_named_by_the_pid_of_the_process_that_closed_it(
+    tmp_path: Path, watch: Callable[..., DirEventsWatcher]
+) -> None:
+    # The writer, not the creator: a file made by one process and appended to by another
+    # names each; a write to a file that existed before the watcher started too.
+    before = tmp_path / "before"
+    before.write_text("x")
+    watcher = watch(tmp_path)
+    f = tmp_path / "f"
+    creator = op("sh", "-c", f"echo a > {f}")
+    first = seen(watcher, f, "closed_write")
+    assert first is not None and first.pid == creator
+    appender = op("sh", "-c", f"echo b >> {f}")
+    second = wait_until(
+        lambda: (
+            a
+            if (a := watcher.lookup(str(f), actions={"closed_write"})) and a.pid != creator
+            else None
+        )
+    )
+    assert second is not None and second.pid == appender
+    writer = op("sh", "-c", f"echo c >> {before}")
+    found = seen(watcher, before, "closed_write")
+    assert found is not None and found.pid == writer
+    # A read-only open and close is not a write.
+    op("cat", str(tmp_path / "before"))
+    assert watcher.lookup(str(before), actions={"closed_write"}) == found
+
+
 def test_the_process_is_described_as_it_was_when_its_event_was_read(
     tmp_path: Path, watch: Callable[..., DirEventsWatcher]
 ) -> None:
@@ -424,7 +453,7 @@ def test_a_tree_reached_through_a_symlink_is_found_by_either_spelling(
     pid = op("touch", str(link / "f"))
     by_link = seen(watcher, link / "f", "created")
     assert by_link is not None and by_link.pid == pid and by_link.path == str(real / "f")
-    assert watcher.lookup(str(real / "f")) == by_link
+    assert watcher.lookup(str(real / "f"), actions={"created"}) == by_link
 
 
 def test_the_cache_holds_no_more_paths_than_cache_size_nor_older_than_the_window(
