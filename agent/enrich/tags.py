@@ -473,6 +473,11 @@ class TagResolver:
     ) -> None:
         """A marker_tampered record when the marker no longer gives what the store holds."""
         attempts = _attempts(stored, found.marker, found.problems)
+        if attempts == (DELETED,) and not os.path.isdir(directory):
+            # The directory itself is gone (moved away, or removed with its files), not its
+            # marker: a late look at the old path of `mv proj renamed` said "deleted" before
+            # the look at the new path, which finds the same entry by inode and tells.
+            return
         if (
             attempts
             and by is not None

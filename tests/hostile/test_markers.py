@@ -200,6 +200,10 @@ def test_moving_the_tree_then_deleting_its_marker_does_not_untag(
     as_user(test_user, 'mv "$1" "$2" && rm -f "$2/$3"', str(tree.proj), str(moved), MARKER)
     rec = wait_tampered(collector, "deleted")
     assert rec["exfilwatch"]["health"]["directory"] == str(moved)
+    # Only the marker deleted under its new path: the tree moved away from the old path is
+    # not a marker deleted there.
+    dirs = [r["exfilwatch"]["health"]["directory"] for r in collector.health("marker_tampered")]
+    assert str(tree.proj) not in dirs
     still_tagged(collector, test_user, moved)
 
 
