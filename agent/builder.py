@@ -185,6 +185,7 @@ def build(
                     on_started(procs)
 
             proc_events = ProcEventsProcess(started, report)
+            processes.sync = proc_events.sync
         exact = dir_exact = None
         if config.processes.fanotify != "off":
             fanotify, exact = _fanotify(config, processes, report)

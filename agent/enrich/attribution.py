@@ -262,6 +262,9 @@ class ProcessTable:
         # pid -> (the process, time.monotonic() when a poll found it gone), in exit order
         self._exited: OrderedDict[int, tuple[Proc, float]] = OrderedDict()
         self._missing: OrderedDict[int, None] = OrderedDict()
+        # Applies the kernel's process events already read but not yet handed over (set when
+        # they come from the exec reader child: agent/sources/procsnap.py sync()).
+        self.sync: Callable[[float], bool] | None = None
         self._by_path: dict[str, list[int]] = {}
         self._nearest: dict[str, str | None] = {}  # directory -> nearest named ancestor
         self._users: dict[int, str | None] = {}
@@ -978,6 +981,7 @@ def kernel_lookup(
     kinds_for = kinds_of or _access_kinds
     sync = getattr(watcher, "sync", None)
     waited = [0.0, time.monotonic()]  # seconds waited for the watcher in this second, since
+    synced = [0.0, time.monotonic()]  # the same for the exec reader's pipe
 
     def exact(path: str, action: str) -> Proc | None:
         kinds = kinds_for(action)
@@ -998,6 +1002,17 @@ def kernel_lookup(
         if access is None:
             return None
         proc = table.get(access.pid)
+        if proc is None and table.sync is not None:
+            # A pid the kernel named but the table does not know: a short process whose fork
+            # or exec frame may wait in the exec reader's pipe (its thread waiting for a
+            # core). Apply what is there, within the same kind of budget, and look again.
+            now = time.monotonic()
+            if now - synced[1] >= 1.0:
+                synced[0], synced[1] = 0.0, now
+            if synced[0] < SYNC_BUDGET:
+                table.sync(SYNC_BUDGET - synced[0])
+                synced[0] += time.monotonic() - now
+                proc = table.get(access.pid)
         if proc is not None and proc.forked:
             # Only the copy of its parent made at fork: its exec (if any) not applied yet.
             # Still running, /proc says what it runs now.

@@ -13,13 +13,17 @@ msgpack frames; a closed stdin (the agent stopped) or the agent's death ends the
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
+import fcntl
 import os
+import select
 import signal
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -215,10 +219,14 @@ class ProcEventsProcess:
         self._child: subprocess.Popen[bytes] | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._ended = False
+        # One reader of the pipe at a time: the pipe thread, or a caller of sync().
+        self._lock = threading.Lock()
         self._stats: dict[str, Any] = {}
         self.batches = 0
         self.events = 0
         self.snapshots = 0
+        self.synced = 0
 
     def start(self) -> None:
         child = subprocess.Popen(
@@ -227,6 +235,7 @@ class ProcEventsProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             close_fds=True,
+            bufsize=0,  # unbuffered: what is not read yet is in the pipe, where FIONREAD sees it
             env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
         )
         assert child.stdout is not None
@@ -264,40 +273,88 @@ class ProcEventsProcess:
             "batches": self.batches,
             "events": self.events,
             "exec_snapshots": self.snapshots,
+            "synced": self.synced,
             "reader": self._stats,
         }
+
+    def sync(self, timeout: float) -> bool:
+        """Apply what the child has written so far (at most `timeout` s) on the caller's
+        thread: a pid the kernel named for a file event but the table does not know yet is
+        often a short process whose fork or exec frame waits in the pipe while the pipe
+        thread waits for a core. True when nothing written before the call is unapplied."""
+        child = self._child
+        if child is None or child.stdout is None or self._ended:
+            return False
+        fd = child.stdout.fileno()
+        # Nothing in the pipe, then nobody reading it: all read so far is applied (in this
+        # order: a frame read while the pipe was looked at is still being applied).
+        if not _pending(fd) and not self._lock.locked():
+            return True
+        if not self._lock.acquire(timeout=max(0.0, timeout)):
+            return False
+        try:
+            deadline = time.monotonic() + timeout
+            while _pending(fd) and not self._ended:
+                self.synced += 1
+                if self._one(child) or time.monotonic() >= deadline:
+                    return False
+            return not self._ended
+        finally:
+            self._lock.release()
 
     def _run(self) -> None:
         child = self._child
         if child is None or child.stdout is None:
             return
-        stream = child.stdout
+        fd = child.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
         while True:
             try:
-                message = _read_frame(stream, None, child)
-            except Exception as exc:  # a broken frame: the child is not trusted further
-                self._report(record("source_error", type(exc).__name__, stage="procevents"))
-                return
-            if message is None:
-                if not self._stopping:
-                    self._report(
-                        record(
-                            "source_error",
-                            "child_exited",
-                            stage="procevents",
-                            code=child.poll(),
-                            hint="process starts are seen by polling only from now on",
-                        )
-                    )
-                return
-            if not isinstance(message, dict):
+                ready = poller.poll()
+            except InterruptedError:
                 continue
-            if "events" in message:
-                self._batch(message["events"])
-            elif "health" in message and isinstance(message["health"], dict):
-                self._report(message["health"])
-            elif "stats" in message and isinstance(message["stats"], dict):
-                self._stats = message["stats"]
+            hangup = any(flags & (select.POLLHUP | select.POLLERR) for _, flags in ready)
+            with self._lock:
+                if not hangup and not _pending(fd):
+                    continue  # a sync() on another thread read it first
+                if self._one(child):
+                    return
+
+    def _one(self, child: subprocess.Popen[bytes]) -> bool:
+        """Read and handle one message (the caller holds the lock); True when the pipe is
+        done with (the child ended, or sent a broken frame)."""
+        if self._ended:
+            return True
+        assert child.stdout is not None
+        try:
+            message = _read_frame(child.stdout, None, child)
+        except Exception as exc:  # a broken frame: the child is not trusted further
+            self._ended = True
+            self._report(record("source_error", type(exc).__name__, stage="procevents"))
+            return True
+        if message is None:
+            self._ended = True
+            if not self._stopping:
+                self._report(
+                    record(
+                        "source_error",
+                        "child_exited",
+                        stage="procevents",
+                        code=child.poll(),
+                        hint="process starts are seen by polling only from now on",
+                    )
+                )
+            return True
+        if not isinstance(message, dict):
+            return False
+        if "events" in message:
+            self._batch(message["events"])
+        elif "health" in message and isinstance(message["health"], dict):
+            self._report(message["health"])
+        elif "stats" in message and isinstance(message["stats"], dict):
+            self._stats = message["stats"]
+        return False
 
     def _batch(self, raw: list[Any]) -> None:
         events: list[ProcEvent] = []
@@ -315,6 +372,16 @@ class ProcEventsProcess:
             self._on_events(events, snaps)
         except Exception as exc:
             self._report(record("source_error", type(exc).__name__, stage="procevents"))
+
+
+def _pending(fd: int) -> int:
+    """Bytes written to the pipe and not read yet."""
+    avail = array.array("i", [0])
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, avail, True)
+    except OSError:
+        return 0
+    return avail[0]
 
 
 def _read_frame(stream: Any, timeout: float | None, child: subprocess.Popen[bytes]) -> Any:

@@ -87,3 +87,59 @@ def test_the_exec_reader_runs_ahead_of_the_agent_and_hands_over_what_it_read() -
         assert ev.pid in pids and snap.cmdline.split(b"\0")[:3] == [b"sh", b"-c", b"sleep 0.3"]
     finally:
         child.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the kernel's process events)")
+def test_sync_applies_what_the_child_wrote_before_it_returns() -> None:
+    # The pipe thread held up (as on a loaded machine, where it waits for a core): a sync()
+    # by the attributor applies the frames already in the pipe before it returns, so a pid
+    # the kernel named for a file event is known when it is looked up.
+    import threading
+    import time
+
+    from agent.sources.procevents import ProcEvent
+    from agent.sources.procsnap import ProcEventsProcess, Snapshot, _pending
+
+    marker = f"exfilwatch-sync-{os.getpid()}"
+    applied: list[int] = []
+
+    def on_events(events: list[ProcEvent], snaps: dict[int, Snapshot]) -> None:
+        applied.extend(pid for pid, snap in snaps.items() if marker.encode() in snap.cmdline)
+
+    reader = ProcEventsProcess(on_events, lambda rec: None)
+    reader.start()
+    sleeper: subprocess.Popen[bytes] | None = None
+    try:
+        assert reader.sync(1.0)  # nothing pending: at once
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:  # the pipe thread cannot read while this holds the pipe
+            with reader._lock:
+                held.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert held.wait(10)
+        # Lives a while, so its exec is read with its arguments however loaded the machine.
+        sleeper = subprocess.Popen(["sh", "-c", "sleep 2; true", marker])
+        child = reader._child
+        assert child is not None and child.stdout is not None
+        deadline = time.monotonic() + 30
+        while not _pending(child.stdout.fileno()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _pending(child.stdout.fileno()), "the child wrote no frame"
+        assert not applied
+        assert not reader.sync(0.05)  # the pipe is held: not synced, and it says so
+        # Released, then synced at once: whichever thread takes the pipe first, sync()
+        # returns only when the frames are applied.
+        release.set()
+        assert reader.sync(10.0)
+        assert applied == [sleeper.pid]
+        assert reader.stats()["synced"] >= 0
+        holder.join()
+    finally:
+        if sleeper is not None:
+            sleeper.kill()
+            sleeper.wait()
+        reader.stop()
