@@ -50,9 +50,11 @@ log = structlog.get_logger(__name__)
 # every 60 s when idle (a crash is then dated to within a minute; nothing changed in the
 # trees while idle, so the downtime rescan that follows finds the same files either way).
 STATE_CHECKPOINT_SECONDS = 30.0
-# With the kernel's process events, the process table is still read this often: what a
-# receive buffer overrun lost is found (as process_started events from process_poll).
-PROCESS_RECONCILE_SECONDS = 30.0
+# With the kernel's process events, the process table is read at once when the reader says
+# events were lost (a receive buffer overrun, a sequence gap), and this often as a safety
+# net: what was lost is found (as process_started events from process_poll). Each timed run
+# costs an idle agent a read of every process.
+PROCESS_RECONCILE_SECONDS = 300.0
 # With a source that says when the mount table changes, the mounts job runs then, plus this
 # often as a safety net (each timed run of a job costs an idle agent milliseconds of CPU).
 MOUNTS_SAFETY_SECONDS = 30.0
@@ -612,6 +614,8 @@ class Agent:
                 func, "interval", seconds=seconds, id=job_id, max_instances=1, coalesce=True
             )
         self.scheduler.start()
+        if parts.proc_events is not None and parts.proc_events in self._running:
+            parts.proc_events.on_loss = self._processes_lost
         if signalled:
             parts.source.on_mounts_changed = self._mounts_changed  # type: ignore[attr-defined]
             self.check_mounts()  # a change while it started, before the hook was there
@@ -874,6 +878,15 @@ class Agent:
             return
         with contextlib.suppress(JobLookupError):  # stopping: the job is gone, nothing to do
             scheduler.modify_job("mounts", next_run_time=dt.datetime.now(scheduler.timezone))
+
+    def _processes_lost(self) -> None:
+        """The kernel's process events were lost (on the pipe's reader): read the process
+        table now, on the scheduler's thread."""
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        with contextlib.suppress(JobLookupError):  # stopping, or polling: no such job
+            scheduler.modify_job("processes", next_run_time=dt.datetime.now(scheduler.timezone))
 
     def check_mounts(self) -> None:
         """Mounts and unmounts since the last check: record them, watch removable media and

@@ -38,6 +38,8 @@ _FRAME = struct.Struct("=I")
 _FRAME_MAX = 64 << 20  # a frame larger than this is a broken child, not a batch
 _CMDLINE_MAX = 64 * 1024  # bytes of arguments read (ARG_MAX can be far larger)
 _START_TIMEOUT = 5.0
+# Losses a read of the process table can make up for (not an exec gone before it was read).
+LOST_PROCESS_EVENTS = frozenset({"proc_connector_overrun", "proc_connector_gap"})
 _IMAGE_RETRIES = 3  # reads of the arguments while the process keeps exec'ing another image
 SEND_DELAY = 0.005  # seconds the child gathers events before it writes them to the agent
 SEND_EVENTS = 1024  # ... unless this many are waiting
@@ -227,6 +229,9 @@ class ProcEventsProcess:
         self.events = 0
         self.snapshots = 0
         self.synced = 0
+        # Called (on the pipe's reader) when the kernel's process events were lost: the agent
+        # then reads the process table at once instead of at its next safety poll.
+        self.on_loss: Callable[[], None] | None = None
 
     def start(self) -> None:
         child = subprocess.Popen(
@@ -351,7 +356,16 @@ class ProcEventsProcess:
         if "events" in message:
             self._batch(message["events"])
         elif "health" in message and isinstance(message["health"], dict):
-            self._report(message["health"])
+            rec = message["health"]
+            self._report(rec)
+            event = rec.get("event")
+            if (
+                self.on_loss is not None
+                and isinstance(event, dict)
+                and event.get("action") == "event_loss"
+                and event.get("reason") in LOST_PROCESS_EVENTS
+            ):
+                self.on_loss()
         elif "stats" in message and isinstance(message["stats"], dict):
             self._stats = message["stats"]
         return False

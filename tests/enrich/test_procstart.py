@@ -360,3 +360,31 @@ def test_two_exec_events_showing_one_image_make_one_process_started() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_lost_process_events_make_the_process_table_be_read_at_once(
+    run_agent: Callable[..., Agent], tmp_path: Path
+) -> None:
+    # The table is read on a long safety interval with kernel events; a loss the reader
+    # reports (on_loss: an overrun, a gap) makes the agent read it now, on the scheduler.
+    import threading
+
+    from apscheduler.events import EVENT_JOB_EXECUTED, JobExecutionEvent
+
+    root = tmp_path / "tree"
+    root.mkdir()
+    agent = start(run_agent, tmp_path, root)
+    assert agent.scheduler is not None and agent.parts is not None
+    proc_events = agent.parts.proc_events
+    assert proc_events is not None and proc_events.on_loss is not None
+    job = agent.scheduler.get_job("processes")
+    assert job is not None and job.trigger.interval.total_seconds() >= 300
+    ran = threading.Event()
+
+    def executed(event: JobExecutionEvent) -> None:
+        if event.job_id == "processes":
+            ran.set()
+
+    agent.scheduler.add_listener(executed, EVENT_JOB_EXECUTED)
+    proc_events.on_loss()
+    assert ran.wait(20), "the process table was not read after the loss"

@@ -143,3 +143,35 @@ def test_sync_applies_what_the_child_wrote_before_it_returns() -> None:
             sleeper.kill()
             sleeper.wait()
         reader.stop()
+
+
+def test_a_loss_of_process_events_calls_on_loss_and_an_unread_exec_does_not() -> None:
+    # The child's health frames pass through as records; a lost event the process table can
+    # make up for (an overrun, a sequence gap) also calls on_loss, so the agent reads the
+    # table at once; an exec gone before it was read cannot be made up for.
+    import sys
+
+    from agent.sources.procsnap import ProcEventsProcess
+
+    writer = (
+        "import struct, sys, msgspec\n"
+        "from agent.health import record\n"
+        "for reason in sys.argv[1:]:\n"
+        "    body = msgspec.msgpack.encode({'health': record('event_loss', reason)})\n"
+        "    sys.stdout.buffer.write(struct.pack('=I', len(body)) + body)\n"
+    )
+    reasons = ["process_exited_before_read", "proc_connector_overrun", "proc_connector_gap"]
+    reports: list[dict[str, object]] = []
+    lost: list[int] = []
+    reader = ProcEventsProcess(lambda events, snaps: None, reports.append)
+    reader.on_loss = lambda: lost.append(len(reports))
+    child = subprocess.Popen([sys.executable, "-c", writer, *reasons], stdout=subprocess.PIPE)
+    try:
+        for _ in reasons:
+            assert reader._one(child) is False
+        assert reader._one(child) is True  # the end of its output
+    finally:
+        child.wait()
+    losses = [r for r in reports if r["event"]["action"] == "event_loss"]  # type: ignore[index]
+    assert [r["event"]["reason"] for r in losses] == reasons  # type: ignore[index]
+    assert lost == [2, 3]  # after the overrun's and the gap's records, not the unread exec's
