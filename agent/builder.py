@@ -24,7 +24,7 @@ from agent.sinks import Router
 from agent.sources import Source, make_source
 
 if TYPE_CHECKING:
-    from agent.enrich.attribution import Attributor, Proc, ProcessTable
+    from agent.enrich.attribution import Attributor, ExactLookup, Proc, ProcessTable
     from agent.enrich.destinations import Destinations
     from agent.enrich.lineage import LineageIndex
     from agent.sources.fandirs import DirEventsWatcher
@@ -295,7 +295,7 @@ def _lineage(config: Config, caps: CapReporter) -> LineageIndex | None:
 
 def _fanotify(
     config: Config, processes: ProcessTable, report: Reporter
-) -> tuple[FanotifyWatcher | None, Callable[[str, str], Proc | None] | None]:
+) -> tuple[FanotifyWatcher | None, ExactLookup | None]:
     """The fanotify reader when it can run here, and the exact-pid lookup it gives."""
     required = config.processes.fanotify == "on"
     try:
@@ -317,7 +317,7 @@ def _fanotify(
 
 def _fanotify_dirs(
     config: Config, processes: ProcessTable, report: Reporter
-) -> tuple[DirEventsWatcher | None, Callable[[str, str], Proc | None] | None]:
+) -> tuple[DirEventsWatcher | None, ExactLookup | None]:
     """Who created, deleted or renamed a file (fanotify directory-entry events on the
     filesystems holding the trees) when it can run here, and the exact-pid lookup it gives."""
     required = config.processes.fanotify_dirs == "on"
@@ -335,7 +335,7 @@ def _fanotify_dirs(
     from agent.enrich.attribution import dir_kinds, kernel_lookup
 
     watcher = DirEventsWatcher([w.path for w in config.watch], report=report)
-    return watcher, kernel_lookup(watcher, processes, dir_kinds)
+    return watcher, kernel_lookup(watcher, processes, dir_kinds, frozenset({"modified"}))
 
 
 def _announce(lineage: LineageIndex | None) -> Callable[[str], None] | None:

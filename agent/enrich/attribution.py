@@ -69,6 +69,9 @@ UNREAD_REPORT_SECONDS = 10.0
 # Longest the consumer waits, in total per second, for a kernel watcher to read a record it
 # has queued (agent/sources/fandirs.py sync()).
 SYNC_BUDGET = 0.05
+# How much earlier than a modification's inotify read a close-after-write may have been read
+# by the directory-entry reader and still answer for it (the readers are two threads).
+MODIFY_SLACK_US = 100_000
 CONSOLE_TTL = 10.0
 
 
@@ -833,7 +836,7 @@ class Attributor:
     def __init__(
         self,
         table: ProcessTable,
-        exact: Callable[[str, str], Proc | None] | None = None,
+        exact: ExactLookup | None = None,
         console: Callable[[], str | None] | None = None,
     ) -> None:
         self.table = table
@@ -848,10 +851,16 @@ class Attributor:
         proc: Proc | None = None
         method = ""
         if self._exact is not None:
-            proc = self._exact(e.path, e.action)
+            # A modification is matched to a close-after-write read no earlier than it (less
+            # a slack for the two readers' lag): the writer closing it, not an earlier one.
+            since = e.timestamp_us - MODIFY_SLACK_US if e.action == "modified" else None
+            proc = self._exact(e.path, e.action, since)
             if proc is not None:
                 method = "fanotify"
-        if proc is None:
+        if proc is None or (not proc.name and proc.uid is None):
+            # None, or only a pid: gone before anything of it could be read (rsync's
+            # receiver, a forked worker). The process that names the path says who and what
+            # (its command line); the bare pid is kept when nothing does.
             found = self.table.by_path(e.path)
             if found is not None:
                 proc, method = found
@@ -913,6 +922,11 @@ _KERNEL_SEES = frozenset({"opened", "modified", "closed_write", "closed_nowrite"
 _DIR_KINDS: dict[str, frozenset[str]] = {
     "created": frozenset({"created"}),
     "closed_write": frozenset({"closed_write"}),
+    # A write's modification: the process that closed the file after writing it, read no
+    # earlier than the modification (kernel_lookup's `bounded`). Most writers are short
+    # and closed by the time their modification is attributed; a writer still writing has
+    # no such close yet, and an earlier writer's close is too old: no exact answer.
+    "modified": frozenset({"closed_write"}),
     "deleted": frozenset({"deleted"}),
     "moved": frozenset({"moved_in"}),
     "moved_in": frozenset({"moved_in"}),
@@ -934,9 +948,14 @@ def dir_kinds(action: str) -> frozenset[str] | None:
     return _DIR_KINDS.get(action)
 
 
-def first_of(
-    *lookups: Callable[[str, str], Proc | None] | None,
-) -> Callable[[str, str], Proc | None] | None:
+class ExactLookup(Protocol):
+    """The process the kernel named for this path and action (since `since_us` where the
+    lookup bounds that action: a write's modification is matched to a close after it)."""
+
+    def __call__(self, path: str, action: str, since_us: int | None = None, /) -> Proc | None: ...
+
+
+def first_of(*lookups: ExactLookup | None) -> ExactLookup | None:
     """One exact lookup from several (the first that knows wins), or None if none is given."""
     found = tuple(f for f in lookups if f is not None)
     if not found:
@@ -944,9 +963,9 @@ def first_of(
     if len(found) == 1:
         return found[0]
 
-    def exact(path: str, action: str) -> Proc | None:
+    def exact(path: str, action: str, since_us: int | None = None) -> Proc | None:
         for lookup in found:
-            proc = lookup(path, action)
+            proc = lookup(path, action, since_us)
             if proc is not None:
                 return proc
         return None
@@ -972,7 +991,8 @@ def kernel_lookup(
     watcher: Watcher,
     table: ProcessTable,
     kinds_of: Callable[[str], frozenset[str] | None] | None = None,
-) -> Callable[[str, str], Proc | None]:
+    bounded: frozenset[str] = frozenset(),
+) -> ExactLookup:
     """Exact attribution from fanotify records: the pid the kernel reported for this path and
     kind of access; the process from the table, or from the snapshot fanotify took when the
     process had already exited. `kinds_of(action)` says which of the watcher's records answer
@@ -983,11 +1003,13 @@ def kernel_lookup(
     waited = [0.0, time.monotonic()]  # seconds waited for the watcher in this second, since
     synced = [0.0, time.monotonic()]  # the same for the exec reader's pipe
 
-    def exact(path: str, action: str) -> Proc | None:
+    def exact(path: str, action: str, since_us: int | None = None) -> Proc | None:
         kinds = kinds_for(action)
         if kinds is None:
             return None
-        access = watcher.lookup(path, actions=kinds)
+        if action not in bounded:
+            since_us = None
+        access = watcher.lookup(path, since_us, actions=kinds)
         if access is None and sync is not None:
             # Its record may be queued but not read yet (two kernel queues, two readers):
             # wait for the watcher to catch up, within a budget of SYNC_BUDGET s a second so
@@ -998,7 +1020,7 @@ def kernel_lookup(
             if waited[0] < SYNC_BUDGET:
                 sync(SYNC_BUDGET - waited[0])
                 waited[0] += time.monotonic() - now
-                access = watcher.lookup(path, actions=kinds)
+                access = watcher.lookup(path, since_us, actions=kinds)
         if access is None:
             return None
         proc = table.get(access.pid)
