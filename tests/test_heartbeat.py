@@ -42,6 +42,8 @@ def test_the_heartbeat_has_lanes_rates_watches_outbox_sinks_ruleset_and_version(
         lambda c: any(r["event"].get("kind") == "alert" for r in c.records()), timeout=20
     )
     agent.heartbeat()
+    # The record travels the pipeline's queue to the sinks: waited for, not assumed there.
+    assert collector.wait_for(lambda c: bool(c.health("heartbeat")), timeout=20)
     (beat,) = collector.health("heartbeat")
     data = beat["exfilwatch"]["health"]
     assert set(data["pipeline"]["lanes"]) == {"tagged", "egress", "staging"}

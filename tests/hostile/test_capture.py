@@ -321,7 +321,7 @@ def test_health_records_pass_a_reader_that_waits_for_room_in_a_full_tagged_lane(
     # The consumer is stuck and the reader waits for room: a heartbeat still goes out at once.
     begun = time.monotonic()
     agent.heartbeat()
-    assert time.monotonic() - begun < 1.0
+    assert time.monotonic() - begun < 10.0  # not the 30 s wait for room (load is slack)
     pipeline.stages = ()
     stall.gate.set()
     collector.wait_event("closed_write", root / "f99")
