@@ -870,23 +870,21 @@ class Agent:
             max_dirs=50_000 if info.kind == "removable" else 2_000,
         )
 
-    def _mounts_changed(self) -> None:
-        """The source saw the mount table change (on its thread): check now, on the
-        scheduler's."""
+    def _run_job_now(self, job_id: str) -> None:
+        """Run a scheduled job at once, on the scheduler's thread (called from a source's)."""
         scheduler = self.scheduler
         if scheduler is None:
             return
-        with contextlib.suppress(JobLookupError):  # stopping: the job is gone, nothing to do
-            scheduler.modify_job("mounts", next_run_time=dt.datetime.now(scheduler.timezone))
+        with contextlib.suppress(JobLookupError):  # stopping, or no such job: nothing to do
+            scheduler.modify_job(job_id, next_run_time=dt.datetime.now(scheduler.timezone))
+
+    def _mounts_changed(self) -> None:
+        """The source saw the mount table change: check it now."""
+        self._run_job_now("mounts")
 
     def _processes_lost(self) -> None:
-        """The kernel's process events were lost (on the pipe's reader): read the process
-        table now, on the scheduler's thread."""
-        scheduler = self.scheduler
-        if scheduler is None:
-            return
-        with contextlib.suppress(JobLookupError):  # stopping, or polling: no such job
-            scheduler.modify_job("processes", next_run_time=dt.datetime.now(scheduler.timezone))
+        """The kernel's process events were lost: read the process table now."""
+        self._run_job_now("processes")
 
     def check_mounts(self) -> None:
         """Mounts and unmounts since the last check: record them, watch removable media and

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.enrich.ownreads import OwnReads
-from agent.enrich.public import PUBLIC_MAX_BYTES, PublicContent
+from agent.enrich.public import PUBLIC_MAX_BYTES, PublicContent, read_bounded
 from agent.sources.paths import Excludes
 
 # Below this size the whole file is hashed; above it, a sample (head, middle, tail) plus the
@@ -188,9 +188,11 @@ class LineageIndex:
 
     # maintenance -----------------------------------------------------------------------
 
-    def add(self, path: str, size: int, mtime_ns: int, tags: tuple[str, ...]) -> None:
+    def add(self, path: str, size: int, mtime_ns: int, tags: tuple[str, ...]) -> bool:
+        """Index a tagged file (or bring its entry up to date); False when it is not content
+        to trace (indexable(): empty, or git's small bookkeeping)."""
         if not indexable(path, size):
-            return  # empty files and git's bookkeeping say nothing about where content came from
+            return False
         # Events carry microseconds, a walk nanoseconds: compare at the coarser one, or every
         # event would look like a change and drop the cached digest.
         mtime_ns -= mtime_ns % 1000
@@ -198,14 +200,15 @@ class LineageIndex:
             old = self._by_path.get(path)
             if old is not None:
                 if old.size == size and old.mtime_ns == mtime_ns:
-                    return
+                    return True
                 self._remove(old)
             elif len(self._by_path) >= self.max_files:
                 self.stats["full"] += 1
                 if self._on_cap is not None:
                     self._on_cap("lineage_index", self.max_files, {"path_dropped": True})
-                return
+                return True  # content, not indexed: reported as a cap hit
             self._insert(_Entry(path, size, mtime_ns, self._tags.setdefault(tags, tags)))
+        return True
 
     def remove(self, path: str) -> None:
         with self._lock:
@@ -355,9 +358,7 @@ class LineageIndex:
                                     stack.append(p)
                                 elif entry.is_file(follow_symlinks=False):
                                     st = entry.stat(follow_symlinks=False)
-                                    if indexable(p, st.st_size):
-                                        self.add(p, st.st_size, st.st_mtime_ns, tags)
-                                        added += 1
+                                    added += self.add(p, st.st_size, st.st_mtime_ns, tags)
                             except OSError:
                                 continue
                 except OSError:
@@ -410,17 +411,8 @@ class LineageIndex:
             return None
         if self.own_reads is not None:
             self.own_reads.expect(entry.path)
-        try:
-            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            data = os.read(fd, entry.size + 1)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-        if bytes_digest(data, self.hash_max_bytes) != digest:
+        data = read_bounded(entry.path)
+        if data is None or bytes_digest(data, self.hash_max_bytes) != digest:
             return None  # changed since it was hashed
         return self.public.is_public(data)
 

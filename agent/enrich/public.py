@@ -131,7 +131,9 @@ def _files(dirs: Iterable[str]) -> Iterable[str]:
                 yield os.path.join(root, name)
 
 
-def _read(path: str) -> bytes | None:
+def read_bounded(path: str) -> bytes | None:
+    """A file's whole content if it is at most PUBLIC_MAX_BYTES (no link followed, never
+    blocking on a FIFO); None otherwise or when it cannot be read."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
@@ -168,13 +170,13 @@ class PublicContent:
         if self._templates is None or self._licences is None:
             templates = set()
             for path in _files(self._template_dirs):
-                data = _read(path)
+                data = read_bounded(path)
                 if data:
                     templates.add(_exact(data))
             licences = set()
             texts = list(self._embedded)
             for path in _files(self._licence_dirs):
-                data = _read(path)
+                data = read_bounded(path)
                 if data:
                     texts.append(data.decode("utf-8", "replace"))
             for text in texts:
