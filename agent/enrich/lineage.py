@@ -406,8 +406,7 @@ class LineageIndex:
     def _is_public(self, entry: _Entry, digest: bytes) -> bool | None:
         """Read the tagged file (as the agent's own read, within the hashing budget) and
         judge its content; None if it could not be read as the content that matched."""
-        if not self._budget.take(entry.size):
-            self.stats["budget_denied"] += 1
+        if not self._take_budget(entry.size):
             return None
         if self.own_reads is not None:
             self.own_reads.expect(entry.path)
@@ -498,12 +497,18 @@ class LineageIndex:
             return None
         return self._same_content(size, member)
 
+    def _take_budget(self, cost: int) -> bool:
+        """Bytes of tagged content the agent may read now; a refusal is a cap hit (health)."""
+        if self._budget.take(cost):
+            return True
+        self.stats["budget_denied"] += 1
+        if self._on_cap is not None:
+            self._on_cap("lineage_io_budget", self._budget.rate, {"bytes": cost})
+        return False
+
     def _digest(self, path: str, size: int, *, tagged: bool = False) -> bytes | None:
         cost = hashed_bytes(size, self.hash_max_bytes)
-        if not self._budget.take(cost):
-            self.stats["budget_denied"] += 1
-            if self._on_cap is not None:
-                self._on_cap("lineage_io_budget", self._budget.rate, {"bytes": cost})
+        if not self._take_budget(cost):
             return None
         if tagged and self.own_reads is not None:
             self.own_reads.expect(path)  # our open of a tagged file is not a user's read
