@@ -628,8 +628,16 @@ class Agent:
         """Say where process starts come from (kernel events, or polling and what it misses)."""
         wanted = self.config.processes.source
         if kernel:
+            events = self.parts.proc_events if self.parts is not None else None
             self._report(
-                record("source_selected", "proc_connector", source="processes", setting=wanted)
+                record(
+                    "source_selected",
+                    "proc_connector",
+                    source="processes",
+                    setting=wanted,
+                    # realtime | nice | normal: how soon an exec is read (agent/sources/procsnap.py)
+                    reader_priority=events.priority if events is not None else None,
+                )
             )
             return
         if wanted == "kernel":

@@ -1043,6 +1043,7 @@ def run_op(op: Op, root: str, cleanup: Cleanup, rng: random.Random) -> None:
 
 
 _PATH_OP = re.compile(r"^(?:src|dst)/op(\d{4})")
+_OP_NUMBER = re.compile(r"(?<=op)\d{4}")
 
 
 def classify(e: Event, truth: set[int], user: str) -> tuple[str, str]:
@@ -1568,6 +1569,7 @@ def execs_round(
     }
     methods: dict[str, Counter[str]] = {}
     wrong: Counter[tuple[str, str, str, str, str]] = Counter()
+    unattributed: Counter[tuple[str, str, str, str]] = Counter()
     unmapped = 0
     for e in events:
         if e.category != "file":
@@ -1590,6 +1592,11 @@ def execs_round(
         methods.setdefault(method, Counter())["wrong" if is_wrong else "ok"] += 1
         if is_wrong:
             wrong[(op.kind, e.action, method, str(e.process_name), str(e.user_name))] += 1
+        elif not user_ok:
+            # Which files of which command go without their user: the name with the
+            # operation's number taken out, so the same miss in 20 runs is one row.
+            name = _OP_NUMBER.sub("N", os.path.relpath(e.path, root))
+            unattributed[(op.kind, e.action, method, name)] += 1
     failed = [op for op in ops if op.failed]
     return {
         "source": source,
@@ -1610,6 +1617,10 @@ def execs_round(
         "wrong_patterns": [
             {"kind": k[0], "action": k[1], "method": k[2], "process": k[3], "user": k[4], "n": n}
             for k, n in wrong.most_common(10)
+        ],
+        "no_user_patterns": [
+            {"kind": k[0], "action": k[1], "method": k[2], "path": k[3], "n": n}
+            for k, n in unattributed.most_common(10)
         ],
         "process_table": {
             k: table_stats.get(k) for k in ("polls", "new", "exec_read", "exec_unread")
@@ -2164,6 +2175,13 @@ def report_execs(x: dict[str, Any]) -> list[str]:
                     table(["command", "action", "method", "process", "user", "events"], prow), 6
                 )
             )
+        if r["no_user_patterns"]:
+            prow = [
+                [p["kind"], p["action"], p["method"], p["path"], p["n"]]
+                for p in r["no_user_patterns"][:6]
+            ]
+            out.append("    without the right user (most common; N: the run's number):")
+            out.append(_indent(table(["command", "action", "method", "path", "events"], prow), 6))
         if r["failed_ops"]:
             out.append(f"    failed commands (first): {r['failed_ops'][:3]}")
     out.append("")

@@ -73,6 +73,10 @@ SYNC_BUDGET = 0.05
 # by the directory-entry reader and still answer for it (the readers are two threads).
 MODIFY_SLACK_US = 100_000
 CONSOLE_TTL = 10.0
+# A creation's open is attributed to its creator when it comes within this long of the
+# creation (they are one system call, read in one batch); creations remembered at most.
+CREATOR_WINDOW_US = 1_000_000
+CREATORS_CAP = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +272,7 @@ class ProcessTable:
         # Applies the kernel's process events already read but not yet handed over (set when
         # they come from the exec reader child: agent/sources/procsnap.py sync()).
         self.sync: Callable[[float], bool] | None = None
+        self._synced = [0.0, time.monotonic()]  # seconds spent in sync() this second, since
         self._by_path: dict[str, list[int]] = {}
         self._nearest: dict[str, str | None] = {}  # directory -> nearest named ancestor
         self._users: dict[int, str | None] = {}
@@ -686,6 +691,22 @@ class ProcessTable:
             strip_deleted=True,
         )
 
+    def catch_up(self) -> bool:
+        """Apply the kernel's process events read but not handed over yet (sync), within a
+        budget of SYNC_BUDGET s a second so a lagging exec reader never holds the caller for
+        long. False when there is nothing to sync with or the budget is spent."""
+        if self.sync is None:
+            return False
+        now = time.monotonic()
+        spent = self._synced
+        if now - spent[1] >= 1.0:
+            spent[0], spent[1] = 0.0, now
+        if spent[0] >= SYNC_BUDGET:
+            return False
+        self.sync(SYNC_BUDGET - spent[0])
+        spent[0] += time.monotonic() - now
+        return True
+
     def get(self, pid: int) -> Proc | None:
         with self._lock:
             exited = self._exited.get(pid)
@@ -843,7 +864,17 @@ class Attributor:
         self._exact = exact
         self._console = console or console_user
         self._users: dict[int, str | None] = {}
-        self.counters = {"exact": 0, "cmdline": 0, "owner": 0, "console": 0, "none": 0}
+        # path -> (its creator, when): the open that follows a creation is the creator's
+        # (open with O_CREAT makes both, in that order); taken by that open, or aged out.
+        self._creators: OrderedDict[str, tuple[Proc, int]] = OrderedDict()
+        self.counters = {
+            "exact": 0,
+            "creator": 0,
+            "cmdline": 0,
+            "owner": 0,
+            "console": 0,
+            "none": 0,
+        }
 
     def __call__(self, e: Event) -> Event:
         if e.process_pid is not None:
@@ -857,11 +888,23 @@ class Attributor:
             proc = self._exact(e.path, e.action, since)
             if proc is not None:
                 method = "fanotify"
+                if e.action == "created" and proc.name:
+                    self._creators[e.path] = (proc, e.timestamp_us)
+                    if len(self._creators) > CREATORS_CAP:
+                        self._creators.popitem(last=False)
+        if proc is None and e.action == "opened" and self._creators:
+            made = self._creators.pop(e.path, None)
+            if made is not None and e.timestamp_us - made[1] <= CREATOR_WINDOW_US:
+                proc, method = made[0], "creator"
         if proc is None or (not proc.name and proc.uid is None):
             # None, or only a pid: gone before anything of it could be read (rsync's
             # receiver, a forked worker). The process that names the path says who and what
             # (its command line); the bare pid is kept when nothing does.
             found = self.table.by_path(e.path)
+            if found is None and self.table.catch_up():
+                # The command that names it may have started a moment ago, its exec frame
+                # still in the exec reader's pipe (a `cat` read and gone within 1 ms).
+                found = self.table.by_path(e.path)
             if found is not None:
                 proc, method = found
         if proc is not None:
@@ -1001,7 +1044,6 @@ def kernel_lookup(
     kinds_for = kinds_of or _access_kinds
     sync = getattr(watcher, "sync", None)
     waited = [0.0, time.monotonic()]  # seconds waited for the watcher in this second, since
-    synced = [0.0, time.monotonic()]  # the same for the exec reader's pipe
 
     def exact(path: str, action: str, since_us: int | None = None) -> Proc | None:
         kinds = kinds_for(action)
@@ -1024,17 +1066,11 @@ def kernel_lookup(
         if access is None:
             return None
         proc = table.get(access.pid)
-        if proc is None and table.sync is not None:
+        if proc is None and table.catch_up():
             # A pid the kernel named but the table does not know: a short process whose fork
             # or exec frame may wait in the exec reader's pipe (its thread waiting for a
-            # core). Apply what is there, within the same kind of budget, and look again.
-            now = time.monotonic()
-            if now - synced[1] >= 1.0:
-                synced[0], synced[1] = 0.0, now
-            if synced[0] < SYNC_BUDGET:
-                table.sync(SYNC_BUDGET - synced[0])
-                synced[0] += time.monotonic() - now
-                proc = table.get(access.pid)
+            # core). Apply what is there and look again.
+            proc = table.get(access.pid)
         if proc is not None and proc.forked:
             # Only the copy of its parent made at fork: its exec (if any) not applied yet.
             # Still running, /proc says what it runs now.

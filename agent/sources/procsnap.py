@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from agent.health import Reporter, record
+from agent.health import CapReporter, Reporter, record
 from agent.sources.procevents import ProcEvent, ProcEventsReader
 
 _FRAME = struct.Struct("=I")
@@ -43,7 +43,11 @@ LOST_PROCESS_EVENTS = frozenset({"proc_connector_overrun", "proc_connector_gap"}
 _IMAGE_RETRIES = 3  # reads of the arguments while the process keeps exec'ing another image
 SEND_DELAY = 0.005  # seconds the child gathers events before it writes them to the agent
 SEND_EVENTS = 1024  # ... unless this many are waiting
-READER_NICE = -10  # the child's scheduling priority (see main)
+READER_NICE = -10  # the child's scheduling priority without real-time (see ReaderPriority)
+READER_RT_PRIORITY = 1  # SCHED_FIFO's lowest: ahead of every normal task, behind the kernel's
+# CPU-seconds a second the reader may take at real-time priority; past it, it runs at
+# READER_NICE until the next second (an exec storm cannot make it starve the machine).
+READER_RT_SHARE = 0.25
 
 
 class Snapshot(NamedTuple):
@@ -133,15 +137,79 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)
 
 
+class ReaderPriority:
+    """The reader's place on the CPU: real-time (SCHED_FIFO, lowest priority) when permitted,
+    within a share of a core a second; else nice READER_NICE; else as started.
+
+    The arguments of an exec must be read before the process ends, and `cat`, `rm` or
+    `base64` end within a millisecond. At nice -10 the reader still waited behind whatever
+    ran on the core when the exec came (measured, bench/attribution.py execs, 2 vCPUs: 4% of
+    short commands gone before read, 337 of 6,000 at 500 execs/s); at real-time priority it
+    runs the moment the kernel's event comes (0 of 300, 2-5 of 6,000), for the same CPU.
+    Real-time is bounded twice: the reader blocks between events (the kernel's RT throttling
+    holds it to 95% of a core in any case), and once it has used READER_RT_SHARE CPU-seconds
+    in a second it runs at nice READER_NICE until the second is over (reported once a minute
+    as cap_reached `exec_reader_realtime_share`). The policy is per thread: made on the
+    child's main thread before the reader's thread starts (which inherits it; not
+    SCHED_RESET_ON_FORK, which would take it from the thread too), then dropped there
+    (main_done); check() runs on the reader's thread. The child starts no process."""
+
+    def __init__(self, report: Callable[[dict[str, Any]], None]) -> None:
+        self._caps = CapReporter(report)
+        self.mode = "normal"
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, READER_NICE)
+            self.mode = "nice"
+        self.realtime = self._set(realtime=True)
+        if self.realtime:
+            self.mode = "realtime"
+        self._window = 0.0
+        self._cpu: float | None = None  # the reader thread's CPU time when the second began
+        self.throttled = 0
+
+    @staticmethod
+    def _set(*, realtime: bool) -> bool:
+        try:
+            if realtime:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(READER_RT_PRIORITY))
+            else:
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        except (OSError, AttributeError):
+            return False
+        return True
+
+    def main_done(self) -> None:
+        """The main thread only waits for the agent to close stdin: normal priority."""
+        if self.realtime:
+            self._set(realtime=False)
+
+    def check(self) -> None:
+        """After each batch: keep the real-time share within READER_RT_SHARE a second."""
+        if self.mode != "realtime":
+            return
+        now = time.monotonic()
+        if self._cpu is None or now - self._window >= 1.0:
+            self._window, self._cpu = now, time.thread_time()
+            if not self.realtime:
+                self.realtime = self._set(realtime=True)
+            return
+        if not self.realtime or time.thread_time() - self._cpu <= READER_RT_SHARE:
+            return
+        if self._set(realtime=False):
+            self.realtime = False
+            self.throttled += 1
+            self._caps.hit(
+                "exec_reader_realtime_share",
+                int(READER_RT_SHARE * 1000),
+                unit="ms_per_s",
+                hint="more execs a second than the reader can follow at real-time priority: "
+                "it runs at nice -10 for the rest of the second, and short processes may end "
+                "before they are read",
+            )
+
+
 def main() -> int:
     _die_with_parent()
-    # Ahead of the agent on the CPU: while the agent works through a frame (a millisecond
-    # or so of Python), an exec read that waits behind it on the same core misses every
-    # process that lives less than that (measured at 500 execs/s: 35% gone at the same
-    # priority, 0.7% at -10). The child's work per exec is small and bounded, so its
-    # priority costs the machine little. Not permitted without root: then it stays as is.
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, READER_NICE)
     out = sys.stdout.buffer
     encode = msgspec.msgpack.Encoder().encode
     lock = threading.Lock()
@@ -178,17 +246,22 @@ def main() -> int:
         # and the file events of a `cp` come within a millisecond of its exec.
         if execs or len(pending) >= SEND_EVENTS:
             flush()
+        priority.check()
 
     def report(rec: dict[str, Any]) -> None:
         send({"health": rec})
 
+    # Ahead of the agent and the commands on the CPU (see ReaderPriority), set before the
+    # reader's thread starts so that it inherits it.
+    priority = ReaderPriority(report)
     reader = ProcEventsReader(on_events, report, coalesce=False, on_linger=flush, linger=SEND_DELAY)
     try:
         reader.start()
     except OSError as exc:
         send({"error": exc.errno or 0, "message": str(exc)})
         return 1
-    send({"ready": os.getpid()})
+    priority.main_done()
+    send({"ready": os.getpid(), "priority": priority.mode})
     try:
         while sys.stdin.buffer.read(4096):  # the agent closes it to stop us
             pass
@@ -198,7 +271,9 @@ def main() -> int:
         reader.stop()
         with contextlib.suppress(OSError, ValueError):
             flush()  # the reader has stopped: nothing else touches `pending`
-            send({"stats": reader.stats()})
+            stats = reader.stats()
+            stats.update(priority=priority.mode, realtime_throttled=priority.throttled)
+            send({"stats": stats})
     return 0
 
 
@@ -229,6 +304,7 @@ class ProcEventsProcess:
         self.events = 0
         self.snapshots = 0
         self.synced = 0
+        self.priority = "normal"
         # Called (on the pipe's reader) when the kernel's process events were lost: the agent
         # then reads the process table at once instead of at its next safety poll.
         self.on_loss: Callable[[], None] | None = None
@@ -252,6 +328,8 @@ class ProcEventsProcess:
             err = first.get("error", 0) if isinstance(first, dict) else 0
             raise OSError(err or 0, f"process events unavailable: {first!r}")
         self._child = child
+        # realtime | nice | normal: where the child's exec reads stand on the CPU.
+        self.priority = str(first.get("priority", "normal"))
         self._thread = threading.Thread(target=self._run, name="procevents-pipe", daemon=True)
         self._thread.start()
 
@@ -275,6 +353,7 @@ class ProcEventsProcess:
         return {
             "running": self._child is not None,
             "pid": self._child.pid if self._child is not None else None,
+            "priority": self.priority,
             "batches": self.batches,
             "events": self.events,
             "exec_snapshots": self.snapshots,

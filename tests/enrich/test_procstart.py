@@ -53,6 +53,8 @@ def test_a_short_copy_is_a_process_start_with_its_arguments_and_parent(
         lambda c: any(
             h["event"]["reason"] == "proc_connector"
             and h["exfilwatch"]["health"]["source"] == "processes"
+            # As root the exec reader runs at real-time priority (procsnap.ReaderPriority).
+            and h["exfilwatch"]["health"]["reader_priority"] == "realtime"
             for h in c.health("source_selected")
         ),
         timeout=10,
@@ -388,3 +390,39 @@ def test_lost_process_events_make_the_process_table_be_read_at_once(
     agent.scheduler.add_listener(executed, EVENT_JOB_EXECUTED)
     proc_events.on_loss()
     assert ran.wait(20), "the process table was not read after the loss"
+
+
+def test_the_open_that_follows_a_creation_is_the_creators_and_only_that_one(
+    run_agent: Callable[..., Agent], collector: Collector, tmp_path: Path
+) -> None:
+    """zip and rsync write a temporary file no argument names: its creation is exact (the
+    directory-entry events), and the open that comes with it (one open(O_CREAT) makes both)
+    is the creator's. A later open by another process is not."""
+    from agent.sources.fandirs import available
+
+    ok, why = available()
+    if not ok:
+        pytest.skip(f"fanotify directory-entry events unavailable: {why}")
+    root = tmp_path / "rnd"
+    root.mkdir()
+    agent = start(run_agent, tmp_path, root)
+    assert agent.parts is not None and agent.parts.fanotify_dirs is not None
+    # Relative names: no argument of either process names the file or its directory.
+    maker = subprocess.Popen([sys.executable, "-c", "open('ziTMP01', 'w').write('x')"], cwd=root)
+    assert maker.wait(timeout=10) == 0
+    path = str(root / "ziTMP01")
+    assert collector.wait_for(
+        lambda c: any(e.action == "closed_write" and e.path == path for e in c.events()),
+        timeout=10,
+    )
+    reader = subprocess.Popen(["cat", "ziTMP01"], cwd=root, stdout=subprocess.DEVNULL)
+    assert reader.wait(timeout=10) == 0
+    assert collector.wait_for(
+        lambda c: sum(e.action == "opened" and e.path == path for e in c.events()) >= 2,
+        timeout=10,
+    )
+    opens = [e for e in collector.events() if e.action == "opened" and e.path == path]
+    first, second = opens[0], opens[1]
+    assert (first.process_pid, first.attribution_method) == (maker.pid, "creator")
+    assert first.attribution == "inferred"
+    assert second.process_pid != maker.pid and second.attribution_method != "creator"
