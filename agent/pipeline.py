@@ -15,6 +15,7 @@ import structlog
 from msgspec.structs import replace as evolve
 
 from agent.alerts import stamp_created
+from agent.beat import BEAT, until_beat
 from agent.enrich.ownreads import OwnReads
 from agent.enrich.tags import TagResolver
 from agent.enrich.worker import ContentStage, EnrichmentWorker
@@ -33,7 +34,6 @@ _MARKER_ACTIONS = frozenset({"created", "closed_write", "deleted", "moved_in", "
 _TREE_ACTIONS = frozenset({"deleted", "moved", "moved_out", "moved_in"})
 _HEALTH_CAP = 10_000
 TRUSTED_SUMMARY_ROWS = 50  # rule/user/place rows in one trusted_activity record
-_IDLE_SECONDS = 30.0
 _IDLE_RETRY_SECONDS = 0.5
 _S_IFMT = 0o170000
 _FILE_TYPES = {stat.S_IFLNK: "symlink", stat.S_IFDIR: "dir"}  # anything else: "other"
@@ -340,12 +340,12 @@ class Pipeline:
 
     def alive(self, within: float) -> bool:
         """The consumer runs and went round its loop within `within` seconds (it does at
-        least every _IDLE_SECONDS): for systemd's watchdog."""
+        least every BEAT seconds): for systemd's watchdog."""
         thread = self._thread
         return (
             thread is not None
             and thread.is_alive()
-            and time.monotonic() - self._loop_at < max(within, 2 * _IDLE_SECONDS)
+            and time.monotonic() - self._loop_at < max(within, 2 * BEAT)
         )
 
     def _run(self) -> None:
@@ -354,7 +354,7 @@ class Pipeline:
             # Idle, the consumer wakes every 30 s only: whatever needs it (an item, a new rule
             # set, an expiry, a shed count) wakes it at once; while a sink owes lines, twice a
             # second for its retries.
-            idle = _IDLE_RETRY_SECONDS if self.router.owed() else _IDLE_SECONDS
+            idle = _IDLE_RETRY_SECONDS if self.router.owed() else until_beat()
             lane, item = self.queue.get(timeout=idle)
             try:
                 self._turn(item)

@@ -22,6 +22,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent import __version__, watchlist
+from agent.beat import BEAT, next_beat, until_beat
 from agent.builder import Components, build
 from agent.components import Component
 from agent.config import Config, WatchSpec, check_file
@@ -91,6 +92,7 @@ class Agent:
         self._rate_at = (time.monotonic(), 0, 0)  # for events/s and alerts/s in the heartbeat
         self._lane_counts: dict[str, int] = {}  # events processed per lane, at _rate_at
         self.scheduler: BackgroundScheduler | None = None
+        self._written: dict[str, bytes] = {}  # state file -> digest of what was written last
         self.caps: CapReporter | None = None
         self._started = 0.0
         self._lock = threading.Lock()
@@ -183,15 +185,21 @@ class Agent:
         FILE_CHECK_SAFETY seconds and at local midnight (watch windows open and close by
         date). A timed wake costs milliseconds of CPU on some machines, so an idle agent
         wakes for these checks only a few times a minute. Without inotify: the configured
-        intervals."""
+        intervals. The safety checks fall on the agent's idle beat (agent/beat.py)."""
         watcher = _DirWatcher(self._file_check_dirs())
         try:
             rules_every = self.config.rules_check_interval
             wl_every = self.config.watchlist.check_interval
-            quiet = FILE_CHECK_SAFETY if watcher.ok else None
+            quiet = watcher.ok  # then the safety checks fall on the agent's idle beat
+
+            def safety() -> float:
+                return until_beat(FILE_CHECK_SAFETY)
+
             now = time.monotonic()
-            next_rules = now + (quiet or rules_every) if self.config.rules else float("inf")
-            next_wl = now + min(quiet or wl_every, _to_midnight())
+            next_rules = now + (safety() if quiet else rules_every)
+            if not self.config.rules:
+                next_rules = float("inf")
+            next_wl = now + min(safety() if quiet else wl_every, _to_midnight())
             while True:
                 timeout = max(min(next_rules, next_wl) - time.monotonic(), 0.0)
                 changed = watcher.wait(timeout, self._tick_wake[0])
@@ -211,10 +219,10 @@ class Agent:
                         log.exception("rules_check_failed")
                         self._report(record("source_error", type(exc).__name__, component="rules"))
                     settling = self._pending_signature is not None
-                    next_rules = now + (rules_every if settling or not quiet else quiet)
+                    next_rules = now + (rules_every if settling or not quiet else safety())
                 if now >= next_wl:
                     self.check_watchlist()
-                    next_wl = now + min(quiet or wl_every, _to_midnight())
+                    next_wl = now + min(safety() if quiet else wl_every, _to_midnight())
         finally:
             watcher.close()
 
@@ -609,9 +617,18 @@ class Agent:
         self._ticker.start()
         if self.config.rules:
             jobs.append((self.expire_windows, 60.0, "window_expiry"))
+        # On the idle beat (agent/beat.py): jobs whose intervals are multiples of it run in
+        # one wake-up of the scheduler, with the other threads' idle checks; shorter ones
+        # (polling) start on their own next multiple.
         for func, seconds, job_id in jobs:
             self.scheduler.add_job(
-                func, "interval", seconds=seconds, id=job_id, max_instances=1, coalesce=True
+                func,
+                "interval",
+                seconds=seconds,
+                start_date=next_beat(min(seconds, BEAT)),
+                id=job_id,
+                max_instances=1,
+                coalesce=True,
             )
         self.scheduler.start()
         if parts.proc_events is not None and parts.proc_events in self._running:
@@ -745,7 +762,7 @@ class Agent:
         path = os.path.join(self.config.state_dir, HISTORY_FILE)
         data = json.dumps(history.export_state(), ensure_ascii=True, separators=(",", ":"))
         try:
-            write_private(path, data.encode("ascii"))
+            self._write_changed(path, data.encode("ascii"))
         except OSError as exc:
             self._report(record("source_error", _errno_name(exc), stage="history", path=path))
 
@@ -783,9 +800,20 @@ class Agent:
             )
             text = json.dumps({**state, "windows": {}}, ensure_ascii=True, separators=(",", ":"))
         try:
-            write_private(path, text.encode("ascii"))
+            self._write_changed(path, text.encode("ascii"))
         except OSError as exc:
             self._report(record("source_error", _errno_name(exc), stage="engine_state", path=path))
+
+    def _write_changed(self, path: str, data: bytes) -> None:
+        """write_private, unless the file holds these bytes already (as this agent wrote them
+        last and it is still there): an idle agent does not rewrite and fsync unchanged state
+        every checkpoint."""
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        if self._written.get(path) == digest and os.path.exists(path):
+            return
+        self._written.pop(path, None)
+        write_private(path, data)
+        self._written[path] = digest
 
     def _save_state(self, step: Callable[[int], None]) -> None:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
+from typing import Any
 
 from agent.events import Event
 from agent.rules.compiler import load_rules
@@ -105,3 +106,30 @@ def test_a_rule_that_changed_meanwhile_starts_over(tmp_path: Path) -> None:
     assert Engine(ruleset).import_state({"version": 1, "windows": {"ten-dat-files": {
         "fingerprint": ruleset.correlations["ten-dat-files"].fingerprint,
         "groups": [["not", "a", "row"], [[1], "win", [["x"]]]]}}}, 0)["bad"] == 2  # fmt: skip
+
+
+def test_unchanged_state_is_not_rewritten_and_a_deleted_file_is(
+    run_agent: Any, tmp_path: Path
+) -> None:
+    # An idle agent's checkpoints would otherwise replace (write, fsync, rename) the same bytes
+    # every 30 s: a wake-up of the disk and of every watcher of the state directory.
+    from agent.config import WatchSpec
+    from agent.service import ENGINE_STATE_FILE
+    from tests.conftest import make_config
+
+    root = tmp_path / "rnd"
+    root.mkdir()
+    agent = run_agent(make_config([WatchSpec(str(root), ("chip",))], tmp_path))
+    path = Path(agent.config.state_dir) / ENGINE_STATE_FILE
+    state = {"windows": {}, "suppression": {"r": 1}}
+    agent.save_engine_state(state)
+    first = path.stat()
+    agent.save_engine_state(dict(state))  # the same content: left as it is
+    assert path.stat().st_ino == first.st_ino
+    agent.save_engine_state({**state, "suppression": {"r": 2}})  # replaced atomically
+    second = path.stat()
+    assert second.st_ino != first.st_ino
+    assert json.loads(path.read_text())["suppression"] == {"r": 2}
+    path.unlink()
+    agent.save_engine_state({**state, "suppression": {"r": 2}})  # gone: written again
+    assert json.loads(path.read_text())["suppression"] == {"r": 2}

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import structlog
 from msgspec.structs import replace as evolve
 
+from agent.beat import until_beat
 from agent.events import Event
 from agent.health import Reporter, record
 
@@ -20,7 +21,6 @@ log = structlog.get_logger(__name__)
 # Egress places (removable media, sync folders, shares) are served before staging places.
 _FIRST = frozenset({"removable", "cloud_sync", "network_share"})
 _REPORT_EVERY = 10.0
-_IDLE_WAIT = 30.0  # longest sleep with nothing queued (a safety net: submits notify)
 _DELIVER_BATCH = 256
 _DELIVER_AFTER = 0.05  # seconds a checked event may wait for others to go with it
 
@@ -215,7 +215,7 @@ class EnrichmentWorker:
                     if not self._size:
                         # Nothing queued: sleep until a submit or a stop (which notify), or
                         # until skips wait to be reported; idle wake-ups cost CPU (issue 9).
-                        wait = _IDLE_WAIT
+                        wait = until_beat()
                         if self._unreported:
                             wait = _REPORT_EVERY - (self._clock() - self._last_report)
                         self._cond.wait(max(0.005, wait))

@@ -23,6 +23,7 @@ from typing import IO, Any, Protocol
 import msgspec
 import structlog
 
+from agent.beat import until_beat
 from agent.config import SinkSpec
 from agent.events import dumps
 from agent.health import record
@@ -666,7 +667,6 @@ BATCH = 1000  # lines per sink write
 JITTER = 0.5  # a retry waits between (1 - JITTER) and 1 times the backoff
 CLOSE_TIMEOUT = 2.0
 IDLE_TICK = 5.0  # an idle delivery thread's wake-up while the outbox's disk is failing
-IDLE_TICK_QUIET = 30.0  # and otherwise (cursors to disk)
 # log.level of a health record -> the severity its sink filter compares (rules' scale).
 LEVEL_SEVERITY: Mapping[str, int] = MappingProxyType({"info": 1, "warning": 47, "error": 73})
 
@@ -980,7 +980,7 @@ class Router:
                 if not due:
                     # Idle, a sink's thread wakes every 30 s (cursors to disk); every 5 s while
                     # the outbox holds records its disk refused.
-                    tick = IDLE_TICK if self.outbox.unsaved() else IDLE_TICK_QUIET
+                    tick = IDLE_TICK if self.outbox.unsaved() else until_beat()
                     wait = route.next_retry - now if route.backoff else tick
                     idle = not self._wake.wait(max(min(wait, tick), 0.01))
                     if self._stopping or route not in self._routes:

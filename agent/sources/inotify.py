@@ -24,6 +24,7 @@ import structlog
 from inotify_simple import INotify
 from inotify_simple import flags as F
 
+from agent.beat import until_beat
 from agent.config import InotifySettings, WatchSpec
 from agent.health import CapReporter, Reporter, now_us, record
 from agent.sources.base import LANE_OF, EmitBatch, RawEvent
@@ -712,7 +713,7 @@ class InotifySource:
         directory swapped. Each check is a wake-up of an idle agent (on this VM ~20 ms of CPU:
         most of its idle cost at a 5 s interval)."""
         if all(root.state == "watching" for root in self._roots):
-            return self._root_check_interval * WATCHING_CHECK_FACTOR
+            return until_beat(self._root_check_interval * WATCHING_CHECK_FACTOR)
         return self._root_check_interval
 
     def _read(self, timeout: int) -> list[Any]:
