@@ -189,7 +189,6 @@ from common import (
     PYTHON,
     BenchError,
     Cleanup,
-    cpu_seconds,
     emit,
     ensure_user,
     interruptible,
@@ -1629,16 +1628,30 @@ def execs_round(
 
 
 class AgentCPU:
-    """CPU seconds of the in-process agent (all of this process: the bench's own thread only
-    waits meanwhile) and of its procsnap child (user + system, each)."""
+    """CPU seconds of the in-process agent and of its procsnap child, exact (the scheduler's
+    nanosecond clocks, not 10 ms ticks). The agent's is this process's less the calling
+    thread's (the bench's own, which wakes every second to sample: on a VM where waking an
+    idle CPU costs milliseconds, counting it made an idle agent look like 1-2% of a core)."""
 
     def __init__(self, agent: Agent) -> None:
         pid = procsnap_pid(agent)
         self.child = psutil.Process(pid) if pid is not None else None
+        self._tasks = f"/proc/{pid}/task" if pid is not None else None
+
+    def _child_seconds(self) -> float:
+        if self._tasks is None:
+            return 0.0
+        total = 0
+        try:
+            for tid in os.listdir(self._tasks):
+                with contextlib.suppress(OSError), open(f"{self._tasks}/{tid}/schedstat") as fh:
+                    total += int(fh.read().split()[0])
+        except OSError:
+            pass
+        return total / 1e9
 
     def read(self) -> tuple[float, float]:
-        child = cpu_seconds(self.child, children=False) if self.child is not None else 0.0
-        return time.process_time(), child
+        return time.process_time() - time.thread_time(), self._child_seconds()
 
     def total(self) -> float:
         return sum(self.read())

@@ -840,6 +840,12 @@ class Router:
         threads."""
         if not lines:
             return
+        if kind in DURABLE and not self.wants(kind):
+            # No sink takes them (a raw-event log only): kept, they would be owed for ever,
+            # and the consumer would wake twice a second to retry them.
+            if kind == "alert":
+                self.alerts += len(lines)
+            return
         if kind in DURABLE:
             sev = severities if severities is not None else [severity_of(x) for x in lines]
             self.outbox.append(kind, list(zip(sev, lines, strict=True)))
@@ -888,7 +894,7 @@ class Router:
         outbox like any other. Terminates: what a failure here reports is rate-limited."""
         appended = False
         for _ in range(4):
-            if not notes:
+            if not notes or not self.wants("health"):
                 break
             lines = [dumps(n) for n in notes]
             self.outbox.append("health", [(severity_of(x), x) for x in lines])
