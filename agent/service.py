@@ -29,7 +29,6 @@ from agent.config import Config, WatchSpec, check_file
 from agent.diagnostics import Problem, check_permissions, errors_only
 from agent.events import format_timestamp
 from agent.health import CapReporter, now_us, record
-from agent.metrics import Metrics
 from agent.pipeline import Pipeline
 from agent.rules.compiler import RuleSet, load_rules
 from agent.rules.engine import Engine
@@ -42,6 +41,7 @@ from agent.state import AgentState, PreviousRun, write_private
 if TYPE_CHECKING:
     from agent.enrich.attribution import Proc, ProcessTable
     from agent.enrich.lineage import LineageIndex
+    from agent.metrics import Metrics
     from agent.sources.fanotify import FanotifyWatcher
     from agent.sources.mounts import MountInfo, MountWatcher
 
@@ -525,6 +525,9 @@ class Agent:
         if self._outbox_problem is not None:
             self._report(self._outbox_problem)
         if self.config.metrics_textfile or self.config.metrics_listen:
+            # Imported only when asked for: prometheus_client is ~30 ms of every start.
+            from agent.metrics import Metrics
+
             self.metrics = Metrics(
                 self.stats,
                 textfile=self.config.metrics_textfile,
