@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import posixpath
@@ -907,6 +908,13 @@ class Attributor:
                 found = self.table.by_path(e.path)
             if found is not None:
                 proc, method = found
+        if proc is not None and proc.uid is None and proc.name:
+            # Named by the kernel, but gone before its user could be read (rsync's receiver
+            # writing its temporary file): a process of the same program whose arguments
+            # name the path is the one that forked it, and a fork keeps its user.
+            named = self.table.by_path(e.path)
+            if named is not None and named[0].name == proc.name and named[0].uid is not None:
+                proc = dataclasses.replace(proc, uid=named[0].uid, user=named[0].user)
         if proc is not None:
             self.counters["exact" if method == "fanotify" else method] += 1
             fields = proc_fields(proc)

@@ -515,3 +515,38 @@ def test_with_fanotify_a_short_lived_writer_is_attributed_exactly(
     assert event.attribution_method == "fanotify"
     assert event.user_name == test_user
     assert event.process_name == "sh"
+
+
+def test_a_kernel_named_worker_gone_before_its_user_was_read_has_its_forkers_user(
+    tmp_path: Path,
+) -> None:
+    """rsync's receiver writes a temporary file no argument names and is gone before its
+    /proc could be read: the kernel named its pid and the name came with the event, not its
+    user. The rsync whose arguments name the directory forked it, and a fork keeps its user.
+    A process of another program naming the directory lends nothing."""
+    from agent.enrich.attribution import Attributor, Proc
+    from agent.events import Event
+
+    gate = Gate(tmp_path / "go")
+    # The long-lived process of the same program, naming the destination directory.
+    named = subprocess.Popen(["sh", "-c", 'read go < "$1"', "sh", str(gate.path), str(tmp_path)])
+    table = ProcessTable(report=no_report)
+    try:
+        table.start()
+        table.poll()
+        found = table.by_path(str(tmp_path / ".f0.txt.XyZ"))
+        assert found is not None and found[0].pid == named.pid
+        worker = Proc(named.pid + 100_000, named.pid, "sh", None, (), None, None, None, None,
+                      None, 0.0, "sh", None)  # fmt: skip
+        stranger = replace(worker, name="cp")
+        given: list[Proc] = [worker]
+        attr = Attributor(table, exact=lambda path, action, since=None: given[0])
+        event = Event(1, "created", str(tmp_path / ".f0.txt.XyZ"))
+        got = attr(event)
+        assert got.process_pid == worker.pid
+        assert got.user_id == str(os.geteuid()) and got.attribution == "exact"
+        given[0] = stranger
+        other = attr(event)
+        assert other.process_pid == stranger.pid and other.user_id is None
+    finally:
+        finish(named, gate)
