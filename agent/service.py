@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 import structlog
-from apscheduler.jobstores.base import JobLookupError
-from apscheduler.schedulers.background import BackgroundScheduler
 
 from agent import __version__, watchlist
 from agent.beat import BEAT, next_beat, until_beat
@@ -39,6 +37,8 @@ from agent.sources.base import OPTIONAL_ACTIONS, needed_actions
 from agent.state import AgentState, PreviousRun, write_private
 
 if TYPE_CHECKING:
+    from apscheduler.schedulers.background import BackgroundScheduler
+
     from agent.enrich.attribution import Proc, ProcessTable
     from agent.enrich.lineage import LineageIndex
     from agent.metrics import Metrics
@@ -595,6 +595,10 @@ class Agent:
                 self._report(record("source_error", _errno_name(exc), component=component.name))
                 continue
             self._running.append(component)
+        # Imported once the trees are watched: APScheduler (and the entry points it looks
+        # up) is ~50 ms of imports that need not come before the first event is seen.
+        from apscheduler.schedulers.background import BackgroundScheduler
+
         self.scheduler = BackgroundScheduler(daemon=True)
         jobs: list[tuple[Callable[[], None], float, str]] = [
             (self.heartbeat, self.config.heartbeat_interval, "heartbeat"),
@@ -914,6 +918,8 @@ class Agent:
         scheduler = self.scheduler
         if scheduler is None:
             return
+        from apscheduler.jobstores.base import JobLookupError
+
         with contextlib.suppress(JobLookupError):  # stopping, or no such job: nothing to do
             scheduler.modify_job(job_id, next_run_time=dt.datetime.now(scheduler.timezone))
 
