@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -351,16 +352,28 @@ def test_every_known_field_compiles_and_reads_its_value() -> None:
         assert m(e) is (e.get(name) not in (None, ()))
 
 
-def test_a_plain_equality_costs_well_under_a_microsecond() -> None:
+def test_a_plain_equality_costs_a_few_python_calls() -> None:
+    # Against a baseline timed in the same run, alternating (a loaded machine slows both):
+    # the bare set lookup a hand-written check would do. Measured ~5x it (230 vs 46 ns); a
+    # slow path (a regex, folding every value per call) would be far past 15x. An absolute
+    # bound (it was "under 1 us") failed under noise and 4 CPU hogs.
     m = compile_field("process.name", ["rclone", "curl", "scp", "rsync"])
     e = ev(process_name="Firefox")
+    names = frozenset(["rclone", "curl", "scp", "rsync"])
+
+    def baseline(e: Event) -> bool:
+        return e.process_name in names
+
     m(e)
     n = 20_000
-    best = min(_time(m, e, n) for _ in range(5))
-    assert best / n < 1e-6
+    best_m = best_base = float("inf")
+    for _ in range(7):
+        best_m = min(best_m, _time(m, e, n))
+        best_base = min(best_base, _time(baseline, e, n))
+    assert best_m < 15 * best_base, (best_m / n, best_base / n)
 
 
-def _time(m: FieldMatcher, e: Event, n: int) -> float:
+def _time(m: Callable[[Event], object], e: Event, n: int) -> float:
     start = time.perf_counter()
     for _ in range(n):
         m(e)
