@@ -194,7 +194,7 @@ def build(
         if config.processes.attribution:
             from agent.enrich.attribution import first_of
 
-            attributor = Attributor(processes, exact=first_of(dir_exact, exact))
+            attributor = Attributor(processes, exact=first_of(dir_exact, exact), on_cap=caps.hit)
             stages.append(attributor)
     if config.trusted:
         from agent.enrich.trusted import TrustedStage

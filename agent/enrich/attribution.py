@@ -860,9 +860,11 @@ class Attributor:
         table: ProcessTable,
         exact: ExactLookup | None = None,
         console: Callable[[], str | None] | None = None,
+        on_cap: Callable[[str, int], None] | None = None,
     ) -> None:
         self.table = table
         self._exact = exact
+        self._on_cap = on_cap
         self._console = console or console_user
         self._users: dict[int, str | None] = {}
         # path -> (its creator, when): the open that follows a creation is the creator's
@@ -877,6 +879,17 @@ class Attributor:
             "none": 0,
         }
 
+    def _remember_creator(self, path: str, proc: Proc, ts_us: int) -> None:
+        creators = self._creators
+        creators[path] = (proc, ts_us)
+        creators.move_to_end(path)
+        while len(creators) > CREATORS_CAP:
+            _, (_, made) = creators.popitem(last=False)
+            # One still within its window is a hint lost: said (a flood of creations no
+            # open follows: links, FIFOs); an aged-out one is no loss.
+            if ts_us - made <= CREATOR_WINDOW_US and self._on_cap is not None:
+                self._on_cap("attribution_creators", CREATORS_CAP)
+
     def __call__(self, e: Event) -> Event:
         if e.process_pid is not None:
             return e
@@ -889,10 +902,8 @@ class Attributor:
             proc = self._exact(e.path, e.action, since)
             if proc is not None:
                 method = "fanotify"
-                if e.action == "created" and proc.name:
-                    self._creators[e.path] = (proc, e.timestamp_us)
-                    if len(self._creators) > CREATORS_CAP:
-                        self._creators.popitem(last=False)
+                if e.action == "created" and proc.name and e.file_type != "dir":
+                    self._remember_creator(e.path, proc, e.timestamp_us)
         if proc is None and e.action == "opened" and self._creators:
             made = self._creators.pop(e.path, None)
             if made is not None and e.timestamp_us - made[1] <= CREATOR_WINDOW_US:
@@ -908,7 +919,7 @@ class Attributor:
                 found = self.table.by_path(e.path)
             if found is not None:
                 proc, method = found
-        if proc is not None and proc.uid is None and proc.name:
+        if proc is not None and proc.uid is None and proc.name and method != "cmdline":
             # Named by the kernel, but gone before its user could be read (rsync's receiver
             # writing its temporary file): a process of the same program whose arguments
             # name the path is the one that forked it, and a fork keeps its user.

@@ -550,3 +550,24 @@ def test_a_kernel_named_worker_gone_before_its_user_was_read_has_its_forkers_use
         assert other.process_pid == stranger.pid and other.user_id is None
     finally:
         finish(named, gate)
+
+
+def test_remembered_creations_are_capped_and_a_live_one_dropped_is_a_cap_hit() -> None:
+    from agent.enrich.attribution import CREATORS_CAP, Attributor, Proc
+    from agent.events import Event
+
+    maker = Proc(4242, 1, "mknod", None, (), 0, "root", None, None, None, 0.0, None, None)
+    hits: list[tuple[str, int]] = []
+    attr = Attributor(
+        ProcessTable(report=no_report),
+        exact=lambda path, action, since=None: maker if action == "created" else None,
+        console=lambda: None,
+        on_cap=lambda name, cap: hits.append((name, cap)),
+    )
+    attr(Event(1, "created", "/t/d", file_type="dir"))  # a directory: never remembered
+    assert attr(Event(2, "opened", "/t/d")).attribution_method != "creator"
+    for i in range(CREATORS_CAP + 1):
+        attr(Event(10, "created", f"/t/f{i}"))
+    assert hits == [("attribution_creators", CREATORS_CAP)]
+    assert attr(Event(20, "opened", "/t/f0")).attribution_method != "creator"  # dropped
+    assert attr(Event(20, "opened", f"/t/f{CREATORS_CAP}")).attribution_method == "creator"
