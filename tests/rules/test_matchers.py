@@ -365,11 +365,15 @@ def test_a_plain_equality_costs_a_few_python_calls() -> None:
         return e.process_name in names
 
     m(e)
-    n = 20_000
+    # Short rounds, alternating, until one of each ran undisturbed: on a loaded machine a
+    # 20,000-call round rarely does (under noise + 4 CPU hogs 7 such rounds gave 15.4x).
+    n = 2_000
     best_m = best_base = float("inf")
-    for _ in range(7):
+    for _ in range(100):
         best_m = min(best_m, _time(m, e, n))
         best_base = min(best_base, _time(baseline, e, n))
+        if best_m < 15 * best_base:
+            break
     assert best_m < 15 * best_base, (best_m / n, best_base / n)
 
 
