@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import IO, Any
 
 import msgspec
+from msgspec.structs import astuple as _astuple
 from msgspec.structs import replace as _struct_replace
 
 from agent.diagnostics import Problem
@@ -824,11 +825,10 @@ def _ecs_line(e: Event) -> _Line:
 _INFO = ("info",)
 
 
-def event_line_bytes(e: Event) -> bytes:
-    """`dumps(to_dict(e))` as UTF-8 bytes, encoded in C (msgspec): the event hot path. A
-    property test keeps both identical. msgspec writes non-ASCII characters as UTF-8 and
-    DEL as itself; such lines (and any string msgspec refuses: a lone surrogate in a process
-    command line) take the general path, which escapes them as json.dumps does."""
+def _whole_line(e: Event) -> bytes:
+    """The line encoded in one piece: msgspec in C; json.dumps for what msgspec would write
+    as other than plain ASCII (non-ASCII characters as UTF-8, DEL as itself) or refuses (a
+    lone surrogate in a process command line)."""
     try:
         out = _encode(_ecs_line(e))
     except UnicodeEncodeError:
@@ -836,6 +836,154 @@ def event_line_bytes(e: Event) -> bytes:
     if out.isascii() and b"\x7f" not in out:
         return out
     return dumps(to_dict(e)).encode("ascii")
+
+
+# A line is `{"@timestamp":"T","event":{E},"file":{F},...the rest...}`. In a burst the parts
+# repeat: every event of a batch has the reader's time, a write is opened, modified and
+# closed_write events with one stat, and every event of a tree has the same tags, root,
+# place and (one process's burst) the same process. The pieces are kept as encoded bytes
+# and joined, which takes a third of encoding the whole line; a piece is reused only when
+# every field it was made of is equal, and it is cut from a line the whole-line encoder
+# wrote, so the bytes are the same. The keys are slices of the event's fields in order
+# (`astuple`): [2:11] path to mtime (the file object), [11:16] and [17:] everything after
+# it but the sequence (fields are compared by value; each field holds one type, so equal
+# values encode alike). One tuple per cache, replaced whole: threads never mix pieces.
+_F_FILE = slice(2, 11)
+_F_REST_A, _F_REST_B = slice(11, 16), slice(17, None)
+_SEQUENCE_AT = 16
+_HEAD_OPEN = b'{"@timestamp":"'
+_SEQUENCE_MARK = b',"sequence":0,'
+_EVENT_PIECES: dict[tuple[str, str], tuple[bytes, bytes]] = {}  # (action, category)
+_EVENT_PIECES_CAP = 256
+_last_ts: tuple[int, bytes] = (-1, b"")
+_last_file: tuple[tuple[Any, ...], bytes] | None = None
+_last_rest: tuple[tuple[Any, ...], tuple[Any, ...], bytes] | None = None
+
+
+def _event_pieces(action: str, category: str) -> tuple[bytes, bytes]:
+    """The event object's bytes before and after its sequence number, with the keys and
+    separators around it: `","event":{...,"sequence":` and `,"module":...},"file":`."""
+    got = _EVENT_PIECES.get((action, category))
+    if got is None:
+        encoded = _encode(
+            _EcsEvent(
+                "event",
+                (category,),
+                _EVENT_TYPES.get(action, _INFO),
+                action,
+                0,
+                "exfilwatch",
+                f"exfilwatch.{category}",
+            )
+        )
+        # `,"` never occurs inside a JSON string (a quote there is escaped): the mark is the
+        # sequence's own place.
+        at = encoded.find(_SEQUENCE_MARK)
+        if at < 0 or not encoded.isascii() or b"\x7f" in encoded:
+            raise _NoPieces
+        cut = at + len(_SEQUENCE_MARK) - 2
+        got = (b'","event":' + encoded[:cut], encoded[cut + 1 :] + b',"file":')
+        if len(_EVENT_PIECES) >= _EVENT_PIECES_CAP:
+            _EVENT_PIECES.clear()
+        _EVENT_PIECES[(action, category)] = got
+    return got
+
+
+class _NoPieces(Exception):
+    """This line is not made of pieces (bytes the whole-line encoder would escape)."""
+
+
+def _timestamp_piece(us: int) -> bytes:
+    global _last_ts
+    last = _last_ts
+    if last[0] == us:
+        return last[1]
+    text = format_timestamp(us).encode("ascii")
+    _last_ts = (us, text)
+    return text
+
+
+def event_line_bytes(e: Event) -> bytes:
+    """`dumps(to_dict(e))` as ASCII bytes: the event hot path. Property tests keep it
+    identical to the general serializer, for single events and for runs of events that
+    differ in one field at a time (the pieces reused)."""
+    global _last_file, _last_rest
+    vals = _astuple(e)
+    file_key = vals[_F_FILE]
+    last_file = _last_file
+    rest = _last_rest
+    if rest is not None and rest[1] == vals[_F_REST_B] and rest[0] == vals[_F_REST_A]:
+        head, tail = _EVENT_PIECES.get((vals[1], vals[3])) or (b"", b"")
+        if head:
+            if last_file is not None and last_file[0] == file_key:
+                file_bytes = last_file[1]
+            else:
+                got = _file_bytes(e)
+                if got is None:
+                    return _whole_line(e)
+                file_bytes = got
+                _last_file = (file_key, file_bytes)
+            return b"".join(
+                (
+                    _HEAD_OPEN,
+                    _timestamp_piece(vals[0]),
+                    head,
+                    str(vals[_SEQUENCE_AT]).encode("ascii"),
+                    tail,
+                    file_bytes,
+                    rest[2],
+                )
+            )
+    line = _whole_line(e)
+    try:
+        ts = _timestamp_piece(vals[0])
+        head, tail = _event_pieces(vals[1], vals[3])
+    except _NoPieces:
+        return line
+    start = len(_HEAD_OPEN) + len(ts) + len(head) + len(str(vals[_SEQUENCE_AT])) + len(tail)
+    if last_file is not None and last_file[0] == file_key:
+        file_bytes = last_file[1]
+    else:
+        made = _file_bytes(e)
+        if made is None:
+            return line
+        file_bytes = made
+        _last_file = (file_key, file_bytes)
+    end = start + len(file_bytes)
+    if (
+        line[start:end] == file_bytes
+        and line[start - len(tail) : start] == tail
+        and line.startswith(_HEAD_OPEN + ts + head)
+    ):
+        _last_rest = (vals[_F_REST_A], vals[_F_REST_B], line[end:])
+    return line
+
+
+def _file_bytes(e: Event) -> bytes | None:
+    """The file object's bytes when its path is plain text (no raw form: a path with one also
+    adds a raw part to the rest of the line) and nothing in it needs escaping beyond ASCII."""
+    path_text, path_raw, directory, name, ext = _file_part(e.path)
+    if path_raw is not None:
+        return None
+    mtime = e.mtime_us
+    out = _encode(
+        _EcsFile(
+            path_text,
+            name,
+            directory,
+            ext,
+            e.file_type,
+            e.size,
+            e.uid,
+            e.gid,
+            e.inode,
+            e.mode,
+            format_timestamp(mtime) if mtime is not None else None,
+        )
+    )
+    if not out.isascii() or b"\x7f" in out:
+        return None
+    return out
 
 
 def event_line(e: Event) -> str:

@@ -353,3 +353,53 @@ def test_the_fast_serializer_writes_exactly_what_the_general_one_does(
     )
     assert event_line(attributed) == dumps(to_dict(attributed))
     assert Event.from_json(event_line(attributed)) == attributed
+
+
+# Values that repeat, so that runs of events share some fields and differ in others: the
+# fast serializer reuses the encoded pieces of the previous event where their fields are
+# equal, and must never reuse one where a field differs.
+_RUN_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "timestamp_us": st.sampled_from([0, 1_796_017_560_970_918, 1_796_017_560_970_919]),
+    "action": st.sampled_from(["opened", "closed_write", "moved", "unknown", 'x",\x7f']),
+    "category": st.sampled_from(["file", "process"]),
+    "path": st.sampled_from(
+        ["/srv/a/b.v", "/srv/a/c", "/srv/a/bad-\udcff", "/srv/a/\u00e9", '/srv/a/q"\\', "/x"]
+    ),
+    "file_type": st.sampled_from([None, "file", "dir"]),
+    "size": st.sampled_from([None, 0, 1, 17]),
+    "uid": st.sampled_from([None, "0", "1000"]),
+    "inode": st.sampled_from([None, "12", "13"]),
+    "mode": st.sampled_from([None, "0644"]),
+    "mtime_us": st.sampled_from([None, 0, 1_796_017_560_000_000]),
+    "src_path": st.sampled_from([None, "/srv/a/b.v", "/tmp/\udcfe"]),
+    "tags": st.sampled_from([(), ("a",), ("a", "b"), ("\u00e9",)]),
+    "sensitivity": st.sampled_from([None, "high"]),
+    "root": st.sampled_from([None, "/srv/a", "/srv/\udcfd"]),
+    "source": st.sampled_from(["inotify", "fanotify"]),
+    "sequence": st.integers(min_value=0, max_value=10**12),
+    "hostname": st.sampled_from([None, "vm", "h\u00e9"]),
+    "user_name": st.sampled_from([None, "al", "b\u00e9"]),
+    "user_id": st.sampled_from([None, "1000"]),
+    "process_pid": st.sampled_from([None, 1, 2]),
+    "process_command_line": st.sampled_from([None, "cp a b", "cp \udcff b"]),
+    "location": st.sampled_from([None, "tagged", "removable"]),
+    "location_trusted": st.sampled_from([None, True, False]),
+    "history_ratio": st.sampled_from([None, 1.5, 2.0]),
+    "lineage_origin": st.sampled_from([None, "/srv/a/b.v"]),
+    "disguise": st.sampled_from([(), ("renamed",)]),
+    "nlink": st.sampled_from([None, 2]),
+    "process_args": st.sampled_from([(), ("cp", "a")]),
+    "enrichment_skipped": st.sampled_from([None, "queue_full"]),
+}
+
+
+@given(st.lists(st.fixed_dictionaries({}, optional=_RUN_FIELDS), min_size=2, max_size=12))
+def test_runs_of_events_that_share_some_fields_are_written_as_the_general_serializer_does(
+    changes: list[dict[str, Any]],
+) -> None:
+    e = Event(1_796_017_560_970_918, "opened", "/srv/a/b.v")
+    for change in changes:
+        e = e.evolve(**change)
+        line = event_line(e)
+        assert line == dumps(to_dict(e))
+        assert Event.from_json(line) == e
