@@ -32,6 +32,9 @@ log = structlog.get_logger(__name__)
 _NO_STAT = frozenset({"deleted", "moved_out"})
 _MARKER_ACTIONS = frozenset({"created", "closed_write", "deleted", "moved_in", "moved_out"})
 _TREE_ACTIONS = frozenset({"deleted", "moved", "moved_out", "moved_in"})
+# Actions after which the next event of the same file in the same batch is built from this
+# one: they change no tag, marker or directory tree, and both take the batch's one stat.
+_PLAIN = frozenset({"opened", "modified", "closed_write", "closed_nowrite", "attributes_changed"})
 _HEALTH_CAP = 10_000
 TRUSTED_SUMMARY_ROWS = 50  # rule/user/place rows in one trusted_activity record
 _IDLE_RETRY_SECONDS = 0.5
@@ -246,6 +249,9 @@ class Pipeline:
         self.stats_taken = 0  # lstat calls: at most one per path and batch
         self._ids: dict[int, str] = {}  # uid / gid -> its text
         self.batches = 0  # batches taken off the lanes (events per batch: processed / this)
+        # The last event built: (path..location of its raw event, the batch's stats, time,
+        # event), for the next event of the same file (see _build).
+        self._last_built: tuple[tuple[Any, ...], dict[str, Any], int, Event] | None = None
         self.processed_by_lane = dict.fromkeys(LANES, 0)
         self._last_retry = 0.0
 
@@ -516,6 +522,20 @@ class Pipeline:
         stats: dict[str, os.stat_result | None],
     ) -> Event:
         ts, action, path, src_path, is_dir, source, location = raw
+        last = self._last_built
+        if (
+            last is not None
+            and last[0] == raw[2:]
+            and last[1] is stats
+            and last[2] == ts
+            and action in _PLAIN
+        ):
+            # The same file as the event before, in the same batch, by an action that
+            # changes no tag, marker or tree (a write is opened, modified, closed_write): the
+            # same fields but the action and sequence, from the same stat.
+            self._sequence += 1
+            built: Event = evolve(last[3], action=action, sequence=self._sequence)
+            return built
         slash = path.rfind("/")
         directory = path[:slash] or "/"
         name = path[slash + 1 :]
@@ -573,7 +593,7 @@ class Pipeline:
                 if st.st_nlink > 1 and fmt == stat.S_IFREG:
                     nlink = st.st_nlink  # a second name elsewhere reaches the same content
         self._sequence += 1
-        return Event(
+        event = Event(
             ts,
             action,
             path,
@@ -596,6 +616,9 @@ class Pipeline:
             location_provider=resolved.provider,
             nlink=nlink,
         )
+        plain = action in _PLAIN and src_path is None and not (tagged and name == marker)
+        self._last_built = (raw[2:], stats, ts, event) if plain else None
+        return event
 
     def _finish(self, events: list[Event]) -> None:
         """Rules and sinks, in the order the engine sees the events (a replay of the written

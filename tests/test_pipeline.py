@@ -136,3 +136,69 @@ def test_a_process_working_on_a_tagged_root_itself_carries_the_roots_tags(tmp_pa
     for event in collector.events():
         assert (event.tags, event.sensitivity, event.root) == (("nova",), "critical", str(root))
     assert pipeline.stats()["lanes"]["tagged"]["processed"] == 2
+
+
+def test_events_of_one_file_in_one_batch_carry_the_same_fields_as_events_built_alone(
+    tmp_path: Any,
+) -> None:
+    """A write is opened, modified and closed_write in one batch: the later ones are built
+    from the first (one stat, one tag lookup); they must be what building each alone gives,
+    and a marker or a move is never built that way."""
+    tree = tmp_path / "rnd"
+    tree.mkdir()
+    design = tree / "top.v"
+    design.write_bytes(b"module top; endmodule\n")
+    other = tree / "b.v"
+    other.write_bytes(b"x" * 10)
+    (tree / ".m").write_text("tags: [chip]\n")
+
+    def make() -> tuple[Pipeline, Collector]:
+        reports: list[dict[str, Any]] = []
+        resolver = TagResolver(
+            [WatchSpec(str(tree), ("rnd",))], ".m", reports.append, CapReporter(reports.append)
+        )
+        collector = Collector()
+        return Pipeline(Router([(collector, frozenset({"event"}))]), resolver, 1000), collector
+
+    d, o, m = str(design), str(other), str(tree / ".m")
+    batch = [
+        RawEvent(5, action, path, src, False, "inotify", "tagged")
+        for action, path, src in [
+            ("opened", d, None),
+            ("modified", d, None),
+            ("closed_write", d, None),
+            ("opened", o, None),
+            ("closed_nowrite", o, None),
+            ("attributes_changed", d, None),
+            ("closed_write", m, None),
+            ("closed_write", m, None),
+            ("moved", d, o),
+            ("closed_write", d, None),
+        ]
+    ]
+    together, seen = make()
+    together._process("tagged", batch)
+    alone, seen_alone = make()
+    for raw_event in batch:
+        alone._process("tagged", [raw_event])
+    assert len(seen.lines) == len(batch)
+    # Every field equal, the sequence too (both count from the same start); the marker's
+    # tags (chip) reach the events after it in both.
+    assert seen.events() == seen_alone.events()
+    assert "chip" in seen.events()[-1].tags
+    assert together.stats_taken < alone.stats_taken
+
+
+def test_the_next_batch_takes_its_own_stat_of_the_same_file(tmp_path: Any) -> None:
+    design = tmp_path / "top.v"
+    design.write_bytes(b"a")
+    reports: list[dict[str, Any]] = []
+    resolver = TagResolver(
+        [WatchSpec(str(tmp_path), ("rnd",))], ".m", reports.append, CapReporter(reports.append)
+    )
+    collector = Collector()
+    pipeline = Pipeline(Router([(collector, frozenset({"event"}))]), resolver, 1000)
+    pipeline._process("tagged", [RawEvent(5, "opened", str(design), None, False, "inotify")])
+    design.write_bytes(b"abc")
+    pipeline._process("tagged", [RawEvent(5, "closed_write", str(design), None, False, "inotify")])
+    assert [e.size for e in collector.events()] == [1, 3]
