@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -646,6 +647,10 @@ class Agent:
         self.check_config_file()  # an edit while it started
         self._last_stats = self.stats()
         self._write_status("running")
+        # What start-up made (modules, rules, the watch maps: most of what the agent ever
+        # holds) lives as long as the agent: out of the collector's sight, a full collection
+        # no longer walks it during a burst (gc.freeze; refcounting still frees it).
+        gc.freeze()
         log.info("agent_started", source=parts.source.name, roots=len(self.config.watch))
 
     def _report_process_source(self, kernel: bool) -> None:
