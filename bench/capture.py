@@ -1280,7 +1280,7 @@ def run_idle(ctx: Context, place: Place, seconds: float) -> dict[str, Any]:
             "threads": r.ps.num_threads(),
         }
     result["exfilwatch"]["output_bytes_while_idle"] = os.path.getsize(ew.output) - out_size0
-    result["goal_idle_0_5_pct"] = result["exfilwatch"]["pct_of_one_core"] <= 0.5
+    result["goal_idle_0_2_pct"] = result["exfilwatch"]["pct_of_one_core"] <= 0.2
     for r in procs.values():
         ctx.cleanup.stop(r.proc, STOP_TIMEOUT)
         discard(ctx, r)
@@ -1525,7 +1525,7 @@ def print_report(results: dict[str, Any]) -> None:
                 irows,
             )
         )
-        print(f"goal exfilwatch <= 0.5% of one core: {cell(idle['goal_idle_0_5_pct'])}")
+        print(f"goal exfilwatch <= 0.2% of one core: {cell(idle['goal_idle_0_2_pct'])}")
 
 
 def _loss(c: dict[str, Any], tool: str, case: str = "default") -> str:
