@@ -187,6 +187,12 @@ class _Root:
     ident: tuple[int, int] | None = None
     confirmed_us: int = 0  # when that identity last held
     lost_us: int | None = None  # when it stopped being watched
+    # Whether any pattern excludes anything (tested per event: Excludes.__bool__ is a
+    # Python call).
+    has_excludes: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.has_excludes = bool(self.excludes)
 
     @property
     def filtered(self) -> bool:
@@ -820,8 +826,7 @@ class InotifySource:
                 path = dirpath
             else:
                 path = f"{dirpath}/{name}" if dirpath != "/" else f"/{name}"
-                ex = root.excludes
-                if ex and ex.leaf_excluded(root.rel(path), name):
+                if root.has_excludes and root.excludes.leaf_excluded(root.rel(path), name):
                     continue
             if mask & _MODIFY:
                 append(new(RawEvent, (ts, "modified", path, None, isdir, "inotify", loc)))
