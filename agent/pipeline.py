@@ -249,9 +249,11 @@ class Pipeline:
         self.stats_taken = 0  # lstat calls: at most one per path and batch
         self._ids: dict[int, str] = {}  # uid / gid -> its text
         self.batches = 0  # batches taken off the lanes (events per batch: processed / this)
-        # The last event built: (path..location of its raw event, the batch's stats, time,
-        # event), for the next event of the same file (see _build).
-        self._last_built: tuple[tuple[Any, ...], dict[str, Any], int, Event] | None = None
+        # The last event built, its raw event and its batch's stats, for the next event of
+        # the same file (see _build).
+        self._last_raw: RawEvent | None = None
+        self._last_stats: dict[str, os.stat_result | None] | None = None
+        self._last_event: Event | None = None
         self.processed_by_lane = dict.fromkeys(LANES, 0)
         self._last_retry = 0.0
 
@@ -522,19 +524,21 @@ class Pipeline:
         stats: dict[str, os.stat_result | None],
     ) -> Event:
         ts, action, path, src_path, is_dir, source, location = raw
-        last = self._last_built
+        last = self._last_raw
         if (
             last is not None
-            and last[0] == raw[2:]
-            and last[1] is stats
-            and last[2] == ts
+            and last[2] == path
+            and self._last_stats is stats
             and action in _PLAIN
+            and last[0] == ts
+            and last[3:] == raw[3:]
+            and self._last_event is not None
         ):
             # The same file as the event before, in the same batch, by an action that
             # changes no tag, marker or tree (a write is opened, modified, closed_write): the
             # same fields but the action and sequence, from the same stat.
             self._sequence += 1
-            built: Event = evolve(last[3], action=action, sequence=self._sequence)
+            built: Event = evolve(self._last_event, action=action, sequence=self._sequence)
             return built
         slash = path.rfind("/")
         directory = path[:slash] or "/"
@@ -616,8 +620,10 @@ class Pipeline:
             location_provider=resolved.provider,
             nlink=nlink,
         )
-        plain = action in _PLAIN and src_path is None and not (tagged and name == marker)
-        self._last_built = (raw[2:], stats, ts, event) if plain else None
+        if action in _PLAIN and src_path is None and not (tagged and name == marker):
+            self._last_raw, self._last_stats, self._last_event = raw, stats, event
+        else:
+            self._last_raw = None
         return event
 
     def _finish(self, events: list[Event]) -> None:
