@@ -677,8 +677,15 @@ class InotifySource:
                     self._handle(events)
                     # A root lost by an event is looked for at the shorter interval.
                     next_check = min(next_check, time.monotonic() + self._check_interval())
-                    if 0 < len(events) < _GATHER_BELOW and not self._deferred:
-                        self._wake_poller.poll(_GATHER_MS)  # see _GATHER_MS
+                    if (
+                        0 < len(events) < _GATHER_BELOW
+                        and not self._deferred
+                        and self._wake_poller.poll(_GATHER_MS)  # see _GATHER_MS
+                    ):
+                        # Woken (a stop or a command, both looked at below): emptied, or
+                        # every later pause would end at once.
+                        with contextlib.suppress(OSError):
+                            os.read(self._wake_r, 4096)
                 if self._unmounted:
                     self._unmounts()
                 if (
