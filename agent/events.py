@@ -673,12 +673,30 @@ def _file_part(path: str) -> tuple[str, str | None, str, str, str | None]:
     return part
 
 
+def _ecs_file(e: Event, path: str, directory: str, name: str, ext: str | None) -> _EcsFile:
+    """The file object of a line (the whole-line encoder and the file piece both use it, so
+    a piece is always what the whole line holds)."""
+    mtime = e.mtime_us
+    return _EcsFile(
+        path,
+        name,
+        directory,
+        ext,
+        e.file_type,
+        e.size,
+        e.uid,
+        e.gid,
+        e.inode,
+        e.mode,
+        format_timestamp(mtime) if mtime is not None else None,
+    )
+
+
 def _ecs_line(e: Event) -> _Line:
     raw: dict[str, str] | None = None
     path_text, path_raw, directory, name, ext = _file_part(e.path)
     if path_raw is not None:
         raw = {"file.path": path_raw}
-    mtime = e.mtime_us
     src = e.src_path
     if src is not None:
         src, r = text_and_raw(src)
@@ -758,19 +776,7 @@ def _ecs_line(e: Event) -> _Line:
             "exfilwatch",
             dataset,
         ),
-        _EcsFile(
-            path_text,
-            name,
-            directory,
-            ext,
-            e.file_type,
-            e.size,
-            e.uid,
-            e.gid,
-            e.inode,
-            e.mode,
-            format_timestamp(mtime) if mtime is not None else None,
-        ),
+        _ecs_file(e, path_text, directory, name, ext),
         _Custom(
             e.source,
             e.tags,
@@ -965,22 +971,7 @@ def _file_bytes(e: Event) -> bytes | None:
     path_text, path_raw, directory, name, ext = _file_part(e.path)
     if path_raw is not None:
         return None
-    mtime = e.mtime_us
-    out = _encode(
-        _EcsFile(
-            path_text,
-            name,
-            directory,
-            ext,
-            e.file_type,
-            e.size,
-            e.uid,
-            e.gid,
-            e.inode,
-            e.mode,
-            format_timestamp(mtime) if mtime is not None else None,
-        )
-    )
+    out = _encode(_ecs_file(e, path_text, directory, name, ext))
     if not out.isascii() or b"\x7f" in out:
         return None
     return out
