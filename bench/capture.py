@@ -480,6 +480,15 @@ class Counted:
     last_timestamp: str = ""
     alerts: dict[str, int] = field(default_factory=dict)  # by rule id, the sentinel's aside
     sentinel_timestamp: str = ""
+    missing: list[str] = field(default_factory=list)  # "action path" of the first ten lost
+
+
+def _missing(seen: dict[str, set[str]], expected: set[str]) -> list[str]:
+    """The first (sorted) expected (action, path) pairs that never arrived, at most ten."""
+    out: list[str] = []
+    for action, got in seen.items():
+        out.extend(f"{action} {p}" for p in sorted(expected - got)[: 10 - len(out)])
+    return out[:10]
 
 
 def count_exfilwatch(path: str, expected: set[str], actions: tuple[str, ...]) -> Counted:
@@ -520,6 +529,7 @@ def count_exfilwatch(path: str, expected: set[str], actions: tuple[str, ...]) ->
             elif action in ("source_ready", "agent_stopped", "rescan_completed", "source_actions"):
                 c.health[action] = health
     c.captured = sum(len(s) for s in seen.values())
+    c.missing = _missing(seen, expected)
     return c
 
 
@@ -551,6 +561,7 @@ def count_inotifywait(path: str, expected: set[str], actions: tuple[str, ...]) -
             if not matched:
                 c.other += 1
     c.captured = sum(len(s) for s in seen.values())
+    c.missing = _missing(seen, expected)
     return c
 
 
@@ -799,6 +810,8 @@ class BurstRun:
     extra: int = 0
     loss_reported: bool = False
     loss_detail: str = ""
+    missing: list[str] = field(default_factory=list)  # the first lost "action path" pairs
+    kept_output: str | None = None  # the output of a run that lost events
     captured_at_done: int = 0
     done: str = ""
     burst_s: float = 0.0
@@ -990,6 +1003,15 @@ def run_burst(
         res.captured = counted.captured
         res.extra = counted.extra
         res.loss = res.expected - counted.captured
+        if res.loss:
+            # What was lost, and the tool's own output kept beside the runs (whatever
+            # --keep-output says): a loss must be explainable afterwards.
+            res.missing = counted.missing
+            kept = f"{run.output}.lost-{int(time.time())}"
+            shutil.copyfile(run.output, kept)
+            if os.path.exists(run.errpath):
+                shutil.copyfile(run.errpath, kept + ".err")
+            res.kept_output = kept
         if last_arrival is not None:
             elapsed = last_arrival - gen_info["start"]
             res.elapsed_s = round(elapsed, 3)
@@ -1055,6 +1077,11 @@ def run_bursts(
                             f"{r.events_per_s:,.0f} ev/s, CPU {r.cpu_s} s, {r.done}"
                             + (f", repeat {rep + 1}" if repeat > 1 else "")
                         )
+                        if r.missing:
+                            progress(
+                                f"  LOST (first {len(r.missing)}): {'; '.join(r.missing)}; "
+                                f"output kept in {r.kept_output}"
+                            )
                         out.append(r)
     return out
 
