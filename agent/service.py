@@ -1060,6 +1060,9 @@ class Agent:
                     drained=drained,
                     unwritten=unwritten,
                     **pipeline.stats(),
+                    # The file source's counters (events read, handed on, filtered...): with
+                    # the pipeline's `processed`, where every event read went.
+                    source_counters=self._source_counters(),
                 )
             )
         self._running = []
@@ -1075,6 +1078,17 @@ class Agent:
             self.router.close()
         log.info("agent_stopped", drained=drained)
         return drained
+
+    def _source_counters(self) -> dict[str, int]:
+        source = self.source
+        if source is None:
+            return {}
+        try:
+            stats = source.stats()
+        except Exception:  # a stopped source that cannot say: the stop record still goes out
+            log.exception("source_stats_failed")
+            return {}
+        return {k: v for k, v in stats.items() if type(v) is int}
 
     def _write_status(self, state: str, stop_reason: str | None = None) -> None:
         """status.json for `exfilwatch status`; a failure is reported once per error."""

@@ -812,6 +812,7 @@ class BurstRun:
     loss_detail: str = ""
     missing: list[str] = field(default_factory=list)  # the first lost "action path" pairs
     kept_output: str | None = None  # the output of a run that lost events
+    source_counters: dict[str, int] = field(default_factory=dict)  # exfilwatch, at its stop
     captured_at_done: int = 0
     done: str = ""
     burst_s: float = 0.0
@@ -1007,6 +1008,8 @@ def run_burst(
             # What was lost, and the tool's own output kept beside the runs (whatever
             # --keep-output says): a loss must be explainable afterwards.
             res.missing = counted.missing
+            stopped_at = counted.health.get("agent_stopped", {})
+            res.source_counters = stopped_at.get("source_counters") or {}
             kept = f"{run.output}.lost-{int(time.time())}"
             shutil.copyfile(run.output, kept)
             if os.path.exists(run.errpath):
@@ -1081,6 +1084,11 @@ def run_bursts(
                             progress(
                                 f"  LOST (first {len(r.missing)}): {'; '.join(r.missing)}; "
                                 f"output kept in {r.kept_output}"
+                                + (
+                                    f"; source at stop: {r.source_counters}"
+                                    if r.source_counters
+                                    else ""
+                                )
                             )
                         out.append(r)
     return out

@@ -511,6 +511,7 @@ class InotifySource:
         self.counters = {
             "events_read": 0,
             "reads": 0,  # reads of the kernel queue that returned events
+            "unknown_watch": 0,  # events of a watch no longer known (left out)
             "overflows": 0,
             "rescans": 0,
             "emitted": 0,
@@ -808,6 +809,10 @@ class InotifySource:
             if dirpath is None:
                 if file_wd and wd in file_wd:
                     self._file_event(wd, mask, ts, out)
+                elif not mask & _IGNORED:
+                    # A watch already forgotten (its IN_IGNORED read before): counted, so
+                    # that every event read is accounted for in the stop record.
+                    self.counters["unknown_watch"] += 1
                 continue
             root = wd_root[wd]
             loc = root.spec.location

@@ -445,3 +445,23 @@ def test_a_stream_of_small_writes_is_read_in_batches_not_one_read_per_file(
     # Read as they came: about one read per file (four events each). Gathered for 5 ms:
     # about ten files a read on an idle machine, more on a busy one.
     assert reads <= files / 4, reads
+
+
+def test_the_stop_record_accounts_for_every_event_read(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    """agent_stopped carries the source's counters beside the pipeline's: events read, handed
+    on, filtered, of a watch no longer known. A gap between them names where events went."""
+    root = tmp_path / "rnd"
+    root.mkdir()
+    agent = start(run_agent, tmp_path, WatchSpec(str(root), ("chip",)))
+    (root / "a.v").write_text("x")
+    collector.wait_event("closed_write", root / "a.v")
+    agent.stop()
+    stopped = collector.health("agent_stopped")[-1]["exfilwatch"]["health"]
+    counters = stopped["source_counters"]
+    # created, opened, modified, closed_write: at least four read and handed on
+    assert counters["events_read"] >= counters["emitted"] >= 4
+    assert counters["reads"] >= 1
+    assert counters["unknown_watch"] == 0
+    assert stopped["processed"] == counters["emitted"]
