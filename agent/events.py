@@ -831,17 +831,17 @@ def _ecs_line(e: Event) -> _Line:
 _INFO = ("info",)
 
 
-def _whole_line(e: Event) -> bytes:
-    """The line encoded in one piece: msgspec in C; json.dumps for what msgspec would write
-    as other than plain ASCII (non-ASCII characters as UTF-8, DEL as itself) or refuses (a
-    lone surrogate in a process command line)."""
+def _whole_line(e: Event) -> tuple[bytes, bool]:
+    """The line encoded in one piece, and whether msgspec wrote it (in C). json.dumps writes
+    what msgspec would write as other than plain ASCII (non-ASCII characters as UTF-8, DEL as
+    itself) or refuses (a lone surrogate in a process command line)."""
     try:
         out = _encode(_ecs_line(e))
     except UnicodeEncodeError:
-        return dumps(to_dict(e)).encode("ascii")
+        return dumps(to_dict(e)).encode("ascii"), False
     if out.isascii() and b"\x7f" not in out:
-        return out
-    return dumps(to_dict(e)).encode("ascii")
+        return out, True
+    return dumps(to_dict(e)).encode("ascii"), False
 
 
 # A line is `{"@timestamp":"T","event":{E},"file":{F},...the rest...}`. In a burst the parts
@@ -849,21 +849,26 @@ def _whole_line(e: Event) -> bytes:
 # closed_write events with one stat, and every event of a tree has the same tags, root,
 # place and (one process's burst) the same process. The pieces are kept as encoded bytes
 # and joined, which takes a third of encoding the whole line; a piece is reused only when
-# every field it was made of is equal, and it is cut from a line the whole-line encoder
-# wrote, so the bytes are the same. The keys are slices of the event's fields in order
-# (`astuple`): [2:11] path to mtime (the file object), [11:16] and [17:] everything after
-# it but the sequence (fields are compared by value; each field holds one type, so equal
-# values encode alike). One tuple per cache, replaced whole: threads never mix pieces.
+# every field it was made of is equal, and it is cut from a line msgspec wrote whole (plain
+# ASCII), so the bytes are the same; a line json.dumps wrote is never cut. The keys are
+# slices of the event's fields in order (`astuple`): [2:11] path to mtime (the file
+# object), [11:16] and [17:] everything after it but the sequence (fields are compared by
+# value; each field holds one type, so equal values encode alike). One tuple per cache,
+# replaced whole: threads never mix pieces.
 _F_FILE = slice(2, 11)
 _F_REST_A, _F_REST_B = slice(11, 16), slice(17, None)
 _SEQUENCE_AT = 16
 _HEAD_OPEN = b'{"@timestamp":"'
+_REST_OPEN = b',"exfilwatch":{'
 _SEQUENCE_MARK = b',"sequence":0,'
 _EVENT_PIECES: dict[tuple[str, str], tuple[bytes, bytes]] = {}  # (action, category)
 _EVENT_PIECES_CAP = 256
 _last_ts: tuple[int, bytes] = (-1, b"")
 _last_file: tuple[tuple[Any, ...], bytes] | None = None
 _last_rest: tuple[tuple[Any, ...], tuple[Any, ...], bytes] | None = None
+# The last line msgspec wrote whole, with its event's rest keys and fields: cut into pieces
+# when the next event shares its rest.
+_last_line: tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...], bytes] | None = None
 
 
 def _event_pieces(action: str, category: str) -> tuple[bytes, bytes]:
@@ -913,56 +918,74 @@ def event_line_bytes(e: Event) -> bytes:
     """`dumps(to_dict(e))` as ASCII bytes: the event hot path. Property tests keep it
     identical to the general serializer, for single events and for runs of events that
     differ in one field at a time (the pieces reused)."""
-    global _last_file, _last_rest
+    global _last_file, _last_line
     vals = _astuple(e)
-    file_key = vals[_F_FILE]
-    last_file = _last_file
+    rest_a, rest_b = vals[_F_REST_A], vals[_F_REST_B]
     rest = _last_rest
-    if rest is not None and rest[1] == vals[_F_REST_B] and rest[0] == vals[_F_REST_A]:
-        head, tail = _EVENT_PIECES.get((vals[1], vals[3])) or (b"", b"")
-        if head:
-            if last_file is not None and last_file[0] == file_key:
-                file_bytes = last_file[1]
-            else:
-                got = _file_bytes(e)
-                if got is None:
-                    return _whole_line(e)
-                file_bytes = got
-                _last_file = (file_key, file_bytes)
-            return b"".join(
-                (
-                    _HEAD_OPEN,
-                    _timestamp_piece(vals[0]),
-                    head,
-                    str(vals[_SEQUENCE_AT]).encode("ascii"),
-                    tail,
-                    file_bytes,
-                    rest[2],
-                )
+    if rest is None or rest[1] != rest_b or rest[0] != rest_a:
+        # Pieces are cut only once a second event shares the rest: a stream where every
+        # event differs there (many processes at once) pays a comparison, not a cut.
+        before = _last_line
+        rest = None
+        if before is not None and before[1] == rest_b and before[0] == rest_a:
+            rest = _cut(before[2], before[3])
+    if rest is not None:
+        try:
+            head, tail = _event_pieces(vals[1], vals[3])
+        except _NoPieces:
+            return _whole_line(e)[0]
+        last_file = _last_file
+        file_key = vals[_F_FILE]
+        if last_file is not None and last_file[0] == file_key:
+            file_bytes = last_file[1]
+        else:
+            got = _file_bytes(e)
+            if got is None:
+                return _whole_line(e)[0]
+            file_bytes = got
+            _last_file = (file_key, file_bytes)
+        return b"".join(
+            (
+                _HEAD_OPEN,
+                _timestamp_piece(vals[0]),
+                head,
+                str(vals[_SEQUENCE_AT]).encode("ascii"),
+                tail,
+                file_bytes,
+                rest[2],
             )
-    line = _whole_line(e)
+        )
+    line, plain = _whole_line(e)
+    _last_line = (rest_a, rest_b, vals, line) if plain else None
+    return line
+
+
+def _cut(
+    vals: tuple[Any, ...], line: bytes
+) -> tuple[tuple[Any, ...], tuple[Any, ...], bytes] | None:
+    """The file and rest pieces of a line msgspec wrote whole for the event with `vals`,
+    remembered (None when its path has a raw form, which the rest then holds, or the line is
+    not where the pieces say)."""
+    global _last_file, _last_rest
+    if _file_part(vals[2])[1] is not None:
+        return None
     try:
         ts = _timestamp_piece(vals[0])
         head, tail = _event_pieces(vals[1], vals[3])
     except _NoPieces:
-        return line
+        return None
     start = len(_HEAD_OPEN) + len(ts) + len(head) + len(str(vals[_SEQUENCE_AT])) + len(tail)
-    if last_file is not None and last_file[0] == file_key:
-        file_bytes = last_file[1]
-    else:
-        made = _file_bytes(e)
-        if made is None:
-            return line
-        file_bytes = made
-        _last_file = (file_key, file_bytes)
-    end = start + len(file_bytes)
+    # The file object ends where the rest begins: `,"` never occurs inside a JSON string.
+    end = line.find(_REST_OPEN, start)
     if (
-        line[start:end] == file_bytes
-        and line[start - len(tail) : start] == tail
-        and line.startswith(_HEAD_OPEN + ts + head)
+        end <= start
+        or line[start - len(tail) : start] != tail
+        or not line.startswith(_HEAD_OPEN + ts + head)
     ):
-        _last_rest = (vals[_F_REST_A], vals[_F_REST_B], line[end:])
-    return line
+        return None
+    _last_file = (vals[_F_FILE], line[start:end])
+    rest = _last_rest = (vals[_F_REST_A], vals[_F_REST_B], line[end:])
+    return rest
 
 
 def _file_bytes(e: Event) -> bytes | None:

@@ -403,3 +403,26 @@ def test_runs_of_events_that_share_some_fields_are_written_as_the_general_serial
         line = event_line(e)
         assert line == dumps(to_dict(e))
         assert Event.from_json(line) == e
+
+
+@given(
+    st.lists(
+        st.sampled_from(sorted(_RUN_FIELDS)).flatmap(
+            lambda name: st.tuples(st.just(name), _RUN_FIELDS[name])
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_one_field_changed_after_its_pieces_were_cut_is_never_written_from_them(
+    steps: list[tuple[str, Any]],
+) -> None:
+    """Each event is written twice (the second time from pieces), then one field changes:
+    the next line must show the change, whichever piece the field belongs to."""
+    e = Event(1_796_017_560_970_918, "opened", "/srv/a/b.v", tags=("a",), hostname="vm")
+    for name, value in steps:
+        for _ in range(2):
+            line = event_line(e)
+            assert line == dumps(to_dict(e))
+        e = e.evolve(**{name: value})
+    assert event_line(e) == dumps(to_dict(e))
