@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import signal
 import sys
@@ -541,6 +542,10 @@ def _run(
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
+    # `kill -USR1 <pid>`: every thread's stack to stderr (the journal) and the agent runs on:
+    # what a slow stop or a stalled pipeline is doing, with no debugger on the machine. Names
+    # of functions and lines only, never a value (file names, contents) of the agent's data.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     own = [os.path.abspath(record_to)] if record_to not in (None, "-") else []
     try:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -300,13 +302,19 @@ class Run:
         cmd = [exe] if exe else [sys.executable, "-m", "agent"]
         self.argv = [*cmd, "run", "--config", str(self.config)]
         self.more: list[subprocess.Popen[str]] = []  # earlier runs of the same agent
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        # stderr to a file, not a pipe: a pipe nobody reads fills and blocks the agent's next
+        # log line (a stop that never ends); a failure message quotes the file.
+        self.stderr_path = tmp / "agent.stderr"
+        self.proc = self.spawn()
         self.wait(lambda: self.health("source_ready"), "source_ready")
+
+    def spawn(self) -> subprocess.Popen[str]:
+        """Another `exfilwatch run` on the same config and output (not waited for)."""
+        with self.stderr_path.open("a") as err:
+            return subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=err, text=True)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
 
     def write_config(self, text: str) -> None:
         self.config.write_text(text)
@@ -344,11 +352,25 @@ class Run:
             if predicate():
                 return
             if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"agent exited: {self.proc.stderr.read() if self.proc.stderr else ''}"
-                )
+                raise AssertionError(f"agent exited: {self.stderr()}")
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}")
+
+    def stop(self, timeout: float = 30, sig: int = signal.SIGTERM) -> int:
+        """Stopped by `sig`; its exit code. An agent still up after `timeout` is asked for its
+        threads' stacks (SIGUSR1), killed, and the test fails with them and its stderr."""
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=2)
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(
+                f"agent not stopped {timeout} s after signal {sig}; stderr:\n{self.stderr()}"
+            ) from None
 
     def wait_event(self, action: str, path: Path, **fields: Any) -> None:
         self.wait(lambda: self.has(action, path, **fields), f"{action} {path}")
@@ -363,8 +385,6 @@ def agent_run(tmp_path: Path) -> Iterator[Run]:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
 
 
 class Gate:

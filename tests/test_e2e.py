@@ -57,11 +57,26 @@ def test_real_operations_are_recorded_as_normalized_events(agent_run: Run, tmp_p
     assert not any(e.path.endswith(".swp") for e in agent_run.events())
 
     began = time.monotonic()
-    agent_run.proc.send_signal(signal.SIGTERM)
-    assert agent_run.proc.wait(timeout=5) == 0
+    assert agent_run.stop() == 0
     assert time.monotonic() - began < 2.0
     assert agent_run.records()[-1]["event"]["action"] == "agent_stopped"
     assert agent_run.records()[-1]["exfilwatch"]["health"]["drained"] is True
+
+
+def test_sigusr1_writes_every_threads_stack_and_the_agent_runs_on(agent_run: Run) -> None:
+    agent_run.proc.send_signal(signal.SIGUSR1)
+    agent_run.wait(lambda: "most recent call first" in agent_run.stderr(), "a stack dump")
+    # Every thread: the main one waiting for signals and the pipeline's consumer among them.
+    agent_run.wait(lambda: agent_run.stderr().count("Thread 0x") >= 3, "every thread's stack")
+    assert "in _run" in agent_run.stderr()
+    (agent_run.root / "after.txt").write_text("x")
+    agent_run.wait_event("closed_write", agent_run.root / "after.txt")
+    assert agent_run.stop() == 0
+    stopped = agent_run.records()[-1]
+    assert stopped["event"]["action"] == "agent_stopped"
+    took = stopped["exfilwatch"]["health"]["stop_ms"]
+    assert {"ticker", "pipeline"} <= set(took), took
+    assert all(isinstance(ms, int | float) and ms >= 0 for ms in took.values()), took
 
 
 def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(agent_run: Run, tmp_path: Path) -> None:
@@ -84,8 +99,7 @@ def test_sighup_reloads_and_a_bad_config_keeps_the_old_one(agent_run: Run, tmp_p
     agent_run.wait(lambda: agent_run.health("config_reloaded"), "reloaded")
     (second / "w.bin").write_text("x")
     agent_run.wait_event("closed_write", second / "w.bin", tags=("weights",))
-    agent_run.proc.send_signal(signal.SIGINT)
-    assert agent_run.proc.wait(timeout=5) == 0
+    assert agent_run.stop(sig=signal.SIGINT) == 0
 
 
 def test_record_writes_events_that_load_back(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ after is one alert; a rule that changed meanwhile starts over."""
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +49,7 @@ def alerts(run: Run, rule: str) -> list[dict[str, object]]:
 
 
 def stop(run: Run) -> None:
-    run.proc.send_signal(signal.SIGTERM)
-    assert run.proc.wait(timeout=15) == 0
+    assert run.stop() == 0
 
 
 def test_half_a_threshold_before_a_restart_and_half_after_is_one_alert(agent_run: Run) -> None:

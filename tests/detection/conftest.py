@@ -109,12 +109,15 @@ class Workstation:
         self.config.chmod(0o600)
         exe = shutil.which("exfilwatch", path=os.path.dirname(sys.executable))
         cmd = [exe] if exe else [sys.executable, "-m", "agent"]
-        self.proc = subprocess.Popen(
-            [*cmd, "run", "--config", str(self.config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        # stderr to a file: a pipe nobody reads fills and blocks the agent's next log line.
+        self.stderr_path = tmp / "agent.stderr"
+        with self.stderr_path.open("a") as err:
+            self.proc = subprocess.Popen(
+                [*cmd, "run", "--config", str(self.config)],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                text=True,
+            )
         for ready in ("source_ready", "lineage_index_built", "destinations_watched"):
             self.wait(lambda r=ready: self.health(r), ready, 60)
         self._seen = 0
@@ -160,7 +163,7 @@ class Workstation:
             if got:
                 return got
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read() if self.proc.stderr else ""
+                err = self.stderr_path.read_text(errors="replace")
                 raise AssertionError(f"agent exited: {err}")
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}; alerts: {self.alert_ids()}")
@@ -202,8 +205,6 @@ class Workstation:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc.stderr:
-            self.proc.stderr.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 
 from tests.conftest import Run
 
@@ -12,9 +11,7 @@ from tests.conftest import Run
 def restart(run: Run) -> None:
     """Another `exfilwatch run` on the same config and output, as the service would be."""
     run.more.append(run.proc)
-    run.proc = subprocess.Popen(
-        run.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    run.proc = run.spawn()
 
 
 def test_after_kill_9_the_next_start_says_so_and_reports_what_was_written_meanwhile(
@@ -48,8 +45,7 @@ def test_after_kill_9_the_next_start_says_so_and_reports_what_was_written_meanwh
 
 def test_after_a_clean_stop_the_next_start_says_when(agent_run: Run) -> None:
     agent_run.wait(lambda: agent_run.health("agent_previous_stop"), "first start record")
-    agent_run.proc.send_signal(signal.SIGTERM)
-    assert agent_run.proc.wait(timeout=10) == 0
+    assert agent_run.stop() == 0
     restart(agent_run)
     agent_run.wait(lambda: len(agent_run.health("agent_previous_stop")) == 2, "second start")
     record = agent_run.health("agent_previous_stop")[1]

@@ -506,8 +506,7 @@ def still_running(run: Run, name: str) -> None:
     probe = run.root / name
     probe.write_text("x")
     run.wait_event("closed_write", probe)
-    run.proc.send_signal(signal.SIGTERM)
-    assert run.proc.wait(timeout=10) == 0
+    assert run.stop() == 0
     last = run.records()[-1]
     assert last["event"]["action"] == "agent_stopped"
     assert last["exfilwatch"]["health"]["drained"] is True

@@ -31,8 +31,7 @@ def test_a_renamed_records_file_is_replaced_by_a_new_one_on_sighup(agent_run: Ru
     assert any(r["event"]["action"] == "source_ready" for r in old)
     assert not any(r["event"]["action"] == "config_reloaded" for r in old)
     assert not any(r.get("file", {}).get("path") == str(after) for r in old)
-    agent_run.proc.send_signal(signal.SIGTERM)
-    assert agent_run.proc.wait(timeout=5) == 0
+    assert agent_run.stop() == 0
     assert records_in(out)[-1]["event"]["action"] == "agent_stopped"
     assert len(records_in(rotated)) == len(old), "nothing written to the rotated file after HUP"
 
