@@ -8,7 +8,7 @@ import os
 import shlex
 import sys
 import zoneinfo
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -683,6 +683,34 @@ def _sink_entry(c: _Checker, node: yaml.Node, index: int) -> SinkSpec | None:
     return SinkSpec(kind, path, records, **kw) if ok else None
 
 
+# The level of event_loss and the other records of what the agent could not see or send.
+_LOSS_SEVERITY = SEVERITY_LEVELS["high"]  # log.level error (LEVEL_SEVERITY in agent.sinks)
+
+
+def _health_reaches_a_sink(c: _Checker, node: yaml.Node, sinks: Sequence[SinkSpec]) -> None:
+    """A warning when no sink would write the agent's losses (event_loss, a tree no longer
+    watched, a sink that failed): the agent would be blind without anyone knowing."""
+    health = [s for s in sinks if "health" in s.records]
+    if not health:
+        c.add(
+            node,
+            "CFG_NO_HEALTH_SINK",
+            "no sink takes health records: lost events, trees no longer watched and failing "
+            "sinks would be reported nowhere",
+            "add health to a sink's records, e.g. records: [alert, health]",
+            severity=WARNING,
+        )
+    elif all(s.min_severity > _LOSS_SEVERITY for s in health):
+        c.add(
+            node,
+            "CFG_NO_HEALTH_SINK",
+            "every sink that takes health records has a min_severity above error: lost "
+            "events (event_loss) would be reported nowhere",
+            "set min_severity: high or lower on one of them",
+            severity=WARNING,
+        )
+
+
 def _sink_options(
     c: _Checker,
     node: yaml.Node,
@@ -1067,6 +1095,8 @@ def _build(c: _Checker, root: yaml.Node | None) -> Config | None:
                     _not_in_watched(c, sink_node, sink.path, values.get("watch", ()), "a sink")
             if not snode.value:
                 c.add(snode, "CFG_VALUE", "'sinks' is empty: records would go nowhere")
+            elif values["sinks"] and len(values["sinks"]) == len(snode.value):
+                _health_reaches_a_sink(c, snode, values["sinks"])
 
     simple: dict[str, Callable[[yaml.Node], Any]] = {
         "state_dir": lambda n: c.path(n, "state_dir"),

@@ -147,6 +147,37 @@ def test_a_missing_watch_path_is_a_warning_and_relative_paths_follow_the_file(
     assert [(p.code, p.severity) for p in problems] == [("CFG_WATCH_PATH_MISSING", "warning")]
 
 
+@pytest.mark.parametrize(
+    ("sinks", "line"),
+    [
+        ("  - {type: stdout, records: [alert]}\n  - {type: stdout, records: [event]}\n", 3),
+        ("  - {type: stdout, records: [alert, health], min_severity: critical}\n", 3),
+    ],
+)
+def test_sinks_that_would_report_no_loss_are_a_warning(
+    tmp_path: Path, sinks: str, line: int
+) -> None:
+    config, problems = check_text(f"watch: []\nsinks:\n{sinks}", str(tmp_path / "a.yaml"))
+    assert config is not None
+    assert [(p.code, p.severity, p.line) for p in problems] == [
+        ("CFG_NO_HEALTH_SINK", "warning", line)
+    ]
+    assert problems[0].hint
+
+
+@pytest.mark.parametrize(
+    "sinks",
+    [
+        "[{type: stdout}]",  # records default to alert and health
+        "[{type: stdout, records: [alert]}, {type: stdout, records: [health]}]",
+        "[{type: stdout, records: [health, alert], min_severity: high}]",  # error still passes
+    ],
+)
+def test_a_sink_that_takes_error_health_records_is_enough(tmp_path: Path, sinks: str) -> None:
+    config, problems = check_text(f"watch: []\nsinks: {sinks}\n", str(tmp_path / "a.yaml"))
+    assert config is not None and problems == []
+
+
 def test_agent_output_inside_a_watched_tree_is_refused(tmp_path: Path) -> None:
     (tmp_path / "rnd").mkdir()
     text = "watch: [{path: rnd}]\nsinks: [{type: file, path: rnd/alerts.jsonl}]\nstate_dir: rnd/s\n"
