@@ -83,6 +83,15 @@ _CLOSE_NOWRITE, _CREATE, _DELETE = int(F.CLOSE_NOWRITE), int(F.CREATE), int(F.DE
 _ONLYDIR, _DONT_FOLLOW = int(F.ONLYDIR), int(F.DONT_FOLLOW)
 _MOVED_FROM, _MOVED_TO, _ATTRIB = int(F.MOVED_FROM), int(F.MOVED_TO), int(F.ATTRIB)
 _NOT_LANDED = _MODIFY | _OPEN | _CLOSE_NOWRITE | _ATTRIB | _DELETE
+# The reader's fast path: a file event whose mask is exactly one of these, under a watch in
+# a tagged tree without excludes (see InotifySource._fast), needs none of the checks below it.
+_PLAIN_ACTIONS: dict[int, str] = {
+    _MODIFY: "modified",
+    _OPEN: "opened",
+    _CLOSE_WRITE: "closed_write",
+    _CLOSE_NOWRITE: "closed_nowrite",
+    _ATTRIB: "attributes_changed",
+}
 # Deletes reported outside the tagged trees: archives and shell histories, what an insider
 # removes to cover their tracks (rules/antiforensics.yaml).
 _EVIDENCE_SUFFIXES = (
@@ -467,6 +476,10 @@ class InotifySource:
         self._wd_path: dict[int, str] = {}
         self._wd_root: dict[int, _Root] = {}
         self._path_wd: dict[str, int] = {}
+        # wd -> (its path + "/", location class) for the directories of tagged trees without
+        # excludes: where most events of a burst come from, handled in a few steps (_handle).
+        # Kept with _wd_path by _register and _forget (a root's spec never changes in place).
+        self._fast: dict[int, tuple[str, str]] = {}
         self._pending: dict[int, tuple[int, str, bool, _Root, int]] = {}
         self._recent_scan: dict[str, float] = {}
         # Tagged regular files watched for their link count: wd <-> path, and the counts
@@ -792,6 +805,8 @@ class InotifySource:
         recent = self._recent_scan
         file_wd = self._file_wd
         file_path = self._file_path
+        fast = self._fast
+        plain = _PLAIN_ACTIONS
         # RawEvent's own __new__ is a Python function; the tuple's is a third of its cost.
         new = tuple.__new__
         self.counters["events_read"] += len(events)
@@ -802,6 +817,16 @@ class InotifySource:
                 self._send(out)
                 out = []
                 append = out.append
+            hit = fast.get(wd)
+            if hit is not None and name and name != marker:
+                action = plain.get(mask)  # one bit: no ISDIR, no move, no overflow
+                if action is not None:
+                    # What the checks below decide for it: a tagged tree's file, no listing,
+                    # nothing excluded, no marker.
+                    append(
+                        new(RawEvent, (ts, action, hit[0] + name, None, False, "inotify", hit[1]))
+                    )
+                    continue
             if mask & _Q_OVERFLOW:
                 self._overflow()
                 continue
@@ -938,8 +963,13 @@ class InotifySource:
         self._wd_root[wd] = root
         self._path_wd[path] = wd
         root.wds.add(wd)
+        if root.spec.location == "tagged" and not root.has_excludes:
+            self._fast[wd] = ("/" if path == "/" else path + "/", root.spec.location)
+        else:
+            self._fast.pop(wd, None)
 
     def _forget(self, wd: int) -> None:
+        self._fast.pop(wd, None)
         path = self._wd_path.pop(wd, None)
         root = self._wd_root.pop(wd, None)
         if path is not None and self._path_wd.get(path) == wd:

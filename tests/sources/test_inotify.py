@@ -164,6 +164,24 @@ def test_excluded_globs_never_reach_the_pipeline(
     assert str(root / "build") not in paths  # `dir/**` excludes the directory itself too
 
 
+def test_the_agents_own_marker_reads_are_not_events(
+    tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
+) -> None:
+    # The agent reads a marker to learn its tags: reported, each read would be an event on
+    # the marker, read again, for ever. Writes to it are still events (who changed the tags).
+    root = tmp_path / "rnd"
+    (root / "proj").mkdir(parents=True)
+    start(run_agent, tmp_path, WatchSpec(str(root)))
+    marker = root / "proj" / ".exfilwatch.yaml"
+    marker.write_text("tags: [crown-jewels]\n")
+    collector.wait_event("closed_write", marker)
+    (root / "proj" / "design.v").write_text("x")
+    collector.wait_event("closed_write", root / "proj" / "design.v", tags=("crown-jewels",))
+    reads = [e.action for e in collector.events() if e.path == str(marker)]
+    assert "closed_write" in reads
+    assert not {"opened", "closed_nowrite"} & set(reads[reads.index("closed_write") :]), reads
+
+
 def test_symlink_loops_are_not_followed(
     tmp_path: Path, run_agent: Callable[..., Agent], collector: Collector
 ) -> None:
