@@ -476,10 +476,10 @@ class InotifySource:
         self._wd_path: dict[int, str] = {}
         self._wd_root: dict[int, _Root] = {}
         self._path_wd: dict[str, int] = {}
-        # wd -> (its path + "/", location class) for the directories of tagged trees without
-        # excludes: where most events of a burst come from, handled in a few steps (_handle).
-        # Kept with _wd_path by _register and _forget (a root's spec never changes in place).
-        self._fast: dict[int, tuple[str, str]] = {}
+        # wd -> its path + "/" for the directories of tagged trees without excludes: where
+        # most events of a burst come from, handled in a few steps (_handle). Kept with
+        # _wd_path by _register and _forget (a root's spec never changes in place).
+        self._fast: dict[int, str] = {}
         self._pending: dict[int, tuple[int, str, bool, _Root, int]] = {}
         self._recent_scan: dict[str, float] = {}
         # Tagged regular files watched for their link count: wd <-> path, and the counts
@@ -824,7 +824,7 @@ class InotifySource:
                     # What the checks below decide for it: a tagged tree's file, no listing,
                     # nothing excluded, no marker.
                     append(
-                        new(RawEvent, (ts, action, hit[0] + name, None, False, "inotify", hit[1]))
+                        new(RawEvent, (ts, action, hit + name, None, False, "inotify", "tagged"))
                     )
                     continue
             if mask & _Q_OVERFLOW:
@@ -964,7 +964,7 @@ class InotifySource:
         self._path_wd[path] = wd
         root.wds.add(wd)
         if root.spec.location == "tagged" and not root.has_excludes:
-            self._fast[wd] = ("/" if path == "/" else path + "/", root.spec.location)
+            self._fast[wd] = "/" if path == "/" else path + "/"
         else:
             self._fast.pop(wd, None)
 
