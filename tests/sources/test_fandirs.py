@@ -466,7 +466,12 @@ def test_the_cache_holds_no_more_paths_than_cache_size_nor_older_than_the_window
     assert last is not None and last.pid == pid
     assert watcher.stats()["cache_size"] <= 50
     assert watcher.lookup(str(tmp_path / "f000")) is None  # the oldest were evicted
-    assert watcher.lookup(str(tmp_path / "f299"), since_us=last.timestamp_us + 1) is None
+    # touch's close comes after its create, in the same read or (on a busy machine) a later one
+    closed = seen(watcher, tmp_path / "f299", "closed_write")
+    assert closed is not None and closed.timestamp_us >= last.timestamp_us
+    newest = watcher.lookup(str(tmp_path / "f299"))
+    assert newest is not None and newest.timestamp_us == closed.timestamp_us
+    assert watcher.lookup(str(tmp_path / "f299"), since_us=newest.timestamp_us + 1) is None
     assert wait_until(lambda: watcher.lookup(str(tmp_path / "f299")) is None or None, 2.0)
 
 

@@ -267,7 +267,10 @@ def test_accesses_older_than_the_window_or_since_us_are_not_returned(
     target = tmp_path / "f"
     watcher = watch(tmp_path, window_s=0.3)
     run_child("open(sys.argv[1], 'w').write('x')\n", str(target))
-    seen = wait_for(watcher, target)
+    # The close is the child's last access; open and write may be read before it (a busy
+    # machine splits them over reads), so the newest is looked up once the close is in.
+    assert wait_for(watcher, target, actions={"closed_write"}) is not None
+    seen = watcher.lookup(str(target))
     assert seen is not None
     assert watcher.lookup(str(target), since_us=seen.timestamp_us + 1) is None
     time.sleep(0.4)
