@@ -369,10 +369,11 @@ _READ_MAX = 1 << 20
 _FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
-def _read_events(ino: INotify) -> list[tuple[int, int, int, str]]:
+def _read_events(ino: INotify, listings: bool = True) -> list[tuple[int, int, int, str]]:
     """What the kernel has queued now, as plain (wd, mask, cookie, name) tuples: inotify_simple's
     reader builds a namedtuple per event and decodes each name through os.fsdecode, a third
-    of the reader's time in a burst. Never waits."""
+    of the reader's time in a burst. Never waits. Without `listings`, a directory's open,
+    read and close are left out before anything is made of them (a walk's own, see _drain)."""
     fd = ino.fileno()
     avail = array.array("i", [0])
     fcntl.ioctl(fd, termios.FIONREAD, avail, True)
@@ -386,6 +387,9 @@ def _read_events(ino: INotify) -> list[tuple[int, int, int, str]]:
     while pos < end:
         wd, mask, cookie, size = unpack(data, pos)
         pos += 16
+        if not listings and mask & _ISDIR and mask & _DIR_READ:
+            pos += size
+            continue
         if size:
             name = data[pos : pos + size]
             pos += size
@@ -756,11 +760,11 @@ class InotifySource:
             return until_beat(self._root_check_interval * WATCHING_CHECK_FACTOR)
         return self._root_check_interval
 
-    def _read(self, timeout: int) -> list[Any]:
+    def _read(self, timeout: int, listings: bool = True) -> list[Any]:
         """What the kernel queued; with nothing there, waits up to `timeout` ms for it, for a
         wake-up (a stop, a command) or for a change of the mount table."""
         assert self._ino is not None
-        events = _read_events(self._ino)
+        events = _read_events(self._ino, listings)
         if not events and timeout:
             ready = self._poller.poll(timeout)
             for fd, _ in ready:
@@ -789,9 +793,9 @@ class InotifySource:
         walk, in order."""
         if self._ino is None or len(self._deferred) >= _DEFERRED_CAP:
             return  # past the cap the kernel holds the rest, as it would without a walk
-        events = self._read(0)
+        events = self._read(0, listings=False)
         if events:
-            self._deferred.extend(e for e in events if not (e[1] & _ISDIR and e[1] & _DIR_READ))
+            self._deferred.extend(events)
 
     def _handle(self, events: list[Any]) -> None:
         self._batch += 1
