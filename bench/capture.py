@@ -107,6 +107,14 @@ Bursts
     appeared, the alerts by rule, and once per mode the ``source_actions`` record's
     ``actions`` and ``left_out``. The machine is noisy: read ratios, never absolute times.
 
+Floor (``--floor``)
+    bench/floor.py in every burst too, on the raised queue: the least a CPython process can
+    do and still write exfilwatch's record line (same fields, same key order) for every
+    event -- read the queue, one lstat per path per read, lines encoded in C by msgspec, one
+    write per read; no rescans, moves, health or rules. Its table: the floor / inotifywait
+    (what Python itself costs on this machine) and exfilwatch record / the floor (what
+    exfilwatch adds).
+
 Start-up
     Time from spawning the process to "watching" on a tree of 10,000 directories (exfilwatch:
     the ``source_ready`` line is in its output, so Python start-up and imports are in it, as
@@ -225,7 +233,8 @@ INOTIFYWAIT_EVENTS = (
     "open,modify,close_write,close_nowrite,create,delete,moved_from,moved_to,attrib"
 )
 EXFILWATCH_READY = b'"action":"source_ready"'
-INOTIFYWAIT_READY = b"Watches established."
+INOTIFYWAIT_READY = b"Watches established."  # bench/floor.py says it too
+FLOOR_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor.py")
 MODES = ("record", "run")
 # Per mode: (events/s ratio at least, CPU ratio at most or None), exfilwatch / inotifywait.
 GOALS: dict[str, tuple[float, float | None]] = {"record": (0.8, 3.0), "run": (0.6, None)}
@@ -439,7 +448,7 @@ class OutputTail:
         self._rest = b""
         if tool == "exfilwatch" and mode == "run":
             self._needles = [SENTINEL_NEEDLE]
-        elif tool == "exfilwatch":
+        elif tool in ("exfilwatch", "floor"):  # the floor writes exfilwatch's record lines
             self._needles = [f'"action":"{a}"'.encode() for a in actions]
         else:  # line starts, without the ",ISDIR" variants (directory listings)
             names = {v: k for k, v in INOTIFY_ACTIONS.items()}
@@ -754,6 +763,9 @@ def _launch_once(
         config = write_config(ctx, place, tag, roots, mode=mode, state_dir=state_dir, **cfg)
         argv = exfilwatch_argv(ctx, mode, config, output)
         ready_file, needle = output, EXFILWATCH_READY
+    elif tool == "floor":
+        argv = [PYTHON, FLOOR_SCRIPT, output, *roots]
+        ready_file, needle = errpath, INOTIFYWAIT_READY
     else:
         argv = inotifywait_argv(ctx, roots, output)
         ready_file, needle = errpath, INOTIFYWAIT_READY
@@ -979,6 +991,8 @@ def run_burst(
         stamp = counted.sentinel_timestamp if run_mode else counted.last_timestamp
         if stamp:
             res.read_s = round(epoch(stamp) - gen_info["start_wall"], 3)
+    elif tool == "floor":
+        counted = count_exfilwatch(run.output, expected, actions)
     else:
         counted = count_inotifywait(run.output, expected, actions)
         stderr_after = tail_text(run.errpath).lower()
@@ -1042,12 +1056,15 @@ def run_bursts(
     workloads: Sequence[str],
     repeat: int,
     default_q: bool,
+    floor: bool = False,
 ) -> list[BurstRun]:
     """Per size, workload and repeat, each place in turn (so a drift in the machine's load
-    hits every place alike): exfilwatch in each mode, inotifywait once."""
+    hits every place alike): exfilwatch in each mode, inotifywait once (and the floor)."""
     ew = [("exfilwatch", m) for m in modes]
     iw = [("inotifywait", "")]
     plan = [(t, m, RAISED_QUEUE, False) for t, m in ew + iw]
+    if floor:
+        plan.append(("floor", "", RAISED_QUEUE, False))
     if default_q:
         plan += [(t, m, DEFAULT_QUEUE, False) for t, m in iw + ew]
     stalls = [(t, m, DEFAULT_QUEUE, True) for t, m in iw + ew]
@@ -1177,6 +1194,41 @@ def compare(runs: Sequence[BurstRun], modes: Sequence[str]) -> list[dict[str, An
                 row["exfilwatch_stalled_loss"] = _worst_loss(ew_stall)
                 row["exfilwatch_stalled_reported"] = any(r.loss_reported for r in ew_stall)
             out.append(row)
+    return out
+
+
+def compare_floor(runs: Sequence[BurstRun]) -> list[dict[str, Any]]:
+    """Per place, size and workload: the floor / inotifywait, and exfilwatch record / the
+    floor (medians, raised queue): how much is Python's, how much exfilwatch's own."""
+    out: list[dict[str, Any]] = []
+    keys = list(dict.fromkeys((r.place, r.size, r.workload) for r in runs))
+    for place, size, workload in keys:
+        here = [r for r in runs if (r.place, r.size, r.workload) == (place, size, workload)]
+        fl = _pick(here, "floor", "", raised=True)
+        iw = _pick(here, "inotifywait", "", raised=True)
+        ew = _pick(here, "exfilwatch", "record", raised=True)
+        if not fl:
+            continue
+
+        def rate(rs: Sequence[BurstRun]) -> float:
+            return float(statistics.median(r.events_per_s for r in rs))
+
+        def cpu(rs: Sequence[BurstRun]) -> float:
+            return float(statistics.median(r.cpu_s or 0.0 for r in rs))
+
+        row: dict[str, Any] = {
+            "place": place,
+            "size": size,
+            "workload": workload,
+            "floor_captured_pct": _captured_pct(fl),
+        }
+        if iw and rate(iw) and cpu(iw):
+            row["floor_rate_ratio"] = round(rate(fl) / rate(iw), 3)
+            row["floor_cpu_ratio"] = round(cpu(fl) / cpu(iw), 2)
+        if ew and rate(fl) and cpu(fl):
+            row["exfilwatch_vs_floor_rate"] = round(rate(ew) / rate(fl), 3)
+            row["exfilwatch_vs_floor_cpu"] = round(cpu(ew) / cpu(fl), 2)
+        out.append(row)
     return out
 
 
@@ -1497,6 +1549,40 @@ def print_report(results: dict[str, Any]) -> None:
                         for p in ps
                     )
                 )
+    floor = results.get("floor")
+    if floor:
+        print(
+            "\nFloor (bench/floor.py: read, one lstat per path, exfilwatch's record line per "
+            "event encoded by msgspec, one write per read; medians at queue 1M)\n"
+        )
+        frows = [
+            [
+                f["place"],
+                f["size"],
+                f["workload"],
+                f.get("floor_captured_pct"),
+                f.get("floor_rate_ratio"),
+                f.get("floor_cpu_ratio"),
+                f.get("exfilwatch_vs_floor_rate"),
+                f.get("exfilwatch_vs_floor_cpu"),
+            ]
+            for f in floor
+        ]
+        print(
+            table(
+                [
+                    "place",
+                    "files",
+                    "load",
+                    "floor captured %",
+                    "floor/iw events/s",
+                    "floor/iw CPU",
+                    "ew record/floor events/s",
+                    "ew record/floor CPU",
+                ],
+                frows,
+            )
+        )
     st = results.get("startup")
     if st:
         print(f"\nStart-up: time to watch {st['directories']:,} directories ({st['tree']})\n")
@@ -1650,6 +1736,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-startup", action="store_true", help="no start-up measurement")
     p.add_argument("--skip-idle", action="store_true", help="no idle measurement")
     p.add_argument("--quick", action="store_true", help="sizes 20000 only, idle 20 s")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run bench/floor.py in every burst: the least CPython can do for a record "
+        "line per event",
+    )
     p.add_argument("--keep-output", action="store_true", help="keep tool output in DIR/runs")
     p.add_argument(
         "--defaults",
@@ -1743,9 +1835,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     took = warm_up(place.files_root)
                     progress(f"warm-up read of {MAX_FILES:,} files in {place.base}: {took:.1f} s")
                 default_q = not args.skip_default_queue and sysctl.writable
-                runs = run_bursts(ctx, modes, sizes, workloads, args.repeat, default_q)
+                runs = run_bursts(
+                    ctx, modes, sizes, workloads, args.repeat, default_q, floor=args.floor
+                )
                 results["bursts"] = [asdict(r) for r in runs]
                 results["comparison"] = compare(runs, modes)
+                if args.floor:
+                    results["floor"] = compare_floor(runs)
                 results["place_comparison"] = compare_places(results["comparison"])
             # Start-up and idle: exfilwatch in record mode, in the first place.
             if not args.skip_startup:
