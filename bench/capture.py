@@ -1142,13 +1142,19 @@ def _worst_loss(runs: Sequence[BurstRun]) -> int | None:
     return None if any(x is None for x in losses) else max(x or 0 for x in losses)
 
 
+def _by_burst(
+    runs: Sequence[BurstRun],
+) -> list[tuple[tuple[str, int, str], list[BurstRun]]]:
+    """The runs grouped by place, size and workload, in the order they ran."""
+    keys = list(dict.fromkeys((r.place, r.size, r.workload) for r in runs))
+    return [(k, [r for r in runs if (r.place, r.size, r.workload) == k]) for k in keys]
+
+
 def compare(runs: Sequence[BurstRun], modes: Sequence[str]) -> list[dict[str, Any]]:
     """Per place, size, workload and mode: exfilwatch / inotifywait of the same place on the
     raised queue (medians)."""
     out: list[dict[str, Any]] = []
-    keys = list(dict.fromkeys((r.place, r.size, r.workload) for r in runs))
-    for place, size, workload in keys:
-        here = [r for r in runs if (r.place, r.size, r.workload) == (place, size, workload)]
+    for (place, size, workload), here in _by_burst(runs):
         iw = _pick(here, "inotifywait", "", raised=True)
         iw_def = _pick(here, "inotifywait", "", raised=False)
         iw_stall = _pick(here, "inotifywait", "", raised=False, stalled=True)
@@ -1201,9 +1207,7 @@ def compare_floor(runs: Sequence[BurstRun]) -> list[dict[str, Any]]:
     """Per place, size and workload: the floor / inotifywait, and exfilwatch record / the
     floor (medians, raised queue): how much is Python's, how much exfilwatch's own."""
     out: list[dict[str, Any]] = []
-    keys = list(dict.fromkeys((r.place, r.size, r.workload) for r in runs))
-    for place, size, workload in keys:
-        here = [r for r in runs if (r.place, r.size, r.workload) == (place, size, workload)]
+    for (place, size, workload), here in _by_burst(runs):
         fl = _pick(here, "floor", "", raised=True)
         iw = _pick(here, "inotifywait", "", raised=True)
         ew = _pick(here, "exfilwatch", "record", raised=True)

@@ -189,19 +189,32 @@ def test_the_reconcile_poll_and_the_kernels_exit_of_the_same_process_do_not_clas
                 self.on_kernel_events([ProcEvent("exit", victim, 0, 1, exit_code=0)])
             return super().read(pid)
 
+    def polled(table: ProcessTable, pid: int, timeout: float = 10.0) -> bool:
+        """Polls until `pid` is among the new processes. Popen returns mid-exec (its pipe
+        closes as the new image goes in, before its arguments are set): a process read then
+        is reported by the next poll, which a busy machine makes likely."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if any(p.pid == pid for p in table.poll()):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+
     records: list[dict[str, Any]] = []
     table = ExitDuringRead(report=records.append)
     table.start()
     first = subprocess.Popen(["sleep", "30"])
     try:
-        assert any(p.pid == first.pid for p in table.poll())
+        assert polled(table, first.pid)
     finally:
         first.kill()
         first.wait()
     second = subprocess.Popen(["sleep", "30"])
     try:
         table.victim = first.pid
-        assert any(p.pid == second.pid for p in table.poll())
+        assert polled(table, second.pid)
+        assert table.victim is None  # the exit came in the middle of a poll's reads
     finally:
         second.kill()
         second.wait()
