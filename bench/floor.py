@@ -133,10 +133,7 @@ def main(argv: list[str]) -> int:
     sequence = 0
     modes = {m: f"{m:04o}" for m in range(0o10000)}
     while not stop:
-        try:
-            if not poller.poll(500):
-                continue
-        except InterruptedError:
+        if not poller.poll(500):  # SIGTERM is seen within half a second
             continue
         fcntl.ioctl(ino.fileno(), termios.FIONREAD, avail, True)
         data = os.read(ino.fileno(), min(max(avail[0], 4096), READ_MAX))
