@@ -52,8 +52,20 @@ def no_report(rec: dict[str, Any]) -> None:
 
 
 def cat() -> subprocess.Popen[bytes]:
-    """A real process that lives until its stdin is closed."""
-    return subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    """A real process that lives until its stdin is closed, returned once its exec is done.
+    Popen returns as the new image goes in, before its arguments are set: a table read then
+    sees no arguments and reports the process at its next poll (a busy machine makes that
+    window wide enough to hit), which would change how many polls a test needs."""
+    child = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+
+    def execed() -> bool:
+        try:
+            return psutil.Process(child.pid).cmdline() == ["cat"]
+        except psutil.Error:
+            return False
+
+    assert wait_for(execed, timeout=10), "cat did not start"
+    return child
 
 
 def end(*children: subprocess.Popen[bytes]) -> None:
